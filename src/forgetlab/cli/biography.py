@@ -1,0 +1,106 @@
+"""``forgetlab biography``: the spurious-forgetting experiment on synthetic biographies."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from tqdm.auto import tqdm
+from rich.console import Console
+from rich.table import Table
+
+from forgetlab.cli.errors import user_errors
+from forgetlab.experiments.presets import PRESETS, preset_config
+from forgetlab.methods import MethodConfig
+
+app = typer.Typer(help="Spurious forgetting on a synthetic biography world (Zheng et al., ICLR 2025).", no_args_is_help=True)
+console = Console(stderr=False)
+
+Preset = Annotated[str, typer.Option(help=f"configuration: {' | '.join(PRESETS)}")]
+Out = Annotated[Path, typer.Option("--out", help="run directory")]
+Seed = Annotated[int, typer.Option(help="seed of the world, the initialisation and the data order")]
+CacheDir = Annotated[Optional[Path], typer.Option(help="where finished phases are cached "
+                                                        "[default: $FORGETLAB_CACHE or ~/.cache/forgetlab]")]
+
+
+def log_line(text: str) -> None:
+    """Log lines printed above any progress bar."""
+    tqdm.write(text)
+
+
+@app.command()
+@user_errors
+def run(
+    preset: Preset = "cpu-demo",
+    out: Out = Path("runs/biography"),
+    method: Annotated[str, typer.Option(help="seq | freeze")] = "seq",
+    freeze_layers: Annotated[int, typer.Option(help="freeze: bottom decoder layers frozen (with the embedding)")] = 0,
+    replay: Annotated[float, typer.Option(help="old-task rows mixed into each new task, as a fraction of its rows")] = 0.0,
+    early_stop: Annotated[float, typer.Option(help="stop a task once its exact match reaches this (0 = off)")] = 0.0,
+    seed: Seed = 0,
+    resume: Annotated[bool, typer.Option(help="continue the run in --out")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace the run in --out")] = False,
+    cache_dir: CacheDir = None,
+    progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+) -> None:
+    """Pretrain, learn task 0 then task 1 with the chosen method, and measure recovery."""
+    from forgetlab.experiments.biography import run_biography
+
+    if method == "freeze" and freeze_layers == 0:
+        freeze_layers = 2
+    cfg = preset_config(preset, seed, MethodConfig(name=method, freeze_layers=freeze_layers, replay=replay,
+                                                   early_stop=early_stop))
+    results = run_biography(cfg, out, cache_dir=cache_dir, resume=resume, overwrite=overwrite,
+                            log=log_line, progress=progress)
+    show_results(results)
+    console.print(f"wrote {out}/results.json, curves.csv, curves.png, config.json, checkpoints/")
+
+
+def show_results(results: dict) -> None:
+    table = Table(title=f"biography - preset {results['preset']} - method {results['method']} - seed {results['seed']}")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    labels = [
+        ("task0_before", "task 0, held-out people, before task 1"),
+        ("task0_min_during_task1", "task 0, lowest during task 1"),
+        ("task0_after_task1", "task 0 after task 1"),
+        ("task1_after", "task 1 after task 1"),
+        ("task0_recovered", "task 0 after recovery"),
+        ("task0_recovery_control", "recovery control (pretrained only)"),
+        ("spurious_share", "spurious share of the drop"),
+    ]
+    for key, label in labels:
+        table.add_row(label, f"{results[key]:.3f}")
+    table.add_row("seconds", f"{results['seconds']:.0f}")
+    console.print(table)
+
+
+@app.command()
+@user_errors
+def generate(preset: Preset = "cpu-demo", out: Out = Path("runs/biography-world"), seed: Seed = 0) -> None:
+    """Write the world: people, pretraining text, QA files and the tokenizer."""
+    from forgetlab.models.tokenizers import build_word_tokenizer
+    from forgetlab.worlds.biography import generate_world, write_world
+
+    cfg = preset_config(preset, seed)
+    world = generate_world(cfg.world)
+    paths = write_world(world, out)
+    build_word_tokenizer(world.word_list()).save_pretrained(str(Path(out) / "tokenizer"))
+    console.print(f"{len(world.people)} people; wrote {', '.join(sorted(p.name for p in paths.values()))} and tokenizer/ to {out}")
+
+
+@app.command()
+@user_errors
+def recover(
+    model: Annotated[Path, typer.Option(help="checkpoint directory to re-align (e.g. RUN/checkpoints/task1)")],
+    run_dir: Annotated[Path, typer.Option("--run", help="the run whose world and recovery settings to use")],
+    out: Annotated[Optional[Path], typer.Option(help="where to write recovery.json [default: the model dir's run]")] = None,
+    cache_dir: CacheDir = None,
+) -> None:
+    """Recovery for any checkpoint: one epoch of task-0 QA on half its people, scored on held-out people."""
+    from forgetlab.experiments.recover import recover_checkpoint
+
+    result = recover_checkpoint(Path(model), Path(run_dir), out=out, cache_dir=cache_dir, log=log_line)
+    console.print(f"task 0 exact match: current {result['current']:.3f} -> recovered {result['recovered']:.3f}")

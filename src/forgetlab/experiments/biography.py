@@ -1,0 +1,234 @@
+"""The spurious-forgetting experiment on the synthetic biography world (papers.md section 3).
+
+pretrain on biographies -> task 0 (QA on half the pretrained people, tested on the other half:
+knowledge extraction) -> tasks 1..N (QA on new people, under the chosen continual method) ->
+recovery (one epoch of task-0 QA on half of its training people, tested on the held-out people),
+plus the same recovery from the pretrained-only model as a control. Every phase is cached by the
+hash of its configuration, so runs that differ only in later phases share the earlier ones.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from forgetlab.eval.exact_match import greedy_exact_match
+from forgetlab.experiments.config import BiographyRunConfig
+from forgetlab.experiments.phases import PhaseStore, default_cache_dir
+from forgetlab.experiments.rundir import prepare_run_dir, publish_checkpoint
+from forgetlab.methods import freeze_parameters, mix_replay
+from forgetlab.metrics.cl import cl_summary, spurious_share
+from forgetlab.models.build import build_model, load_model
+from forgetlab.models.tokenizers import build_word_tokenizer
+from forgetlab.train.data import TokenDataset, concat, pack_texts, qa_dataset
+from forgetlab.train.trainer import PhaseConfig, train_phase
+from forgetlab.utils.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, config_hash
+from forgetlab.worlds.biography import ATTRIBUTES, BiographyWorld, QAExample, generate_world
+
+
+@dataclass
+class QASet:
+    """Tokenised questions of one task, with the attribute of each question."""
+
+    prompts: list[list[int]]
+    answers: list[list[int]]
+    attributes: list[str]
+
+    def sample(self, n: int, seed: int) -> "QASet":
+        if n >= len(self.prompts):
+            return self
+        rows = sorted(random.Random(seed).sample(range(len(self.prompts)), n))
+        return QASet([self.prompts[i] for i in rows], [self.answers[i] for i in rows], [self.attributes[i] for i in rows])
+
+
+def encode_qa(examples: list[QAExample], tokenizer) -> QASet:
+    prompts = tokenizer([e.prompt for e in examples], add_special_tokens=False)["input_ids"]
+    answers = tokenizer([e.answer for e in examples], add_special_tokens=False)["input_ids"]
+    return QASet(prompts, answers, [e.attribute for e in examples])
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class BiographyExperiment:
+    """Holds the world, tokenizer and QA sets of one configuration; runs and caches its phases."""
+
+    def __init__(self, cfg: BiographyRunConfig, cache_dir: Path | None = None, log: Callable[[str], None] = print,
+                 progress: bool = True):
+        cfg.validate()
+        self.cfg, self.log, self.progress = cfg, log, progress
+        self.device = pick_device()
+        self.world: BiographyWorld = generate_world(cfg.world)
+        self.tokenizer = build_word_tokenizer(self.world.word_list())
+        self.eos, self.pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        self.store = PhaseStore(cache_dir or default_cache_dir(), log)
+        splits = self.world.splits
+        self.n_tasks = cfg.world.n_new_tasks
+        self.qa = {"task0_train": encode_qa(self.world.qa_examples(splits["task0_train"]), self.tokenizer),
+                   "task0": encode_qa(self.world.qa_examples(splits["task0_test"]), self.tokenizer)}
+        for k in range(1, self.n_tasks + 1):
+            self.qa[f"task{k}"] = encode_qa(self.world.qa_examples(splits[f"task{k}"]), self.tokenizer)
+        half = splits["task0_train"][: len(splits["task0_train"]) // 2]
+        self.qa["recovery_train"] = encode_qa(self.world.qa_examples(half), self.tokenizer)
+        self.eval_sets = {k: v.sample(cfg.eval.max_questions, cfg.seed + i) for i, (k, v) in enumerate(self.qa.items())}
+
+    # -- data and evaluation -------------------------------------------------------------
+    def train_set(self, name: str) -> TokenDataset:
+        qa = self.qa[name]
+        return qa_dataset(qa.prompts, qa.answers, self.eos, self.pad)
+
+    def score(self, model, qa: QASet) -> dict[str, float]:
+        res = greedy_exact_match(model, qa.prompts, qa.answers, eos_id=self.eos, pad_id=self.pad,
+                                 batch_size=self.cfg.eval.batch_size)
+        return {"em": res.em, "first_token": res.first_token_acc}
+
+    def full_eval(self, model, tasks: list[str]) -> dict[str, dict[str, float]]:
+        """Every question of each task, with exact match per attribute."""
+        out = {}
+        for t in tasks:
+            qa = self.qa[t]
+            res = greedy_exact_match(model, qa.prompts, qa.answers, eos_id=self.eos, pad_id=self.pad,
+                                     batch_size=self.cfg.eval.batch_size)
+            scores = {"em": res.em, "first_token": res.first_token_acc}
+            for a in ATTRIBUTES:
+                hits = [ok for ok, attr in zip(res.exact, qa.attributes) if attr == a]
+                if hits:
+                    scores[f"em_{a}"] = sum(hits) / len(hits)
+            out[t] = scores
+        return out
+
+    def step_eval(self, tasks: list[str]) -> Callable[[], dict]:
+        def evaluate(model) -> dict:
+            return {t: self.score(model, self.eval_sets[t]) for t in tasks}
+        return evaluate
+
+    def all_tasks(self) -> list[str]:
+        return ["task0"] + [f"task{k}" for k in range(1, self.n_tasks + 1)]
+
+    # -- phases --------------------------------------------------------------------------
+    def _phase(self, name: str, key: str, start: Callable[[], torch.nn.Module], data: Callable[[], TokenDataset],
+               pcfg: PhaseConfig, tasks: list[str], stop: Callable[[dict], bool] | None = None,
+               prepare: Callable[[torch.nn.Module], dict] | None = None):
+        def train(state_dir: Path):
+            model = start().to(self.device)
+            extra = prepare(model) if prepare else {}
+            evaluate = self.step_eval(tasks)
+            outcome = train_phase(model, data(), pcfg, phase=name, state_dir=state_dir, seed=self.cfg.seed,
+                                  evaluate=lambda: evaluate(model), stop=stop, log=self.log, progress=self.progress)
+            for p in model.parameters():
+                p.requires_grad_(True)
+            info = {"steps": outcome.steps, "stopped_early": outcome.stopped_early, "seconds": outcome.seconds,
+                    "final": self.full_eval(model, self.all_tasks()), **extra}
+            return model, outcome.rows, info
+        return self.store.run(name, key, train, self.tokenizer)
+
+    def pretrain(self):
+        cfg = self.cfg
+        key = config_hash("pretrain", cfg.world, cfg.model, cfg.block_size, cfg.pretrain, cfg.eval, cfg.seed)
+
+        def data() -> TokenDataset:
+            entries = self.world.biography_entries(self.world.splits["pretrain"])
+            ids = self.tokenizer(entries, add_special_tokens=False)["input_ids"]
+            return pack_texts(ids, self.eos, cfg.block_size)
+
+        def start():
+            t = self.tokenizer
+            return build_model(cfg.model, len(t), t.pad_token_id, t.eos_token_id, t.bos_token_id, cfg.seed)
+        return self._phase("pretrain", key, start, data, cfg.pretrain, tasks=[]), key
+
+    def task0(self, pre, pre_key: str):
+        key = config_hash("task0", pre_key, self.cfg.task0)
+        return self._phase("task0", key, lambda: load_model(pre.model_dir), lambda: self.train_set("task0_train"),
+                           self.cfg.task0, tasks=["task0"]), key
+
+    def new_task(self, k: int, prev, prev_key: str):
+        cfg, method = self.cfg, self.cfg.method
+        key = config_hash(f"task{k}", prev_key, cfg.task, method)
+
+        def data() -> TokenDataset:
+            current = self.train_set(f"task{k}")
+            if method.replay <= 0:
+                return current
+            old = concat([self.train_set("task0_train")] + [self.train_set(f"task{j}") for j in range(1, k)], self.pad)
+            return mix_replay(current, old, method.replay, cfg.seed + k, self.pad)
+
+        def prepare(model) -> dict:
+            if method.name != "freeze":
+                return {"frozen": []}
+            return {"frozen": freeze_parameters(model, range(method.freeze_layers), method.freeze_embedding)}
+
+        stop = None
+        if method.early_stop > 0:
+            stop = lambda scores: scores[f"task{k}"]["em"] >= method.early_stop  # noqa: E731
+        tasks = ["task0"] + [f"task{j}" for j in range(1, k + 1)]
+        return self._phase(f"task{k}", key, lambda: load_model(prev.model_dir), data, cfg.task, tasks, stop, prepare), key
+
+    def recovery(self, source, source_key: str, name: str = "recovery"):
+        """One short re-alignment on task-0 QA of half its training people, scored on held-out people."""
+        key = config_hash("recovery", source_key, self.cfg.recovery)
+        return self._phase(name, key, lambda: load_model(source.model_dir), lambda: self.train_set("recovery_train"),
+                           self.cfg.recovery, tasks=["task0"])
+
+
+def run_biography(cfg: BiographyRunConfig, out: Path, *, cache_dir: Path | None = None, resume: bool = False,
+                  overwrite: bool = False, log: Callable[[str], None] = print, progress: bool = True) -> dict:
+    """Run (or resume) the whole experiment; write config, curves, checkpoints, results and a figure."""
+    t0 = time.perf_counter()
+    cfg.validate()
+    out = prepare_run_dir(Path(out), cfg, resume=resume, overwrite=overwrite)
+    exp = BiographyExperiment(cfg, cache_dir, log, progress)
+    pre, pre_key = exp.pretrain()
+    t0_phase, key = exp.task0(pre, pre_key)
+    phases = {"pretrain": pre, "task0": t0_phase}
+    last = t0_phase
+    for k in range(1, exp.n_tasks + 1):
+        last, key = exp.new_task(k, last, key)
+        phases[f"task{k}"] = last
+    phases["recovery"] = exp.recovery(last, key)
+    phases["recovery_control"] = exp.recovery(pre, pre_key, name="recovery_control")
+
+    rows = [r for p in phases.values() for r in p.rows]
+    results = summarize(cfg, phases, rows, exp.n_tasks, seconds=time.perf_counter() - t0)
+    for name, phase in phases.items():
+        publish_checkpoint(phase.model_dir, out / "checkpoints" / name)
+    atomic_write_text(out / "curves.csv", "phase,step,task,metric,value\n" + "".join(
+        f"{r['phase']},{r['step']},{r['task']},{r['metric']},{r['value']:.6g}\n" for r in rows))
+    atomic_write_jsonl(out / "metrics.jsonl", rows)
+    atomic_write_json(out / "results.json", results)
+    from forgetlab.report.biography import plot_curves  # matplotlib only when writing figures
+
+    plot_curves(rows, results, out / "curves.png")
+    return results
+
+
+def summarize(cfg: BiographyRunConfig, phases: dict, rows: list[dict], n_tasks: int, seconds: float) -> dict:
+    """The results.json contract: fractions in [0, 1] plus method, preset, seed, seconds."""
+    before = phases["task0"].info["final"]["task0"]["em"]
+    during = [r["value"] for r in rows if r["phase"] == "task1" and r["task"] == "task0" and r["metric"] == "em"]
+    final = phases[f"task{n_tasks}"].info["final"]
+    recovered = phases["recovery"].info["final"]["task0"]["em"]
+    tasks = ["task0"] + [f"task{k}" for k in range(1, n_tasks + 1)]
+    order = ["pretrain", "task0"] + [f"task{k}" for k in range(1, n_tasks + 1)]
+    matrix = [[phases[p].info["final"][t]["em"] for t in tasks] for p in order]
+    m = cfg.method
+    return {
+        "task0_before": before,
+        "task0_min_during_task1": min(during) if during else phases["task1"].info["final"]["task0"]["em"],
+        "task0_after_task1": phases["task1"].info["final"]["task0"]["em"],
+        "task1_after": phases["task1"].info["final"]["task1"]["em"],
+        "task0_recovered": recovered,
+        "task0_recovery_control": phases["recovery_control"].info["final"]["task0"]["em"],
+        "spurious_share": spurious_share(before, final["task0"]["em"], recovered),
+        "method": m.name, "freeze_layers": m.freeze_layers, "replay": m.replay, "early_stop": m.early_stop,
+        "preset": cfg.preset, "seed": cfg.seed, "seconds": seconds,
+        "task1_steps": phases["task1"].info["steps"],
+        "per_attribute_after_task1": {k: v for k, v in phases["task1"].info["final"]["task0"].items() if k.startswith("em_")},
+        "score_matrix": {"rows": order, "tasks": tasks, "R": matrix, "metrics": cl_summary(matrix)},
+    }

@@ -1,0 +1,42 @@
+"""Recovery of any checkpoint of a biography run (papers.md section 4, spurious share)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+
+from forgetlab.experiments.biography import BiographyExperiment
+from forgetlab.experiments.config import BiographyRunConfig
+from forgetlab.experiments.rundir import CONFIG
+from forgetlab.metrics.cl import spurious_share
+from forgetlab.models.build import load_model
+from forgetlab.utils.io import atomic_write_json, config_hash, from_jsonable, read_json
+
+
+def load_run_config(run_dir: Path) -> BiographyRunConfig:
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        raise ValueError(f"--run {run_dir} has no {CONFIG}; pass the directory of a 'forgetlab biography run'")
+    return from_jsonable(BiographyRunConfig, read_json(path))
+
+
+def recover_checkpoint(model_dir: Path, run_dir: Path, *, out: Path | None = None, cache_dir: Path | None = None,
+                       log: Callable[[str], None] = print) -> dict:
+    """Score ``model_dir`` on held-out task-0 people, re-align it briefly, score again; write recovery.json."""
+    if not (Path(model_dir) / "config.json").is_file():
+        raise ValueError(f"--model {model_dir} is not a Hugging Face checkpoint directory (no config.json)")
+    cfg = load_run_config(run_dir)
+    exp = BiographyExperiment(cfg, cache_dir, log, progress=True)
+    current = exp.full_eval(load_model(model_dir), ["task0"])["task0"]["em"]
+    weights = sorted(Path(model_dir).glob("*.safetensors"))
+    stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights]
+    phase = exp.recovery(SimpleNamespace(model_dir=Path(model_dir)), config_hash(str(Path(model_dir).resolve()), stamp))
+    recovered = phase.info["final"]["task0"]["em"]
+    results_path = Path(run_dir) / "results.json"
+    before = read_json(results_path)["task0_before"] if results_path.is_file() else None
+    result = {"model": str(model_dir), "before": before, "current": current, "recovered": recovered,
+              "spurious_share": spurious_share(before, current, recovered) if before is not None else None,
+              "recovery_steps": phase.info["steps"]}
+    atomic_write_json(Path(out or run_dir) / "recovery.json", result)
+    return result

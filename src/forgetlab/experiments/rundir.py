@@ -1,0 +1,67 @@
+"""The run directory every command writes: resolved config, curves, results, checkpoints, plots.
+
+Guards against losing work: an existing run is never overwritten without ``--overwrite``, and
+``--resume`` only continues a run whose saved configuration is identical.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from forgetlab.utils.io import atomic_write_json, read_json, to_jsonable
+
+CONFIG = "config.json"
+
+
+def prepare_run_dir(out: Path, cfg, *, resume: bool, overwrite: bool) -> Path:
+    """Create or reopen ``out`` and write the resolved config there; raise ValueError on a conflict."""
+    out = Path(out)
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite contradict each other; pass only one")
+    exists = out.exists() and any(out.iterdir()) if out.is_dir() else out.exists()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a directory; choose another path")
+    if resume:
+        if not (out / CONFIG).is_file():
+            raise ValueError(f"--resume: no run to resume at {out} (no {CONFIG}); drop --resume to start one")
+        saved = read_json(out / CONFIG)
+        wanted = json.loads(json.dumps(to_jsonable(cfg)))
+        if saved != wanted:
+            diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+            raise ValueError(f"--resume: the run at {out} was made with a different config (differs in: {', '.join(diff)}); "
+                             "use the same options or a new --out")
+        return out
+    if exists:
+        if not overwrite:
+            raise ValueError(f"run directory {out} already exists; pass --resume to continue it or --overwrite to replace it")
+        shutil.rmtree(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"cannot write to --out {out} ({err.strerror}); choose a writable directory") from None
+    atomic_write_json(out / CONFIG, cfg)
+    return out
+
+
+def publish_checkpoint(src: Path, dst: Path) -> None:
+    """Put a cached phase checkpoint into the run directory (hard links when possible, else copies)."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+
+    def link_or_copy(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    shutil.copytree(src, tmp, copy_function=link_or_copy)
+    if dst.exists():
+        shutil.rmtree(dst)
+    os.replace(tmp, dst)

@@ -1,0 +1,79 @@
+"""Build small causal LMs from scratch, or load any local Hugging Face checkpoint.
+
+The spurious-forgetting paper pretrains a GPT-NeoX (Pythia-160m shape) from scratch; Llama is the
+other architecture people reach for. Both come from ``transformers`` configs, so every checkpoint
+forgetlab writes is a normal HF directory that ``AutoModelForCausalLM.from_pretrained`` reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, PreTrainedModel
+
+ARCHITECTURES = ("gpt_neox", "llama")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a from-scratch model; ``checkpoint`` instead loads a local HF model directory."""
+
+    architecture: str = field(default="llama", metadata={"help": "gpt_neox | llama"})
+    d_model: int = field(default=128, metadata={"help": "hidden size"})
+    n_layers: int = field(default=4, metadata={"help": "decoder layers"})
+    n_heads: int = field(default=4, metadata={"help": "attention heads"})
+    d_ff: int = field(default=0, metadata={"help": "MLP width; 0 means 4*d_model (NeoX) or 8/3*d_model (Llama)"})
+    max_positions: int = field(default=256, metadata={"help": "context length"})
+    checkpoint: str = field(default="", metadata={"help": "local HF checkpoint dir to start from instead"})
+
+    def validate(self) -> None:
+        if self.checkpoint:
+            if not Path(self.checkpoint, "config.json").is_file():
+                raise ValueError(f"model.checkpoint={self.checkpoint!r} has no config.json; pass a Hugging Face checkpoint directory")
+            return
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"model.architecture={self.architecture!r} is unknown; use one of {', '.join(ARCHITECTURES)}")
+        for name in ("d_model", "n_layers", "n_heads", "max_positions"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.{name}={getattr(self, name)} must be positive")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"model.d_model={self.d_model} is not divisible by n_heads={self.n_heads}; change one of them")
+
+
+def build_model(config: ModelConfig, vocab_size: int, pad_id: int, eos_id: int, bos_id: int, seed: int) -> PreTrainedModel:
+    """A randomly initialised model (seeded), or the checkpoint named in the config."""
+    config.validate()
+    if config.checkpoint:
+        return load_model(config.checkpoint)
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab_size, hidden_size=config.d_model, num_hidden_layers=config.n_layers,
+                  num_attention_heads=config.n_heads, max_position_embeddings=config.max_positions,
+                  pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=bos_id, tie_word_embeddings=False)
+    if config.architecture == "gpt_neox":
+        hf_config = GPTNeoXConfig(intermediate_size=config.d_ff or 4 * config.d_model, rotary_pct=0.25,
+                                  use_parallel_residual=True, attention_dropout=0.0, hidden_dropout=0.0, **common)
+    else:
+        d_ff = config.d_ff or int(8 * config.d_model / 3 + 63) // 64 * 64
+        hf_config = LlamaConfig(intermediate_size=d_ff, num_key_value_heads=config.n_heads, **common)
+    model = AutoModelForCausalLM.from_config(hf_config)
+    return model
+
+
+def load_model(path: str | Path) -> PreTrainedModel:
+    """Load a local HF checkpoint in float32 (training keeps fp32 master weights)."""
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+
+
+def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
+    """The model's stack of decoder layers, found structurally rather than by parameter-name substrings."""
+    base = getattr(model, "base_model", model)
+    for owner in (base, getattr(base, "model", None), getattr(base, "gpt_neox", None), getattr(base, "transformer", None)):
+        if owner is None:
+            continue
+        for name in ("layers", "h"):
+            layers = getattr(owner, name, None)
+            if isinstance(layers, torch.nn.ModuleList):
+                return layers
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}: expected a ModuleList named 'layers' or 'h'")

@@ -1,0 +1,191 @@
+"""The one training loop: pretraining, every task of a sequence, and recovery all run through it.
+
+A phase is a fixed number of optimizer steps over a :class:`TokenDataset`. The data order, the
+learning rate and the evaluation points are pure functions of the step, so a phase killed at any
+point and resumed from its last checkpoint continues exactly as if it had never stopped.
+Continual methods act from outside: freezing sets ``requires_grad`` before the phase (only
+trainable parameters reach the optimizer), replay changes the dataset, early stopping is ``stop``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from forgetlab.train.checkpoints import load_training_state, save_training_state
+from forgetlab.train.data import TokenDataset
+
+Scores = dict[str, dict[str, float]]  # task -> metric -> value
+
+
+@dataclass(frozen=True)
+class EvalSchedule:
+    """Dense evaluation at the start of a phase (where forgetting happens fast), sparse after."""
+
+    dense_every: int = field(default=5, metadata={"help": "evaluate every N steps while step <= dense_until"})
+    dense_until: int = field(default=200, metadata={"help": "end of the dense part"})
+    every: int = field(default=50, metadata={"help": "evaluate every N steps after that"})
+
+    def due(self, step: int, total: int) -> bool:
+        if step in (0, total):
+            return True
+        if step <= self.dense_until and self.dense_every > 0 and step % self.dense_every == 0:
+            return True
+        return self.every > 0 and step % self.every == 0
+
+
+@dataclass(frozen=True)
+class PhaseConfig:
+    """Optimisation settings of one phase (AdamW, linear warmup then cosine decay)."""
+
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decays to lr * min_lr_ratio"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps"})
+    schedule: str = field(default="cosine", metadata={"help": "cosine | constant"})
+    epochs: float = field(default=1.0, metadata={"help": "passes over the data (ignored when max_steps > 0)"})
+    max_steps: int = field(default=0, metadata={"help": "optimizer steps; 0 = derive from epochs"})
+    batch_size: int = field(default=32, metadata={"help": "rows per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay on matrices"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm; 0 disables"})
+    checkpoint_every: int = field(default=200, metadata={"help": "save a resumable state every N steps"})
+    eval: EvalSchedule = field(default_factory=EvalSchedule)
+
+    def validate(self, where: str) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"{where}.lr={self.lr} must be positive")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"{where}.schedule={self.schedule!r} is unknown; use cosine or constant")
+        for name in ("batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{where}.{name}={getattr(self, name)} must be at least 1")
+        if self.max_steps < 0 or self.epochs < 0 or (self.max_steps == 0 and self.epochs == 0):
+            raise ValueError(f"{where}: set a positive epochs or max_steps (got epochs={self.epochs}, max_steps={self.max_steps})")
+
+    def total_steps(self, n_rows: int) -> int:
+        if self.max_steps > 0:
+            return self.max_steps
+        micro = math.ceil(self.epochs * math.ceil(n_rows / self.batch_size))
+        return max(1, math.ceil(micro / self.grad_accum))
+
+
+def lr_at(step: int, total: int, cfg: PhaseConfig) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): warmup, then cosine to lr*min_lr_ratio."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    span = max(1, total - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def micro_batch_rows(micro: int, n_rows: int, batch_size: int, seed: int) -> torch.Tensor:
+    """Rows of micro-batch ``micro``: a fresh seeded permutation per epoch, no row twice in an epoch."""
+    per_epoch = math.ceil(n_rows / batch_size)
+    epoch, pos = divmod(micro, per_epoch)
+    perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return perm[pos * batch_size : (pos + 1) * batch_size]
+
+
+def make_optimizer(model: torch.nn.Module, cfg: PhaseConfig) -> torch.optim.AdamW:
+    """AdamW over trainable parameters only; no weight decay on vectors (norms, biases)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("no trainable parameters: everything is frozen; freeze fewer layers")
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=next(model.parameters()).is_cuda or None)
+
+
+@dataclass
+class PhaseOutcome:
+    steps: int
+    rows: list[dict] = field(default_factory=list)  # curves rows: phase, step, task, metric, value
+    stopped_early: bool = False
+    seconds: float = 0.0
+
+
+def train_phase(
+    model: torch.nn.Module,
+    data: TokenDataset,
+    cfg: PhaseConfig,
+    *,
+    phase: str,
+    state_dir: Path,
+    seed: int,
+    evaluate: Callable[[], Scores] | None = None,
+    stop: Callable[[Scores], bool] | None = None,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+) -> PhaseOutcome:
+    """Train ``model`` in place for one phase; resumes from ``state_dir`` if a state is there."""
+    device = next(model.parameters()).device
+    total = cfg.total_steps(len(data))
+    optimizer = make_optimizer(model, cfg)
+    outcome = PhaseOutcome(steps=0)
+    start = 0
+    state = load_training_state(state_dir, model, optimizer)
+    if state is not None:
+        start, outcome.rows, outcome.seconds = state["step"], state["rows"], state["seconds"]
+        log(f"[{phase}] resuming at step {start}/{total}")
+    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    t0 = time.perf_counter() - outcome.seconds
+    losses: list[float] = []
+
+    def run_eval(step: int) -> bool:
+        if evaluate is None:
+            return False
+        model.eval()
+        scores = evaluate()
+        model.train()
+        if losses:
+            scores.setdefault("train", {})["loss"] = sum(losses) / len(losses)
+            losses.clear()
+        for task, metrics in scores.items():
+            for metric, value in metrics.items():
+                outcome.rows.append({"phase": phase, "step": step, "task": task, "metric": metric, "value": float(value)})
+        shown = "  ".join(f"{t}/{m}={v:.3f}" for t, ms in scores.items() for m, v in ms.items() if m in ("em", "loss"))
+        log(f"[{phase}] step {step:>6}/{total}  {shown}")
+        return stop is not None and stop(scores)
+
+    model.train()
+    stopped = start == 0 and cfg.eval.due(0, total) and run_eval(0)
+    bar = tqdm(total=total, initial=start, desc=phase, disable=not progress, leave=False, dynamic_ncols=True)
+    step = start
+    while step < total and not stopped:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, total, cfg)
+        for k in range(cfg.grad_accum):
+            rows = micro_batch_rows(step * cfg.grad_accum + k, len(data), cfg.batch_size, seed)
+            batch = {name: t.to(device) for name, t in data.batch(rows).items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss = model(**batch).loss / cfg.grad_accum
+            loss.backward()
+            losses.append(loss.item() * cfg.grad_accum)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        if losses:
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if cfg.eval.due(step, total):
+            stopped = run_eval(step)
+            if stopped:
+                log(f"[{phase}] early stop at step {step}")
+        if step < total and not stopped and cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0:
+            save_training_state(state_dir, model, optimizer, step=step, rows=outcome.rows, seconds=time.perf_counter() - t0)
+    bar.close()
+    outcome.steps, outcome.stopped_early = step, bool(stopped)
+    outcome.seconds = time.perf_counter() - t0
+    return outcome
