@@ -13,5 +13,5 @@ hf_logging.disable_progress_bar()  # weight loading/saving bars drown the traini
 app.add_typer(biography.app, name="biography")
 
 
-def main() -> None:  # pragma: no cover - console entry point
+def main() -> None:
     app()

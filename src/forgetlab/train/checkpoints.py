@@ -18,13 +18,14 @@ STATE = "resume-state"
 
 
 def save_training_state(state_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, step: int,
-                        rows: list[dict], seconds: float) -> None:
+                        rows: list[dict], seconds: float, pending_losses: list[float]) -> None:
     final = Path(state_dir) / STATE
     tmp = fresh_tmp_dir(final)
     weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(weights, str(tmp / "model.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "rows": rows, "seconds": seconds}))
+    (tmp / "state.json").write_text(json.dumps({"step": step, "rows": rows, "seconds": seconds,
+                                                  "pending_losses": pending_losses}))
     replace_dir(tmp, final)
 
 

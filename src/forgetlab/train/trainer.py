@@ -139,7 +139,7 @@ def train_phase(
         log(f"[{phase}] resuming at step {start}/{total}")
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     t0 = time.perf_counter() - outcome.seconds
-    losses: list[float] = []
+    losses: list[float] = list(state["pending_losses"]) if state else []  # since the last evaluation
 
     def run_eval(step: int) -> bool:
         if evaluate is None:
@@ -184,7 +184,8 @@ def train_phase(
             if stopped:
                 log(f"[{phase}] early stop at step {step}")
         if step < total and not stopped and cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0:
-            save_training_state(state_dir, model, optimizer, step=step, rows=outcome.rows, seconds=time.perf_counter() - t0)
+            save_training_state(state_dir, model, optimizer, step=step, rows=outcome.rows, seconds=time.perf_counter() - t0,
+                                pending_losses=losses)
     bar.close()
     outcome.steps, outcome.stopped_early = step, bool(stopped)
     outcome.seconds = time.perf_counter() - t0

@@ -1,0 +1,3 @@
+from forgetlab.cli.main import main
+
+main()

@@ -1,0 +1,86 @@
+"""Bad input: one clear line on stderr, exit code 2, nothing overwritten."""
+
+import json
+import os
+
+import pytest
+from typer.testing import CliRunner
+
+from forgetlab.cli.main import app
+
+
+def invoke(*args, tmp_path):
+    env = {"FORGETLAB_CACHE": str(tmp_path / "cache")}
+    return CliRunner().invoke(app, ["biography", *args], env=env)
+
+
+def one_error_line(result) -> str:
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    assert len(lines) == 1 and lines[0].startswith("forgetlab: error: "), result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--preset", "huge"], "unknown preset 'huge'; choose one of: smoke, cpu-demo, gpu, paper"),
+    (["--method", "ewc"], "method='ewc' is unknown"),
+    (["--method", "freeze", "--freeze-layers", "9"], "--freeze-layers 9 is outside 0..2"),
+    (["--replay", "-0.5"], "--replay -0.5 must be a fraction"),
+    (["--early-stop", "3"], "--early-stop 3.0 must be an accuracy"),
+    (["--resume", "--overwrite"], "contradict"),
+])
+def test_bad_options(args, message, tmp_path):
+    preset = [] if "--preset" in args else ["--preset", "smoke"]
+    result = invoke("run", *preset, *args, "--out", str(tmp_path / "run"), tmp_path=tmp_path)
+    assert message in one_error_line(result)
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text('{"keep": 1}')
+    line = one_error_line(invoke("run", "--preset", "smoke", "--out", str(run), tmp_path=tmp_path))
+    assert "already exists; pass --resume to continue it or --overwrite to replace it" in line
+    assert json.loads((run / "results.json").read_text()) == {"keep": 1}
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"preset": "smoke", "seed": 5}))
+    line = one_error_line(invoke("run", "--preset", "smoke", "--out", str(run), "--resume", tmp_path=tmp_path))
+    assert "different config" in line and "seed" in line
+    assert json.loads((run / "config.json").read_text()) == {"preset": "smoke", "seed": 5}
+
+
+def test_resume_without_a_run(tmp_path):
+    line = one_error_line(invoke("run", "--preset", "smoke", "--out", str(tmp_path / "none"), "--resume", tmp_path=tmp_path))
+    assert "no run to resume" in line
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_output(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    line = one_error_line(invoke("run", "--preset", "smoke", "--out", str(locked / "run"), tmp_path=tmp_path))
+    assert "cannot write" in line
+
+
+def test_output_path_that_is_a_file(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    line = one_error_line(invoke("run", "--preset", "smoke", "--out", str(f), tmp_path=tmp_path))
+    assert "is a file" in line
+
+
+def test_recover_needs_a_checkpoint(tmp_path):
+    line = one_error_line(invoke("recover", "--model", str(tmp_path), "--run", str(tmp_path), tmp_path=tmp_path))
+    assert "not a Hugging Face checkpoint directory" in line
+
+
+def test_output_under_a_file_is_unwritable(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    line = one_error_line(invoke("run", "--preset", "smoke", "--out", str(f / "run"), tmp_path=tmp_path))
+    assert "cannot write to --out" in line

@@ -1,0 +1,102 @@
+"""End to end at smoke size: the real command, its files, the phase cache, and resume after SIGKILL."""
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+KEYS = ["task0_before", "task0_min_during_task1", "task0_after_task1", "task1_after", "task0_recovered",
+        "task0_recovery_control", "spurious_share"]
+
+
+def forgetlab(*args, cache, **kw):
+    env = {**os.environ, "FORGETLAB_CACHE": str(cache)}
+    return subprocess.run([sys.executable, "-m", "forgetlab.cli", *args], env=env, capture_output=True, text=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("smoke")
+    t = time.perf_counter()
+    proc = forgetlab("biography", "run", "--preset", "smoke", "--out", str(root / "run"), "--no-progress", cache=root / "cache")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return root, proc, time.perf_counter() - t
+
+
+def test_smoke_run_writes_the_contract(smoke_run):
+    root, proc, seconds = smoke_run
+    run = root / "run"
+    results = json.loads((run / "results.json").read_text())
+    for key in KEYS[:-1]:
+        assert 0.0 <= results[key] <= 1.0, (key, results[key])
+    assert math.isfinite(results["spurious_share"])
+    assert results["method"] == "seq" and results["preset"] == "smoke" and results["seed"] == 0
+    assert results["seconds"] > 0
+    rows = list(csv.DictReader((run / "curves.csv").open()))
+    assert list(rows[0]) == ["phase", "step", "task", "metric", "value"]
+    phases = {r["phase"] for r in rows}
+    assert {"task0", "task1", "recovery", "recovery_control"} <= phases
+    assert all(0.0 <= float(r["value"]) <= 1.0 for r in rows if r["metric"] == "em")
+    # The step-wise minimum really is the minimum of the logged task-0 curve during task 1.
+    during = [float(r["value"]) for r in rows if r["phase"] == "task1" and r["task"] == "task0" and r["metric"] == "em"]
+    assert math.isclose(min(during), results["task0_min_during_task1"], rel_tol=1e-5)
+    assert (run / "curves.png").stat().st_size > 10_000
+    assert json.loads((run / "config.json").read_text())["preset"] == "smoke"
+    for phase in ("pretrain", "task0", "task1", "recovery"):
+        assert (run / "checkpoints" / phase / "model.safetensors").is_file()
+        assert (run / "checkpoints" / phase / "tokenizer.json").is_file()
+    # The summary table is printed.
+    assert "spurious share" in proc.stdout
+
+
+def test_checkpoint_loads_with_auto_classes(smoke_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root, _, _ = smoke_run
+    ckpt = root / "run" / "checkpoints" / "task1"
+    model = AutoModelForCausalLM.from_pretrained(ckpt)
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    assert tok.eos_token_id is not None and model.config.vocab_size == len(tok)
+
+
+def test_second_method_reuses_cached_phases(smoke_run):
+    root, _, _ = smoke_run
+    proc = forgetlab("biography", "run", "--preset", "smoke", "--out", str(root / "freeze"), "--method", "freeze",
+                     "--freeze-layers", "1", "--no-progress", cache=root / "cache")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = proc.stdout + proc.stderr
+    assert "[pretrain] cached" in log and "[task0] cached" in log
+    assert "[task1] cached" not in log
+    first = json.loads((root / "run" / "results.json").read_text())
+    second = json.loads((root / "freeze" / "results.json").read_text())
+    assert second["method"] == "freeze" and second["task0_before"] == first["task0_before"]
+
+
+def test_sigkill_then_resume_gives_the_same_results(smoke_run, tmp_path):
+    root, _, _ = smoke_run
+    reference = json.loads((root / "run" / "results.json").read_text())
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    env = {**os.environ, "FORGETLAB_CACHE": str(cache)}
+    proc = subprocess.Popen([sys.executable, "-m", "forgetlab.cli", "biography", "run", "--preset", "smoke",
+                             "--out", str(out), "--no-progress"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(cache.glob("task1-*/work/resume-state/state.json")):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list(cache.glob("task1-*/work/resume-state")), "the run finished before it could be killed mid-task"
+    assert not (out / "results.json").exists()
+    again = forgetlab("biography", "run", "--preset", "smoke", "--out", str(out), "--resume", "--no-progress", cache=cache)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming at step" in again.stdout + again.stderr
+    resumed = json.loads((out / "results.json").read_text())
+    for key in KEYS:
+        assert resumed[key] == reference[key], key
