@@ -20,6 +20,8 @@ def test_qa_loss_only_on_answer_and_eos():
     assert ds.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
     b = ds.batch(torch.tensor([1]))
     assert b["input_ids"].tolist() == [[13, 21, 22, 1]]  # trimmed to the widest row of the batch
+    assert "attention_mask" not in b  # no padding left: the causal fast path
+    assert ds.batch(torch.tensor([0, 1]))["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
 
 
 def test_concat_pads_to_common_width():

@@ -170,14 +170,15 @@ def train_phase(
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 loss = model(**batch).loss / cfg.grad_accum
             loss.backward()
-            losses.append(loss.item() * cfg.grad_accum)
+            if evaluate is not None:
+                losses.append(loss.item() * cfg.grad_accum)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         bar.update(1)
-        if losses:
+        if losses and progress:
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if cfg.eval.due(step, total):
             stopped = run_eval(step)
