@@ -100,3 +100,27 @@ def test_sigkill_then_resume_gives_the_same_results(smoke_run, tmp_path):
     resumed = json.loads((out / "results.json").read_text())
     for key in KEYS:
         assert resumed[key] == reference[key], key
+
+
+def test_recover_any_checkpoint(smoke_run):
+    root, _, _ = smoke_run
+    run = root / "run"
+    proc = forgetlab("biography", "recover", "--model", str(run / "checkpoints" / "task1"), "--run", str(run),
+                     "--out", str(root / "rec"), cache=root / "cache")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rec = json.loads((root / "rec" / "recovery.json").read_text())
+    results = json.loads((run / "results.json").read_text())
+    # Same checkpoint, same recovery settings: the numbers of the run itself.
+    assert rec["current"] == results["task0_after_task1"]
+    assert rec["recovered"] == results["task0_recovered"]
+    assert rec["before"] == results["task0_before"]
+
+
+def test_generate_writes_the_world(tmp_path):
+    proc = forgetlab("biography", "generate", "--preset", "smoke", "--out", str(tmp_path / "w"), cache=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ("world.json", "pretrain.txt", "qa_task0_train.jsonl", "qa_task0_test.jsonl", "qa_task1.jsonl",
+                 "tokenizer/tokenizer.json"):
+        assert (tmp_path / "w" / name).is_file(), name
+    lines = (tmp_path / "w" / "pretrain.txt").read_text().splitlines()
+    assert len(lines) == 120 * 5

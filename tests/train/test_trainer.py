@@ -94,3 +94,10 @@ def test_early_stop_ends_the_phase(tmp_path):
                       phase="p", state_dir=tmp_path, seed=0, evaluate=lambda: {"t": {"em": 1.0}},
                       stop=lambda s: s["t"]["em"] >= 0.9, progress=False)
     assert out.stopped_early and out.steps == 0
+
+
+def test_drop_last_gives_full_batches_only():
+    sizes = [len(micro_batch_rows(m, 10, 4, seed=0, drop_last=True)) for m in range(6)]
+    assert sizes == [4] * 6  # two full batches per epoch of 10 rows
+    rows = torch.cat([micro_batch_rows(m, 10, 4, seed=0, drop_last=True) for m in range(2)])
+    assert len(set(rows.tolist())) == 8
