@@ -28,6 +28,8 @@ def one_error_line(result) -> str:
     (["--replay", "-0.5"], "--replay -0.5 must be a fraction"),
     (["--early-stop", "3"], "--early-stop 3.0 must be an accuracy"),
     (["--resume", "--overwrite"], "contradict"),
+    (["--set", "task.lr=fast"], "--set task.lr: expected a value like"),
+    (["--set", "world.n_pretrain_people=-5"], "n_pretrain_people=-5"),
 ])
 def test_bad_options(args, message, tmp_path):
     preset = [] if "--preset" in args else ["--preset", "smoke"]

@@ -14,6 +14,7 @@ from rich.table import Table
 from forgetlab.cli.errors import user_errors
 from forgetlab.experiments.presets import PRESETS, preset_config
 from forgetlab.methods import MethodConfig
+from forgetlab.utils.io import apply_overrides
 
 app = typer.Typer(help="Spurious forgetting on a synthetic biography world (Zheng et al., ICLR 2025).", no_args_is_help=True)
 console = Console(stderr=False)
@@ -44,6 +45,8 @@ def run(
     overwrite: Annotated[bool, typer.Option(help="replace the run in --out")] = False,
     cache_dir: CacheDir = None,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override any setting of the preset, e.g. "
+                                                       "--set world.full_name=false --set task.lr=1e-4")] = None,
 ) -> None:
     """Pretrain, learn task 0 then task 1 with the chosen method, and measure recovery."""
     from forgetlab.experiments.biography import run_biography
@@ -52,6 +55,7 @@ def run(
         freeze_layers = 2
     cfg = preset_config(preset, seed, MethodConfig(name=method, freeze_layers=freeze_layers, replay=replay,
                                                    early_stop=early_stop))
+    cfg = apply_overrides(cfg, set_ or [])
     results = run_biography(cfg, out, cache_dir=cache_dir, resume=resume, overwrite=overwrite,
                             log=log_line, progress=progress)
     show_results(results)

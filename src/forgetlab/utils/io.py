@@ -112,3 +112,43 @@ def from_jsonable(cls: type, data: Mapping[str, Any]) -> Any:
             value = tuple(value)
         kwargs[key] = value
     return cls(**kwargs)
+
+
+def apply_overrides(cfg: Any, assignments: Iterable[str]) -> Any:
+    """``["world.full_name=false", "task.lr=1e-4"]`` -> a new config (frozen dataclasses, nested by dots).
+
+    Values are parsed as JSON where possible (numbers, true/false, lists), else kept as strings, and
+    must match the type of the field they replace.
+    """
+    for item in assignments:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. --set task.lr=1e-4")
+        key, raw = item.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        cfg = _replace_path(cfg, key.strip().split("."), value, key)
+    return cfg
+
+
+def _replace_path(obj: Any, path: list[str], value: Any, full: str) -> Any:
+    names = [f.name for f in dataclasses.fields(obj)] if dataclasses.is_dataclass(obj) else []
+    if path[0] not in names:
+        raise ValueError(f"--set {full}: no setting {path[0]!r} here; choose one of: {', '.join(names)}")
+    current = getattr(obj, path[0])
+    if len(path) > 1:
+        return dataclasses.replace(obj, **{path[0]: _replace_path(current, path[1:], value, full)})
+    if dataclasses.is_dataclass(current):
+        raise ValueError(f"--set {full}: {path[0]!r} is a group of settings; set one of its fields")
+    if isinstance(current, bool) != isinstance(value, bool) or (
+            isinstance(current, (int, float)) and not isinstance(value, (int, float))) or (
+            isinstance(current, str) and not isinstance(value, str)):
+        raise ValueError(f"--set {full}: expected a value like {current!r}, got {value!r}")
+    if isinstance(current, float) and isinstance(value, int):
+        value = float(value)
+    if isinstance(current, int) and not isinstance(current, bool) and isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"--set {full}: expected a whole number, got {value!r}")
+        value = int(value)
+    return dataclasses.replace(obj, **{path[0]: value})

@@ -1,0 +1,28 @@
+import json
+
+import pytest
+
+from forgetlab.experiments.config import BiographyRunConfig
+from forgetlab.experiments.presets import preset_config
+from forgetlab.utils.io import apply_overrides, atomic_write_json, config_hash, from_jsonable, to_jsonable
+
+
+def test_overrides_replace_nested_fields_with_type_checks():
+    cfg = preset_config("smoke")
+    new = apply_overrides(cfg, ["world.full_name=false", "task.lr=1e-4", "task.max_steps=7", "world.n_majors=12"])
+    assert new.world.full_name is False and new.task.lr == 1e-4 and new.task.max_steps == 7
+    assert new.world.n_majors == 12 and cfg.world.full_name is True
+    for bad, msg in [("task.lr=fast", "expected a value like"), ("world.nope=1", "no setting 'nope'"),
+                     ("task=3", "group of settings"), ("task.lr", "KEY=VALUE"), ("task.max_steps=1.5", "whole number")]:
+        with pytest.raises(ValueError, match=msg):
+            apply_overrides(cfg, [bad])
+
+
+def test_config_round_trip_and_hash(tmp_path):
+    cfg = preset_config("cpu-demo", seed=3)
+    atomic_write_json(tmp_path / "c.json", cfg)
+    back = from_jsonable(BiographyRunConfig, json.loads((tmp_path / "c.json").read_text()))
+    assert back == cfg
+    assert config_hash(back) == config_hash(cfg) != config_hash(preset_config("cpu-demo", seed=4))
+    assert list(tmp_path.iterdir()) == [tmp_path / "c.json"]  # no temporary file left behind
+    assert to_jsonable(cfg)["world"]["seed"] == 3
