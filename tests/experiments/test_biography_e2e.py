@@ -124,3 +124,14 @@ def test_generate_writes_the_world(tmp_path):
         assert (tmp_path / "w" / name).is_file(), name
     lines = (tmp_path / "w" / "pretrain.txt").read_text().splitlines()
     assert len(lines) == 120 * 5
+
+
+def test_start_from_a_local_checkpoint(smoke_run, tmp_path):
+    """Any local HF checkpoint can be the starting model; its own tokenizer is used."""
+    root, _, _ = smoke_run
+    ckpt = root / "run" / "checkpoints" / "pretrain"
+    proc = forgetlab("biography", "run", "--preset", "smoke", "--out", str(tmp_path / "run"), "--no-progress",
+                     "--set", f"model.checkpoint={ckpt}", "--set", "pretrain.max_steps=2", cache=tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert 0 <= results["task0_before"] <= 1

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 
 from forgetlab.eval.exact_match import greedy_exact_match
 from forgetlab.experiments.config import BiographyRunConfig
@@ -66,7 +67,7 @@ class BiographyExperiment:
         self.cfg, self.log, self.progress = cfg, log, progress
         self.device = pick_device()
         self.world: BiographyWorld = generate_world(cfg.world)
-        self.tokenizer = build_word_tokenizer(self.world.word_list())
+        self.tokenizer = self._tokenizer()
         self.eos, self.pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         self.store = PhaseStore(cache_dir or default_cache_dir(), log)
         splits = self.world.splits
@@ -78,6 +79,18 @@ class BiographyExperiment:
         half = splits["task0_train"][: len(splits["task0_train"]) // 2]
         self.qa["recovery_train"] = encode_qa(self.world.qa_examples(half), self.tokenizer)
         self.eval_sets = {k: v.sample(cfg.eval.max_questions, cfg.seed + i) for i, (k, v) in enumerate(self.qa.items())}
+
+    def _tokenizer(self):
+        """The world's word-level tokenizer, or the tokenizer saved with a local starting checkpoint."""
+        if not self.cfg.model.checkpoint:
+            return build_word_tokenizer(self.world.word_list())
+        tokenizer = AutoTokenizer.from_pretrained(self.cfg.model.checkpoint)
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"the tokenizer of model.checkpoint={self.cfg.model.checkpoint} has no eos token; "
+                             "set one and save it with the checkpoint")
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
 
     # -- data and evaluation -------------------------------------------------------------
     def train_set(self, name: str) -> TokenDataset:

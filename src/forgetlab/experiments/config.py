@@ -37,9 +37,8 @@ class BiographyRunConfig:
     def validate(self) -> None:
         self.world.validate()
         self.model.validate()
-        if not 8 <= self.block_size <= self.model.max_positions or self.model.checkpoint:
-            if not self.model.checkpoint:
-                raise ValueError(f"block_size={self.block_size} must be in 8..model.max_positions={self.model.max_positions}")
+        if not self.model.checkpoint and not 8 <= self.block_size <= self.model.max_positions:
+            raise ValueError(f"block_size={self.block_size} must be in 8..model.max_positions={self.model.max_positions}")
         for name in ("pretrain", "task0", "task", "recovery"):
             getattr(self, name).validate(name)
         self.method.validate(self.model.n_layers if not self.model.checkpoint else 10**6)

@@ -46,7 +46,11 @@ def build_model(config: ModelConfig, vocab_size: int, pad_id: int, eos_id: int, 
     """A randomly initialised model (seeded), or the checkpoint named in the config."""
     config.validate()
     if config.checkpoint:
-        return load_model(config.checkpoint)
+        model = load_model(config.checkpoint)
+        if model.get_input_embeddings().num_embeddings < vocab_size:
+            raise ValueError(f"model.checkpoint={config.checkpoint} has {model.get_input_embeddings().num_embeddings} "
+                             f"embeddings but its tokenizer has {vocab_size} tokens; save the matching tokenizer with it")
+        return model
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab_size, hidden_size=config.d_model, num_hidden_layers=config.n_layers,
                   num_attention_heads=config.n_heads, max_position_embeddings=config.max_positions,
