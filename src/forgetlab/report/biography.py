@@ -31,6 +31,8 @@ def plot_curves(rows: list[dict], results: dict, path: Path) -> None:
     for p in phases[1:]:
         ax.axvline(offsets[p], color="grey", ls="--", lw=0.8)
         ax.text(offsets[p], 1.02, f" {p} starts", fontsize=8, color="grey")
+    ax.axhline(results["task0_before"], color="tab:blue", ls=":", lw=1,
+               label=f"task0 before task 1 ({results['task0_before']:.2f})")
     ax.scatter([offset], [results["task0_recovered"]], marker="*", s=160, color="tab:blue", zorder=5,
                label=f"task0 after recovery ({results['task0_recovered']:.2f})")
     ax.scatter([offset], [results["task0_recovery_control"]], marker="x", s=70, color="black", zorder=5,
@@ -39,7 +41,7 @@ def plot_curves(rows: list[dict], results: dict, path: Path) -> None:
     ax.set_ylabel("exact match")
     ax.set_ylim(-0.02, 1.08)
     ax.set_title(f"biography world - method {results['method']} - spurious share {results['spurious_share']:.2f}")
-    ax.legend(loc="center right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(path)
