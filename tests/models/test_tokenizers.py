@@ -1,6 +1,7 @@
 from transformers import AutoTokenizer
 
-from forgetlab.models.tokenizers import build_word_tokenizer, split_words
+from forgetlab.models.tokenizers import build_word_tokenizer
+from forgetlab.worlds.biography import split_words
 
 
 def test_word_tokenizer_round_trip(tmp_path):

@@ -38,8 +38,6 @@ def greedy_exact_match(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    exact: list[bool] = []
-    first: list[bool] = []
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths batch together
     out_exact = [False] * len(prompts)
     out_first = [False] * len(prompts)
@@ -49,9 +47,8 @@ def greedy_exact_match(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
         ex, ft = _decide_batch(model, [prompts[i] for i in idx], targets, pad_id, device)
         for j, i in enumerate(idx):
             out_exact[i], out_first[i] = ex[j], ft[j]
-    exact, first = out_exact, out_first
     model.train(was_training)
-    return QAResult(exact, first)
+    return QAResult(out_exact, out_first)
 
 
 def _decide_batch(model, prompts, targets, pad_id, device) -> tuple[list[bool], list[bool]]:
@@ -70,6 +67,7 @@ def _decide_batch(model, prompts, targets, pad_id, device) -> tuple[list[bool], 
     alive = torch.ones(n, dtype=torch.bool, device=device)  # still matching the target so far
     position = (mask.cumsum(1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True)
+    cache_name = cache_argument(model, out)
     first_ok = None
     for k in range(max_len):
         token = out.logits[:, -1].argmax(-1)
@@ -81,13 +79,12 @@ def _decide_batch(model, prompts, targets, pad_id, device) -> tuple[list[bool], 
         mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=1)
         position = position[:, -1:] + 1
         out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, use_cache=True,
-                    **cache_kwargs(model, out))
+                    **{cache_name: out[cache_name]})
     return alive.tolist(), first_ok.tolist()
 
 
-def cache_kwargs(model: torch.nn.Module, out) -> dict:
-    """The key/value cache of ``out`` under the name this transformers version's forward takes."""
-    params = inspect.signature(type(model).forward).parameters
-    if "cache" in params and "cache" in out:
-        return {"cache": out["cache"]}
-    return {"past_key_values": out["past_key_values"]}
+def cache_argument(model: torch.nn.Module, out) -> str:
+    """Name of the key/value cache in this transformers version (``cache``, formerly ``past_key_values``)."""
+    if "cache" in inspect.signature(type(model).forward).parameters and "cache" in out:
+        return "cache"
+    return "past_key_values"

@@ -24,6 +24,7 @@ from forgetlab.experiments.config import BiographyRunConfig
 from forgetlab.experiments.phases import PhaseStore, default_cache_dir
 from forgetlab.experiments.rundir import prepare_run_dir, publish_checkpoint
 from forgetlab.methods import freeze_parameters, mix_replay
+from forgetlab.methods.freeze import bottom_layers
 from forgetlab.metrics.cl import cl_summary, spurious_share
 from forgetlab.models.build import build_model, load_model
 from forgetlab.models.tokenizers import build_word_tokenizer
@@ -97,9 +98,12 @@ class BiographyExperiment:
         qa = self.qa[name]
         return qa_dataset(qa.prompts, qa.answers, self.eos, self.pad)
 
+    def _exact_match(self, model, qa: QASet):
+        return greedy_exact_match(model, qa.prompts, qa.answers, eos_id=self.eos, pad_id=self.pad,
+                                  batch_size=self.cfg.eval.batch_size)
+
     def score(self, model, qa: QASet) -> dict[str, float]:
-        res = greedy_exact_match(model, qa.prompts, qa.answers, eos_id=self.eos, pad_id=self.pad,
-                                 batch_size=self.cfg.eval.batch_size)
+        res = self._exact_match(model, qa)
         return {"em": res.em, "first_token": res.first_token_acc}
 
     def full_eval(self, model, tasks: list[str]) -> dict[str, dict[str, float]]:
@@ -107,8 +111,7 @@ class BiographyExperiment:
         out = {}
         for t in tasks:
             qa = self.qa[t]
-            res = greedy_exact_match(model, qa.prompts, qa.answers, eos_id=self.eos, pad_id=self.pad,
-                                     batch_size=self.cfg.eval.batch_size)
+            res = self._exact_match(model, qa)
             scores = {"em": res.em, "first_token": res.first_token_acc}
             for a in ATTRIBUTES:
                 hits = [ok for ok, attr in zip(res.exact, qa.attributes) if attr == a]
@@ -175,7 +178,7 @@ class BiographyExperiment:
         def prepare(model) -> dict:
             if method.name != "freeze":
                 return {"frozen": []}
-            return {"frozen": freeze_parameters(model, range(method.freeze_layers), method.freeze_embedding)}
+            return {"frozen": freeze_parameters(model, bottom_layers(method.freeze_layers), method.freeze_embedding)}
 
         stop = None
         if method.early_stop > 0:

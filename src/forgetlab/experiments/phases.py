@@ -29,7 +29,6 @@ class CachedPhase:
     rows: list[dict]
     info: dict
     model_dir: Path
-    from_cache: bool
 
 
 class PhaseStore:
@@ -47,11 +46,11 @@ class PhaseStore:
         if done.is_file():
             record = read_json(done)
             self.log(f"[{name}] cached ({folder})")
-            return CachedPhase(load_model(folder / "model"), record["rows"], record["info"], folder / "model", True)
+            return CachedPhase(load_model(folder / "model"), record["rows"], record["info"], folder / "model")
         work = folder / "work"
         work.mkdir(parents=True, exist_ok=True)
         model, rows, info = train(work)
         save_model_dir(model, tokenizer, folder / "model")
         atomic_write_json(done, {"name": name, "key": key, "rows": rows, "info": info})
         shutil.rmtree(work, ignore_errors=True)
-        return CachedPhase(model, rows, info, folder / "model", False)
+        return CachedPhase(model, rows, info, folder / "model")

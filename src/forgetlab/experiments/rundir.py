@@ -21,7 +21,6 @@ def prepare_run_dir(out: Path, cfg, *, resume: bool, overwrite: bool) -> Path:
     out = Path(out)
     if resume and overwrite:
         raise ValueError("--resume and --overwrite contradict each other; pass only one")
-    exists = out.exists() and any(out.iterdir()) if out.is_dir() else out.exists()
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a directory; choose another path")
     if resume:
@@ -34,7 +33,7 @@ def prepare_run_dir(out: Path, cfg, *, resume: bool, overwrite: bool) -> Path:
             raise ValueError(f"--resume: the run at {out} was made with a different config (differs in: {', '.join(diff)}); "
                              "use the same options or a new --out")
         return out
-    if exists:
+    if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise ValueError(f"run directory {out} already exists; pass --resume to continue it or --overwrite to replace it")
         shutil.rmtree(out)
