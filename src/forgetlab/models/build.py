@@ -71,13 +71,12 @@ def load_model(path: str | Path) -> PreTrainedModel:
 
 
 def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
-    """The model's stack of decoder layers, found structurally rather than by parameter-name substrings."""
-    base = getattr(model, "base_model", model)
-    for owner in (base, getattr(base, "model", None), getattr(base, "gpt_neox", None), getattr(base, "transformer", None)):
-        if owner is None:
-            continue
-        for name in ("layers", "h"):
-            layers = getattr(owner, name, None)
-            if isinstance(layers, torch.nn.ModuleList):
-                return layers
+    """The model's stack of decoder layers, found structurally rather than by parameter-name substrings.
+
+    The first ``ModuleList`` named ``layers`` or ``h`` anywhere in the module tree, so wrappers (PEFT,
+    multimodal shells) that nest the HF model deeper are handled without per-wrapper code.
+    """
+    for path, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and path.rsplit(".", 1)[-1] in ("layers", "h") and len(module):
+            return module
     raise ValueError(f"cannot find the decoder layers of {type(model).__name__}: expected a ModuleList named 'layers' or 'h'")

@@ -1,0 +1,157 @@
+"""Mean head activations and the causal indirect effect (CIE) of every attention head.
+
+CIE_{l,j} = P(y | counterfactual prompt, head (l,j)'s last-token output := its clean mean)
+          - P(y | counterfactual prompt), per prompt (Todd et al.; papers.md §1). Three engines:
+
+- ``naive``: one patched forward pass of the whole prompt per (layer, head) — the reference.
+- ``exact``: the same numbers from one cached counterfactual pass plus one single-token step in which
+  every (layer, head) patch is a row. Patching touches only the last position and attention is
+  causal, so every earlier position is unchanged and only the last token needs recomputing, against
+  the shared cached prefix (``forgetlab.fv.prefix_attention``). Rows are chunked to bound memory.
+- ``attribution``: first-order approximation (ā − z)·∂P/∂z from one forward and one backward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from forgetlab.fv.hooks import edit_head_inputs
+from forgetlab.fv.prefix_attention import SharedPrefix, cached_key_values, shared_prefix
+from forgetlab.fv.prompts import PromptBatch
+from forgetlab.models.adapter import ModelAdapter
+
+ENGINES = ("exact", "naive", "attribution")
+
+
+def _target_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(logits.float(), dim=-1).gather(-1, targets[:, None])[:, 0]
+
+
+@torch.no_grad()
+def mean_head_activations(adapter: ModelAdapter, batches: Iterable[PromptBatch], progress: bool = False) -> torch.Tensor:
+    """ā (n_layers, n_heads, head_dim), float32: each head's last-token output averaged over prompts."""
+    total = torch.zeros(adapter.n_layers, adapter.n_heads * adapter.head_dim, dtype=torch.float64)
+    count = 0
+
+    def read(layer: int, x: torch.Tensor) -> None:
+        total[layer] += x[:, -1].double().sum(0).cpu()
+
+    with edit_head_inputs(adapter, read):
+        for batch in tqdm(list(batches), desc="mean activations", disable=not progress, leave=False):
+            adapter.model(**batch.model_inputs())
+            count += len(batch)
+    if count == 0:
+        raise ValueError("no prompts to average head activations over")
+    return (total / count).float().view(adapter.n_layers, adapter.n_heads, adapter.head_dim)
+
+
+def causal_indirect_effect(adapter: ModelAdapter, batches: Iterable[PromptBatch], mean_acts: torch.Tensor,
+                           engine: str = "exact", max_rows: int = 4096, progress: bool = False) -> torch.Tensor:
+    """CIE per prompt, (n_prompts, n_layers, n_heads) float32, for counterfactual (shuffled-label) prompts."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown CIE engine {engine!r}; use one of {', '.join(ENGINES)}")
+    expected = (adapter.n_layers, adapter.n_heads, adapter.head_dim)
+    if tuple(mean_acts.shape) != expected:
+        raise ValueError(f"mean activations have shape {tuple(mean_acts.shape)}, but the model needs {expected}")
+    run = {"exact": _cie_exact, "naive": _cie_naive, "attribution": _cie_attribution}[engine]
+    was_training = adapter.model.training
+    adapter.model.eval()
+    try:
+        out = [run(adapter, b, mean_acts, max_rows) for b in tqdm(list(batches), desc=f"CIE ({engine})",
+                                                                  disable=not progress, leave=False)]
+    finally:
+        adapter.model.train(was_training)
+    return torch.cat(out).cpu()
+
+
+def _mean_for(mean_acts: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return mean_acts.to(device=like.device, dtype=like.dtype)
+
+
+@torch.no_grad()
+def _cie_naive(adapter: ModelAdapter, batch: PromptBatch, mean_acts: torch.Tensor, max_rows: int) -> torch.Tensor:
+    model, n_heads, d = adapter.model, adapter.n_heads, adapter.head_dim
+    base = _target_probs(model(**batch.model_inputs()).logits[:, -1], batch.targets)
+    out = torch.zeros(len(batch), adapter.n_layers, n_heads)
+    for layer in range(adapter.n_layers):
+        for head in range(n_heads):
+            def patch(l: int, x: torch.Tensor, head=head) -> torch.Tensor:
+                x = x.clone()
+                x[:, -1, head * d:(head + 1) * d] = _mean_for(mean_acts[l, head], x)
+                return x
+            with edit_head_inputs(adapter, patch, layers=[layer]):
+                logits = model(**batch.model_inputs()).logits[:, -1]
+            out[:, layer, head] = (_target_probs(logits, batch.targets) - base).cpu()
+    return out
+
+
+@torch.no_grad()
+def _cie_exact(adapter: ModelAdapter, batch: PromptBatch, mean_acts: torch.Tensor, max_rows: int) -> torch.Tensor:
+    model, n_layers, n_heads, d = adapter.model, adapter.n_layers, adapter.n_heads, adapter.head_dim
+    n_prompts = len(batch)
+    result = model(**batch.model_inputs(), use_cache=True)
+    base = _target_probs(result.logits[:, -1], batch.targets)
+    cache = getattr(result, "cache", None) or getattr(result, "past_key_values", None)
+    kv = [cached_key_values(cache, layer) for layer in range(n_layers)]
+    del result, cache
+    last_ids = batch.input_ids[:, -1:]
+    last_pos = batch.position_ids[:, -1:]
+    patches = [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
+    prompts_per_step = max(1, min(n_prompts, max_rows // len(patches)))
+    rows_per_step = min(len(patches), max(1, max_rows // prompts_per_step))
+    out = torch.zeros(n_prompts, n_layers * n_heads)
+    layer_of = adapter.layer_of()
+    for p0 in range(0, n_prompts, prompts_per_step):
+        ps = slice(p0, min(n_prompts, p0 + prompts_per_step))
+        n_p = ps.stop - ps.start
+        prefix = SharedPrefix(keys=[k[ps, :, :-1] for k, _ in kv], values=[v[ps, :, :-1] for _, v in kv],
+                              keep=batch.attention_mask[ps, :-1].bool(), layer_of=layer_of)
+        for r0 in range(0, len(patches), rows_per_step):
+            chunk = patches[r0:r0 + rows_per_step]
+            n_r = len(chunk)
+            by_layer: dict[int, tuple[list[int], list[int]]] = {}
+            for row, (layer, head) in enumerate(chunk):
+                by_layer.setdefault(layer, ([], []))
+                by_layer[layer][0].append(row)
+                by_layer[layer][1].append(head)
+
+            def patch(layer: int, x: torch.Tensor, by_layer=by_layer, n_p=n_p, n_r=n_r) -> torch.Tensor:
+                rows, heads = by_layer[layer]
+                x = x.clone()
+                view = x.view(n_p, n_r, n_heads, d)
+                view[:, rows, heads] = _mean_for(mean_acts[layer, heads], x)
+                return x
+
+            ids = last_ids[ps].repeat_interleave(n_r, dim=0)
+            pos = last_pos[ps].repeat_interleave(n_r, dim=0)
+            with shared_prefix(model, adapter, prefix), edit_head_inputs(adapter, patch, layers=sorted(by_layer)):
+                logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits[:, -1]
+            probs = _target_probs(logits, batch.targets[ps].repeat_interleave(n_r)).view(n_p, n_r)
+            out[ps, r0:r0 + n_r] = (probs - base[ps, None]).cpu()
+    return out.view(n_prompts, n_layers, n_heads)
+
+
+def _cie_attribution(adapter: ModelAdapter, batch: PromptBatch, mean_acts: torch.Tensor, max_rows: int) -> torch.Tensor:
+    model, n_heads, d = adapter.model, adapter.n_heads, adapter.head_dim
+    device = batch.input_ids.device
+    dtype = next(model.parameters()).dtype
+    probes = [torch.zeros(len(batch), n_heads * d, device=device, dtype=dtype, requires_grad=True)
+              for _ in range(adapter.n_layers)]
+    seen: dict[int, torch.Tensor] = {}
+
+    def probe(layer: int, x: torch.Tensor) -> torch.Tensor:
+        seen[layer] = x[:, -1].detach()
+        return torch.cat([x[:, :-1], (x[:, -1] + probes[layer])[:, None]], dim=1)
+
+    with torch.enable_grad(), edit_head_inputs(adapter, probe):
+        logits = model(**batch.model_inputs()).logits[:, -1]
+        total = _target_probs(logits, batch.targets).sum()
+        grads = torch.autograd.grad(total, probes)
+    out = torch.zeros(len(batch), adapter.n_layers, n_heads)
+    for layer, grad in enumerate(grads):
+        delta = _mean_for(mean_acts[layer], seen[layer]).reshape(1, -1) - seen[layer]
+        out[:, layer] = (delta.float() * grad.float()).view(len(batch), n_heads, d).sum(-1).cpu()
+    return out

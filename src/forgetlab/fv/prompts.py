@@ -1,0 +1,66 @@
+"""Prompts to token ids: the answer's first token taken *in context*, left-padded batches.
+
+The target of a prompt is the first token of ``answer_sep + answer`` as the tokenizer splits the
+whole string ``prompt + answer_sep + answer`` (a BPE tokenizer may merge differently in isolation).
+Batches are left-padded, so the last prompt token sits at position -1 of every row and positions
+count from each row's first real token, as ``generate`` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from forgetlab.fv.tasks import ICLPrompt, PromptFormat
+
+
+@dataclass
+class PromptBatch:
+    input_ids: torch.Tensor        # (B, T), left-padded
+    attention_mask: torch.Tensor   # (B, T), 1 on real tokens
+    targets: torch.Tensor          # (B,), first answer token
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        return (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+    def to(self, device: torch.device | str) -> "PromptBatch":
+        return PromptBatch(self.input_ids.to(device), self.attention_mask.to(device), self.targets.to(device))
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids}
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def encode_prompt(tokenizer, prompt: ICLPrompt, fmt: PromptFormat) -> tuple[list[int], int, list[int]]:
+    """Prompt ids, the first answer token in context, and all answer ids in context."""
+    text = fmt.text(prompt)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    full = tokenizer(text + fmt.answer_sep + prompt.answer, add_special_tokens=False)["input_ids"]
+    if full[:len(ids)] != ids or len(full) == len(ids):
+        raise ValueError(f"the tokenizer does not split {text[-40:]!r} + {prompt.answer!r} at the prompt's end; "
+                         f"use a PromptFormat whose output_prefix ends where tokens end")
+    prefix = [tokenizer.bos_token_id] if fmt.bos and tokenizer.bos_token_id is not None else []
+    return prefix + ids, full[len(ids)], full[len(ids):]
+
+
+def collate(encoded: Sequence[tuple[list[int], int]], pad_id: int) -> PromptBatch:
+    width = max(len(ids) for ids, _ in encoded)
+    input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for i, (ids, _) in enumerate(encoded):
+        input_ids[i, width - len(ids):] = torch.tensor(ids)
+        mask[i, width - len(ids):] = 1
+    return PromptBatch(input_ids, mask, torch.tensor([t for _, t in encoded], dtype=torch.long))
+
+
+def batches(tokenizer, prompts: Sequence[ICLPrompt], fmt: PromptFormat, batch_size: int,
+            device: torch.device | str = "cpu") -> Iterator[PromptBatch]:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = [encode_prompt(tokenizer, p, fmt)[:2] for p in prompts]
+    for start in range(0, len(encoded), batch_size):
+        yield collate(encoded[start:start + batch_size], pad).to(device)

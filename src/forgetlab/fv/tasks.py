@@ -1,0 +1,134 @@
+"""In-context-learning tasks: string -> string pairs, deterministic splits, k-shot prompts.
+
+The format follows Todd et al.'s function-vector code (papers.md §1): a task is a JSON array of
+``{"input", "output"}`` objects, split 70/21/9 into train/test/valid; demonstrations come from
+train and queries from valid (or any split the caller names). Prompts are data (``ICLPrompt``);
+turning them into text and token ids is ``forgetlab.fv.prompts``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+Pair = tuple[str, str]
+SPLIT_FRACTIONS = {"train": 0.70, "test": 0.21, "valid": 0.09}
+
+
+@dataclass(frozen=True)
+class ICLTask:
+    name: str
+    pairs: tuple[Pair, ...]
+
+    @classmethod
+    def from_pairs(cls, name: str, pairs: Iterable[Pair | dict]) -> "ICLTask":
+        """From ``(input, output)`` tuples or ``{"input", "output"}`` dicts (the JSON format)."""
+        out = []
+        for i, item in enumerate(pairs):
+            if isinstance(item, dict):
+                if not isinstance(item.get("input"), str) or not isinstance(item.get("output"), str):
+                    raise ValueError(f"task {name!r}: item {i} needs string fields 'input' and 'output', got {item!r}")
+                item = (item["input"], item["output"])
+            if len(item) != 2 or not all(isinstance(s, str) for s in item):
+                raise ValueError(f"task {name!r}: item {i} must be an (input, output) pair of strings, got {item!r}")
+            out.append((item[0], item[1]))
+        if not out:
+            raise ValueError(f"task {name!r} has no examples")
+        return cls(name, tuple(out))
+
+    def splits(self, seed: int = 0) -> "TaskSplits":
+        """70/21/9 train/test/valid, the same for a given seed on every machine."""
+        order = np.random.default_rng(seed).permutation(len(self.pairs))
+        n_train = int(round(SPLIT_FRACTIONS["train"] * len(order)))
+        n_test = int(round(SPLIT_FRACTIONS["test"] * len(order)))
+        pick = lambda idx: tuple(self.pairs[i] for i in idx)  # noqa: E731
+        return TaskSplits(train=pick(order[:n_train]), test=pick(order[n_train:n_train + n_test]),
+                          valid=pick(order[n_train + n_test:]))
+
+
+@dataclass(frozen=True)
+class TaskSplits:
+    train: tuple[Pair, ...]
+    test: tuple[Pair, ...]
+    valid: tuple[Pair, ...]
+
+    def split(self, name: str) -> tuple[Pair, ...]:
+        if name not in SPLIT_FRACTIONS:
+            raise ValueError(f"unknown split {name!r}; use one of {', '.join(SPLIT_FRACTIONS)}")
+        return getattr(self, name)
+
+
+def load_task(path: str | Path, name: str | None = None) -> ICLTask:
+    """Read a JSON array of ``{"input", "output"}`` objects; the task name defaults to the file stem."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"task file {path} does not exist; pass a JSON array of {{\"input\", \"output\"}} objects")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"task file {path} is not valid JSON ({err}); it must be an array of {{\"input\", \"output\"}} objects") from None
+    if not isinstance(data, list):
+        raise ValueError(f"task file {path} holds a {type(data).__name__}, not an array of {{\"input\", \"output\"}} objects")
+    return ICLTask.from_pairs(name or path.stem, data)
+
+
+@dataclass(frozen=True)
+class ICLPrompt:
+    """k demonstrations and one query; ``shuffled`` permutes the demonstration labels only."""
+
+    demos: tuple[Pair, ...]
+    query: str
+    answer: str
+
+    def shuffled(self, rng: np.random.Generator) -> "ICLPrompt":
+        labels = [y for _, y in self.demos]
+        perm = rng.permutation(len(labels))
+        return ICLPrompt(tuple((x, labels[j]) for (x, _), j in zip(self.demos, perm)), self.query, self.answer)
+
+    def zero_shot(self) -> "ICLPrompt":
+        return ICLPrompt((), self.query, self.answer)
+
+
+def sample_prompts(splits: TaskSplits, n: int, shots: int = 10, seed: int = 0, query_split: str = "valid",
+                   demo_split: str = "train", task_name: str = "task") -> list[ICLPrompt]:
+    """``n`` prompts: queries cycle through a shuffled ``query_split``; demos are drawn without replacement."""
+    queries, demos = splits.split(query_split), splits.split(demo_split)
+    if not queries:
+        raise ValueError(f"task {task_name!r} has no {query_split} examples to query; it needs more examples")
+    if len(demos) < shots + (1 if demo_split == query_split else 0):
+        raise ValueError(f"task {task_name!r} has {len(demos)} {demo_split} examples, fewer than the {shots} shots asked; "
+                         f"use --shots {max(0, len(demos) - 1)} or a bigger task")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(queries))
+    prompts = []
+    for i in range(n):
+        q = queries[order[i % len(order)]]
+        pool = [d for d in demos if d != q] if demo_split == query_split else demos
+        chosen = rng.choice(len(pool), size=shots, replace=False) if shots else []
+        prompts.append(ICLPrompt(tuple(pool[j] for j in chosen), q[0], q[1]))
+    return prompts
+
+
+def counterfactuals(prompts: Sequence[ICLPrompt], seed: int = 0) -> list[ICLPrompt]:
+    rng = np.random.default_rng(seed + 7919)
+    return [p.shuffled(rng) for p in prompts]
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """``BOS + Σ "Q: x\\nA: y\\n\\n" + "Q: x_q\\nA:"``; the answer follows ``answer_sep`` (a space)."""
+
+    input_prefix: str = field(default="Q: ", metadata={"help": "text before each input"})
+    output_prefix: str = field(default="\nA:", metadata={"help": "text between input and output"})
+    answer_sep: str = field(default=" ", metadata={"help": "text between output prefix and the output"})
+    example_sep: str = field(default="\n\n", metadata={"help": "text after each demonstration"})
+    bos: bool = field(default=True, metadata={"help": "start with the tokenizer's BOS token"})
+
+    def text(self, prompt: ICLPrompt) -> str:
+        demos = "".join(f"{self.input_prefix}{x}{self.output_prefix}{self.answer_sep}{y}{self.example_sep}"
+                        for x, y in prompt.demos)
+        return f"{demos}{self.input_prefix}{prompt.query}{self.output_prefix}"

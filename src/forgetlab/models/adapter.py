@@ -1,0 +1,97 @@
+"""One interface to the attention heads of any Hugging Face causal LM.
+
+Function-vector work needs, per decoder layer, the attention output projection and its *input*: the
+concatenated head outputs, which is where a head's activation is read and patched. The module names
+differ by architecture (``o_proj``, ``dense``, ``c_proj``, ``out_proj``), GPT-2 uses a transposed
+``Conv1D`` and PEFT wraps modules in LoRA layers, so this module finds them structurally and derives
+the head width from the projection itself (``in_features // n_heads``), never from ``hidden_size``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+from forgetlab.models.build import decoder_layers
+
+ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
+OUTPUT_PROJECTION_NAMES = ("o_proj", "dense", "c_proj", "out_proj")
+
+
+def _projection_in_features(module: torch.nn.Module) -> int | None:
+    if isinstance(getattr(module, "in_features", None), int):  # nn.Linear and PEFT LoRA layers
+        return module.in_features
+    base = getattr(module, "base_layer", None)
+    if base is not None:
+        return _projection_in_features(base)
+    weight = getattr(module, "weight", None)
+    if weight is not None and hasattr(module, "nf"):  # transformers' Conv1D stores weight as (in, out)
+        return weight.shape[0]
+    return None
+
+
+@dataclass
+class ModelAdapter:
+    """Where the heads of a model live: ``o_projs[l]`` consumes the ``n_heads * head_dim`` head outputs."""
+
+    model: PreTrainedModel
+    layers: torch.nn.ModuleList
+    attentions: list[torch.nn.Module]
+    o_projs: list[torch.nn.Module]
+    n_heads: int
+    head_dim: int
+    hidden_size: int
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    def layer_of(self) -> dict[int, int]:
+        """Map ``id(module)`` of every submodule of a decoder layer to that layer's index."""
+        return {id(m): index for index, layer in enumerate(self.layers) for m in layer.modules()}
+
+    @torch.no_grad()
+    def head_outputs_to_residual(self, layer: int, head_inputs: torch.Tensor) -> torch.Tensor:
+        """W_O · x for rows x of concatenated head outputs (no bias), through the real module.
+
+        Calling the module (minus its value at zero) handles Linear, Conv1D and merged-or-not LoRA
+        alike, so the function vector uses exactly the weights the forward pass uses.
+        """
+        proj = self.o_projs[layer]
+        x = head_inputs.to(next(proj.parameters()).dtype)
+        return proj(x) - proj(torch.zeros_like(x))
+
+
+def adapt(model: PreTrainedModel) -> ModelAdapter:
+    """Find layers, attention modules, output projections and head sizes; one clear error otherwise."""
+    name = type(model).__name__
+    try:
+        layers = decoder_layers(model)
+    except ValueError as err:
+        raise ValueError(f"{name} is not supported by the function-vector tools: {err}") from None
+    attentions, o_projs = [], []
+    for index, layer in enumerate(layers):
+        attention = next((getattr(layer, n) for n in ATTENTION_NAMES if isinstance(getattr(layer, n, None), torch.nn.Module)), None)
+        if attention is None:
+            raise ValueError(f"{name} is not supported: decoder layer {index} has no attention module named one of "
+                             f"{', '.join(ATTENTION_NAMES)}")
+        proj = next((getattr(attention, n) for n in OUTPUT_PROJECTION_NAMES if isinstance(getattr(attention, n, None), torch.nn.Module)), None)
+        if proj is None or _projection_in_features(proj) is None:
+            raise ValueError(f"{name} is not supported: the attention of layer {index} ({type(attention).__name__}) has no "
+                             f"output projection named one of {', '.join(OUTPUT_PROJECTION_NAMES)}")
+        attentions.append(attention)
+        o_projs.append(proj)
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n_heads = next((getattr(config, n) for n in ("num_attention_heads", "n_head", "num_heads") if isinstance(getattr(config, n, None), int)), None)
+    if n_heads is None:
+        raise ValueError(f"{name} is not supported: its config names no num_attention_heads / n_head")
+    in_features = _projection_in_features(o_projs[0])
+    if in_features % n_heads:
+        raise ValueError(f"{name}: the attention output projection takes {in_features} features, not a multiple of "
+                         f"{n_heads} heads")
+    hidden = model.get_input_embeddings().embedding_dim
+    return ModelAdapter(model=model, layers=layers, attentions=attentions, o_projs=o_projs, n_heads=n_heads,
+                        head_dim=in_features // n_heads, hidden_size=hidden)
+
