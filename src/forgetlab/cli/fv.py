@@ -1,0 +1,129 @@
+"""``forgetlab fv``: function vectors of any local Hugging Face causal LM (Todd et al.; Jiang et al.)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from forgetlab.cli.errors import user_errors
+
+app = typer.Typer(help="Function vectors: causal indirect effect, top heads, vectors, interventions.", no_args_is_help=True)
+console = Console()
+
+ModelDir = Annotated[Path, typer.Option("--model", help="local HF checkpoint directory (with its tokenizer)")]
+TaskFile = Annotated[Path, typer.Option("--task", help='JSON array of {"input", "output"} objects')]
+Out = Annotated[Path, typer.Option("--out", help="output directory")]
+Device = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")]
+Dtype = Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16")]
+Seed = Annotated[int, typer.Option(help="splits, demonstrations and label shuffles")]
+Shots = Annotated[int, typer.Option(help="demonstrations per prompt")]
+BatchSize = Annotated[int, typer.Option(help="prompts per forward pass")]
+Progress = Annotated[bool, typer.Option(help="show progress bars")]
+
+
+def load_for_fv(model_dir: Path, device: str, dtype: str):
+    """Model (eval mode) and tokenizer from one local directory; one clear error if it is not one."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"--model {model_dir} has no config.json; pass a Hugging Face checkpoint directory")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    if dtype not in dtypes:
+        raise ValueError(f"--dtype {dtype} is unknown; use auto, {', '.join(dtypes)}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--model {model_dir} has no loadable tokenizer ({err}); save the tokenizer beside the model") from None
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtypes[dtype]).to(device).eval()
+    return model, tokenizer
+
+
+@app.command()
+@user_errors
+def extract(
+    model: ModelDir,
+    task: TaskFile,
+    out: Out,
+    engine: Annotated[str, typer.Option(help="exact (default, exact and fast) | naive (reference) | attribution (approximate)")] = "exact",
+    n_prompts: Annotated[int, typer.Option(help="clean prompts for the mean head activations")] = 100,
+    n_cie_prompts: Annotated[int, typer.Option(help="shuffled-label prompts the CIE is averaged over")] = 25,
+    shots: Shots = 10,
+    top_k: Annotated[int, typer.Option(help="heads in the function vector")] = 10,
+    seed: Seed = 0,
+    batch_size: BatchSize = 16,
+    max_rows: Annotated[int, typer.Option(help="exact engine: patched rows per step (lower it if memory runs out)")] = 8192,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    progress: Progress = True,
+) -> None:
+    """Compute the CIE of every head, the top heads and the task's function vector."""
+    from forgetlab.fv.extract import FVSettings, extract_function_vector
+    from forgetlab.fv.tasks import load_task
+    from forgetlab.models.adapter import adapt
+
+    icl_task = load_task(task)
+    settings = FVSettings(engine=engine, n_prompts=n_prompts, n_cie_prompts=n_cie_prompts, shots=shots, top_k=top_k,
+                          seed=seed, batch_size=batch_size, max_rows=max_rows)
+    lm, tokenizer = load_for_fv(model, device, dtype)
+    result = extract_function_vector(adapt(lm), tokenizer, icl_task, settings, progress=progress, model_name=str(model))
+    result.save(out)
+    table = Table(title=f"{icl_task.name}: top {top_k} heads ({engine} CIE, {result.seconds:.2f} s)")
+    for col in ("rank", "layer", "head", "mean CIE"):
+        table.add_column(col, justify="right")
+    cie = result.cie
+    for rank, (layer, head) in enumerate(result.top_heads, 1):
+        table.add_row(str(rank), str(layer), str(head), f"{cie[layer, head]:.4f}")
+    console.print(table)
+    console.print(f"wrote {out}/fv.json, fv.safetensors, cie_heatmap.png")
+
+
+@app.command()
+@user_errors
+def evaluate(
+    model: ModelDir,
+    task: TaskFile,
+    fv: Annotated[Path, typer.Option("--fv", help="directory written by `forgetlab fv extract`")],
+    out: Out,
+    layer: Annotated[Optional[int], typer.Option(help="edit layer for the generation scores [default: best of the sweep]")] = None,
+    alpha: Annotated[float, typer.Option(help="scale of the added vector; negative subtracts it")] = 1.0,
+    n_prompts: Annotated[int, typer.Option(help="test queries")] = 50,
+    shots: Shots = 10,
+    seed: Seed = 0,
+    batch_size: BatchSize = 16,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+) -> None:
+    """Zero-shot and shuffled few-shot accuracy with and without the function vector, swept over layers."""
+    from forgetlab.fv.evaluate import FVEvalSettings, evaluate_function_vector
+    from forgetlab.fv.extract import FunctionVectorResult
+    from forgetlab.fv.tasks import load_task
+    from forgetlab.models.adapter import adapt
+    from forgetlab.report.fv import plot_layer_sweep
+    from forgetlab.utils.io import atomic_write_json
+
+    icl_task = load_task(task)
+    saved = FunctionVectorResult.load(fv)
+    lm, tokenizer = load_for_fv(model, device, dtype)
+    settings = FVEvalSettings(n_prompts=n_prompts, shots=shots, layer=layer, alpha=alpha, seed=seed, batch_size=batch_size)
+    result = evaluate_function_vector(adapt(lm), tokenizer, icl_task, saved.vector, settings)
+    result["fv"] = str(fv)
+    atomic_write_json(out / "fv_eval.json", result)
+    plot_layer_sweep(result["zero_shot_fv_top1_by_layer"], result["zero_shot"]["top1"], out / "fv_layer_sweep.png",
+                     title=f"{icl_task.name}: zero-shot + FV")
+    table = Table(title=f"{icl_task.name}: function vector at layer {result['edit_layer']} (alpha {alpha})")
+    for col in ("prompt", "top-1 first token", "generated match"):
+        table.add_column(col, justify="right" if col != "prompt" else "left")
+    for key, label in (("few_shot", f"{shots}-shot"), ("zero_shot", "zero-shot"), ("zero_shot_fv", "zero-shot + FV"),
+                       ("shuffled", f"shuffled {shots}-shot"), ("shuffled_fv", f"shuffled {shots}-shot + FV")):
+        table.add_row(label, f"{result[key]['top1']:.3f}", f"{result[key]['string_match']:.3f}")
+    console.print(table)
+    console.print(f"wrote {out}/fv_eval.json, fv_layer_sweep.png")
