@@ -81,7 +81,7 @@ def extract(
         table.add_column(col, justify="right")
     cie = result.cie
     for rank, (layer, head) in enumerate(result.top_heads, 1):
-        table.add_row(str(rank), str(layer), str(head), f"{cie[layer, head]:.4f}")
+        table.add_row(str(rank), str(layer), str(head), f"{cie[layer, head]:.3g}")
     console.print(table)
     console.print(f"wrote {out}/fv.json, fv.safetensors, cie_heatmap.png")
 

@@ -18,6 +18,7 @@ from forgetlab.models.build import decoder_layers
 
 ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
 OUTPUT_PROJECTION_NAMES = ("o_proj", "dense", "c_proj", "out_proj")
+FINAL_NORM_NAMES = ("norm", "final_layer_norm", "ln_f", "final_layernorm")
 
 
 def _projection_in_features(module: torch.nn.Module) -> int | None:
@@ -43,6 +44,7 @@ class ModelAdapter:
     n_heads: int
     head_dim: int
     hidden_size: int
+    final_norm: torch.nn.Module | None = None  # after the last layer, before the unembedding (None: not found)
 
     @property
     def n_layers(self) -> int:
@@ -93,5 +95,12 @@ def adapt(model: PreTrainedModel) -> ModelAdapter:
                          f"{n_heads} heads")
     hidden = model.get_input_embeddings().embedding_dim
     return ModelAdapter(model=model, layers=layers, attentions=attentions, o_projs=o_projs, n_heads=n_heads,
-                        head_dim=in_features // n_heads, hidden_size=hidden)
+                        head_dim=in_features // n_heads, hidden_size=hidden, final_norm=_final_norm(model, layers))
+
+
+def _final_norm(model: PreTrainedModel, layers: torch.nn.ModuleList) -> torch.nn.Module | None:
+    """The norm that the module owning the layer stack applies after it (``norm``, ``ln_f``, ...)."""
+    path = next(name for name, module in model.named_modules() if module is layers)
+    owner = model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model
+    return next((getattr(owner, n) for n in FINAL_NORM_NAMES if isinstance(getattr(owner, n, None), torch.nn.Module)), None)
 
