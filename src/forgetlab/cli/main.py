@@ -5,13 +5,14 @@ from __future__ import annotations
 import typer
 from transformers.utils import logging as hf_logging
 
-from forgetlab.cli import biography, fv
+from forgetlab.cli import biography, fv, icl_world
 
 app = typer.Typer(help="Measure, explain and prevent forgetting in continual learning of language models.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 hf_logging.disable_progress_bar()  # weight loading/saving bars drown the training log
 app.add_typer(biography.app, name="biography")
 app.add_typer(fv.app, name="fv")
+app.add_typer(icl_world.app, name="icl-world")
 
 
 def main() -> None:

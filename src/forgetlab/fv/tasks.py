@@ -23,9 +23,10 @@ SPLIT_FRACTIONS = {"train": 0.70, "test": 0.21, "valid": 0.09}
 class ICLTask:
     name: str
     pairs: tuple[Pair, ...]
+    instruction: str = ""  # one sentence saying what the task is (zero-shot-with-instruction prompts)
 
     @classmethod
-    def from_pairs(cls, name: str, pairs: Iterable[Pair | dict]) -> "ICLTask":
+    def from_pairs(cls, name: str, pairs: Iterable[Pair | dict], instruction: str = "") -> "ICLTask":
         """From ``(input, output)`` tuples or ``{"input", "output"}`` dicts (the JSON format)."""
         out = []
         for i, item in enumerate(pairs):
@@ -38,7 +39,7 @@ class ICLTask:
             out.append((item[0], item[1]))
         if not out:
             raise ValueError(f"task {name!r} has no examples")
-        return cls(name, tuple(out))
+        return cls(name, tuple(out), instruction)
 
     def splits(self, seed: int = 0) -> "TaskSplits":
         """70/21/9 train/test/valid, the same for a given seed on every machine."""
@@ -78,19 +79,26 @@ def load_task(path: str | Path, name: str | None = None) -> ICLTask:
 
 @dataclass(frozen=True)
 class ICLPrompt:
-    """k demonstrations and one query; ``shuffled`` permutes the demonstration labels only."""
+    """k demonstrations and one query, optionally after an instruction sentence."""
 
     demos: tuple[Pair, ...]
     query: str
     answer: str
+    instruction: str = ""
 
     def shuffled(self, rng: np.random.Generator) -> "ICLPrompt":
+        """The counterfactual: demonstration labels permuted, query and answer unchanged."""
         labels = [y for _, y in self.demos]
         perm = rng.permutation(len(labels))
-        return ICLPrompt(tuple((x, labels[j]) for (x, _), j in zip(self.demos, perm)), self.query, self.answer)
+        return ICLPrompt(tuple((x, labels[j]) for (x, _), j in zip(self.demos, perm)), self.query, self.answer,
+                         self.instruction)
 
     def zero_shot(self) -> "ICLPrompt":
+        """The bare query: no demonstrations, no instruction."""
         return ICLPrompt((), self.query, self.answer)
+
+    def with_instruction(self, instruction: str) -> "ICLPrompt":
+        return ICLPrompt(self.demos, self.query, self.answer, instruction)
 
 
 def sample_prompts(splits: TaskSplits, n: int, shots: int = 10, seed: int = 0, query_split: str = "valid",
@@ -126,9 +134,11 @@ class PromptFormat:
     output_prefix: str = field(default="\nA:", metadata={"help": "text between input and output"})
     answer_sep: str = field(default=" ", metadata={"help": "text between output prefix and the output"})
     example_sep: str = field(default="\n\n", metadata={"help": "text after each demonstration"})
+    instruction_sep: str = field(default="\n", metadata={"help": "text after an instruction sentence"})
     bos: bool = field(default=True, metadata={"help": "start with the tokenizer's BOS token"})
 
     def text(self, prompt: ICLPrompt) -> str:
+        head = f"{prompt.instruction}{self.instruction_sep}" if prompt.instruction else ""
         demos = "".join(f"{self.input_prefix}{x}{self.output_prefix}{self.answer_sep}{y}{self.example_sep}"
                         for x, y in prompt.demos)
-        return f"{demos}{self.input_prefix}{prompt.query}{self.output_prefix}"
+        return f"{head}{demos}{self.input_prefix}{prompt.query}{self.output_prefix}"
