@@ -172,6 +172,20 @@ def _derangement(rng: np.random.Generator, n: int) -> np.ndarray:
             return perm
 
 
+def _distinct_lists(rng: np.random.Generator, words: list[str], n: int, length) -> list[list[str]]:
+    """``n`` different lists of distinct words (a task maps each input to one output)."""
+    seen: set[tuple[str, ...]] = set()
+    out: list[list[str]] = []
+    for _ in range(50 * n):
+        item = tuple(words[i] for i in rng.choice(len(words), size=length(), replace=False))
+        if item not in seen:
+            seen.add(item)
+            out.append(list(item))
+            if len(out) == n:
+                break
+    return out
+
+
 def generate_icl_world(config: ICLWorldConfig = ICLWorldConfig()) -> ICLWorld:
     config.validate()
     rng = np.random.default_rng(config.seed)
@@ -220,15 +234,13 @@ def generate_icl_world(config: ICLWorldConfig = ICLWorldConfig()) -> ICLWorld:
         [(a, letters[(i - 1) % 26]) for i, a in enumerate(letters)])
     add("upper_letter", "string", "general", "Write the letter in upper case .", [(a, a.upper()) for a in letters])
     # lists of three words
-    triples = [tuple(rng.choice(len(words), size=3, replace=False)) for _ in range(config.n_list_pairs)]
-    lists = [[words[i] for i in t] for t in triples]
+    lists = _distinct_lists(rng, words, config.n_list_pairs, lambda: 3)
     add("pick_first", "list", "general", "Pick the first word of the list .", [(" ".join(l), l[0]) for l in lists])
     add("pick_middle", "list", "general", "Pick the middle word of the list .", [(" ".join(l), l[1]) for l in lists])
     add("pick_last", "list", "general", "Pick the last word of the list .", [(" ".join(l), l[2]) for l in lists])
     add("pick_alpha_first", "list", "general", "Pick the word of the list that comes first in the alphabet .",
         [(" ".join(l), min(l)) for l in lists])
-    counts = [[words[i] for i in rng.choice(len(words), size=int(rng.integers(1, config.max_count + 1)), replace=False)]
-              for _ in range(config.n_list_pairs)]
+    counts = _distinct_lists(rng, words, config.n_list_pairs, lambda: int(rng.integers(1, config.max_count + 1)))
     add("count_words", "list", "general", "Count the words of the list .", [(" ".join(c), numbers[len(c)]) for c in counts])
     # arithmetic modulo m
     m = config.modulus

@@ -1,0 +1,85 @@
+"""The ICL-world build: episode tokens, the corpus labels, and the smoke build end to end."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from forgetlab.experiments.icl_world import (ICLCorpusConfig, episode_tokens, pretraining_data, preset_config,
+                                             world_tokenizer)
+from forgetlab.fv.prompts import encode_prompt
+from forgetlab.fv.tasks import ICLPrompt, PromptFormat
+from forgetlab.train.data import IGNORE
+from forgetlab.worlds.icl import generate_icl_world
+
+KINDS = ["ten_shot", "zero_shot_instruction", "zero_shot_bare", "shuffled_ten_shot", "fv_zero_shot", "fv_shuffled_ten_shot"]
+
+
+@pytest.fixture(scope="module")
+def small():
+    cfg = preset_config("smoke")
+    world = generate_icl_world(cfg.world)
+    return cfg, world, world_tokenizer(world)
+
+
+def test_episode_ids_equal_the_tokenized_prompt_text(small):
+    cfg, world, tok = small
+    task = world.task("pick_first")
+    pairs = list(task.pairs[:3])
+    ids, mask = episode_tokens(task, pairs, tok.get_vocab(), instruction=True, label_first=True)
+    prompt = ICLPrompt(tuple(pairs[:2]), pairs[2][0], pairs[2][1], task.instruction)
+    prompt_ids, target, _ = encode_prompt(tok, prompt, PromptFormat())
+    assert ids[:len(prompt_ids)] == prompt_ids            # evaluation prompts are exactly the training text
+    assert ids[len(prompt_ids)] == target
+    labelled = [tok.convert_ids_to_tokens(i) for i, m in zip(ids, mask) if m]
+    assert labelled == [w for _, y in pairs for w in (*y.split(), "\n")]
+
+
+def test_icl_episodes_do_not_label_the_first_answer(small):
+    cfg, world, tok = small
+    task = world.task("add_1")
+    ids, mask = episode_tokens(task, list(task.pairs[:2]), tok.get_vocab(), instruction=False, label_first=False)
+    labelled = [tok.convert_ids_to_tokens(i) for i, m in zip(ids, mask) if m]
+    assert labelled == [task.pairs[1][1], "\n"]
+
+
+def test_corpus_rows_and_labels(small):
+    cfg, world, tok = small
+    data = pretraining_data(world, tok, ICLCorpusConfig(block_size=64), 5000, seed=0)
+    assert data.input_ids.shape[1] == 64 and data.input_ids.numel() <= 5000 + 64
+    on = data.labels != IGNORE
+    assert 0.05 < on.float().mean() < 0.5
+    assert torch.equal(data.labels[on], data.input_ids[on])
+    test_pairs = {p for t in world.role("general") if t.family == "arithmetic" for p in t.splits(world.config.seed).test}
+    text = " ".join(tok.convert_ids_to_tokens(data.input_ids.flatten().tolist()))
+    for x, y in test_pairs:  # held-out arithmetic facts never appear as Q/A pairs
+        assert f"Q : {x} \n A : {y}" not in text
+
+
+@pytest.mark.slow
+def test_smoke_build_end_to_end(tmp_path):
+    out = tmp_path / "icl"
+    proc = subprocess.run([sys.executable, "-m", "forgetlab.cli", "icl-world", "build", "--preset", "smoke", "--out", str(out),
+                           "--no-progress"], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    assert model.config.num_hidden_layers == 2 and tok.pad_token and tok.eos_token
+    card = json.loads((out / "model" / "forgetlab_card.json").read_text())
+    assert card["config"]["preset"] == "smoke" and card["training_tokens"] > 0
+    world = json.loads((out / "world.json").read_text())
+    assert {"tasks", "sequences", "config"} <= set(world) and world["tasks"][0]["splits"]["train"]
+    results = json.loads((out / "eval.json").read_text())
+    general = [t["name"] for t in world["tasks"] if t["role"] == "general"]
+    assert sorted(results["tasks"]) == sorted(general)
+    for scores in [*results["tasks"].values(), results["mean"]]:
+        for kind in KINDS:
+            assert 0.0 <= scores[kind] <= 1.0
+    assert (out / "fv" / general[0] / "fv.json").is_file()
+    again = subprocess.run([sys.executable, "-m", "forgetlab.cli", "icl-world", "build", "--preset", "smoke", "--out", str(out)],
+                           capture_output=True, text=True)
+    assert again.returncode == 2 and "already exists" in again.stderr

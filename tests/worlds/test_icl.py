@@ -1,0 +1,86 @@
+"""The ICL task world: well-formed tasks, disjoint splits, roles, sequences, determinism."""
+
+from collections import Counter
+
+import pytest
+
+from forgetlab.worlds.icl import FAMILIES, ICLWorld, ICLWorldConfig, generate_icl_world
+
+
+@pytest.fixture(scope="module")
+def world():
+    return generate_icl_world(ICLWorldConfig(seed=3))
+
+
+def test_at_least_forty_tasks_in_every_family_with_both_roles(world):
+    assert len(world.tasks) >= 40
+    assert len({t.name for t in world.tasks}) == len(world.tasks)
+    families = Counter(t.family for t in world.tasks)
+    assert set(families) == set(FAMILIES)
+    assert len(world.role("general")) >= 30 and len(world.role("new")) >= 10
+    assert any(not t.shared_inputs for t in world.role("general")) and any(t.shared_inputs for t in world.role("general"))
+
+
+def test_tasks_are_functions_with_enough_pairs_for_ten_shots(world):
+    for task in world.tasks:
+        inputs = [x for x, _ in task.pairs]
+        assert len(set(inputs)) == len(inputs), task.name  # one output per input
+        assert all(x and y and x.strip() == x for x, y in task.pairs)
+        splits = task.splits(world.config.seed)
+        assert len(splits.train) >= 10 and splits.test, task.name
+        assert task.instruction.endswith(".")
+
+
+def test_known_rules_hold(world):
+    pairs = dict(world.task("add_3").pairs)
+    assert pairs["eighteen"] == "one" and pairs["zero"] == "three"  # modulo 20
+    assert dict(world.task("sub_1").pairs)["zero"] == "nineteen"
+    for x, y in world.task("reverse").pairs:
+        assert y == x[::-1] and y != x
+    for x, y in world.task("pick_alpha_first").pairs:
+        assert y == min(x.split())
+    for x, y in world.task("count_words").pairs:
+        assert world.task("add_1").pairs[len(x.split()) - 1][1] == y  # number word of the list length
+    red = dict(world.task("partner_red").pairs)
+    assert sorted(red) == sorted(red.values()) and all(k != v for k, v in red.items())  # a derangement
+    for x, y in world.task("first_letter_of_partner_red").pairs:
+        assert y == red[x][0]
+
+
+def test_splits_are_disjoint_and_cover_the_pairs(world):
+    for task in world.tasks:
+        s = task.splits(world.config.seed)
+        sets = [set(s.train), set(s.test), set(s.valid)]
+        assert sum(map(len, sets)) == len(task.pairs)
+        assert not (sets[0] & sets[1]) and not (sets[0] & sets[2]) and not (sets[1] & sets[2])
+
+
+def test_rule_tasks_keep_test_pairs_out_of_pretraining(world):
+    for task in world.role("general"):
+        seen = set(task.pretraining_pairs(world.config.seed))
+        test = set(task.splits(world.config.seed).test)
+        if task.family in ("list", "arithmetic"):
+            assert not seen & test, task.name
+        else:
+            assert seen == set(task.pairs)
+
+
+def test_sequences_hold_new_tasks_only(world):
+    new = {t.name for t in world.role("new")}
+    assert len(world.sequences) == 3
+    for seq in world.sequences:
+        assert len(seq) == 5 and len(set(seq)) == 5 and set(seq) <= new
+
+
+def test_deterministic_and_round_trips(world, tmp_path):
+    again = generate_icl_world(ICLWorldConfig(seed=3))
+    assert again.to_json() == world.to_json()
+    assert generate_icl_world(ICLWorldConfig(seed=4)).to_json() != world.to_json()
+    world.write(tmp_path / "world.json")
+    assert ICLWorld.read(tmp_path / "world.json").to_json() == world.to_json()
+
+
+@pytest.mark.parametrize("field,value", [("n_words", 5), ("modulus", 50), ("max_count", 30), ("n_kind_tasks", 0)])
+def test_bad_sizes_are_rejected_with_the_field_named(field, value):
+    with pytest.raises(ValueError, match=field):
+        generate_icl_world(ICLWorldConfig(**{field: value}))
