@@ -1,0 +1,104 @@
+"""Instruction tasks and task sequences for continual instruction tuning, from two sources.
+
+The same ``InstructionTask`` (a definition plus instances with one or more reference outputs) comes
+from the synthetic ICL world (its *new* tasks and sequences) or from natural-instructions task files
+(``tasks/<name>.json`` of the SuperNI release, papers.md §2), so one training/evaluation path serves
+the offline default and the real benchmark (NI-Seq-G1/C1/M1).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from forgetlab.worlds.icl import ICLWorld, WorldTask
+
+# papers.md §2, upstream SuperNI file names, in training order.
+NI_SEQUENCES: dict[str, tuple[str, ...]] = {
+    "NI-Seq-G1": ("task618_amazonreview_summary_text_generation", "task1290_xsum_summarization",
+                  "task589_amazonfood_summary_text_generation", "task511_reddit_tifu_long_text_summarization",
+                  "task1357_xlsum_summary_generation"),
+    "NI-Seq-C1": ("task195_sentiment140_classification", "task1343_amazon_us_reviews_rating",
+                  "task1310_amazonreview_rating_classification", "task1292_yelp_review_full_text_categorization",
+                  "task363_sst2_polarity_classification"),
+    "NI-Seq-M1": ("task360_spolin_yesand_response_generation", "task363_sst2_polarity_classification",
+                  "task1290_xsum_summarization", "task339_record_answer_generation",
+                  "task1510_evalution_relation_extraction"),
+}
+NI_GENERAL_TASKS = ("task1389_hellaswag_completion", "task073_commonsenseqa_answer_generation",
+                    "task1286_openbookqa_question_answering", "task582_naturalquestion_answer_generation")
+
+
+@dataclass(frozen=True)
+class InstructionTask:
+    name: str
+    definition: str
+    instances: tuple[tuple[str, tuple[str, ...]], ...]  # (input, reference outputs)
+    examples: tuple[tuple[str, str], ...] = ()          # worked examples (NI "Positive Examples")
+
+    def split(self, n_train: int = 1000, n_test: int = 100) -> tuple[list, list]:
+        """The last ``n_test`` instances are the test set (papers.md §2); training takes the first ``n_train``."""
+        if len(self.instances) <= n_test:
+            raise ValueError(f"task {self.name!r} has {len(self.instances)} instances, not more than the {n_test} held out "
+                             "for test; lower the test size or use a bigger task")
+        train = list(self.instances[:len(self.instances) - n_test])[:n_train]
+        return train, list(self.instances[-n_test:])
+
+
+def from_world_task(task: WorldTask, seed: int) -> InstructionTask:
+    """A world task as an instruction task: train pairs first, then valid, then the test pairs last."""
+    s = task.splits(seed)
+    ordered = list(s.train) + list(s.valid) + list(s.test)
+    return InstructionTask(task.name, task.instruction, tuple((x, (y,)) for x, y in ordered))
+
+
+def world_sequence(world: ICLWorld, index: int) -> list[InstructionTask]:
+    if not 0 <= index < len(world.sequences):
+        raise ValueError(f"the ICL world has sequences 0..{len(world.sequences) - 1}, not {index}")
+    return [from_world_task(world.task(name), world.config.seed) for name in world.sequences[index]]
+
+
+def _require(data: dict, key: str, kind: type, path: Path):
+    if key not in data or not isinstance(data[key], kind):
+        raise ValueError(f"{path}: natural-instructions task files need a {kind.__name__} field {key!r}")
+    return data[key]
+
+
+def load_ni_task(path: str | Path) -> InstructionTask:
+    """One natural-instructions task file (``Definition``, ``Positive Examples``, ``Instances``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"natural-instructions task file {path} does not exist")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a natural-instructions task file is one JSON object, not a {type(data).__name__}")
+    definition = _require(data, "Definition", list, path)
+    instances = []
+    for i, inst in enumerate(_require(data, "Instances", list, path)):
+        outputs = inst.get("output") if isinstance(inst, dict) else None
+        if isinstance(outputs, str):
+            outputs = [outputs]
+        if not isinstance(inst, dict) or not isinstance(inst.get("input"), str) or not outputs:
+            raise ValueError(f"{path}: instance {i} needs an 'input' string and a non-empty 'output' list")
+        instances.append((inst["input"], tuple(str(o) for o in outputs)))
+    examples = tuple((e["input"], e["output"]) for e in data.get("Positive Examples", [])
+                     if isinstance(e, dict) and isinstance(e.get("input"), str) and isinstance(e.get("output"), str))
+    return InstructionTask(path.stem, " ".join(definition).strip(), tuple(instances), examples)
+
+
+def ni_sequence(tasks_dir: str | Path, names: str | list[str] | tuple[str, ...]) -> list[InstructionTask]:
+    """A named sequence (``NI-Seq-G1`` ...) or a list of task names, read from a local ``tasks/`` folder."""
+    if isinstance(names, str):
+        if names not in NI_SEQUENCES:
+            raise ValueError(f"unknown sequence {names!r}; use one of {', '.join(NI_SEQUENCES)} or a list of task names")
+        names = NI_SEQUENCES[names]
+    tasks_dir = Path(tasks_dir)
+    missing = [n for n in names if not (tasks_dir / f"{n}.json").is_file()]
+    if missing:
+        raise FileNotFoundError(f"{tasks_dir} lacks {', '.join(f'{n}.json' for n in missing)}; point to the tasks/ folder "
+                                "of a natural-instructions checkout")
+    return [load_ni_task(tasks_dir / f"{n}.json") for n in names]

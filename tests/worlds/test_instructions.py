@@ -1,0 +1,67 @@
+"""Instruction tasks from the ICL world and from natural-instructions files (fixtures in that format)."""
+
+import json
+
+import pytest
+
+from forgetlab.worlds.icl import ICLWorldConfig, generate_icl_world
+from forgetlab.worlds.instructions import NI_SEQUENCES, load_ni_task, ni_sequence, world_sequence
+
+
+def ni_file(folder, name, n=150, outputs=("yes",)):
+    data = {"Contributors": ["fixture"], "Source": ["fixture"], "Categories": ["Sentiment Analysis"],
+            "Definition": ["Decide if the review is positive.", "Answer yes or no."],
+            "Positive Examples": [{"input": "great", "output": "yes", "explanation": "praise"}],
+            "Negative Examples": [{"input": "bad", "output": "maybe", "explanation": "not an option"}],
+            "Instances": [{"id": f"{name}-{i}", "input": f"review {i}", "output": list(outputs)} for i in range(n)]}
+    (folder / f"{name}.json").write_text(json.dumps(data))
+
+
+def test_ni_file_is_read_with_all_references_and_last_hundred_for_test(tmp_path):
+    ni_file(tmp_path, "task001_fixture", n=150, outputs=("yes", "Yes"))
+    task = load_ni_task(tmp_path / "task001_fixture.json")
+    assert task.name == "task001_fixture"
+    assert task.definition == "Decide if the review is positive. Answer yes or no."
+    assert task.instances[0] == ("review 0", ("yes", "Yes")) and task.examples == (("great", "yes"),)
+    train, test = task.split(n_train=30, n_test=100)
+    assert [x for x, _ in test] == [f"review {i}" for i in range(50, 150)]
+    assert [x for x, _ in train] == [f"review {i}" for i in range(30)]
+    with pytest.raises(ValueError, match="not more than the 200"):
+        task.split(n_test=200)
+
+
+def test_named_sequence_reads_the_upstream_files_in_order(tmp_path):
+    for name in NI_SEQUENCES["NI-Seq-C1"]:
+        ni_file(tmp_path, name)
+    tasks = ni_sequence(tmp_path, "NI-Seq-C1")
+    assert [t.name for t in tasks] == list(NI_SEQUENCES["NI-Seq-C1"])
+    assert tasks[0].name == "task195_sentiment140_classification"
+
+
+def test_missing_or_malformed_files_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="task618_amazonreview_summary_text_generation.json"):
+        ni_sequence(tmp_path, "NI-Seq-G1")
+    with pytest.raises(ValueError, match="unknown sequence"):
+        ni_sequence(tmp_path, "NI-Seq-X9")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_ni_task(tmp_path / "bad.json")
+    (tmp_path / "nodef.json").write_text(json.dumps({"Instances": []}))
+    with pytest.raises(ValueError, match="Definition"):
+        load_ni_task(tmp_path / "nodef.json")
+    (tmp_path / "noout.json").write_text(json.dumps({"Definition": ["x"], "Instances": [{"input": "a", "output": []}]}))
+    with pytest.raises(ValueError, match="instance 0"):
+        load_ni_task(tmp_path / "noout.json")
+
+
+def test_world_sequences_become_instruction_tasks_with_test_pairs_last():
+    world = generate_icl_world(ICLWorldConfig(seed=1))
+    seq = world_sequence(world, 2)
+    assert [t.name for t in seq] == world.sequences[2]
+    task = seq[0]
+    splits = world.task(task.name).splits(1)
+    _, test = task.split(n_test=len(splits.test))
+    assert [(x, y[0]) for x, y in test] == list(splits.test)
+    assert task.definition == world.task(task.name).instruction
+    with pytest.raises(ValueError, match="sequences 0..2"):
+        world_sequence(world, 3)
