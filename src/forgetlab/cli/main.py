@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from transformers.utils import logging as hf_logging
 
-from forgetlab.cli import biography, fv, icl_world
+from forgetlab.cli import analyze, biography, fv, icl_world
 
 app = typer.Typer(help="Measure, explain and prevent forgetting in continual learning of language models.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -13,6 +13,7 @@ hf_logging.disable_progress_bar()  # weight loading/saving bars drown the traini
 app.add_typer(biography.app, name="biography")
 app.add_typer(fv.app, name="fv")
 app.add_typer(icl_world.app, name="icl-world")
+app.add_typer(analyze.app, name="analyze")
 
 
 def main() -> None:

@@ -51,14 +51,20 @@ def greedy_exact_match(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
     return QAResult(out_exact, out_first)
 
 
-def _decide_batch(model, prompts, targets, pad_id, device) -> tuple[list[bool], list[bool]]:
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask), left-padded so every row's last token sits in the last column."""
     n, width = len(prompts), max(len(p) for p in prompts)
     ids = torch.full((n, width), pad_id, dtype=torch.long)
     mask = torch.zeros((n, width), dtype=torch.long)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(list(p))
+        ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
         mask[i, width - len(p):] = 1
-    ids, mask = ids.to(device), mask.to(device)
+    return ids, mask
+
+
+def _decide_batch(model, prompts, targets, pad_id, device) -> tuple[list[bool], list[bool]]:
+    n = len(prompts)
+    ids, mask = (t.to(device) for t in left_pad(prompts, pad_id))
     max_len = max(len(t) for t in targets)
     target = torch.full((n, max_len), -1, dtype=torch.long, device=device)
     for i, t in enumerate(targets):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from forgetlab.eval.exact_match import left_pad
 from forgetlab.fv.tasks import ICLPrompt, PromptFormat
 
 
@@ -49,12 +50,7 @@ def encode_prompt(tokenizer, prompt: ICLPrompt, fmt: PromptFormat) -> tuple[list
 
 
 def collate(encoded: Sequence[tuple[list[int], int]], pad_id: int) -> PromptBatch:
-    width = max(len(ids) for ids, _ in encoded)
-    input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    for i, (ids, _) in enumerate(encoded):
-        input_ids[i, width - len(ids):] = torch.tensor(ids)
-        mask[i, width - len(ids):] = 1
+    input_ids, mask = left_pad([ids for ids, _ in encoded], pad_id)
     return PromptBatch(input_ids, mask, torch.tensor([t for _, t in encoded], dtype=torch.long))
 
 

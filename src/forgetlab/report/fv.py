@@ -24,7 +24,7 @@ def plot_cie_heatmap(cie: torch.Tensor, heads: Sequence[tuple[int, int]], path: 
     ax.set_ylabel("layer")
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label="mean causal indirect effect")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_layer_sweep(accuracy_by_layer: Sequence[float], baseline: float, path: Path, title: str) -> None:
@@ -36,10 +36,10 @@ def plot_layer_sweep(accuracy_by_layer: Sequence[float], baseline: float, path: 
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(title)
     ax.legend()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
     """Write the PNG beside its final name, then rename: a reader never sees half a figure."""
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

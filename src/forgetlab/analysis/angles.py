@@ -1,0 +1,95 @@
+"""Weight-update angles: does phase B update the same subspace as phase A did? (SF paper, papers.md §3)
+
+For each weight matrix, ΔA = W(a2) − W(a1) and ΔB = W(b2) − W(b1); the effective rank r of a Δ is the
+smallest k whose top-k singular values hold ``energy`` (99%) of ‖Δ‖²_F. Each of ΔB's top-r_B left
+singular vectors u is compared with span(U_A[:, :r_A]): the angle is arccos ‖U_Aᵀu‖ (u has unit norm),
+0° when u lies in A's update subspace, 90° when it is orthogonal to it.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from forgetlab.analysis.weights import weight_matrices
+
+COLUMNS = ("layer", "component", "rank_a", "rank_b", "mean_angle_deg", "min_angle_deg", "max_angle_deg", "norm_a", "norm_b")
+
+
+def effective_rank(singular_values: torch.Tensor, energy: float = 0.99) -> int:
+    """Smallest k with Σ_{i≤k} σ_i² ≥ energy · Σ σ_i² (0 for a zero matrix)."""
+    power = singular_values.double() ** 2
+    total = power.sum()
+    if total <= 0:
+        return 0
+    return int(torch.searchsorted(torch.cumsum(power, 0) / total, torch.tensor(energy, dtype=torch.float64)).item()) + 1
+
+
+def subspace_angles(delta_a: torch.Tensor, delta_b: torch.Tensor, energy: float = 0.99) -> tuple[int, int, torch.Tensor]:
+    """(r_A, r_B, angles in degrees of ΔB's top-r_B left singular vectors to span(U_A[:, :r_A]))."""
+    u_a, s_a, _ = torch.linalg.svd(delta_a.double(), full_matrices=False)
+    u_b, s_b, _ = torch.linalg.svd(delta_b.double(), full_matrices=False)
+    r_a, r_b = effective_rank(s_a, energy), effective_rank(s_b, energy)
+    if r_a == 0 or r_b == 0:
+        return r_a, r_b, torch.empty(0, dtype=torch.float64)
+    cos = torch.linalg.vector_norm(u_a[:, :r_a].T @ u_b[:, :r_b], dim=0).clamp(max=1.0)
+    return r_a, r_b, torch.rad2deg(torch.arccos(cos)).cpu()
+
+
+@dataclass
+class AngleRow:
+    layer: int
+    component: str
+    rank_a: int
+    rank_b: int
+    mean_angle_deg: float
+    min_angle_deg: float
+    max_angle_deg: float
+    norm_a: float
+    norm_b: float
+
+
+def update_angles(a1, a2, b1, b2, energy: float = 0.99, device: str | None = None) -> list[AngleRow]:
+    """Rows for every weight matrix the four models share, in layer order (models or weight dicts)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    mats = [m if isinstance(m, dict) else weight_matrices(m) for m in (a1, a2, b1, b2)]
+    keys = [k for k in mats[0] if all(k in m for m in mats[1:])]
+    rows = []
+    for key in sorted(keys, key=lambda k: (k[0], k[1])):
+        w = [m[key].to(device=device, dtype=torch.float32) for m in mats]
+        if w[0].shape != w[1].shape or w[2].shape != w[3].shape or w[0].shape != w[2].shape:
+            raise ValueError(f"weight {key} has different shapes across the checkpoints; compare checkpoints of one model")
+        delta_a, delta_b = w[1] - w[0], w[3] - w[2]
+        r_a, r_b, angles = subspace_angles(delta_a, delta_b, energy)
+        stats = (angles.mean().item(), angles.min().item(), angles.max().item()) if len(angles) else (float("nan"),) * 3
+        rows.append(AngleRow(key[0], key[1], r_a, r_b, *stats, float(delta_a.norm()), float(delta_b.norm())))
+    return rows
+
+
+def write_angles_csv(rows: list[AngleRow], path: Path) -> None:
+    from forgetlab.utils.io import atomic_write_text
+
+    lines = [",".join(COLUMNS)]
+    for r in rows:
+        lines.append(",".join(str(getattr(r, c)) if not isinstance(getattr(r, c), float) else f"{getattr(r, c):.6g}"
+                              for c in COLUMNS))
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def read_angles_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def angle_matrix(rows: list[AngleRow]) -> tuple[list[int], list[str], np.ndarray]:
+    """Mean angle as a (layer x component) grid for the heatmap; NaN where a matrix is absent."""
+    layers = sorted({r.layer for r in rows})
+    comps = list(dict.fromkeys(r.component for r in rows))
+    grid = np.full((len(layers), len(comps)), np.nan)
+    for r in rows:
+        grid[layers.index(r.layer), comps.index(r.component)] = r.mean_angle_deg
+    return layers, comps, grid

@@ -1,0 +1,118 @@
+"""Loss landscape on the plane through θ0 spanned by d1 = θ1 − θ0 and d2 = θ2 − θ1 (SF paper's choice).
+
+Directions use *all* floating-point parameters. Options: orthogonalise d2 against d1 (Gram–Schmidt)
+and filter-normalise (Li et al. 2018: each row of each direction tensor rescaled to the norm of the
+same row of θ0). A trajectory is projected onto the plane by least squares over all parameters:
+c = argmin ‖θ_t − θ0 − [d1 d2] c‖, from the 2×2 Gram matrix accumulated tensor by tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+Params = dict[str, torch.Tensor]
+
+
+def parameters_of(model: torch.nn.Module) -> Params:
+    return {n: p.detach().float().clone() for n, p in model.named_parameters() if p.dtype.is_floating_point}
+
+
+def _dot(a: Params, b: Params) -> float:
+    return float(sum((a[n].double() * b[n].double()).sum() for n in a))
+
+
+def directions(theta0: Params, theta1: Params, theta2: Params, orthogonalize: bool = False,
+               filter_normalize: bool = False) -> tuple[Params, Params]:
+    """d1 = θ1 − θ0, d2 = θ2 − θ1, optionally orthogonalised and filter-normalised."""
+    d1 = {n: theta1[n] - theta0[n] for n in theta0}
+    d2 = {n: theta2[n] - theta1[n] for n in theta0}
+    if orthogonalize:
+        scale = _dot(d2, d1) / max(_dot(d1, d1), 1e-30)
+        d2 = {n: d2[n] - scale * d1[n] for n in d2}
+    if filter_normalize:
+        d1, d2 = (_filter_normalized(d, theta0) for d in (d1, d2))
+    return d1, d2
+
+
+def _filter_normalized(direction: Params, theta: Params) -> Params:
+    out = {}
+    for n, d in direction.items():
+        if d.dim() <= 1:
+            out[n] = torch.zeros_like(d)  # biases and norms are left out, as in Li et al.
+            continue
+        rows_d = d.reshape(d.shape[0], -1).norm(dim=1).clamp(min=1e-12)
+        rows_t = theta[n].reshape(d.shape[0], -1).norm(dim=1)
+        out[n] = d * (rows_t / rows_d).view(-1, *[1] * (d.dim() - 1))
+    return out
+
+
+def project(theta0: Params, d1: Params, d2: Params, points: Sequence[Params]) -> np.ndarray:
+    """(n, 2) least-squares coordinates of each θ_t in the plane θ0 + a·d1 + b·d2."""
+    gram = np.array([[_dot(d1, d1), _dot(d1, d2)], [_dot(d1, d2), _dot(d2, d2)]])
+    coords = []
+    for theta in points:
+        offset = {n: theta[n] - theta0[n] for n in theta0}
+        coords.append(np.linalg.solve(gram, np.array([_dot(d1, offset), _dot(d2, offset)])))
+    return np.array(coords)
+
+
+@torch.no_grad()
+def set_point(model: torch.nn.Module, theta0: Params, d1: Params, d2: Params, a: float, b: float) -> None:
+    for n, p in model.named_parameters():
+        if n in theta0:
+            p.copy_((theta0[n] + a * d1[n] + b * d2[n]).to(p.dtype))
+
+
+@dataclass
+class Landscape:
+    alphas: np.ndarray
+    betas: np.ndarray
+    losses: dict[str, np.ndarray]   # task -> (len(betas), len(alphas))
+    trajectory: np.ndarray | None = None
+
+
+@torch.no_grad()
+def loss_grid(model: torch.nn.Module, theta0: Params, d1: Params, d2: Params, alphas: Sequence[float],
+              betas: Sequence[float], losses: dict[str, Callable[[torch.nn.Module], float]],
+              progress: bool = False) -> Landscape:
+    """Evaluate every loss function at θ0 + a·d1 + b·d2 for a in alphas, b in betas; restores θ0's weights after."""
+    from tqdm.auto import tqdm
+
+    saved = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grid = {task: np.zeros((len(betas), len(alphas))) for task in losses}
+    try:
+        bar = tqdm(total=len(alphas) * len(betas), desc="landscape", disable=not progress, leave=False)
+        for j, b in enumerate(betas):
+            for i, a in enumerate(alphas):
+                set_point(model, theta0, d1, d2, a, b)
+                for task, fn in losses.items():
+                    grid[task][j, i] = fn(model)
+                bar.update(1)
+        bar.close()
+    finally:
+        for n, p in model.named_parameters():
+            p.copy_(saved[n])
+    return Landscape(np.asarray(alphas, dtype=float), np.asarray(betas, dtype=float), grid)
+
+
+@torch.no_grad()
+def dataset_loss(model: torch.nn.Module, data, batch_size: int = 64) -> float:
+    """Mean token loss over the labelled tokens of a ``TokenDataset`` (answer tokens for QA data)."""
+    from forgetlab.train.data import IGNORE
+
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(data), batch_size):
+        batch = {k: v.to(device) for k, v in data.batch(torch.arange(start, min(len(data), start + batch_size))).items()}
+        labels = batch.pop("labels")
+        logits = model(**batch).logits[:, :-1].float()
+        target = labels[:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                 ignore_index=IGNORE, reduction="sum")
+        total += float(loss)
+        count += int((target != IGNORE).sum())
+    return total / max(1, count)

@@ -1,0 +1,212 @@
+"""``forgetlab analyze``: spurious-forgetting diagnostics for any Hugging Face checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from forgetlab.cli.errors import user_errors
+
+app = typer.Typer(help="Weight-update angles, loss landscapes, feature shift and recovery of checkpoints.",
+                  no_args_is_help=True)
+console = Console()
+Out = Annotated[Path, typer.Option("--out", help="output directory (data + PNG)")]
+Checkpoints = Annotated[list[Path], typer.Option("--checkpoint", help="HF checkpoint directory (repeat, in order)")]
+
+
+def _load(path: Path):
+    import torch
+
+    from forgetlab.models.build import load_model
+
+    if not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint directory (no config.json)")
+    return load_model(path).to("cuda" if torch.cuda.is_available() else "cpu").eval()
+
+
+def _tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def _parse_range(text: str, name: str) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--{name} {text!r}: expected LOW,HIGH such as -1,7") from None
+    if not low < high:
+        raise ValueError(f"--{name} {text!r}: LOW must be below HIGH")
+    return low, high
+
+
+@app.command()
+@user_errors
+def angles(
+    a1: Annotated[Path, typer.Option(help="phase A start checkpoint")],
+    a2: Annotated[Path, typer.Option(help="phase A end checkpoint")],
+    b1: Annotated[Path, typer.Option(help="phase B start checkpoint")],
+    b2: Annotated[Path, typer.Option(help="phase B end checkpoint")],
+    out: Out,
+    energy: Annotated[float, typer.Option(help="energy kept by the effective rank")] = 0.99,
+) -> None:
+    """Angle between phase B's update of every weight matrix and the subspace phase A's update spanned."""
+    import numpy as np
+
+    from forgetlab.analysis.angles import angle_matrix, update_angles, write_angles_csv
+    from forgetlab.report.analysis import plot_angle_heatmap
+    from forgetlab.utils.io import atomic_write_json
+
+    if not 0 < energy <= 1:
+        raise ValueError(f"--energy {energy} must be in (0, 1]")
+    rows = update_angles(*(_load(p) for p in (a1, a2, b1, b2)), energy=energy)
+    out.mkdir(parents=True, exist_ok=True)
+    write_angles_csv(rows, out / "angles.csv")
+    layers, comps, grid = angle_matrix(rows)
+    by_layer = {str(l): float(np.nanmean(grid[i])) for i, l in enumerate(layers)}
+    atomic_write_json(out / "angles.json", {"a1": str(a1), "a2": str(a2), "b1": str(b1), "b2": str(b2), "energy": energy,
+                                            "mean_angle_deg_by_layer": by_layer, "rows": [r.__dict__ for r in rows]})
+    plot_angle_heatmap(layers, comps, grid, out / "angles.png", title=f"B = {b1.name}→{b2.name} vs A = {a1.name}→{a2.name}")
+    console.print("mean angle by layer (deg): " + "  ".join(f"{k}:{v:.1f}" for k, v in by_layer.items()))
+    console.print(f"wrote {out}/angles.csv, angles.json, angles.png")
+
+
+@app.command()
+@user_errors
+def landscape(
+    theta0: Annotated[Path, typer.Option(help="checkpoint at the origin of the plane")],
+    theta1: Annotated[Path, typer.Option(help="d1 = theta1 - theta0")],
+    theta2: Annotated[Path, typer.Option(help="d2 = theta2 - theta1")],
+    data: Annotated[list[str], typer.Option(help="NAME=FILE of QA JSONL rows {prompt, answer} (repeat per task)")],
+    out: Out,
+    trajectory: Annotated[Optional[list[Path]], typer.Option(help="checkpoints to project onto the plane (repeat)")] = None,
+    grid: Annotated[str, typer.Option(help="points along d1 x d2 (paper: 41x61)")] = "21x31",
+    alpha_range: Annotated[str, typer.Option(help="range along d1")] = "-1,7",
+    beta_range: Annotated[str, typer.Option(help="range along d2")] = "-1,12",
+    orthogonalize: Annotated[bool, typer.Option(help="make d2 orthogonal to d1")] = False,
+    filter_normalize: Annotated[bool, typer.Option(help="rescale directions row-wise to the weights (Li et al.)")] = False,
+    max_examples: Annotated[int, typer.Option(help="QA rows per task used for the loss")] = 2000,
+    progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+) -> None:
+    """Task losses on the plane through theta0 spanned by (theta1 - theta0, theta2 - theta1), with a trajectory."""
+    import numpy as np
+
+    from forgetlab.analysis.landscape import dataset_loss, directions, loss_grid, parameters_of, project
+    from forgetlab.analysis.recovery import encode_qa, read_qa_rows
+    from forgetlab.report.analysis import plot_landscape
+    from forgetlab.train.data import qa_dataset
+    from forgetlab.utils.io import atomic_write_json
+
+    try:
+        n_a, n_b = (int(v) for v in grid.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--grid {grid!r}: expected AxB such as 41x61") from None
+    if n_a < 2 or n_b < 2:
+        raise ValueError(f"--grid {grid!r}: need at least 2 points per axis")
+    (a_lo, a_hi), (b_lo, b_hi) = _parse_range(alpha_range, "alpha-range"), _parse_range(beta_range, "beta-range")
+    tasks = {}
+    for item in data:
+        if "=" not in item:
+            raise ValueError(f"--data {item!r}: expected NAME=FILE, e.g. --data task0=qa_task0_test.jsonl")
+        name, path = item.split("=", 1)
+        tasks[name] = read_qa_rows(path)[:max_examples]
+    model = _load(theta0)
+    tok = _tokenizer(theta0)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    datasets = {name: qa_dataset(*encode_qa(tok, rows), tok.eos_token_id, pad) for name, rows in tasks.items()}
+    p0, p1, p2 = parameters_of(model), parameters_of(_load(theta1)), parameters_of(_load(theta2))
+    d1, d2 = directions(p0, p1, p2, orthogonalize, filter_normalize)
+    alphas, betas = np.linspace(a_lo, a_hi, n_a), np.linspace(b_lo, b_hi, n_b)
+    result = loss_grid(model, p0, d1, d2, alphas, betas,
+                       {name: (lambda m, d=d: dataset_loss(m, d)) for name, d in datasets.items()}, progress)
+    points = [theta0, theta1, theta2] + list(trajectory or [])
+    coords = project(p0, d1, d2, [parameters_of(_load(p)) for p in points])
+    labels = [p.name for p in points]
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "landscape.json", {
+        "theta0": str(theta0), "theta1": str(theta1), "theta2": str(theta2), "orthogonalize": orthogonalize,
+        "filter_normalize": filter_normalize, "alphas": alphas.tolist(), "betas": betas.tolist(),
+        "losses": {k: v.tolist() for k, v in result.losses.items()},
+        "trajectory": [{"checkpoint": str(p), "alpha": float(a), "beta": float(b)} for p, (a, b) in zip(points, coords)]})
+    plot_landscape(alphas, betas, result.losses, out / "landscape.png", coords, labels)
+    console.print(f"wrote {out}/landscape.json, landscape.png")
+
+
+@app.command()
+@user_errors
+def features(
+    checkpoint: Checkpoints,
+    prompts: Annotated[Path, typer.Option(help="QA JSONL rows whose prompts are fed to every checkpoint")],
+    out: Out,
+    max_prompts: Annotated[int, typer.Option(help="prompts used")] = 500,
+    scatter_layer: Annotated[int, typer.Option(help="layer of the PCA scatter plot (0 = embedding)")] = 1,
+) -> None:
+    """Per layer: PC1 angle and mean shift of last-token features, each checkpoint against the first."""
+    from forgetlab.analysis.features import feature_shift, last_token_features, pca_scatter
+    from forgetlab.analysis.recovery import encode_qa, read_qa_rows
+    from forgetlab.report.analysis import plot_feature_scatter, plot_feature_shift
+    from forgetlab.utils.io import atomic_write_json, atomic_write_text
+
+    if len(checkpoint) < 2:
+        raise ValueError("--checkpoint: give at least two checkpoints (the first is the reference)")
+    tok = _tokenizer(checkpoint[0])
+    ids, _ = encode_qa(tok, read_qa_rows(prompts)[:max_prompts])
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    feats = [last_token_features(_load(c), ids, pad) for c in checkpoint]
+    if not 0 <= scatter_layer < feats[0].shape[0]:
+        raise ValueError(f"--scatter-layer {scatter_layer} is out of range; the models have layers 0..{feats[0].shape[0] - 1}")
+    pairs = {f"{checkpoint[0].name}→{c.name}": feature_shift(feats[0], f) for c, f in zip(checkpoint[1:], feats[1:])}
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["pair,layer,pc1_angle_deg,mean_shift,shift_vs_pc1_angle_deg"]
+    lines += [f"{pair},{r['layer']},{r['pc1_angle_deg']:.4f},{r['mean_shift']:.6g},{r['shift_vs_pc1_angle_deg']:.4f}"
+              for pair, rows in pairs.items() for r in rows]
+    atomic_write_text(out / "features.csv", "\n".join(lines) + "\n")
+    atomic_write_json(out / "features.json", {"checkpoints": [str(c) for c in checkpoint], "pairs": pairs})
+    plot_feature_shift(pairs, out / "features.png")
+    plot_feature_scatter(pca_scatter(feats[0][scatter_layer], [f[scatter_layer] for f in feats[1:]]),
+                         [c.name for c in checkpoint], out / "features_scatter.png", title=f"layer {scatter_layer}")
+    console.print(f"wrote {out}/features.csv, features.json, features.png, features_scatter.png")
+
+
+@app.command()
+@user_errors
+def recovery(
+    checkpoint: Checkpoints,
+    fit: Annotated[Path, typer.Option(help="QA JSONL rows to re-align on (one part of the old task)")],
+    eval_: Annotated[Path, typer.Option("--eval", help="QA JSONL rows to score (a disjoint part of the old task)")],
+    out: Out,
+    before: Annotated[Optional[float], typer.Option(help="old-task exact match before the forgetting")] = None,
+    before_checkpoint: Annotated[Optional[Path], typer.Option(help="or: score this checkpoint to get it")] = None,
+    lr: Annotated[float, typer.Option(help="re-alignment learning rate")] = 2e-4,
+    epochs: Annotated[float, typer.Option(help="passes over --fit")] = 1.0,
+    batch_size: Annotated[int, typer.Option(help="rows per step")] = 32,
+    seed: Annotated[int, typer.Option(help="data order")] = 0,
+) -> None:
+    """Current vs recovered old-task exact match per checkpoint, and the spurious share of the drop."""
+    from dataclasses import replace
+
+    from forgetlab.analysis.recovery import DEFAULT_RECOVERY, encode_qa, read_qa_rows, recovery_table
+    from forgetlab.eval.exact_match import greedy_exact_match
+    from forgetlab.utils.io import atomic_write_json
+
+    fit_rows, eval_rows = read_qa_rows(fit), read_qa_rows(eval_)
+    overlap = {r["prompt"] for r in fit_rows} & {r["prompt"] for r in eval_rows}
+    if overlap:
+        raise ValueError(f"--fit and --eval share {len(overlap)} prompts; recovery must be scored on held-out rows")
+    if before is None and before_checkpoint is not None:
+        tok = _tokenizer(before_checkpoint)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        before = greedy_exact_match(_load(before_checkpoint), *encode_qa(tok, eval_rows), eos_id=tok.eos_token_id, pad_id=pad).em
+    cfg = replace(DEFAULT_RECOVERY, lr=lr, epochs=epochs, batch_size=batch_size)
+    cfg.validate("recovery")
+    rows = recovery_table(checkpoint, fit_rows, eval_rows, before, cfg, seed)
+    atomic_write_json(out / "recovery.json", {"fit": str(fit), "eval": str(eval_), "before": before, "lr": lr,
+                                              "epochs": epochs, "rows": rows})
+    for r in rows:
+        share = "-" if r["spurious_share"] is None else f"{r['spurious_share']:.2f}"
+        console.print(f"{r['checkpoint']}: current {r['current']:.3f}  recovered {r['recovered']:.3f}  spurious share {share}")
+    console.print(f"wrote {out}/recovery.json")

@@ -1,0 +1,69 @@
+"""Figures of the forgetting diagnostics: update-angle heatmap, loss landscape, feature shift."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from forgetlab.report.fv import save_figure  # noqa: E402
+
+
+def plot_angle_heatmap(layers: list[int], components: list[str], grid: np.ndarray, path: Path, title: str) -> None:
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(components), 1.2 + 0.4 * len(layers)))
+    image = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis", vmin=0, vmax=90)
+    ax.set_xticks(range(len(components)), components, rotation=45, ha="right")
+    ax.set_yticks(range(len(layers)), ["emb" if l < 0 else str(l) for l in layers])
+    for (i, j), value in np.ndenumerate(grid):
+        if np.isfinite(value):
+            ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=7, color="white" if value < 45 else "black")
+    ax.set_ylabel("layer")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="mean angle (degrees)")
+    save_figure(fig, path)
+
+
+def plot_landscape(alphas: np.ndarray, betas: np.ndarray, losses: dict[str, np.ndarray], path: Path,
+                   trajectory: np.ndarray | None = None, labels: Sequence[str] = ()) -> None:
+    fig, axes = plt.subplots(1, len(losses), figsize=(5.2 * len(losses), 4.4), squeeze=False)
+    for ax, (task, grid) in zip(axes[0], losses.items()):
+        contour = ax.contourf(alphas, betas, grid, levels=30, cmap="magma_r")
+        fig.colorbar(contour, ax=ax, label=f"{task} loss")
+        if trajectory is not None and len(trajectory):
+            ax.plot(trajectory[:, 0], trajectory[:, 1], "-o", color="cyan", ms=3, lw=1.2)
+            for (a, b), label in zip(trajectory, labels):
+                ax.annotate(label, (a, b), fontsize=7, color="white")
+        ax.set_xlabel("d1 = θ1 − θ0")
+        ax.set_ylabel("d2 = θ2 − θ1")
+        ax.set_title(task)
+    save_figure(fig, path)
+
+
+def plot_feature_shift(rows_by_pair: dict[str, list[dict]], path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for label, rows in rows_by_pair.items():
+        layers = [r["layer"] for r in rows]
+        axes[0].plot(layers, [r["pc1_angle_deg"] for r in rows], marker="o", label=label)
+        axes[1].plot(layers, [r["mean_shift"] for r in rows], marker="o", label=label)
+    axes[0].set_ylabel("PC1 angle (degrees)")
+    axes[1].set_ylabel("mean shift / spread")
+    for ax in axes:
+        ax.set_xlabel("layer (0 = embedding)")
+        ax.legend(fontsize=7)
+    save_figure(fig, path)
+
+
+def plot_feature_scatter(points: list[np.ndarray], labels: Sequence[str], path: Path, title: str) -> None:
+    fig, ax = plt.subplots(figsize=(5, 4.4))
+    for pts, label in zip(points, labels):
+        ax.scatter(pts[:, 0], pts[:, 1], s=6, alpha=0.6, label=label)
+    ax.set_xlabel("PC1 of the reference")
+    ax.set_ylabel("PC2 of the reference")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    save_figure(fig, path)
