@@ -1,0 +1,72 @@
+"""The analyze commands end to end on tiny checkpoints with a word-level tokenizer."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from forgetlab.models.tokenizers import build_word_tokenizer
+from forgetlab.models.zoo import random_model, tiny_config
+
+WORDS = [f"w{i}" for i in range(30)]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("analyze")
+    tok = build_word_tokenizer(WORDS + ["Q", "A", ":"])
+    ckpts = []
+    for i in range(3):
+        cfg = tiny_config("llama", len(tok), n_layers=2)
+        cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+        model = random_model(cfg, seed=i)
+        model.save_pretrained(root / f"c{i}")
+        tok.save_pretrained(root / f"c{i}")
+        ckpts.append(root / f"c{i}")
+    rows = [{"prompt": f"Q : w{i} w{(i * 7) % 30}\nA :", "answer": f" w{(i * 3) % 30}"} for i in range(40)]
+    for name, part in (("fit", rows[:20]), ("eval", rows[20:])):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    return root, ckpts
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "forgetlab.cli", "analyze", *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.mark.slow
+def test_landscape_features_and_recovery(setup):
+    root, (c0, c1, c2) = setup
+    proc = run("landscape", "--theta0", c0, "--theta1", c1, "--theta2", c2, "--data", f"old={root / 'eval.jsonl'}",
+               "--data", f"new={root / 'fit.jsonl'}", "--grid", "3x2", "--out", root / "land", "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    land = json.loads((root / "land" / "landscape.json").read_text())
+    assert len(land["losses"]["old"]) == 2 and len(land["losses"]["old"][0]) == 3
+    traj = [(p["alpha"], p["beta"]) for p in land["trajectory"]]
+    assert traj[0] == pytest.approx((0, 0), abs=1e-6) and traj[1] == pytest.approx((1, 0), abs=1e-6)
+    assert traj[2] == pytest.approx((1, 1), abs=1e-6)  # θ2 = θ0 + d1 + d2 by construction
+
+    proc = run("features", "--checkpoint", c0, "--checkpoint", c1, "--prompts", root / "eval.jsonl", "--out", root / "feat")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = (root / "feat" / "features.csv").read_text().splitlines()
+    assert lines[0] == "pair,layer,pc1_angle_deg,mean_shift,shift_vs_pc1_angle_deg" and len(lines) == 1 + 3
+
+    proc = run("recovery", "--checkpoint", c1, "--fit", root / "fit.jsonl", "--eval", root / "eval.jsonl",
+               "--before", "0.9", "--out", root / "rec", "--epochs", "2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rec = json.loads((root / "rec" / "recovery.json").read_text())
+    row = rec["rows"][0]
+    assert 0 <= row["current"] <= 1 and 0 <= row["recovered"] <= 1 and row["steps"] == 2
+    if row["spurious_share"] is not None:
+        assert row["spurious_share"] == pytest.approx((row["recovered"] - row["current"]) / (0.9 - row["current"]))
+
+
+def test_bad_inputs_get_one_line(setup):
+    root, (c0, c1, c2) = setup
+    same = run("recovery", "--checkpoint", c1, "--fit", root / "eval.jsonl", "--eval", root / "eval.jsonl", "--out", root / "x")
+    assert same.returncode == 2 and "share" in same.stderr
+    grid = run("landscape", "--theta0", c0, "--theta1", c1, "--theta2", c2, "--data", f"a={root / 'fit.jsonl'}",
+               "--grid", "3by3", "--out", root / "x")
+    assert grid.returncode == 2 and "--grid" in grid.stderr
+    one = run("features", "--checkpoint", c0, "--prompts", root / "eval.jsonl", "--out", root / "x")
+    assert one.returncode == 2 and "at least two" in one.stderr

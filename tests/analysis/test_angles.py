@@ -1,0 +1,109 @@
+"""Weight-update angles against constructed subspaces, and fused q/k/v splits against the models' own split."""
+
+import csv
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from forgetlab.analysis.angles import COLUMNS, effective_rank, subspace_angles, update_angles
+from forgetlab.analysis.weights import weight_matrices
+from forgetlab.models.zoo import random_model, tiny_config
+
+
+def orthonormal(n, seed=0):
+    return torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))[0]
+
+
+def test_identical_subspaces_give_zero_and_orthogonal_ninety():
+    q = orthonormal(40)
+    a = q[:, :4] @ torch.randn(4, 25, dtype=torch.float64)
+    b = q[:, :4] @ torch.randn(4, 25, dtype=torch.float64)  # same column space, other coefficients
+    r_a, r_b, angles = subspace_angles(a, b)
+    assert (r_a, r_b) == (4, 4) and angles.max() < 1e-4
+    _, _, angles = subspace_angles(a, q[:, 10:13] @ torch.randn(3, 25, dtype=torch.float64))
+    assert torch.allclose(angles, torch.full_like(angles, 90.0), atol=1e-6)
+
+
+@pytest.mark.parametrize("degrees", [10.0, 37.5, 80.0])
+def test_a_rotation_by_a_known_angle_is_measured(degrees):
+    q = orthonormal(30, seed=1)
+    v = torch.randn(20, dtype=torch.float64)
+    theta = math.radians(degrees)
+    rotated = math.cos(theta) * q[:, 0] + math.sin(theta) * q[:, 1]
+    _, _, angles = subspace_angles(torch.outer(q[:, 0], v), torch.outer(rotated, v))
+    assert angles.tolist() == pytest.approx([degrees], abs=1e-6)
+
+
+def test_effective_rank_of_a_known_spectrum():
+    q, p = orthonormal(20, 2), orthonormal(20, 3)
+    sigma = torch.tensor([10.0, 3.0, 1.0, 0.1] + [0.0] * 16, dtype=torch.float64)
+    m = q @ torch.diag(sigma) @ p.T
+    s = torch.linalg.svdvals(m)
+    # energies 100, 9, 1, 0.01 of 110.01; cumulative shares 0.909, 0.9908, 0.99991, 1
+    assert [effective_rank(s, e) for e in (0.90, 0.99, 0.995, 0.99995)] == [1, 2, 3, 4]
+    assert effective_rank(torch.zeros(5)) == 0
+
+
+def test_neox_fused_qkv_split_matches_the_models_own_per_head_split():
+    model = random_model(tiny_config("gpt_neox", 50, n_layers=1, n_heads=4, d_model=32))
+    mats = weight_matrices(model)
+    attn = model.gpt_neox.layers[0].attention
+    x = torch.randn(3, 32)
+    qkv = attn.query_key_value(x).view(3, 4, 3 * 8)   # what the model does: per head [q k v]
+    q, k, v = qkv.chunk(3, dim=-1)
+    bias = attn.query_key_value.bias.view(4, 3, 8)
+    for name, part, b in (("q", q, bias[:, 0]), ("k", k, bias[:, 1]), ("v", v, bias[:, 2])):
+        ours = x @ mats[(0, name)].T + b.reshape(-1)
+        assert torch.allclose(ours, part.reshape(3, 32), atol=1e-5), name
+    naive_q = attn.query_key_value.weight[:32]  # the reference code's [Q; K; V] assumption
+    assert not torch.allclose(naive_q, mats[(0, "q")])
+
+
+def test_gpt2_fused_c_attn_split_matches_the_model():
+    model = random_model(tiny_config("gpt2", 50, n_layers=1, n_heads=4, d_model=32))
+    mats = weight_matrices(model)
+    attn = model.transformer.h[0].attn
+    x = torch.randn(3, 32)
+    q, k, v = attn.c_attn(x).split(32, dim=-1)
+    for name, part in (("q", q), ("k", k), ("v", v)):
+        bias = dict(zip("qkv", attn.c_attn.bias.split(32)))[name]
+        assert torch.allclose(x @ mats[(0, name)].T + bias, part, atol=1e-5)
+
+
+def test_components_and_layers_of_a_llama():
+    mats = weight_matrices(random_model(tiny_config("llama_gqa", 50, n_layers=2)))
+    assert {c for (l, c) in mats if l == 1} == {"q", "k", "v", "attn_out", "mlp_gate", "mlp_up", "mlp_down"}
+    assert {c for (l, c) in mats if l == -1} == {"embedding", "unembedding"}
+    assert mats[(0, "k")].shape[0] == mats[(0, "q")].shape[0] // 2  # GQA: half the key heads
+
+
+def test_update_angles_of_models_rank_the_same_update_at_zero():
+    a1 = random_model(tiny_config("llama", 50, n_layers=1), seed=0)
+    a2 = random_model(tiny_config("llama", 50, n_layers=1), seed=1)
+    rows = update_angles(a1, a2, a1, a2, device="cpu")
+    assert rows and all(r.mean_angle_deg < 0.01 for r in rows)
+    assert {r.layer for r in rows} == {-1, 0}
+
+
+def test_angles_cli_writes_the_contract(tmp_path):
+    paths = []
+    for i in range(4):
+        model = random_model(tiny_config("gpt_neox", 50, n_layers=2), seed=i)
+        model.save_pretrained(tmp_path / f"m{i}")
+        paths.append(tmp_path / f"m{i}")
+    out = tmp_path / "angles"
+    proc = subprocess.run([sys.executable, "-m", "forgetlab.cli", "analyze", "angles", "--a1", str(paths[0]), "--a2", str(paths[1]),
+                           "--b1", str(paths[2]), "--b2", str(paths[3]), "--out", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = list(csv.DictReader(open(out / "angles.csv")))
+    assert list(rows[0]) == list(COLUMNS)[:len(rows[0])] and list(COLUMNS[:6]) == list(rows[0])[:6]
+    assert {r["component"] for r in rows if r["layer"] == "-1"} == {"embedding", "unembedding"}
+    assert all(0 <= float(r["mean_angle_deg"]) <= 90 for r in rows)
+    assert (out / "angles.png").stat().st_size > 0
+    bad = subprocess.run([sys.executable, "-m", "forgetlab.cli", "analyze", "angles", "--a1", str(tmp_path / "nope"),
+                          "--a2", str(paths[1]), "--b1", str(paths[2]), "--b2", str(paths[3]), "--out", str(out)],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "config.json" in bad.stderr

@@ -1,0 +1,105 @@
+"""Loss landscape, trajectory projection and feature shift against closed forms."""
+
+import numpy as np
+import pytest
+import torch
+
+from forgetlab.analysis.features import feature_shift, first_pc, line_angle_deg
+from forgetlab.analysis.landscape import directions, loss_grid, parameters_of, project
+
+
+class Quadratic(torch.nn.Module):
+    """loss(θ) = ½ θᵀAθ + bᵀθ over two parameter tensors (a vector and a matrix)."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.w = torch.nn.Parameter(torch.randn(3, generator=g, dtype=torch.float64))
+        self.m = torch.nn.Parameter(torch.randn(2, 2, generator=g, dtype=torch.float64))
+        n = 7
+        r = torch.randn(n, n, generator=g, dtype=torch.float64)
+        self.register_buffer("A", r @ r.T + torch.eye(n, dtype=torch.float64))
+        self.register_buffer("b", torch.randn(n, generator=g, dtype=torch.float64))
+
+    def flat(self):
+        return torch.cat([self.w.flatten(), self.m.flatten()])
+
+    def loss(self):
+        t = self.flat()
+        return float(0.5 * t @ self.A @ t + self.b @ t)
+
+
+def set_flat(model, t):
+    with torch.no_grad():
+        model.w.copy_(t[:3])
+        model.m.copy_(t[3:].view(2, 2))
+
+
+def test_landscape_of_a_quadratic_equals_its_closed_form():
+    model = Quadratic()
+    g = torch.Generator().manual_seed(5)
+    t0, t1, t2 = (torch.randn(7, generator=g, dtype=torch.float64) for _ in range(3))
+    params = []
+    for t in (t0, t1, t2):
+        set_flat(model, t)
+        params.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    d1, d2 = directions(*params)
+    alphas, betas = np.linspace(-1, 2, 4), np.linspace(-0.5, 1.5, 3)
+    grid = loss_grid(model, params[0], d1, d2, alphas, betas, {"q": lambda m: m.loss()})
+    D1, D2 = t1 - t0, t2 - t1
+    A, b = model.A, model.b
+    for j, beta in enumerate(betas):
+        for i, alpha in enumerate(alphas):
+            t = t0 + alpha * D1 + beta * D2
+            assert grid.losses["q"][j, i] == pytest.approx(float(0.5 * t @ A @ t + b @ t), rel=1e-9)
+    assert torch.equal(model.flat(), t2)  # weights restored afterwards
+
+
+def test_orthogonalized_direction_is_orthogonal_and_filter_norm_matches_rows():
+    g = torch.Generator().manual_seed(1)
+    p = [{"w": torch.randn(4, 3, generator=g), "b": torch.randn(4, generator=g)} for _ in range(3)]
+    d1, d2 = directions(*p, orthogonalize=True)
+    assert float((d1["w"] * d2["w"]).sum() + (d1["b"] * d2["b"]).sum()) == pytest.approx(0.0, abs=1e-5)
+    f1, _ = directions(*p, filter_normalize=True)
+    assert torch.allclose(f1["w"].norm(dim=1), p[0]["w"].norm(dim=1), atol=1e-5)
+    assert torch.count_nonzero(f1["b"]) == 0
+
+
+def test_projection_recovers_known_coefficients_over_all_parameters():
+    g = torch.Generator().manual_seed(2)
+    shapes = {"a": (50, 20), "b": (300,)}
+    t0, t1, t2 = ({n: torch.randn(*s, generator=g, dtype=torch.float64) for n, s in shapes.items()} for _ in range(3))
+    d1, d2 = directions(t0, t1, t2)
+    coeffs = [(0.5, -1.0), (2.0, 3.5), (-0.25, 0.0)]
+    points = [{n: t0[n] + a * d1[n] + b * d2[n] for n in shapes} for a, b in coeffs]
+    assert np.allclose(project(t0, d1, d2, points), coeffs, atol=1e-9)
+    # a component orthogonal to the plane does not move the least-squares coordinates
+    flat1 = torch.cat([d1[n].flatten() for n in shapes])
+    flat2 = torch.cat([d2[n].flatten() for n in shapes])
+    noise = torch.randn(flat1.numel(), generator=g, dtype=torch.float64)
+    basis = torch.linalg.qr(torch.stack([flat1, flat2], 1))[0]
+    noise = noise - basis @ (basis.T @ noise)
+    chunks = dict(zip(shapes, noise.split([50 * 20, 300])))
+    noisy = [{n: pt[n] + chunks[n].view(shapes[n]) for n in shapes} for pt in points]
+    assert np.allclose(project(t0, d1, d2, noisy), coeffs, atol=1e-8)
+
+
+def test_parameters_of_reads_every_floating_parameter():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    assert set(parameters_of(model)) == {"0.weight", "0.bias", "1.weight", "1.bias"}
+
+
+def test_pc_angle_is_sign_invariant_and_finds_a_rotation():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(500, 3)) * np.array([5.0, 1.0, 0.5])
+    pc = first_pc(x)
+    assert line_angle_deg(pc, -pc) == pytest.approx(0.0, abs=1e-6)
+    assert line_angle_deg(pc, np.array([1.0, 0, 0])) < 2.0
+    theta = np.radians(30)
+    rot = np.array([[np.cos(theta), -np.sin(theta), 0], [np.sin(theta), np.cos(theta), 0], [0, 0, 1]])
+    rows = feature_shift(x[None], (x @ rot.T + np.array([3.0, 0, 0]))[None])
+    assert rows[0]["pc1_angle_deg"] == pytest.approx(30.0, abs=2.0)
+    spread = np.sqrt(((x - x.mean(0)) ** 2).sum(1).mean())
+    assert rows[0]["mean_shift"] == pytest.approx(np.linalg.norm((x @ rot.T).mean(0) + [3, 0, 0] - x.mean(0)) / spread, rel=1e-6)
+    flipped = feature_shift(x[None], (-(x - x.mean(0)) + x.mean(0))[None])  # every component's sign flipped
+    assert flipped[0]["pc1_angle_deg"] == pytest.approx(0.0, abs=1e-5)
