@@ -42,9 +42,14 @@ def load_for_fv(model_dir: Path, device: str, dtype: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     except (OSError, ValueError) as err:
-        raise ValueError(f"--model {model_dir} has no loadable tokenizer ({err}); save the tokenizer beside the model") from None
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtypes[dtype]).to(device).eval()
-    return model, tokenizer
+        detail = " ".join(str(err).split())  # transformers' messages span lines; the CLI reports one line
+        raise ValueError(f"--model {model_dir} has no loadable tokenizer ({detail}); save the tokenizer beside the model") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtypes[dtype])
+    except Exception as err:  # corrupt or mismatched weights: report, don't dump a traceback
+        detail = " ".join(str(err).split())[:300]
+        raise ValueError(f"--model {model_dir}: its weights cannot be loaded ({type(err).__name__}: {detail})") from None
+    return model.to(device).eval(), tokenizer
 
 
 @app.command()

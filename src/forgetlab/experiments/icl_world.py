@@ -83,8 +83,8 @@ def preset_config(name: str, seed: int = 0) -> ICLBuildConfig:
     if name == "cpu":
         return ICLBuildConfig(
             preset="cpu", seed=seed, world=replace(ICLWorldConfig(), seed=seed),
-            train=PhaseConfig(lr=2e-3, max_steps=6000, batch_size=32, warmup_steps=200, checkpoint_every=500,
-                              compile=True, eval=EvalSchedule(dense_every=0, every=500)))
+            train=PhaseConfig(lr=2e-3, max_steps=2500, batch_size=32, warmup_steps=150, checkpoint_every=250,
+                              compile=True, eval=EvalSchedule(dense_every=0, every=250)))
     if name == "gpu":
         return ICLBuildConfig(
             preset="gpu", seed=seed, world=replace(ICLWorldConfig(), seed=seed),

@@ -1,0 +1,169 @@
+"""``forgetlab fv extract`` / ``evaluate``: the real command and its files; bad input gives one error line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from forgetlab.cli.main import app
+from forgetlab.models.tokenizers import build_bpe_tokenizer
+from forgetlab.models.zoo import random_model, tiny_config
+
+WORDS = ("red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "fish", "bird", "car", "road", "hat", "cup", "pen",
+         "box", "map", "key", "door", "lamp", "star", "rock", "leaf", "ship", "apple", "banana", "river", "mountain",
+         "window", "garden")
+N_LAYERS, N_HEADS = 2, 4
+EXTRACT = ["--engine", "exact", "--n-prompts", "8", "--n-cie-prompts", "3", "--shots", "3", "--top-k", "4", "--no-progress"]
+
+
+def forgetlab(*args):
+    return subprocess.run([sys.executable, "-m", "forgetlab.cli", *map(str, args)], env=dict(os.environ),
+                          capture_output=True, text=True, timeout=300)
+
+
+def one_error_line(exit_code: int, stderr: str) -> str:
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert exit_code == 2, (exit_code, stderr)
+    assert len(lines) == 1 and lines[0].startswith("forgetlab: error: "), stderr
+    return lines[0]
+
+
+def invoke(*args):
+    result = CliRunner().invoke(app, ["fv", *map(str, args)])
+    return result.exit_code, result.stderr
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A saved tiny random Llama with its BPE tokenizer, and a task file."""
+    root = tmp_path_factory.mktemp("fv_cli")
+    pairs = [{"input": w, "output": w.upper()} for w in WORDS]
+    (root / "task.json").write_text(json.dumps(pairs))
+    tokenizer = build_bpe_tokenizer([f"Q: {p['input']}\nA: {p['output']}\n\n" for p in pairs] * 4, vocab_size=330)
+    model = random_model(tiny_config("llama", len(tokenizer), n_layers=N_LAYERS, n_heads=N_HEADS))
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    return root
+
+
+@pytest.fixture(scope="module")
+def extracted(files):
+    proc = forgetlab("fv", "extract", "--model", files / "model", "--task", files / "task.json", "--out", files / "out",
+                     *EXTRACT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return files, proc
+
+
+def test_extract_writes_the_contract(extracted):
+    root, proc = extracted
+    out = root / "out"
+    meta = json.loads((out / "fv.json").read_text())
+    assert {"engine", "n_layers", "n_heads", "cie", "top_heads", "seconds"} <= set(meta)
+    assert meta["engine"] == "exact" and meta["n_layers"] == N_LAYERS and meta["n_heads"] == N_HEADS
+    assert len(meta["cie"]) == N_LAYERS and all(len(row) == N_HEADS for row in meta["cie"])
+    assert len(meta["top_heads"]) == 4 and len({tuple(h) for h in meta["top_heads"]}) == 4
+    assert all(0 <= l < N_LAYERS and 0 <= h < N_HEADS for l, h in meta["top_heads"])
+    # the top heads are the largest mean CIEs, best first
+    ranked = [meta["cie"][l][h] for l, h in meta["top_heads"]]
+    rest = [meta["cie"][l][h] for l in range(N_LAYERS) for h in range(N_HEADS) if [l, h] not in meta["top_heads"]]
+    assert ranked == sorted(ranked, reverse=True) and min(ranked) >= max(rest)
+    assert meta["seconds"] >= 0 and meta["settings"]["shots"] == 3
+    tensors = load_file(str(out / "fv.safetensors"))
+    assert tuple(tensors["mean_activations"].shape) == (N_LAYERS, N_HEADS, 16)
+    assert tuple(tensors["function_vector"].shape) == (64,)
+    assert (out / "cie_heatmap.png").read_bytes()[:4] == b"\x89PNG"
+    assert "wrote" in proc.stdout and proc.stderr.strip() == ""
+
+
+def test_evaluate_writes_scores(extracted):
+    root, _ = extracted
+    proc = forgetlab("fv", "evaluate", "--model", root / "model", "--task", root / "task.json", "--fv", root / "out",
+                     "--out", root / "eval", "--n-prompts", "5", "--shots", "3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((root / "eval" / "fv_eval.json").read_text())
+    for key in ("zero_shot", "zero_shot_fv", "few_shot", "shuffled", "shuffled_fv"):
+        assert 0.0 <= result[key]["top1"] <= 1.0 and 0.0 <= result[key]["string_match"] <= 1.0, key
+    assert len(result["zero_shot_fv_top1_by_layer"]) == N_LAYERS
+    assert all(0.0 <= x <= 1.0 for x in result["zero_shot_fv_top1_by_layer"])
+    assert result["edit_layer"] in range(N_LAYERS) and result["fv"] == str(root / "out")
+    assert (root / "eval" / "fv_layer_sweep.png").is_file()
+
+
+def _extract_args(root, **change):
+    args = {"--model": root / "model", "--task": root / "task.json", "--out": root / "bad_out", "--shots": 3,
+            "--n-prompts": 4, "--n-cie-prompts": 2, "--top-k": 4}
+    args.update(change)
+    return [x for kv in args.items() for x in kv] + ["--no-progress"]
+
+
+def test_missing_task_file(files):
+    line = one_error_line(*invoke("extract", *_extract_args(files, **{"--task": files / "nope.json"})))
+    assert "nope.json does not exist" in line
+    assert not (files / "bad_out").exists()
+
+
+def test_malformed_task_file(files):
+    (files / "broken.json").write_text('[{"input": "a", "output": ')
+    line = one_error_line(*invoke("extract", *_extract_args(files, **{"--task": files / "broken.json"})))
+    assert "is not valid JSON" in line
+
+
+def test_task_file_that_is_not_an_array(files):
+    (files / "object.json").write_text('{"input": "a", "output": "b"}')
+    assert "not an array" in one_error_line(*invoke("extract", *_extract_args(files, **{"--task": files / "object.json"})))
+
+
+def test_too_few_examples_for_the_shots(files):
+    line = one_error_line(*invoke("extract", *_extract_args(files, **{"--shots": 25})))
+    assert "fewer than the 25 shots" in line and "--shots 20" in line
+    assert not (files / "bad_out").exists()
+
+
+def test_top_k_larger_than_the_heads(files):
+    line = one_error_line(*invoke("extract", *_extract_args(files, **{"--top-k": 9})))
+    assert "top-k=9 is out of range: the model has 8 heads (2 layers x 4); choose 1..8" in line
+    assert not (files / "bad_out").exists()
+
+
+def test_unknown_engine(files):
+    line = one_error_line(*invoke("extract", *_extract_args(files, **{"--engine": "fast"})))
+    assert "unknown CIE engine 'fast'" in line
+
+
+def test_missing_model_directory(files):
+    line = one_error_line(*invoke("extract", *_extract_args(files, **{"--model": files / "no_model"})))
+    assert "no_model has no config.json" in line
+
+
+def test_model_without_tokenizer(files):
+    bare = files / "bare"
+    bare.mkdir(exist_ok=True)
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((files / "model" / name).read_bytes())
+    line = one_error_line(*invoke("extract", *_extract_args(files, **{"--model": bare})))
+    assert "has no loadable tokenizer" in line
+
+
+def test_evaluate_layer_out_of_range(extracted):
+    root, _ = extracted
+    line = one_error_line(*invoke("evaluate", "--model", root / "model", "--task", root / "task.json", "--fv", root / "out",
+                                  "--out", root / "bad_eval", "--n-prompts", "3", "--shots", "3", "--layer", "5"))
+    assert "layer 5 is out of range; the model has layers 0..1" in line
+    assert not (root / "bad_eval" / "fv_eval.json").exists()
+
+
+def test_evaluate_without_an_extracted_vector(files):
+    line = one_error_line(*invoke("evaluate", "--model", files / "model", "--task", files / "task.json", "--fv",
+                                  files / "nothing", "--out", files / "bad_eval"))
+    assert "holds no fv.json and fv.safetensors" in line
+
+
+@pytest.mark.slow
+def test_error_in_a_real_process_is_one_line(files):
+    """Loading the model happens before this error: nothing else (warnings, progress) reaches stderr."""
+    proc = forgetlab("fv", "extract", *_extract_args(files, **{"--top-k": 99}))
+    assert "top-k=99 is out of range" in one_error_line(proc.returncode, proc.stderr)

@@ -1,0 +1,164 @@
+"""Mean head activations and the three CIE engines, checked against independent computations."""
+
+import warnings
+
+import pytest
+import torch
+
+from forgetlab.fv.cie import causal_indirect_effect, mean_head_activations
+from forgetlab.fv.prompts import batches, encode_prompt
+from forgetlab.fv.tasks import PromptFormat, counterfactuals, sample_prompts
+from forgetlab.models.zoo import TINY_ARCHITECTURES
+
+FMT = PromptFormat()
+
+
+def clean_and_counterfactual(task, tokenizer, n_clean=6, n_cf=4, shots=3, batch_size=4):
+    splits = task.splits(0)
+    clean = sample_prompts(splits, n_clean, shots=shots, seed=0)
+    cf = counterfactuals(sample_prompts(splits, n_cf, shots=shots, seed=1))
+    return (list(batches(tokenizer, clean, FMT, batch_size)), list(batches(tokenizer, cf, FMT, batch_size)), clean, cf)
+
+
+@pytest.fixture
+def no_fallback():
+    """Fail if the exact engine leaves its layer-by-layer path for the whole-model one."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*layer-by-layer exact CIE path.*")
+        yield
+
+
+@pytest.mark.parametrize("path", ["layered", "whole-model"])
+@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+def test_exact_equals_naive(arch, path, make_adapter, peaked, bpe_tokenizer, upper_task, no_fallback):
+    a = make_adapter(arch, init_range=0.2, vocab=len(bpe_tokenizer))
+    if path == "whole-model":
+        a.final_norm = None  # what the engine does for a model whose top it cannot find
+    else:
+        assert a.final_norm is not None
+    clean, cf, _, _ = clean_and_counterfactual(upper_task, bpe_tokenizer)
+    cf = peaked(a, cf)
+    assert len(cf) == 1 and (cf[0].attention_mask == 0).any(), "one left-padded batch of prompts of different lengths"
+    mean = mean_head_activations(a, clean)
+    naive = causal_indirect_effect(a, cf, mean, engine="naive")
+    assert naive.shape == (4, a.n_layers, a.n_heads) and naive.dtype == torch.float32
+    assert naive.abs().max() > 1e-3, "the comparison needs heads with a real effect"
+    # 4096: all prompts in one step; 5: one prompt per step (whole-model path: its 12 patches as 5 + 5 + 2 rows);
+    # 26: two prompts per step (layered path: 13 rows per prompt; whole-model path: 12)
+    for max_rows in (4096, 5, 26):
+        exact = causal_indirect_effect(a, cf, mean, engine="exact", max_rows=max_rows)
+        assert (exact - naive).abs().max() <= 1e-5, (max_rows, (exact - naive).abs().max())
+
+
+def test_exact_falls_back_when_the_model_top_is_not_norm_and_unembedding(make_adapter, peaked, bpe_tokenizer,
+                                                                           upper_task):
+    a = make_adapter("llama", init_range=0.2, vocab=len(bpe_tokenizer))
+    clean, cf, _, _ = clean_and_counterfactual(upper_task, bpe_tokenizer)
+    cf = peaked(a, cf)
+    mean = mean_head_activations(a, clean)
+    naive = causal_indirect_effect(a, cf, mean, engine="naive")
+    a.final_norm = torch.nn.Identity()  # a wrong guess of the final norm: the self-check must notice
+    with pytest.warns(UserWarning, match="does not reproduce the model's output; using the whole-model path"):
+        exact = causal_indirect_effect(a, cf, mean, engine="exact", max_rows=7)
+    assert (exact - naive).abs().max() <= 1e-5
+
+
+def test_cie_does_not_depend_on_batching(make_adapter, peaked, bpe_tokenizer, upper_task, no_fallback):
+    a = make_adapter("llama", init_range=0.2, vocab=len(bpe_tokenizer))
+    clean, one_batch, _, cf_prompts = clean_and_counterfactual(upper_task, bpe_tokenizer)
+    one_batch = peaked(a, one_batch)
+    mean = mean_head_activations(a, clean)
+    together = causal_indirect_effect(a, one_batch, mean, engine="naive")
+    targets = one_batch[0].targets
+    singles = list(batches(bpe_tokenizer, cf_prompts, FMT, 1))
+    for i, b in enumerate(singles):  # same targets, no padding at all
+        b.targets[:] = targets[i]
+    for engine in ("naive", "exact"):
+        alone = causal_indirect_effect(a, singles, mean, engine=engine)
+        assert (alone - together).abs().max() <= 1e-5, engine
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2", "gpt_neox"])
+def test_mean_head_activations_is_the_per_prompt_average(arch, make_adapter, bpe_tokenizer, upper_task):
+    a = make_adapter(arch, vocab=len(bpe_tokenizer))
+    prompts = sample_prompts(upper_task.splits(0), 7, shots=3, seed=0)
+    got = mean_head_activations(a, batches(bpe_tokenizer, prompts, FMT, batch_size=3))  # 3 + 3 + 1, padded
+
+    last = {}
+    handles = [p.register_forward_pre_hook(lambda mod, args, l=l: last.__setitem__(l, args[0][0, -1].clone()))
+               for l, p in enumerate(a.o_projs)]
+    total = torch.zeros(a.n_layers, a.n_heads * a.head_dim, dtype=torch.float64)
+    with torch.no_grad():
+        for p in prompts:
+            a.model(input_ids=torch.tensor([encode_prompt(bpe_tokenizer, p, FMT)[0]]))
+            total += torch.stack([last[l] for l in range(a.n_layers)]).double()
+    for h in handles:
+        h.remove()
+    want = (total / len(prompts)).float().view(a.n_layers, a.n_heads, a.head_dim)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_attribution_is_the_derivative_of_the_naive_effect(arch, make_adapter, peaked, bpe_tokenizer, upper_task):
+    """For one prompt with head outputs z, naive CIE with the patch z + eps·(mean - z), divided by eps,
+    tends to the attribution (mean - z)·dp/dz as eps -> 0 (float64, so the limit is visible)."""
+    a = make_adapter(arch, init_range=0.2, vocab=len(bpe_tokenizer))
+    a.model.double()
+    clean, _, _, cf_prompts = clean_and_counterfactual(upper_task, bpe_tokenizer)
+    mean = mean_head_activations(a, clean)
+    for b in peaked(a, list(batches(bpe_tokenizer, cf_prompts[:2], FMT, 1))):
+        z = mean_head_activations(a, [b])
+        attribution = causal_indirect_effect(a, [b], mean, engine="attribution")
+        assert attribution.abs().max() > 1e-3
+        errors = []
+        for eps in (1e-2, 1e-3):
+            slope = causal_indirect_effect(a, [b], z + eps * (mean - z), engine="naive") / eps
+            errors.append(float((slope - attribution).abs().max() / attribution.abs().max()))
+        assert errors[1] < 5e-3 and errors[1] < errors[0], errors
+
+
+def test_attribution_leaves_no_parameter_gradients(make_adapter, bpe_tokenizer, upper_task):
+    a = make_adapter("llama", vocab=len(bpe_tokenizer))
+    clean, cf, _, _ = clean_and_counterfactual(upper_task, bpe_tokenizer)
+    out = causal_indirect_effect(a, cf, mean_head_activations(a, clean), engine="attribution")
+    assert out.shape == (4, a.n_layers, a.n_heads) and torch.isfinite(out).all()
+    assert all(p.grad is None for p in a.model.parameters())
+
+
+def test_trained_model_learned_its_task(trained_llama):
+    t = trained_llama
+    first, last = sum(t.losses[:10]) / 10, sum(t.losses[-10:]) / 10
+    assert last < 0.6 * first, (first, last)
+    assert t.accuracy >= 0.9, t.accuracy
+
+
+def test_attribution_ranks_heads_like_naive_on_a_trained_model(trained_llama, spearman, no_fallback):
+    t = trained_llama
+    a, splits = t.adapter, t.task.splits(0)
+    clean = sample_prompts(splits, 30, shots=10, seed=0)
+    cf = counterfactuals(sample_prompts(splits, 16, shots=10, seed=1))
+    mean = mean_head_activations(a, batches(t.tokenizer, clean, t.fmt, 30))
+    cf_batches = list(batches(t.tokenizer, cf, t.fmt, 16))
+    naive = causal_indirect_effect(a, cf_batches, mean, engine="naive")
+    attribution = causal_indirect_effect(a, cf_batches, mean, engine="attribution")
+    exact = causal_indirect_effect(a, cf_batches, mean, engine="exact")
+    assert naive.mean(0).abs().max() > 1e-2
+    assert (exact - naive).abs().max() <= 1e-5
+    # Measured 0.86 for this fixture (model seed 0). Not robust: the same recipe with model seeds 1-4 gives
+    # 0.99, 0.32, 0.64, 0.65 -- a first-order method misranks the one or two heads with large effects.
+    rho = spearman(naive.mean(0), attribution.mean(0))
+    assert rho >= 0.7, rho
+
+
+def test_bad_engine_and_bad_mean_shape(make_adapter, bpe_tokenizer, upper_task):
+    a = make_adapter("llama", vocab=len(bpe_tokenizer))
+    clean, cf, _, _ = clean_and_counterfactual(upper_task, bpe_tokenizer)
+    mean = mean_head_activations(a, clean)
+    with pytest.raises(ValueError, match="unknown CIE engine 'fast'; use one of exact, naive, attribution"):
+        causal_indirect_effect(a, cf, mean, engine="fast")
+    for wrong in (mean[:-1], mean.view(a.n_layers, -1), mean[..., :-1]):
+        with pytest.raises(ValueError, match="mean activations have shape .* but the model needs \\(3, 4, 16\\)"):
+            causal_indirect_effect(a, cf, wrong, engine="exact")
+    with pytest.raises(ValueError, match="no prompts"):
+        mean_head_activations(a, [])

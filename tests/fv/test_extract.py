@@ -1,0 +1,142 @@
+"""The extract / evaluate API: each output recomputed independently, the saved files, bad settings."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from forgetlab.fv.cie import causal_indirect_effect, mean_head_activations
+from forgetlab.fv.evaluate import FVEvalSettings, evaluate_function_vector
+from forgetlab.fv.extract import FunctionVectorResult, FVSettings, extract_function_vector
+from forgetlab.fv.prompts import batches
+from forgetlab.fv.tasks import ICLTask, PromptFormat, counterfactuals, sample_prompts
+from forgetlab.fv.vectors import function_vector
+
+SETTINGS = FVSettings(engine="exact", n_prompts=8, n_cie_prompts=3, shots=3, top_k=4, seed=0, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def extracted(make_adapter, bpe_tokenizer, upper_task):
+    a = make_adapter("llama", init_range=0.2, vocab=len(bpe_tokenizer))
+    return a, extract_function_vector(a, bpe_tokenizer, upper_task, SETTINGS, model_name="tiny")
+
+
+def test_extract_recomputes_independently(extracted, bpe_tokenizer, upper_task):
+    a, r = extracted
+    fmt = PromptFormat()
+    splits = upper_task.splits(SETTINGS.seed)
+    clean = sample_prompts(splits, 8, shots=3, seed=0)
+    mean = mean_head_activations(a, batches(bpe_tokenizer, clean, fmt, 8))
+    torch.testing.assert_close(r.mean_activations, mean, rtol=1e-4, atol=1e-6)
+    cf = counterfactuals(sample_prompts(splits, 3, shots=3, seed=1), seed=0)
+    naive = causal_indirect_effect(a, list(batches(bpe_tokenizer, cf, fmt, 3)), mean, engine="naive")
+    assert r.cie_per_prompt.shape == (3, a.n_layers, a.n_heads)
+    assert (r.cie_per_prompt - naive).abs().max() <= 1e-5
+    assert r.cie.shape == (a.n_layers, a.n_heads) and torch.allclose(r.cie, naive.mean(0), atol=1e-5)
+    # top heads: the 4 largest mean CIEs, best first
+    flat = sorted(((float(r.cie[l, h]), (l, h)) for l in range(a.n_layers) for h in range(a.n_heads)), reverse=True)
+    assert r.top_heads == [head for _, head in flat[:4]]
+    torch.testing.assert_close(r.vector, function_vector(a, r.mean_activations, r.top_heads))
+    assert r.vector.shape == (a.hidden_size,) and r.vector.abs().max() > 0
+    assert (r.task, r.model, r.n_layers, r.n_heads, r.head_dim) == ("upper", "tiny", 3, 4, 16)
+    assert r.seconds > 0
+
+
+def test_engines_agree_through_the_api(extracted, bpe_tokenizer, upper_task):
+    a, exact = extracted
+    naive = extract_function_vector(a, bpe_tokenizer, upper_task, replace(SETTINGS, engine="naive"))
+    assert (naive.cie_per_prompt - exact.cie_per_prompt).abs().max() <= 1e-5
+    assert naive.top_heads == exact.top_heads
+    attribution = extract_function_vector(a, bpe_tokenizer, upper_task, replace(SETTINGS, engine="attribution"))
+    assert attribution.cie_per_prompt.shape == exact.cie_per_prompt.shape
+    assert torch.equal(attribution.mean_activations, exact.mean_activations)
+
+
+def test_save_and_load_round_trip(extracted, tmp_path):
+    _, r = extracted
+    r.save(tmp_path / "out")
+    out = tmp_path / "out"
+    assert {p.name for p in out.iterdir()} == {"fv.json", "fv.safetensors", "cie_heatmap.png"}
+    assert (out / "cie_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    meta = json.loads((out / "fv.json").read_text())
+    assert meta["engine"] == "exact" and meta["n_layers"] == 3 and meta["n_heads"] == 4 and meta["task"] == "upper"
+    assert torch.allclose(torch.tensor(meta["cie"]), r.cie)
+    assert meta["top_heads"] == [list(h) for h in r.top_heads]
+    tensors = load_file(str(out / "fv.safetensors"))
+    assert set(tensors) == {"mean_activations", "function_vector", "cie_per_prompt"}
+
+    back = FunctionVectorResult.load(out)
+    assert back.settings == r.settings and back.top_heads == r.top_heads
+    assert (back.task, back.model, back.n_layers, back.n_heads, back.head_dim, back.seconds) == \
+        (r.task, r.model, r.n_layers, r.n_heads, r.head_dim, r.seconds)
+    for name in ("cie_per_prompt", "mean_activations", "vector"):
+        assert torch.equal(getattr(back, name), getattr(r, name)), name
+    # saving again over the same directory works and leaves no temporary files
+    back.save(out)
+    assert {p.name for p in out.iterdir()} == {"fv.json", "fv.safetensors", "cie_heatmap.png"}
+
+
+def test_load_from_an_empty_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="holds no fv.json and fv.safetensors"):
+        FunctionVectorResult.load(tmp_path)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"engine": "fast"}, "unknown CIE engine 'fast'"),
+    ({"top_k": 13}, "top-k=13 is out of range: the model has 12 heads (3 layers x 4); choose 1..12"),
+    ({"top_k": 0}, "top-k=0 is out of range"),
+    ({"n_prompts": 0}, "n_prompts=0 must be positive"),
+    ({"n_cie_prompts": -1}, "n_cie_prompts=-1 must be positive"),
+    ({"max_rows": 0}, "max_rows=0 must be positive"),
+    ({"shots": -1}, "shots=-1 must be >= 0"),
+    ({"shots": 22}, "fewer than the 22 shots"),
+])
+def test_bad_settings(change, message, make_adapter, bpe_tokenizer, upper_task):
+    a = make_adapter("llama", vocab=len(bpe_tokenizer))
+    with pytest.raises(ValueError) as err:
+        extract_function_vector(a, bpe_tokenizer, upper_task, replace(SETTINGS, **change))
+    assert message in str(err.value)
+
+
+def test_too_small_a_task(make_adapter, bpe_tokenizer):
+    a = make_adapter("llama", vocab=len(bpe_tokenizer))
+    task = ICLTask.from_pairs("three", [("a", "A"), ("b", "B"), ("c", "C"), ("d", "D")])  # 3 train, 1 test, 0 valid
+    with pytest.raises(ValueError, match="no valid examples"):
+        extract_function_vector(a, bpe_tokenizer, task, SETTINGS)
+
+
+EVAL = FVEvalSettings(n_prompts=5, shots=3, batch_size=4, max_new_tokens=3)
+
+
+def test_evaluate(extracted, bpe_tokenizer, upper_task):
+    a, r = extracted
+    a.model.train()
+    result = evaluate_function_vector(a, bpe_tokenizer, upper_task, r.vector, EVAL)
+    assert a.model.training  # evaluation put the model back as it found it
+    a.model.eval()
+    assert result["layers"] == [0, 1, 2] and len(result["zero_shot_fv_top1_by_layer"]) == 3
+    by_layer = result["zero_shot_fv_top1_by_layer"]
+    assert result["best_layer"] == max(range(3), key=lambda i: by_layer[i]) and result["edit_layer"] == result["best_layer"]
+    for key in ("zero_shot", "zero_shot_fv", "few_shot", "shuffled", "shuffled_fv"):
+        assert set(result[key]) == {"top1", "string_match"}
+        assert all(0.0 <= result[key][m] <= 1.0 for m in ("top1", "string_match")), key
+    # the sweep and the single-layer edit agree on the same prompts
+    assert result["zero_shot_fv"]["top1"] == pytest.approx(by_layer[result["edit_layer"]])
+    json.dumps(result)  # the CLI writes it as JSON
+
+    fixed = evaluate_function_vector(a, bpe_tokenizer, upper_task, r.vector, replace(EVAL, layer=2), layers=[0, 2])
+    assert fixed["edit_layer"] == 2 and fixed["layers"] == [0, 2] and len(fixed["zero_shot_fv_top1_by_layer"]) == 2
+    assert fixed["zero_shot_fv"]["top1"] == pytest.approx(fixed["zero_shot_fv_top1_by_layer"][1])
+    assert fixed["zero_shot"] == result["zero_shot"]  # no vector, same prompts, same scores
+
+
+def test_evaluate_bad_inputs(extracted, bpe_tokenizer, upper_task):
+    a, r = extracted
+    with pytest.raises(ValueError, match=r"function vector has shape \(63,\); this model needs \(64,\)"):
+        evaluate_function_vector(a, bpe_tokenizer, upper_task, r.vector[:-1], EVAL)
+    with pytest.raises(ValueError, match="layer 3 is out of range; the model has layers 0..2"):
+        evaluate_function_vector(a, bpe_tokenizer, upper_task, r.vector, replace(EVAL, layer=3))
+    with pytest.raises(ValueError, match="layer -1 is out of range"):
+        evaluate_function_vector(a, bpe_tokenizer, upper_task, r.vector, EVAL, layers=[-1, 0])
