@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 KEYS = ["task0_before", "task0_min_during_task1", "task0_after_task1", "task1_after", "task0_recovered",
         "task0_recovery_control", "spurious_share"]
@@ -69,7 +70,7 @@ def test_checkpoint_loads_with_auto_classes(smoke_run):
 def test_second_method_reuses_cached_phases(smoke_run):
     root, _, _ = smoke_run
     proc = forgetlab("biography", "run", "--preset", "smoke", "--out", str(root / "freeze"), "--method", "freeze",
-                     "--freeze-layers", "1", "--no-progress", cache=root / "cache")
+                     "--freeze-layers", "1", "--snapshot-steps", "3", "--no-progress", cache=root / "cache")
     assert proc.returncode == 0, proc.stderr[-2000:]
     log = proc.stdout + proc.stderr
     assert "[pretrain] cached" in log and "[task0] cached" in log
@@ -77,6 +78,14 @@ def test_second_method_reuses_cached_phases(smoke_run):
     first = json.loads((root / "run" / "results.json").read_text())
     second = json.loads((root / "freeze" / "results.json").read_text())
     assert second["method"] == "freeze" and second["task0_before"] == first["task0_before"]
+    # The snapshot is the model after 3 task-1 steps: moved from task 0, not yet at the end, layer 0 frozen.
+    from safetensors.torch import load_file
+
+    ckpts = root / "freeze" / "checkpoints"
+    snap, start, end = (load_file(ckpts / n / "model.safetensors") for n in ("task1-step-3", "task0", "task1"))
+    moved = [k for k in snap if not torch.equal(snap[k], start[k])]
+    assert moved and any(not torch.equal(snap[k], end[k]) for k in moved)
+    assert all(".layers.0." not in k and "embed" not in k for k in moved)
 
 
 def test_sigkill_then_resume_gives_the_same_results(smoke_run, tmp_path):

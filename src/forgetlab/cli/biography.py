@@ -40,6 +40,7 @@ def run(
     freeze_layers: Annotated[int, typer.Option(help="freeze: bottom decoder layers frozen (with the embedding)")] = 0,
     replay: Annotated[float, typer.Option(help="old-task rows mixed into each new task, as a fraction of its rows")] = 0.0,
     early_stop: Annotated[float, typer.Option(help="stop a task once its exact match reaches this (0 = off)")] = 0.0,
+    snapshot_steps: Annotated[str, typer.Option(help="task steps to keep as checkpoints/taskK-step-N, e.g. 50,150")] = "",
     seed: Seed = 0,
     resume: Annotated[bool, typer.Option(help="continue the run in --out")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace the run in --out")] = False,
@@ -56,6 +57,12 @@ def run(
     cfg = preset_config(preset, seed, MethodConfig(name=method, freeze_layers=freeze_layers, replay=replay,
                                                    early_stop=early_stop))
     cfg = apply_overrides(cfg, set_ or [])
+    if snapshot_steps:
+        try:
+            steps = tuple(int(v) for v in snapshot_steps.split(","))
+        except ValueError:
+            raise ValueError(f"--snapshot-steps {snapshot_steps!r}: expected comma-separated step numbers such as 50,150") from None
+        cfg = replace(cfg, snapshot_steps=steps)
     results = run_biography(cfg, out, cache_dir=cache_dir, resume=resume, overwrite=overwrite,
                             log=log_line, progress=progress)
     show_results(results)

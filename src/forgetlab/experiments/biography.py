@@ -29,9 +29,12 @@ from forgetlab.metrics.cl import cl_summary, spurious_share
 from forgetlab.models.build import build_model, load_model
 from forgetlab.models.tokenizers import build_word_tokenizer
 from forgetlab.train.data import TokenDataset, concat, pack_texts, qa_dataset
+from forgetlab.train.checkpoints import save_model_dir
 from forgetlab.train.trainer import PhaseConfig, train_phase
 from forgetlab.utils.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, config_hash
 from forgetlab.worlds.biography import ATTRIBUTES, BiographyWorld, QAExample, generate_world
+
+SNAPSHOTS = "snapshots"  # inside a phase's cache folder: models saved at cfg.snapshot_steps
 
 
 @dataclass
@@ -131,13 +134,19 @@ class BiographyExperiment:
     # -- phases --------------------------------------------------------------------------
     def _phase(self, name: str, key: str, start: Callable[[], torch.nn.Module], data: Callable[[], TokenDataset],
                pcfg: PhaseConfig, tasks: list[str], stop: Callable[[dict], bool] | None = None,
-               prepare: Callable[[torch.nn.Module], dict] | None = None):
+               prepare: Callable[[torch.nn.Module], dict] | None = None, snapshots: tuple[int, ...] = ()):
         def train(state_dir: Path):
             model = start().to(self.device)
             extra = prepare(model) if prepare else {}
             evaluate = self.step_eval(tasks)
+
+            def on_step(step: int) -> None:
+                if step in snapshots:
+                    save_model_dir(model, self.tokenizer, state_dir.parent / SNAPSHOTS / f"step-{step}")
+
             outcome = train_phase(model, data(), pcfg, phase=name, state_dir=state_dir, seed=self.cfg.seed,
-                                  evaluate=lambda: evaluate(model), stop=stop, log=self.log, progress=self.progress)
+                                  evaluate=lambda: evaluate(model), stop=stop, log=self.log, progress=self.progress,
+                                  on_step=on_step if snapshots else None)
             for p in model.parameters():
                 p.requires_grad_(True)
             info = {"steps": outcome.steps, "stopped_early": outcome.stopped_early, "seconds": outcome.seconds,
@@ -166,7 +175,7 @@ class BiographyExperiment:
 
     def new_task(self, k: int, prev, prev_key: str):
         cfg, method = self.cfg, self.cfg.method
-        key = config_hash(f"task{k}", prev_key, cfg.task, method)
+        key = config_hash(f"task{k}", prev_key, cfg.task, method, *([cfg.snapshot_steps] if cfg.snapshot_steps else []))
 
         def data() -> TokenDataset:
             current = self.train_set(f"task{k}")
@@ -184,7 +193,8 @@ class BiographyExperiment:
         if method.early_stop > 0:
             stop = lambda scores: scores[f"task{k}"]["em"] >= method.early_stop  # noqa: E731
         tasks = ["task0"] + [f"task{j}" for j in range(1, k + 1)]
-        return self._phase(f"task{k}", key, lambda: load_model(prev.model_dir), data, cfg.task, tasks, stop, prepare), key
+        return self._phase(f"task{k}", key, lambda: load_model(prev.model_dir), data, cfg.task, tasks, stop, prepare,
+                           snapshots=cfg.snapshot_steps), key
 
     def recovery(self, source, source_key: str, name: str = "recovery"):
         """One short re-alignment on task-0 QA of half its training people, scored on held-out people."""
@@ -214,6 +224,8 @@ def run_biography(cfg: BiographyRunConfig, out: Path, *, cache_dir: Path | None 
     results = summarize(cfg, phases, rows, exp.n_tasks, seconds=time.perf_counter() - t0)
     for name, phase in phases.items():
         publish_checkpoint(phase.model_dir, out / "checkpoints" / name)
+        for snap in sorted((phase.model_dir.parent / SNAPSHOTS).glob("step-*")):
+            publish_checkpoint(snap, out / "checkpoints" / f"{name}-{snap.name}")
     atomic_write_text(out / "curves.csv", "phase,step,task,metric,value\n" + "".join(
         f"{r['phase']},{r['step']},{r['task']},{r['metric']},{r['value']:.6g}\n" for r in rows))
     atomic_write_jsonl(out / "metrics.jsonl", rows)

@@ -33,6 +33,7 @@ class BiographyRunConfig:
     recovery: PhaseConfig = field(default_factory=PhaseConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    snapshot_steps: tuple[int, ...] = field(default=(), metadata={"help": "task-k steps saved as checkpoints/taskK-stepN"})
 
     def validate(self) -> None:
         self.world.validate()
@@ -42,5 +43,7 @@ class BiographyRunConfig:
         for name in ("pretrain", "task0", "task", "recovery"):
             getattr(self, name).validate(name)
         self.method.validate(self.model.n_layers if not self.model.checkpoint else 10**6)
+        if any(not isinstance(s, int) or s < 1 for s in self.snapshot_steps):
+            raise ValueError(f"snapshot_steps={list(self.snapshot_steps)} must be positive step numbers")
         if self.eval.max_questions < 1 or self.eval.batch_size < 1:
             raise ValueError(f"eval.max_questions={self.eval.max_questions} and eval.batch_size={self.eval.batch_size} must be >= 1")

@@ -130,8 +130,12 @@ def train_phase(
     stop: Callable[[Scores], bool] | None = None,
     log: Callable[[str], None] = print,
     progress: bool = True,
+    on_step: Callable[[int], None] | None = None,
 ) -> PhaseOutcome:
-    """Train ``model`` in place for one phase; resumes from ``state_dir`` if a state is there."""
+    """Train ``model`` in place for one phase; resumes from ``state_dir`` if a state is there.
+
+    ``on_step(step)`` runs after every optimizer step (e.g. to save snapshots for the analyses).
+    """
     device = next(model.parameters()).device
     total = cfg.total_steps(len(data))
     optimizer = make_optimizer(model, cfg)
@@ -184,6 +188,8 @@ def train_phase(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        if on_step is not None:
+            on_step(step)
         bar.update(1)
         if losses and progress:
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
