@@ -99,7 +99,9 @@ def test_pc_angle_is_sign_invariant_and_finds_a_rotation():
     rot = np.array([[np.cos(theta), -np.sin(theta), 0], [np.sin(theta), np.cos(theta), 0], [0, 0, 1]])
     rows = feature_shift(x[None], (x @ rot.T + np.array([3.0, 0, 0]))[None])
     assert rows[0]["pc1_angle_deg"] == pytest.approx(30.0, abs=2.0)
-    spread = np.sqrt(((x - x.mean(0)) ** 2).sum(1).mean())
-    assert rows[0]["mean_shift"] == pytest.approx(np.linalg.norm((x @ rot.T).mean(0) + [3, 0, 0] - x.mean(0)) / spread, rel=1e-6)
+    rms = np.sqrt((x ** 2).sum(1).mean())
+    assert rows[0]["mean_shift"] == pytest.approx(np.linalg.norm((x @ rot.T).mean(0) + [3, 0, 0] - x.mean(0)) / rms, rel=1e-6)
+    constant = feature_shift(np.ones((1, 10, 3)), np.ones((1, 10, 3)) * 2)  # no variation: no principal component
+    assert constant[0]["pc1_angle_deg"] is None and constant[0]["mean_shift"] == pytest.approx(1.0)
     flipped = feature_shift(x[None], (-(x - x.mean(0)) + x.mean(0))[None])  # every component's sign flipped
     assert flipped[0]["pc1_angle_deg"] == pytest.approx(0.0, abs=1e-5)

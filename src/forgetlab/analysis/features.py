@@ -46,15 +46,22 @@ def line_angle_deg(u: np.ndarray, v: np.ndarray) -> float:
 
 
 def feature_shift(reference: np.ndarray, other: np.ndarray) -> list[dict]:
-    """Per layer: pc1_angle_deg, mean_shift (relative to the reference spread), shift_vs_pc1_angle_deg."""
+    """Per layer: pc1_angle_deg, mean_shift (relative to the reference features' RMS norm), shift_vs_pc1_angle_deg.
+
+    Where the reference features do not vary (e.g. the embedding of a last token that every prompt
+    shares) there is no principal component: the angles are None.
+    """
     rows = []
     for layer, (ref, oth) in enumerate(zip(reference, other)):
-        pc_ref, pc_oth = first_pc(ref), first_pc(oth)
         shift = oth.mean(0) - ref.mean(0)
-        spread = float(np.sqrt(((ref - ref.mean(0)) ** 2).sum(1).mean())) or 1e-30
-        rows.append({"layer": layer, "pc1_angle_deg": line_angle_deg(pc_ref, pc_oth),
-                     "mean_shift": float(np.linalg.norm(shift)) / spread,
-                     "shift_vs_pc1_angle_deg": line_angle_deg(shift, pc_ref) if np.linalg.norm(shift) > 0 else 0.0})
+        rms = float(np.sqrt((ref ** 2).sum(1).mean())) or 1e-30
+        spread = float(np.sqrt(((ref - ref.mean(0)) ** 2).sum(1).mean()))
+        varies = spread > 1e-5 * rms
+        pc_ref = first_pc(ref) if varies else None
+        rows.append({"layer": layer,
+                     "pc1_angle_deg": line_angle_deg(pc_ref, first_pc(oth)) if varies else None,
+                     "mean_shift": float(np.linalg.norm(shift)) / rms,
+                     "shift_vs_pc1_angle_deg": line_angle_deg(shift, pc_ref) if varies and np.linalg.norm(shift) > 0 else None})
     return rows
 
 

@@ -83,7 +83,8 @@ def landscape(
     theta2: Annotated[Path, typer.Option(help="d2 = theta2 - theta1")],
     data: Annotated[list[str], typer.Option(help="NAME=FILE of QA JSONL rows {prompt, answer} (repeat per task)")],
     out: Out,
-    trajectory: Annotated[Optional[list[Path]], typer.Option(help="checkpoints to project onto the plane (repeat)")] = None,
+    trajectory: Annotated[Optional[list[Path]], typer.Option(help="checkpoints to project onto the plane, in training "
+                                                                   "order (repeat) [default: theta0, theta1, theta2]")] = None,
     grid: Annotated[str, typer.Option(help="points along d1 x d2 (paper: 41x61)")] = "21x31",
     alpha_range: Annotated[str, typer.Option(help="range along d1")] = "-1,7",
     beta_range: Annotated[str, typer.Option(help="range along d2")] = "-1,12",
@@ -123,7 +124,7 @@ def landscape(
     alphas, betas = np.linspace(a_lo, a_hi, n_a), np.linspace(b_lo, b_hi, n_b)
     result = loss_grid(model, p0, d1, d2, alphas, betas,
                        {name: (lambda m, d=d: dataset_loss(m, d)) for name, d in datasets.items()}, progress)
-    points = [theta0, theta1, theta2] + list(trajectory or [])
+    points = list(trajectory) if trajectory else [theta0, theta1, theta2]  # drawn in the order given
     coords = project(p0, d1, d2, [parameters_of(_load(p)) for p in points])
     labels = [p.name for p in points]
     out.mkdir(parents=True, exist_ok=True)
@@ -162,7 +163,8 @@ def features(
     pairs = {f"{checkpoint[0].name}→{c.name}": feature_shift(feats[0], f) for c, f in zip(checkpoint[1:], feats[1:])}
     out.mkdir(parents=True, exist_ok=True)
     lines = ["pair,layer,pc1_angle_deg,mean_shift,shift_vs_pc1_angle_deg"]
-    lines += [f"{pair},{r['layer']},{r['pc1_angle_deg']:.4f},{r['mean_shift']:.6g},{r['shift_vs_pc1_angle_deg']:.4f}"
+    fmt = lambda v: "" if v is None else f"{v:.6g}"  # noqa: E731
+    lines += [f"{pair},{r['layer']},{fmt(r['pc1_angle_deg'])},{fmt(r['mean_shift'])},{fmt(r['shift_vs_pc1_angle_deg'])}"
               for pair, rows in pairs.items() for r in rows]
     atomic_write_text(out / "features.csv", "\n".join(lines) + "\n")
     atomic_write_json(out / "features.json", {"checkpoints": [str(c) for c in checkpoint], "pairs": pairs})

@@ -48,10 +48,11 @@ def plot_feature_shift(rows_by_pair: dict[str, list[dict]], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for label, rows in rows_by_pair.items():
         layers = [r["layer"] for r in rows]
-        axes[0].plot(layers, [r["pc1_angle_deg"] for r in rows], marker="o", label=label)
+        axes[0].plot(layers, [np.nan if r["pc1_angle_deg"] is None else r["pc1_angle_deg"] for r in rows], marker="o",
+                     label=label)
         axes[1].plot(layers, [r["mean_shift"] for r in rows], marker="o", label=label)
     axes[0].set_ylabel("PC1 angle (degrees)")
-    axes[1].set_ylabel("mean shift / spread")
+    axes[1].set_ylabel("mean shift / RMS feature norm")
     for ax in axes:
         ax.set_xlabel("layer (0 = embedding)")
         ax.legend(fontsize=7)
