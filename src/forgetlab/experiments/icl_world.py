@@ -198,7 +198,7 @@ def evaluate_world_model(model, tokenizer, world: ICLWorld, cfg: ICLBuildConfig,
         per_task[task.name] = {"family": task.family, "shared_inputs": task.shared_inputs, **scores}
     summary = summarize(per_task, world)
     m = summary["mean"]
-    log("[eval] " + "  ".join(f"{k}={v:.3f}" for k, v in m.items()))
+    log("[eval] " + "  ".join(f"{k}={v:.3f}" if v is not None else f"{k}=-" for k, v in m.items()))
     return {"tasks": per_task, **summary}
 
 
