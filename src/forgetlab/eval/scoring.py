@@ -1,0 +1,49 @@
+"""Scores of generated answers as the FV paper reports them (papers.md §2), ×100.
+
+Free text: ROUGE-L F1 with Porter stemming (``rouge-score``), the maximum over the references.
+Multiple choice (every reference is an option letter): the option letter is extracted from the
+generation first, so the score is accuracy (100 or 0) rather than a string overlap.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from functools import lru_cache
+
+OPTION_LETTERS = "ABCDEFGH"
+_LETTER = re.compile(r"^\(?([A-H])\)?(?:[\s.:)]|$)")
+_STATED = re.compile(r"(?:answer|option)\s*(?:is|:)?\s*\(?([A-H])\)?\b", re.IGNORECASE)
+
+
+@lru_cache(maxsize=1)
+def _scorer():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_l(prediction: str, references: Sequence[str]) -> float:
+    """Max ROUGE-L F1 (stemmed) over the references, ×100."""
+    if not references:
+        raise ValueError("rouge_l needs at least one reference")
+    scorer = _scorer()
+    return 100.0 * max(scorer.score(ref, prediction)["rougeL"].fmeasure for ref in references)
+
+
+def option_letter(text: str) -> str | None:
+    """The option a generation picks: a leading ``B``, ``(B)``, ``B.``/``B)``, or "answer is B"."""
+    text = text.strip()
+    match = _LETTER.match(text) or _STATED.search(text)
+    return match.group(1).upper() if match else None
+
+
+def is_multiple_choice(references: Sequence[str]) -> bool:
+    return bool(references) and all(option_letter(r) is not None and len(r.strip().strip("()")) == 1 for r in references)
+
+
+def score(prediction: str, references: Sequence[str]) -> float:
+    """Accuracy on the extracted option letter for multiple choice, else ROUGE-L; both ×100."""
+    if is_multiple_choice(references):
+        return 100.0 * (option_letter(prediction) in {option_letter(r) for r in references})
+    return rouge_l(prediction, references)
