@@ -1,0 +1,93 @@
+"""FV-guided training (FVG, papers.md §2): keep a task's function-vector heads and its FV-steered
+output while the model learns something new.
+
+L = L_LM + α_FV · L_FV + α_KL · L_KL, with
+- L_FV = Σ_{(l,k)∈A} MSE(h_θ^{(l,k)}(x_p), h_{θ_prev}^{(l,k)}(x_p)) on the FV heads A at the last prompt position p;
+- L_KL = T² · KL(p_{θ_prev + FV}(· | x) ‖ p_θ(· | x)) at p, the frozen previous model steered by the task's
+  function vector added at the edit layer.
+The frozen side never changes during a task, so it is computed once for the whole task
+(``build_teacher_cache``); each training step needs only the current model's ordinary forward pass,
+read at p through hooks (``capture_heads``): no second or third forward pass per step, and no on/off
+thresholds on the loss terms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from forgetlab.fv.hooks import add_to_residual, edit_head_inputs
+from forgetlab.fv.prompts import PromptBatch
+from forgetlab.methods.regularizers import distillation_kl
+from forgetlab.models.adapter import ModelAdapter
+
+Head = tuple[int, int]
+
+
+@contextmanager
+def capture_heads(adapter: ModelAdapter, heads: Sequence[Head], positions: torch.Tensor | None = None) -> Iterator[dict]:
+    """Yields a dict that, after a forward pass, holds ``"heads"``: (B, K, head_dim) outputs of ``heads`` at
+    ``positions`` (one index per row; default the last position). Gradients flow through it."""
+    d = adapter.head_dim
+    by_layer: dict[int, list[tuple[int, int]]] = {}
+    for k, (layer, head) in enumerate(heads):
+        by_layer.setdefault(layer, []).append((k, head))
+    store: dict = {}
+    parts: dict[int, torch.Tensor] = {}
+
+    def read(layer: int, x: torch.Tensor) -> None:
+        rows = torch.arange(x.shape[0], device=x.device)
+        at = x[rows, positions.to(x.device)] if positions is not None else x[:, -1]
+        for k, head in by_layer[layer]:
+            parts[k] = at[:, head * d:(head + 1) * d]
+        if len(parts) == len(heads):
+            store["heads"] = torch.stack([parts[k] for k in range(len(heads))], dim=1)
+
+    with edit_head_inputs(adapter, read, layers=sorted(by_layer)):
+        yield store
+
+
+@dataclass
+class TeacherCache:
+    """Frozen-model outputs for every training prompt of a task, in the order of its prompts."""
+
+    logits: torch.Tensor   # (N, vocab) at the last prompt position, with the FV added
+    heads: torch.Tensor    # (N, K, head_dim) FV-head outputs at the last prompt position, without the FV
+
+
+@torch.no_grad()
+def build_teacher_cache(adapter: ModelAdapter, batches: Iterable[PromptBatch], vector: torch.Tensor, layer: int,
+                        heads: Sequence[Head], alpha: float = 1.0) -> TeacherCache:
+    """One pass over the task's zero-shot prompts with the frozen previous model.
+
+    The FV edit sits at ``layer`` (above or below the FV heads), so head outputs are read in a plain
+    pass and the steered logits in a second pass over the same prompts — once per task, not per step.
+    """
+    was_training = adapter.model.training
+    adapter.model.eval()
+    logits, acts = [], []
+    for batch in batches:
+        with capture_heads(adapter, heads) as got:
+            adapter.model(**batch.model_inputs())
+        acts.append(got["heads"].float().cpu())
+        with add_to_residual(adapter, vector.to(batch.input_ids.device), layer, alpha):
+            logits.append(adapter.model(**batch.model_inputs()).logits[:, -1].float().cpu())
+    adapter.model.train(was_training)
+    return TeacherCache(torch.cat(logits), torch.cat(acts))
+
+
+def fv_consistency(current: torch.Tensor, frozen: torch.Tensor) -> torch.Tensor:
+    """Σ over FV heads of the mean squared difference of their outputs, (B, K, d) each."""
+    return (current.float() - frozen.to(current.device).float()).pow(2).mean(dim=(0, 2)).sum()
+
+
+def fvg_terms(current_logits_at_p: torch.Tensor, current_heads: torch.Tensor, cache: TeacherCache, rows: torch.Tensor,
+              temperature: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L_FV, L_KL) for the training rows ``rows`` of the task (indices into the cache)."""
+    cached = rows.cpu()
+    l_fv = fv_consistency(current_heads, cache.heads[cached])
+    l_kl = distillation_kl(current_logits_at_p, cache.logits[cached].to(current_logits_at_p.device), temperature=temperature)
+    return l_fv, l_kl

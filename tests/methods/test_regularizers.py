@@ -1,0 +1,61 @@
+"""Baseline loss terms against hand computations."""
+
+import math
+
+import pytest
+import torch
+
+from forgetlab.methods.regularizers import diagonal_fisher, distillation_kl, ewc_penalty, lora_orthogonality
+
+
+class Linear1(torch.nn.Module):
+    """loss = mean((w·x − y)²): gradient 2·mean((w·x − y)·x) is known in closed form."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([0.5, -1.0]))
+
+    def forward(self, x, labels):
+        return type("Out", (), {"loss": ((x @ self.w - labels) ** 2).mean()})()
+
+
+def test_fisher_is_the_mean_squared_gradient():
+    model = Linear1()
+    batches = [{"x": torch.tensor([[1.0, 2.0]]), "labels": torch.tensor([0.0])},
+               {"x": torch.tensor([[0.0, 1.0]]), "labels": torch.tensor([1.0])}]
+    fisher = diagonal_fisher(model, batches)
+    w = model.w.detach()
+    grads = [2 * (b["x"][0] @ w - b["labels"][0]) * b["x"][0] for b in batches]
+    assert torch.allclose(fisher["w"], (grads[0] ** 2 + grads[1] ** 2) / 2)
+    assert model.w.grad is None
+
+
+def test_ewc_penalty_by_hand():
+    model = Linear1()
+    fisher = {"w": torch.tensor([2.0, 0.5])}
+    anchor = {"w": torch.tensor([0.0, 0.0])}
+    # 0.5 * 3 * (2*0.25 + 0.5*1) = 1.5
+    assert ewc_penalty(model, fisher, anchor, strength=3.0).item() == pytest.approx(1.5)
+    ewc_penalty(model, fisher, anchor, 1.0).backward()
+    assert torch.allclose(model.w.grad, fisher["w"] * model.w.detach())  # d/dθ = F (θ − θ*)
+
+
+def test_distillation_kl_by_hand_and_masking():
+    teacher = torch.tensor([[[0.0, math.log(3.0)]], [[0.0, 0.0]]])  # p = (1/4, 3/4) and (1/2, 1/2), T = 1
+    student = torch.tensor([[[0.0, 0.0]], [[0.0, 0.0]]])
+    kl_first = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+    assert distillation_kl(student, teacher, temperature=1.0).item() == pytest.approx(kl_first / 2)
+    mask = torch.tensor([[True], [False]])
+    assert distillation_kl(student, teacher, mask, temperature=1.0).item() == pytest.approx(kl_first)
+    assert distillation_kl(teacher, teacher, temperature=2.0).item() == pytest.approx(0.0, abs=1e-7)
+    # temperature scales logits and multiplies by T²
+    assert distillation_kl(student, teacher * 2, temperature=2.0).item() == pytest.approx(4 * kl_first / 2, rel=1e-6)
+
+
+def test_lora_orthogonality_is_zero_for_orthogonal_subspaces():
+    q = torch.linalg.qr(torch.randn(8, 8))[0]
+    prev, orth, same = q[:, :2].T, q[:, 2:4].T, q[:, :2].T
+    assert lora_orthogonality([prev], [orth]).item() == pytest.approx(0.0, abs=1e-10)
+    assert lora_orthogonality([prev], [same]).item() == pytest.approx(2.0, abs=1e-5)  # ‖I₂‖²_F
+    a, b = torch.randn(3, 5), torch.randn(2, 5)
+    assert lora_orthogonality([a, a], [b, b]).item() == pytest.approx(2 * ((a @ b.T) ** 2).sum().item(), rel=1e-5)
