@@ -37,6 +37,25 @@ def build(
     cfg.validate()
     prepare_run_dir(out, cfg, resume=resume, overwrite=overwrite)
     results = build_icl_world(cfg, out, log=tqdm.write, progress=progress)
+    show(results, preset)
+    console.print(f"wrote {out}/model/ (HF checkpoint + tokenizer + forgetlab_card.json), world.json, eval.json, fv/")
+
+
+@app.command()
+@user_errors
+def evaluate(
+    out: Annotated[Path, typer.Option("--out", help="directory of an icl-world build")],
+    progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+) -> None:
+    """Score an existing build again (all prompt kinds and the function vectors); rewrites eval.json."""
+    from forgetlab.experiments.icl_world import reevaluate
+
+    results = reevaluate(out, log=tqdm.write, progress=progress)
+    show(results, results.get("preset", "?"))
+    console.print(f"wrote {out}/eval.json, fv/")
+
+
+def show(results: dict, preset: str) -> None:
     table = Table(title=f"ICL world - preset {preset} - {len(results['tasks'])} general tasks (mean accuracy)")
     table.add_column("prompt")
     for group in ("mean", "mean_shared_inputs", "mean_own_inputs"):
@@ -47,4 +66,3 @@ def build(
         table.add_row(key, *["-" if results[g][key] is None else f"{results[g][key]:.3f}"
                              for g in ("mean", "mean_shared_inputs", "mean_own_inputs") if g in results])
     console.print(table)
-    console.print(f"wrote {out}/model/ (HF checkpoint + tokenizer + forgetlab_card.json), world.json, eval.json, fv/")

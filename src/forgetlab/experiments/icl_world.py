@@ -22,7 +22,7 @@ from forgetlab.fv.evaluate import sweep_layers
 from forgetlab.fv.extract import FVSettings, extract_function_vector
 from forgetlab.fv.hooks import add_to_residual
 from forgetlab.fv.prompts import batches
-from forgetlab.fv.tasks import PromptFormat, sample_prompts
+from forgetlab.fv.tasks import PromptFormat, counterfactuals, sample_prompts
 from forgetlab.models.adapter import adapt
 from forgetlab.models.build import ModelConfig, build_model
 from forgetlab.models.tokenizers import build_word_tokenizer
@@ -56,6 +56,8 @@ class ICLBuildConfig:
                                                                    n_heads=8, max_positions=512))
     train: PhaseConfig = field(default_factory=PhaseConfig)
     eval_prompts: int = field(default=40, metadata={"help": "test queries per task and prompt kind"})
+    fv_alphas: tuple[float, ...] = field(default=(1.0, 2.0, 4.0, 8.0),
+                                         metadata={"help": "FV scales tried with every layer; the best pair on valid queries is used"})
     fv: FVSettings = field(default_factory=lambda: FVSettings(n_prompts=40, n_cie_prompts=16, batch_size=32))
 
     def validate(self) -> None:
@@ -147,28 +149,34 @@ def pretraining_data(world: ICLWorld, tokenizer, corpus: ICLCorpusConfig, n_toke
 
 
 def fv_scores(adapter, tokenizer, task: WorldTask, cfg: ICLBuildConfig, out_dir: Path | None) -> dict:
-    """Extract the task's FV (exact CIE), pick its layer on valid queries, score bare and shuffled + FV on test."""
+    """Extract the task's FV (exact CIE); for bare and for shuffled prompts pick the layer and scale on valid
+    queries, then score on test queries."""
     icl_task = task.as_icl_task()
     result = extract_function_vector(adapter, tokenizer, icl_task, replace(cfg.fv, seed=cfg.world.seed))
     if out_dir is not None:
         result.save(out_dir / task.name)
     device = next(adapter.model.parameters()).device
-    valid = [p.zero_shot() for p in sample_prompts(icl_task.splits(cfg.world.seed), cfg.eval_prompts, 0, cfg.seed + 5,
-                                                   query_split="valid", task_name=task.name)]
-    by_layer = sweep_layers(adapter, list(batches(tokenizer, valid, PromptFormat(), 64, device)), result.vector,
-                            list(range(adapter.n_layers)))
-    layer = int(np.argmax(by_layer))
+    few_valid = sample_prompts(icl_task.splits(cfg.world.seed), cfg.eval_prompts, cfg.fv.shots, cfg.seed + 5,
+                               query_split="valid", task_name=task.name)
+    valid = {"zero_shot_bare": [p.zero_shot() for p in few_valid],
+             "shuffled_ten_shot": counterfactuals(few_valid, cfg.seed + 5)}
     prompts = icl_prompts(icl_task, cfg.eval_prompts, cfg.fv.shots, cfg.seed, cfg.world.seed)
-    with add_to_residual(adapter, result.vector.to(device), layer):
-        bare = accuracy(adapter, tokenizer, prompts["zero_shot_bare"])
-        shuffled = accuracy(adapter, tokenizer, prompts["shuffled_ten_shot"])
-    return {"fv_zero_shot": bare, "fv_shuffled_ten_shot": shuffled, "fv_layer": layer,
-            "fv_top_heads": [list(h) for h in result.top_heads], "fv_valid_by_layer": by_layer}
+    layers = list(range(adapter.n_layers))
+    out = {"fv_top_heads": [list(h) for h in result.top_heads]}
+    for kind, key in (("zero_shot_bare", "fv_zero_shot"), ("shuffled_ten_shot", "fv_shuffled_ten_shot")):
+        valid_batches = list(batches(tokenizer, valid[kind], PromptFormat(), 64, device))
+        grid = {alpha: sweep_layers(adapter, valid_batches, result.vector, layers, alpha) for alpha in cfg.fv_alphas}
+        alpha, layer = max(((a, l) for a in cfg.fv_alphas for l in layers), key=lambda al: grid[al[0]][al[1]])
+        with add_to_residual(adapter, result.vector.to(device), layer, alpha):
+            out[key] = accuracy(adapter, tokenizer, prompts[kind])
+        out[f"{key}_layer"], out[f"{key}_alpha"] = layer, alpha
+        out[f"{key}_valid_by_alpha_layer"] = {str(a): accs for a, accs in grid.items()}
+    return out
 
 
 def summarize(per_task: dict[str, dict], world: ICLWorld) -> dict:
     """Means over general tasks, and separately over tasks with shared and with own inputs."""
-    keys = [k for k, v in next(iter(per_task.values())).items() if isinstance(v, float)]
+    keys = [k for k, v in next(iter(per_task.values())).items() if isinstance(v, float) and not k.endswith("_alpha")]
     groups = {"mean": list(per_task)}
     groups["mean_shared_inputs"] = [t for t in per_task if world.task(t).shared_inputs]
     groups["mean_own_inputs"] = [t for t in per_task if not world.task(t).shared_inputs]
@@ -288,3 +296,26 @@ def forgetting_probe(model, tokenizer, world: ICLWorld, sequence: int, cfg: ICLB
     return {"sequence": world.sequences[sequence], "general_before": before, "general_after": after,
             "new_tasks_right_after": learned,
             "drop": {k: before[k] - after[k] for k in kinds}}
+
+
+def reevaluate(out: Path, *, log: Callable[[str], None] = print, progress: bool = True) -> dict:
+    """Score an existing build again (e.g. after changing the evaluation), rewriting ``eval.json``."""
+    from transformers import AutoTokenizer
+
+    from forgetlab.experiments.rundir import CONFIG
+    from forgetlab.models.build import load_model
+    from forgetlab.utils.io import from_jsonable, read_json
+
+    out = Path(out)
+    if not (out / CONFIG).is_file() or not (out / "model" / "config.json").is_file():
+        raise FileNotFoundError(f"{out} is not an icl-world build (no {CONFIG} or model/); run `forgetlab icl-world build` first")
+    cfg = from_jsonable(ICLBuildConfig, read_json(out / CONFIG))
+    world = ICLWorld.read(out / "world.json")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(out / "model").to(device).eval()
+    results = evaluate_world_model(model, AutoTokenizer.from_pretrained(str(out / "model")), world, cfg,
+                                   fv_dir=out / "fv", log=log, progress=progress)
+    previous = read_json(out / "eval.json") if (out / "eval.json").is_file() else {}
+    results.update({k: previous[k] for k in ("preset", "seed", "train_seconds") if k in previous})
+    atomic_write_json(out / "eval.json", results)
+    return results
