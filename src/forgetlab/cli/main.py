@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from transformers.utils import logging as hf_logging
 
-from forgetlab.cli import analyze, biography, fv, icl_world
+from forgetlab.cli import analyze, biography, cit, fv, icl_world
 
 app = typer.Typer(help="Measure, explain and prevent forgetting in continual learning of language models.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -14,6 +14,7 @@ app.add_typer(biography.app, name="biography")
 app.add_typer(fv.app, name="fv")
 app.add_typer(icl_world.app, name="icl-world")
 app.add_typer(analyze.app, name="analyze")
+app.add_typer(cit.app, name="cit")
 
 
 def main() -> None:

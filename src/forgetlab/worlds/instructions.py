@@ -36,9 +36,11 @@ class InstructionTask:
     definition: str
     instances: tuple[tuple[str, tuple[str, ...]], ...]  # (input, reference outputs)
     examples: tuple[tuple[str, str], ...] = ()          # worked examples (NI "Positive Examples")
+    test_size: int | None = None                        # a fixed test split (world tasks) instead of ``n_test``
 
     def split(self, n_train: int = 1000, n_test: int = 100) -> tuple[list, list]:
         """The last ``n_test`` instances are the test set (papers.md §2); training takes the first ``n_train``."""
+        n_test = self.test_size if self.test_size is not None else n_test
         if len(self.instances) <= n_test:
             raise ValueError(f"task {self.name!r} has {len(self.instances)} instances, not more than the {n_test} held out "
                              "for test; lower the test size or use a bigger task")
@@ -47,10 +49,10 @@ class InstructionTask:
 
 
 def from_world_task(task: WorldTask, seed: int) -> InstructionTask:
-    """A world task as an instruction task: train pairs first, then valid, then the test pairs last."""
+    """A world task as an instruction task: train pairs, then valid, then its own test pairs last."""
     s = task.splits(seed)
     ordered = list(s.train) + list(s.valid) + list(s.test)
-    return InstructionTask(task.name, task.instruction, tuple((x, (y,)) for x, y in ordered))
+    return InstructionTask(task.name, task.instruction, tuple((x, (y,)) for x, y in ordered), test_size=len(s.test))
 
 
 def world_sequence(world: ICLWorld, index: int) -> list[InstructionTask]:

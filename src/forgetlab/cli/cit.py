@@ -1,0 +1,52 @@
+"""``forgetlab cit``: continual instruction tuning on the ICL world or natural-instructions tasks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from tqdm.auto import tqdm
+
+from forgetlab.cli.errors import user_errors
+
+app = typer.Typer(help="Continual instruction tuning: a task sequence, the score matrix, GP/IP/FP/AP.",
+                  no_args_is_help=True)
+console = Console()
+
+
+@app.command()
+@user_errors
+def run(
+    out: Annotated[Path, typer.Option("--out", help="run directory")],
+    world: Annotated[Optional[Path], typer.Option(help="an icl-world build (model + world.json)")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="HF checkpoint [default: the world's model]")] = None,
+    sequence: Annotated[str, typer.Option(help="world sequence index, NI-Seq-G1|C1|M1, or task names a,b,c")] = "0",
+    tasks_dir: Annotated[Optional[Path], typer.Option(help="natural-instructions tasks/ folder")] = None,
+    finetune: Annotated[str, typer.Option(help="full | lora | inclora")] = "full",
+    n_train: Annotated[int, typer.Option(help="training instances per task")] = 1000,
+    epochs: Annotated[float, typer.Option(help="passes over each task")] = 10.0,
+    lr: Annotated[float, typer.Option(help="learning rate (constant)")] = 1e-4,
+    seed: Annotated[int, typer.Option(help="data order")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="replace the run in --out")] = False,
+    progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override any setting, e.g. --set train.batch_size=16")] = None,
+) -> None:
+    """Train the sequence task by task and score every task (and GP/IP) after each."""
+    from dataclasses import replace
+
+    from forgetlab.experiments.cit import CITConfig, run_cit
+    from forgetlab.experiments.rundir import prepare_run_dir
+    from forgetlab.utils.io import apply_overrides
+
+    base = CITConfig()
+    cfg = CITConfig(world_dir=str(world or ""), model=str(model or ""), sequence=sequence, tasks_dir=str(tasks_dir or ""),
+                    finetune=finetune, n_train=n_train, seed=seed, train=replace(base.train, lr=lr, epochs=epochs))
+    cfg = apply_overrides(cfg, set_ or [])
+    cfg.validate()
+    prepare_run_dir(out, cfg, resume=False, overwrite=overwrite)
+    results = run_cit(cfg, out, log=tqdm.write, progress=progress)
+    keys = [k for k in ("AP", "FP", "Forget", "GP_initial", "GP", "IP_initial", "IP") if k in results]
+    console.print("  ".join(f"{k}={results[k]:.1f}" for k in keys))
+    console.print(f"wrote {out}/results.json, scores.png, config.json, model/")

@@ -1,0 +1,210 @@
+"""Continual instruction tuning: learn a sequence of instruction tasks, score every task after each one.
+
+The first slice of the FV paper's setting (papers.md §2): full fine-tuning (SEQ), one LoRA adapter
+through the sequence, or IncLoRA (the previous adapter merged, a fresh one per task), on the ICL
+world's sequences (offline default) or natural-instructions task files. After the initial model and
+after every task: each task's test score (ROUGE-L or option accuracy, ×100; the score matrix R), and
+for the ICL world the general abilities GP (instructed zero-shot) and IP (5-shot in context).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from forgetlab.analysis.recovery import encode_qa
+from forgetlab.eval.exact_match import left_pad
+from forgetlab.eval.scoring import score
+from forgetlab.metrics.cl import cl_summary
+from forgetlab.train.data import qa_dataset
+from forgetlab.train.trainer import EvalSchedule, PhaseConfig, train_phase
+from forgetlab.utils.io import atomic_write_json
+from forgetlab.worlds.instructions import InstructionTask, ni_sequence, world_sequence
+
+FINETUNE_MODES = ("full", "lora", "inclora")
+WORLD_TEMPLATE = "{definition}\nQ: {input}\nA:"
+NI_TEMPLATE = "Definition: {definition} Now complete the following example - Input: {input} Output:"
+
+
+@dataclass(frozen=True)
+class CITConfig:
+    preset: str = "custom"
+    seed: int = 0
+    world_dir: str = field(default="", metadata={"help": "an icl-world build (model + world.json)"})
+    model: str = field(default="", metadata={"help": "HF checkpoint; default: the world's model"})
+    sequence: str = field(default="0", metadata={"help": "world sequence index, NI-Seq-G1|C1|M1, or task names a,b,c"})
+    tasks_dir: str = field(default="", metadata={"help": "natural-instructions tasks/ folder for NI sequences"})
+    template: str = field(default="", metadata={"help": "prompt template with {definition} and {input}; default by source"})
+    n_train: int = 1000
+    n_test: int = 100
+    max_source_tokens: int = 512
+    max_target_tokens: int = 128
+    finetune: str = field(default="full", metadata={"help": "full | lora | inclora"})
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.1
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    train: PhaseConfig = field(default_factory=lambda: PhaseConfig(
+        lr=1e-4, schedule="constant", epochs=10, batch_size=8, grad_accum=4, weight_decay=0.0, checkpoint_every=0,
+        eval=EvalSchedule(dense_every=0, every=0)))
+    max_new_tokens: int = 16
+    general_prompts: int = 20
+
+    def validate(self) -> None:
+        if self.finetune not in FINETUNE_MODES:
+            raise ValueError(f"finetune={self.finetune!r} is unknown; use one of {', '.join(FINETUNE_MODES)}")
+        if not self.world_dir and not self.tasks_dir:
+            raise ValueError("give --world DIR (an icl-world build) or --tasks-dir DIR (natural-instructions tasks/)")
+        if not self.world_dir and not self.model:
+            raise ValueError("natural-instructions sequences need --model DIR")
+        for name in ("n_train", "n_test", "max_source_tokens", "max_target_tokens", "max_new_tokens", "lora_r"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        self.train.validate("train")
+
+
+def load_sequence(cfg: CITConfig) -> tuple[list[InstructionTask], object | None]:
+    """The tasks of the sequence and, for the ICL world, the world (for the general abilities)."""
+    if cfg.world_dir:
+        from forgetlab.worlds.icl import ICLWorld
+
+        world = ICLWorld.read(Path(cfg.world_dir) / "world.json")
+        if not cfg.sequence.isdigit():
+            raise ValueError(f"--sequence {cfg.sequence!r}: the ICL world's sequences are numbered 0..{len(world.sequences) - 1}")
+        return world_sequence(world, int(cfg.sequence)), world
+    names = cfg.sequence if cfg.sequence.startswith("NI-Seq-") else [n.strip() for n in cfg.sequence.split(",") if n.strip()]
+    return ni_sequence(cfg.tasks_dir, names), None
+
+
+def _rows(task: InstructionTask, instances, template: str) -> list[dict]:
+    return [{"prompt": template.format(definition=task.definition, input=x), "answer": " " + refs[0], "references": refs}
+            for x, refs in instances]
+
+
+def _truncate(prompts, answers, cfg: CITConfig):
+    """Sources keep their last ``max_source_tokens`` (the BOS and the template head may go), targets their first."""
+    return ([p[-cfg.max_source_tokens:] for p in prompts], [a[:cfg.max_target_tokens] for a in answers])
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 32) -> list[str]:
+    """Greedy continuations, batched with left padding, cut at the first newline."""
+    model.eval()
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    texts = []
+    for start in range(0, len(prompts), batch_size):
+        ids, mask = (t.to(device) for t in left_pad(prompts[start:start + batch_size], pad))
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        texts += tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+    return [t.split("\n")[0].strip() for t in texts]
+
+
+def task_score(model, tokenizer, rows: list[dict], cfg: CITConfig) -> float:
+    prompts, _ = _truncate(*encode_qa(tokenizer, rows), cfg)
+    predictions = generate(model, tokenizer, prompts, cfg.max_new_tokens)
+    return float(np.mean([score(p, r["references"]) for p, r in zip(predictions, rows)]))
+
+
+def general_abilities(model, tokenizer, world, cfg: CITConfig) -> dict[str, float]:
+    """GP: instructed zero-shot, IP: 5-shot in context, mean over the world's general tasks, ×100."""
+    from forgetlab.eval.icl import icl_scores
+    from forgetlab.models.adapter import adapt
+
+    adapter = adapt(model)
+    gp, ip = [], []
+    for task in world.role("general"):
+        icl = task.as_icl_task()
+        gp.append(icl_scores(adapter, tokenizer, icl, cfg.general_prompts, 0, cfg.seed, world.config.seed,
+                             ("zero_shot_instruction",))["zero_shot_instruction"])
+        ip.append(icl_scores(adapter, tokenizer, icl, cfg.general_prompts, 5, cfg.seed, world.config.seed,
+                             ("ten_shot",))["ten_shot"])
+    return {"gp": 100 * float(np.mean(gp)), "ip": 100 * float(np.mean(ip))}
+
+
+def _wrap_lora(model, cfg: CITConfig):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                        target_modules=list(cfg.lora_targets), task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, progress: bool = True) -> dict:
+    """Train the sequence; write ``results.json`` (R, metrics, GP/IP), ``scores.png`` and the final ``model/``."""
+    from transformers import AutoTokenizer
+
+    from forgetlab.models.build import load_model
+
+    cfg.validate()
+    start = time.perf_counter()
+    out = Path(out)
+    tasks, world = load_sequence(cfg)
+    template = cfg.template or (WORLD_TEMPLATE if world is not None else NI_TEMPLATE)
+    model_dir = cfg.model or str(Path(cfg.world_dir) / "model")
+    if not (Path(model_dir) / "config.json").is_file():
+        raise FileNotFoundError(f"model {model_dir} is not a Hugging Face checkpoint directory (no config.json)")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(model_dir).to(device)
+    splits = [task.split(cfg.n_train, cfg.n_test) for task in tasks]
+    test_rows = [_rows(t, test, template) for t, (_, test) in zip(tasks, splits)]
+
+    def evaluate_all(label: str) -> tuple[list[float], dict]:
+        scores = [task_score(model, tokenizer, rows, cfg) for rows in test_rows]
+        general = general_abilities(model, tokenizer, world, cfg) if world is not None else {}
+        log(f"[cit] {label}: " + "  ".join(f"{t.name}={s:.1f}" for t, s in zip(tasks, scores))
+            + "".join(f"  {k.upper()}={v:.1f}" for k, v in general.items()))
+        return scores, general
+
+    R, general = [], []
+    scores, gen = evaluate_all("initial")
+    R.append(scores)
+    general.append(gen)
+    for k, (task, (train, _)) in enumerate(zip(tasks, splits)):
+        if cfg.finetune == "inclora" and k > 0:
+            model = model.merge_and_unload()
+        if cfg.finetune == "inclora" or (cfg.finetune == "lora" and k == 0):
+            model = _wrap_lora(model, cfg)
+        prompts, answers = _truncate(*encode_qa(tokenizer, _rows(task, train, template)), cfg)
+        data = qa_dataset(prompts, answers, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        outcome = train_phase(model, data, cfg.train, phase=task.name, state_dir=out / "state" / task.name,
+                              seed=cfg.seed + k, log=log, progress=progress)
+        scores, gen = evaluate_all(f"after {task.name} ({outcome.steps} steps)")
+        R.append(scores)
+        general.append(gen)
+    if cfg.finetune != "full":
+        model = model.merge_and_unload()
+    from forgetlab.train.checkpoints import save_model_dir
+
+    save_model_dir(model, tokenizer, out / "model")  # the model after the last task (LoRA merged)
+    results = summarize(cfg, tasks, R, general)
+    results["seconds"] = time.perf_counter() - start
+    atomic_write_json(out / "results.json", results)
+    atomic_write_json(out / "config.json", asdict(cfg))
+    from forgetlab.report.cit import plot_score_matrix
+
+    plot_score_matrix(np.array(R), [t.name for t in tasks], out / "scores.png")
+    return results
+
+
+def summarize(cfg: CITConfig, tasks: list[InstructionTask], R: list[list[float]], general: list[dict]) -> dict:
+    """R (initial row first, ×100), AP/FP/Forget and the matrix metrics, GP/IP and their drops."""
+    metrics = cl_summary(np.array(R))
+    out = {"preset": cfg.preset, "seed": cfg.seed, "finetune": cfg.finetune, "method": "seq",
+           "tasks": [t.name for t in tasks], "R": R, **{k.upper() if k in ("ap", "fp") else k: v for k, v in metrics.items()}}
+    out["Forget"] = out.pop("forget")
+    if general and general[0]:
+        out["GP"], out["IP"] = general[-1]["gp"], general[-1]["ip"]
+        out["GP_initial"], out["IP_initial"] = general[0]["gp"], general[0]["ip"]
+        out["GP_drop"], out["IP_drop"] = general[0]["gp"] - general[-1]["gp"], general[0]["ip"] - general[-1]["ip"]
+        out["general_after_each_task"] = general
+    return out

@@ -1,0 +1,86 @@
+"""Continual instruction tuning end to end: the ICL world (full, LoRA, IncLoRA) and NI task files."""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from forgetlab.experiments.cit import CITConfig, run_cit, summarize
+from forgetlab.experiments.icl_world import build_icl_world, preset_config
+from forgetlab.models.tokenizers import build_bpe_tokenizer
+from forgetlab.models.zoo import random_model, tiny_config
+from forgetlab.worlds.instructions import InstructionTask
+
+
+@pytest.fixture(scope="module")
+def world_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("icl")
+    build_icl_world(replace(preset_config("smoke"), eval_prompts=2), out, log=lambda s: None, progress=False)
+    return out
+
+
+def small(world_dir, **kw):
+    base = CITConfig(world_dir=str(world_dir), sequence="0", n_train=12, general_prompts=2, max_new_tokens=3)
+    return replace(base, train=replace(base.train, epochs=1, batch_size=4, grad_accum=1, lr=1e-3), **kw)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("finetune", ["full", "lora", "inclora"])
+def test_world_sequence_runs_and_lora_touches_only_its_targets(world_dir, tmp_path, finetune):
+    cfg = small(world_dir, finetune=finetune)
+    results = run_cit(cfg, tmp_path, log=lambda s: None, progress=False)
+    R = np.array(results["R"])
+    assert R.shape == (6, 5) and ((R >= 0) & (R <= 100)).all()
+    assert results["AP"] == pytest.approx(np.mean(np.diag(R[1:])))
+    assert results["FP"] == pytest.approx(R[-1].mean())
+    assert results["Forget"] == pytest.approx(results["AP"] - results["FP"])
+    assert 0 <= results["GP"] <= 100 and results["GP_drop"] == pytest.approx(results["GP_initial"] - results["GP"])
+    assert (tmp_path / "scores.png").is_file() and json.loads((tmp_path / "results.json").read_text())["finetune"] == finetune
+    before, after = load_file(world_dir / "model" / "model.safetensors"), load_file(tmp_path / "model" / "model.safetensors")
+    changed = {k for k in before if not (before[k] == after[k]).all()}
+    if finetune == "full":
+        assert any("mlp" in k for k in changed)
+    else:  # LoRA on q_proj and v_proj, merged: nothing else moved
+        assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed)
+
+
+def test_summary_of_a_hand_matrix():
+    tasks = [InstructionTask("a", "d", ()), InstructionTask("b", "d", ())]
+    R = [[10.0, 0.0], [80.0, 5.0], [50.0, 90.0]]
+    general = [{"gp": 70.0, "ip": 60.0}, {"gp": 65.0, "ip": 58.0}, {"gp": 40.0, "ip": 50.0}]
+    out = summarize(CITConfig(world_dir="x"), tasks, R, general)
+    assert out["AP"] == pytest.approx(85.0) and out["FP"] == pytest.approx(70.0) and out["Forget"] == pytest.approx(15.0)
+    assert out["GP_drop"] == pytest.approx(30.0) and out["IP_drop"] == pytest.approx(10.0)
+    assert out["bwt_gem"] == pytest.approx(-30.0)
+
+
+def test_ni_files_run_with_any_model(tmp_path):
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    for name, word in (("task001_yes", "yes"), ("task002_no", "no")):
+        data = {"Definition": [f"Always answer {word}."], "Positive Examples": [],
+                "Instances": [{"id": str(i), "input": f"question {i}", "output": [word]} for i in range(30)]}
+        (tasks / f"{name}.json").write_text(json.dumps(data))
+    tok = build_bpe_tokenizer(["Definition: Always answer yes. Now complete the following example - Input: question 1 Output: yes"] * 20,
+                              vocab_size=300)
+    cfg = tiny_config("llama", len(tok), n_layers=2)
+    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    random_model(cfg).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    base = CITConfig(model=str(tmp_path / "model"), tasks_dir=str(tasks), sequence="task001_yes,task002_no", n_train=8,
+                     n_test=10, max_new_tokens=2, finetune="lora")
+    cfg_run = replace(base, train=replace(base.train, epochs=1, batch_size=4, grad_accum=1), lora_targets=("q_proj", "v_proj"))
+    results = run_cit(cfg_run, tmp_path / "run", log=lambda s: None, progress=False)
+    assert results["tasks"] == ["task001_yes", "task002_no"] and "GP" not in results
+    assert np.array(results["R"]).shape == (3, 2)
+
+
+def test_bad_configs_name_the_problem(world_dir):
+    with pytest.raises(ValueError, match="finetune"):
+        small(world_dir, finetune="qlora").validate()
+    with pytest.raises(ValueError, match="--world"):
+        CITConfig().validate()
+    with pytest.raises(ValueError, match="numbered"):
+        run_cit(small(world_dir, sequence="NI-Seq-G1"), world_dir / "x", log=lambda s: None)
