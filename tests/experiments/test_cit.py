@@ -27,20 +27,21 @@ def small(world_dir, **kw):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("finetune", ["full", "lora", "inclora"])
-def test_world_sequence_runs_and_lora_touches_only_its_targets(world_dir, tmp_path, finetune):
-    cfg = small(world_dir, finetune=finetune)
+@pytest.mark.parametrize("method", ["seq", "lora", "inclora"])
+def test_world_sequence_runs_and_lora_touches_only_its_targets(world_dir, tmp_path, method):
+    cfg = small(world_dir, method=method)
     results = run_cit(cfg, tmp_path, log=lambda s: None, progress=False)
     R = np.array(results["R"])
     assert R.shape == (6, 5) and ((R >= 0) & (R <= 100)).all()
     assert results["AP"] == pytest.approx(np.mean(np.diag(R[1:])))
     assert results["FP"] == pytest.approx(R[-1].mean())
-    assert results["Forget"] == pytest.approx(results["AP"] - results["FP"])
-    assert 0 <= results["GP"] <= 100 and results["GP_drop"] == pytest.approx(results["GP_initial"] - results["GP"])
-    assert (tmp_path / "scores.png").is_file() and json.loads((tmp_path / "results.json").read_text())["finetune"] == finetune
+    assert results["forget"] == pytest.approx(results["AP"] - results["FP"])
+    assert 0 <= results["final"]["GP"] <= 100 and results["fvg"] is False
+    assert results["GP_drop"] == pytest.approx(results["initial"]["GP"] - results["final"]["GP"])
+    assert (tmp_path / "scores.png").is_file() and json.loads((tmp_path / "results.json").read_text())["method"] == method
     before, after = load_file(world_dir / "model" / "model.safetensors"), load_file(tmp_path / "model" / "model.safetensors")
     changed = {k for k in before if not (before[k] == after[k]).all()}
-    if finetune == "full":
+    if method == "seq":
         assert any("mlp" in k for k in changed)
     else:  # LoRA on q_proj and v_proj, merged: nothing else moved
         assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed)
@@ -51,7 +52,8 @@ def test_summary_of_a_hand_matrix():
     R = [[10.0, 0.0], [80.0, 5.0], [50.0, 90.0]]
     general = [{"gp": 70.0, "ip": 60.0}, {"gp": 65.0, "ip": 58.0}, {"gp": 40.0, "ip": 50.0}]
     out = summarize(CITConfig(world_dir="x"), tasks, R, general)
-    assert out["AP"] == pytest.approx(85.0) and out["FP"] == pytest.approx(70.0) and out["Forget"] == pytest.approx(15.0)
+    assert out["AP"] == pytest.approx(85.0) and out["FP"] == pytest.approx(70.0) and out["forget"] == pytest.approx(15.0)
+    assert out["initial"] == {"GP": 70.0, "IP": 60.0} and out["final"] == {"GP": 40.0, "IP": 50.0}
     assert out["GP_drop"] == pytest.approx(30.0) and out["IP_drop"] == pytest.approx(10.0)
     assert out["bwt_gem"] == pytest.approx(-30.0)
 
@@ -70,16 +72,18 @@ def test_ni_files_run_with_any_model(tmp_path):
     random_model(cfg).save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
     base = CITConfig(model=str(tmp_path / "model"), tasks_dir=str(tasks), sequence="task001_yes,task002_no", n_train=8,
-                     n_test=10, max_new_tokens=2, finetune="lora")
+                     n_test=10, max_new_tokens=2, method="lora")
     cfg_run = replace(base, train=replace(base.train, epochs=1, batch_size=4, grad_accum=1), lora_targets=("q_proj", "v_proj"))
     results = run_cit(cfg_run, tmp_path / "run", log=lambda s: None, progress=False)
-    assert results["tasks"] == ["task001_yes", "task002_no"] and "GP" not in results
+    files = replace(cfg_run, tasks_dir="", sequence=f"{tasks / 'task002_no.json'},{tasks / 'task001_yes.json'}", method="seq")
+    assert run_cit(files, tmp_path / "run2", log=lambda s: None, progress=False)["tasks"] == ["task002_no", "task001_yes"]
+    assert results["tasks"] == ["task001_yes", "task002_no"] and "initial" not in results
     assert np.array(results["R"]).shape == (3, 2)
 
 
 def test_bad_configs_name_the_problem(world_dir):
-    with pytest.raises(ValueError, match="finetune"):
-        small(world_dir, finetune="qlora").validate()
+    with pytest.raises(ValueError, match="method"):
+        small(world_dir, method="qlora").validate()
     with pytest.raises(ValueError, match="--world"):
         CITConfig().validate()
     with pytest.raises(ValueError, match="numbered"):

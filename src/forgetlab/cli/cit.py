@@ -22,10 +22,12 @@ def run(
     out: Annotated[Path, typer.Option("--out", help="run directory")],
     world: Annotated[Optional[Path], typer.Option(help="an icl-world build (model + world.json)")] = None,
     model: Annotated[Optional[Path], typer.Option(help="HF checkpoint [default: the world's model]")] = None,
-    sequence: Annotated[str, typer.Option(help="world sequence index, NI-Seq-G1|C1|M1, or task names a,b,c")] = "0",
+    sequence: Annotated[str, typer.Option(help="world sequence index, NI-Seq-G1|C1|M1 (with --tasks-dir), task names "
+                                               "a,b,c (in --tasks-dir) or task files a.json,b.json")] = "0",
     tasks_dir: Annotated[Optional[Path], typer.Option(help="natural-instructions tasks/ folder")] = None,
-    finetune: Annotated[str, typer.Option(help="full | lora | inclora")] = "full",
-    n_train: Annotated[int, typer.Option(help="training instances per task")] = 1000,
+    method: Annotated[str, typer.Option(help="seq (full fine-tuning) | lora | inclora")] = "seq",
+    max_train: Annotated[int, typer.Option(help="training instances per task")] = 1000,
+    max_test: Annotated[int, typer.Option(help="test instances per task (the last ones; ICL-world tasks keep their split)")] = 100,
     epochs: Annotated[float, typer.Option(help="passes over each task")] = 10.0,
     lr: Annotated[float, typer.Option(help="learning rate (constant)")] = 1e-4,
     seed: Annotated[int, typer.Option(help="data order")] = 0,
@@ -42,11 +44,14 @@ def run(
 
     base = CITConfig()
     cfg = CITConfig(world_dir=str(world or ""), model=str(model or ""), sequence=sequence, tasks_dir=str(tasks_dir or ""),
-                    finetune=finetune, n_train=n_train, seed=seed, train=replace(base.train, lr=lr, epochs=epochs))
+                    method=method, n_train=max_train, n_test=max_test, seed=seed,
+                    train=replace(base.train, lr=lr, epochs=epochs))
     cfg = apply_overrides(cfg, set_ or [])
     cfg.validate()
     prepare_run_dir(out, cfg, resume=False, overwrite=overwrite)
     results = run_cit(cfg, out, log=tqdm.write, progress=progress)
-    keys = [k for k in ("AP", "FP", "Forget", "GP_initial", "GP", "IP_initial", "IP") if k in results]
-    console.print("  ".join(f"{k}={results[k]:.1f}" for k in keys))
+    line = f"AP={results['AP']:.1f}  FP={results['FP']:.1f}  forget={results['forget']:.1f}"
+    if "initial" in results:
+        line += "".join(f"  {k}: {results['initial'][k]:.1f} -> {results['final'][k]:.1f}" for k in ("GP", "IP"))
+    console.print(line)
     console.print(f"wrote {out}/results.json, scores.png, config.json, model/")

@@ -24,9 +24,9 @@ from forgetlab.metrics.cl import cl_summary
 from forgetlab.train.data import qa_dataset
 from forgetlab.train.trainer import EvalSchedule, PhaseConfig, train_phase
 from forgetlab.utils.io import atomic_write_json
-from forgetlab.worlds.instructions import InstructionTask, ni_sequence, world_sequence
+from forgetlab.worlds.instructions import InstructionTask, load_ni_task, ni_sequence, world_sequence
 
-FINETUNE_MODES = ("full", "lora", "inclora")
+METHODS = ("seq", "lora", "inclora")  # seq = full fine-tuning; the baselines join this list
 WORLD_TEMPLATE = "{definition}\nQ: {input}\nA:"
 NI_TEMPLATE = "Definition: {definition} Now complete the following example - Input: {input} Output:"
 
@@ -37,14 +37,15 @@ class CITConfig:
     seed: int = 0
     world_dir: str = field(default="", metadata={"help": "an icl-world build (model + world.json)"})
     model: str = field(default="", metadata={"help": "HF checkpoint; default: the world's model"})
-    sequence: str = field(default="0", metadata={"help": "world sequence index, NI-Seq-G1|C1|M1, or task names a,b,c"})
+    sequence: str = field(default="0", metadata={"help": "world sequence index, NI-Seq-G1|C1|M1, task names a,b,c "
+                                                          "(in tasks_dir) or task files a.json,b.json"})
     tasks_dir: str = field(default="", metadata={"help": "natural-instructions tasks/ folder for NI sequences"})
     template: str = field(default="", metadata={"help": "prompt template with {definition} and {input}; default by source"})
     n_train: int = 1000
     n_test: int = 100
     max_source_tokens: int = 512
     max_target_tokens: int = 128
-    finetune: str = field(default="full", metadata={"help": "full | lora | inclora"})
+    method: str = field(default="seq", metadata={"help": "seq (full fine-tuning) | lora | inclora"})
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.1
@@ -56,10 +57,11 @@ class CITConfig:
     general_prompts: int = 20
 
     def validate(self) -> None:
-        if self.finetune not in FINETUNE_MODES:
-            raise ValueError(f"finetune={self.finetune!r} is unknown; use one of {', '.join(FINETUNE_MODES)}")
-        if not self.world_dir and not self.tasks_dir:
-            raise ValueError("give --world DIR (an icl-world build) or --tasks-dir DIR (natural-instructions tasks/)")
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r} is unknown; use one of {', '.join(METHODS)}")
+        if not self.world_dir and not self.tasks_dir and ".json" not in self.sequence:
+            raise ValueError("give --world DIR (an icl-world build), --tasks-dir DIR (natural-instructions tasks/) "
+                             "or --sequence a.json,b.json (task files)")
         if not self.world_dir and not self.model:
             raise ValueError("natural-instructions sequences need --model DIR")
         for name in ("n_train", "n_test", "max_source_tokens", "max_target_tokens", "max_new_tokens", "lora_r"):
@@ -77,8 +79,10 @@ def load_sequence(cfg: CITConfig) -> tuple[list[InstructionTask], object | None]
         if not cfg.sequence.isdigit():
             raise ValueError(f"--sequence {cfg.sequence!r}: the ICL world's sequences are numbered 0..{len(world.sequences) - 1}")
         return world_sequence(world, int(cfg.sequence)), world
-    names = cfg.sequence if cfg.sequence.startswith("NI-Seq-") else [n.strip() for n in cfg.sequence.split(",") if n.strip()]
-    return ni_sequence(cfg.tasks_dir, names), None
+    parts = [n.strip() for n in cfg.sequence.split(",") if n.strip()]
+    if parts and all(p.endswith(".json") for p in parts):
+        return [load_ni_task(p) for p in parts], None
+    return ni_sequence(cfg.tasks_dir, cfg.sequence if cfg.sequence.startswith("NI-Seq-") else parts), None
 
 
 def _rows(task: InstructionTask, instances, template: str) -> list[dict]:
@@ -170,9 +174,9 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
     R.append(scores)
     general.append(gen)
     for k, (task, (train, _)) in enumerate(zip(tasks, splits)):
-        if cfg.finetune == "inclora" and k > 0:
+        if cfg.method == "inclora" and k > 0:
             model = model.merge_and_unload()
-        if cfg.finetune == "inclora" or (cfg.finetune == "lora" and k == 0):
+        if cfg.method == "inclora" or (cfg.method == "lora" and k == 0):
             model = _wrap_lora(model, cfg)
         prompts, answers = _truncate(*encode_qa(tokenizer, _rows(task, train, template)), cfg)
         data = qa_dataset(prompts, answers, tokenizer.eos_token_id, tokenizer.pad_token_id)
@@ -181,7 +185,7 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
         scores, gen = evaluate_all(f"after {task.name} ({outcome.steps} steps)")
         R.append(scores)
         general.append(gen)
-    if cfg.finetune != "full":
+    if cfg.method != "seq":
         model = model.merge_and_unload()
     from forgetlab.train.checkpoints import save_model_dir
 
@@ -197,14 +201,15 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
 
 
 def summarize(cfg: CITConfig, tasks: list[InstructionTask], R: list[list[float]], general: list[dict]) -> dict:
-    """R (initial row first, ×100), AP/FP/Forget and the matrix metrics, GP/IP and their drops."""
+    """The results.json contract (0–100 scale): method, fvg, initial/final GP and IP, AP, FP, forget, R,
+    plus the matrix metrics (ACC, BWT in GEM and TRACE variants, FWT, Chaudhry forgetting)."""
     metrics = cl_summary(np.array(R))
-    out = {"preset": cfg.preset, "seed": cfg.seed, "finetune": cfg.finetune, "method": "seq",
-           "tasks": [t.name for t in tasks], "R": R, **{k.upper() if k in ("ap", "fp") else k: v for k, v in metrics.items()}}
-    out["Forget"] = out.pop("forget")
+    out = {"preset": cfg.preset, "seed": cfg.seed, "method": cfg.method, "fvg": False, "tasks": [t.name for t in tasks],
+           "R": R, "AP": metrics.pop("ap"), "FP": metrics.pop("fp"), "forget": metrics.pop("forget"), **metrics}
     if general and general[0]:
-        out["GP"], out["IP"] = general[-1]["gp"], general[-1]["ip"]
-        out["GP_initial"], out["IP_initial"] = general[0]["gp"], general[0]["ip"]
-        out["GP_drop"], out["IP_drop"] = general[0]["gp"] - general[-1]["gp"], general[0]["ip"] - general[-1]["ip"]
-        out["general_after_each_task"] = general
+        out["initial"] = {"GP": general[0]["gp"], "IP": general[0]["ip"]}
+        out["final"] = {"GP": general[-1]["gp"], "IP": general[-1]["ip"]}
+        out["GP_drop"] = general[0]["gp"] - general[-1]["gp"]
+        out["IP_drop"] = general[0]["ip"] - general[-1]["ip"]
+        out["general_after_each_task"] = [{"GP": g["gp"], "IP": g["ip"]} for g in general]
     return out
