@@ -88,3 +88,23 @@ def test_bad_configs_name_the_problem(world_dir):
         CITConfig().validate()
     with pytest.raises(ValueError, match="numbered"):
         run_cit(small(world_dir, sequence="NI-Seq-G1"), world_dir / "x", log=lambda s: None)
+
+
+@pytest.mark.slow
+def test_fvg_terms_change_training_only_when_weighted_and_only_trainable_weights(world_dir, tmp_path):
+    from forgetlab.methods.fvg import FVGConfig
+
+    base = small(world_dir, method="inclora")
+    plain = run_cit(base, tmp_path / "plain", log=lambda s: None, progress=False)
+    zero = run_cit(replace(base, fvg=True, fvg_config=FVGConfig(alpha_fv=0.0, alpha_kl=0.0, n_prompts=4, shots=3)),
+                   tmp_path / "zero", log=lambda s: None, progress=False)
+    assert zero["fvg"] is True and zero["R"] == plain["R"] and zero["final"] == plain["final"]
+    weighted = run_cit(replace(base, fvg=True, fvg_config=FVGConfig(alpha_fv=5.0, alpha_kl=50.0, n_prompts=4, shots=3)),
+                       tmp_path / "fvg", log=lambda s: None, progress=False)
+    w_plain = load_file(tmp_path / "plain" / "model" / "model.safetensors")
+    w_fvg = load_file(tmp_path / "fvg" / "model" / "model.safetensors")
+    w_start = load_file(world_dir / "model" / "model.safetensors")
+    assert any(not (w_plain[k] == w_fvg[k]).all() for k in w_plain)  # the terms moved the weights
+    moved = {k for k in w_start if not (w_start[k] == w_fvg[k]).all()}
+    assert moved and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in moved)  # only LoRA targets trained
+    assert weighted["fvg"] is True

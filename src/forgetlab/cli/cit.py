@@ -30,6 +30,7 @@ def run(
     max_test: Annotated[int, typer.Option(help="test instances per task (the last ones; ICL-world tasks keep their split)")] = 100,
     epochs: Annotated[float, typer.Option(help="passes over each task")] = 10.0,
     lr: Annotated[float, typer.Option(help="learning rate (constant)")] = 1e-4,
+    fvg: Annotated[bool, typer.Option(help="FV-guided training on top of the method (α_FV=1, α_KL=20, T=2)")] = False,
     seed: Annotated[int, typer.Option(help="data order")] = 0,
     overwrite: Annotated[bool, typer.Option(help="replace the run in --out")] = False,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
@@ -44,7 +45,7 @@ def run(
 
     base = CITConfig()
     cfg = CITConfig(world_dir=str(world or ""), model=str(model or ""), sequence=sequence, tasks_dir=str(tasks_dir or ""),
-                    method=method, n_train=max_train, n_test=max_test, seed=seed,
+                    method=method, n_train=max_train, n_test=max_test, seed=seed, fvg=fvg,
                     train=replace(base.train, lr=lr, epochs=epochs))
     cfg = apply_overrides(cfg, set_ or [])
     cfg.validate()

@@ -20,6 +20,7 @@ import torch
 from forgetlab.analysis.recovery import encode_qa
 from forgetlab.eval.exact_match import left_pad
 from forgetlab.eval.scoring import score
+from forgetlab.methods.fvg import FVGConfig, FVGuidance
 from forgetlab.metrics.cl import cl_summary
 from forgetlab.train.data import qa_dataset
 from forgetlab.train.trainer import EvalSchedule, PhaseConfig, train_phase
@@ -55,6 +56,8 @@ class CITConfig:
         eval=EvalSchedule(dense_every=0, every=0)))
     max_new_tokens: int = 16
     general_prompts: int = 20
+    fvg: bool = field(default=False, metadata={"help": "add FV-guided training (FV consistency + FV-guided KL)"})
+    fvg_config: FVGConfig = field(default_factory=FVGConfig)
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -180,8 +183,16 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
             model = _wrap_lora(model, cfg)
         prompts, answers = _truncate(*encode_qa(tokenizer, _rows(task, train, template)), cfg)
         data = qa_dataset(prompts, answers, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        extra = None
+        if cfg.fvg:  # the frozen side comes from the model before this task, computed once
+            from forgetlab.models.adapter import adapt
+
+            adapter = adapt(model)
+            guide = FVGuidance(adapter, tokenizer, task.name, [(x, refs[0]) for x, refs in train], prompts, cfg.fvg_config)
+            model.train()
+            extra = lambda rows, run_forward: guide.loss(adapter, rows, run_forward)  # noqa: E731
         outcome = train_phase(model, data, cfg.train, phase=task.name, state_dir=out / "state" / task.name,
-                              seed=cfg.seed + k, log=log, progress=progress)
+                              seed=cfg.seed + k, log=log, progress=progress, extra_loss=extra)
         scores, gen = evaluate_all(f"after {task.name} ({outcome.steps} steps)")
         R.append(scores)
         general.append(gen)
@@ -204,7 +215,7 @@ def summarize(cfg: CITConfig, tasks: list[InstructionTask], R: list[list[float]]
     """The results.json contract (0–100 scale): method, fvg, initial/final GP and IP, AP, FP, forget, R,
     plus the matrix metrics (ACC, BWT in GEM and TRACE variants, FWT, Chaudhry forgetting)."""
     metrics = cl_summary(np.array(R))
-    out = {"preset": cfg.preset, "seed": cfg.seed, "method": cfg.method, "fvg": False, "tasks": [t.name for t in tasks],
+    out = {"preset": cfg.preset, "seed": cfg.seed, "method": cfg.method, "fvg": cfg.fvg, "tasks": [t.name for t in tasks],
            "R": R, "AP": metrics.pop("ap"), "FP": metrics.pop("fp"), "forget": metrics.pop("forget"), **metrics}
     if general and general[0]:
         out["initial"] = {"GP": general[0]["gp"], "IP": general[0]["ip"]}

@@ -91,3 +91,52 @@ def fvg_terms(current_logits_at_p: torch.Tensor, current_heads: torch.Tensor, ca
     l_fv = fv_consistency(current_heads, cache.heads[cached])
     l_kl = distillation_kl(current_logits_at_p, cache.logits[cached].to(current_logits_at_p.device), temperature=temperature)
     return l_fv, l_kl
+
+
+@dataclass(frozen=True)
+class FVGConfig:
+    """Defaults of the paper's code: α_FV = 1, α_KL = 20 at the last prompt position, T = 2."""
+
+    alpha_fv: float = 1.0
+    alpha_kl: float = 20.0
+    temperature: float = 2.0
+    layer: int = -1        # edit layer; -1: n_layers // 3
+    top_k: int = 10
+    shots: int = 10
+    n_prompts: int = 32    # clean prompts for the mean activations; the CIE uses half as many
+
+
+class FVGuidance:
+    """FV-guided training for one task: built from the model *before* the task, then gives the loss terms."""
+
+    def __init__(self, adapter: ModelAdapter, tokenizer, task_name: str, pairs: Sequence[tuple[str, str]],
+                 train_prompts: Sequence[Sequence[int]], cfg: FVGConfig = FVGConfig()):
+        from forgetlab.eval.exact_match import left_pad
+        from forgetlab.fv.extract import FVSettings, extract_function_vector
+        from forgetlab.fv.tasks import ICLTask
+
+        task = ICLTask.from_pairs(task_name, pairs)
+        shots = max(1, min(cfg.shots, len(task.splits(0).train)))
+        top_k = min(cfg.top_k, adapter.n_layers * adapter.n_heads)
+        settings = FVSettings(n_prompts=cfg.n_prompts, n_cie_prompts=max(1, cfg.n_prompts // 2), shots=shots, top_k=top_k)
+        self.fv = extract_function_vector(adapter, tokenizer, task, settings)
+        self.cfg = cfg
+        self.layer = cfg.layer if cfg.layer >= 0 else adapter.n_layers // 3
+        self.heads = self.fv.top_heads
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        device = next(adapter.model.parameters()).device
+        batches = []
+        for start in range(0, len(train_prompts), 32):
+            ids, mask = left_pad(train_prompts[start:start + 32], pad)
+            batches.append(PromptBatch(ids.to(device), mask.to(device), torch.zeros(len(ids), dtype=torch.long)))
+        self.cache = build_teacher_cache(adapter, batches, self.fv.vector, self.layer, self.heads)
+        self.last = torch.tensor([len(p) - 1 for p in train_prompts])  # the last prompt token in a right-padded row
+
+    def loss(self, adapter: ModelAdapter, rows: torch.Tensor, run_forward) -> torch.Tensor:
+        """α_FV · L_FV + α_KL · L_KL from the ordinary forward pass of the current model, read at the prompt end."""
+        positions = self.last[rows]
+        with capture_heads(adapter, self.heads, positions) as got:
+            out = run_forward()
+        logits = out.logits[torch.arange(len(rows), device=out.logits.device), positions.to(out.logits.device)]
+        l_fv, l_kl = fvg_terms(logits, got["heads"], self.cache, rows, self.cfg.temperature)
+        return self.cfg.alpha_fv * l_fv + self.cfg.alpha_kl * l_kl
