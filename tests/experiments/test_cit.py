@@ -108,3 +108,19 @@ def test_fvg_terms_change_training_only_when_weighted_and_only_trainable_weights
     moved = {k for k in w_start if not (w_start[k] == w_fvg[k]).all()}
     assert moved and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in moved)  # only LoRA targets trained
     assert weighted["fvg"] is True
+
+
+@pytest.mark.slow
+def test_replay_and_ewc_baselines(world_dir, tmp_path):
+    logs = []
+    base = small(world_dir)
+    run_cit(replace(base, method="replay", replay=1.0), tmp_path / "replay", log=logs.append, progress=False)
+    steps = [int(line.split("(")[1].split()[0]) for line in logs if line.startswith("[cit] after")]
+    assert steps[1] > steps[0]  # task 2 trains on its rows plus as many replayed rows of task 1
+    weights = {}
+    for label, method, strength in (("seq", "seq", 0.0), ("ewc0", "ewc", 0.0), ("ewc", "ewc", 1e3)):
+        run_cit(replace(base, method=method, ewc_strength=strength), tmp_path / label, log=lambda s: None, progress=False)
+        weights[label] = load_file(tmp_path / label / "model" / "model.safetensors")
+    same = lambda a, b: all((weights[a][k] == weights[b][k]).all() for k in weights[a])  # noqa: E731
+    assert same("seq", "ewc0")       # a zero-weight penalty leaves training exactly as plain fine-tuning
+    assert not same("seq", "ewc")    # the Fisher penalty changes the updates from task 2 on

@@ -25,7 +25,7 @@ def run(
     sequence: Annotated[str, typer.Option(help="world sequence index, NI-Seq-G1|C1|M1 (with --tasks-dir), task names "
                                                "a,b,c (in --tasks-dir) or task files a.json,b.json")] = "0",
     tasks_dir: Annotated[Optional[Path], typer.Option(help="natural-instructions tasks/ folder")] = None,
-    method: Annotated[str, typer.Option(help="seq (full fine-tuning) | lora | inclora")] = "seq",
+    method: Annotated[str, typer.Option(help="seq (full fine-tuning) | lora | inclora | replay | ewc")] = "seq",
     max_train: Annotated[int, typer.Option(help="training instances per task")] = 1000,
     max_test: Annotated[int, typer.Option(help="test instances per task (the last ones; ICL-world tasks keep their split)")] = 100,
     epochs: Annotated[float, typer.Option(help="passes over each task")] = 10.0,

@@ -21,13 +21,15 @@ from forgetlab.analysis.recovery import encode_qa
 from forgetlab.eval.exact_match import left_pad
 from forgetlab.eval.scoring import score
 from forgetlab.methods.fvg import FVGConfig, FVGuidance
+from forgetlab.methods.regularizers import diagonal_fisher, ewc_penalty
+from forgetlab.methods.replay import mix_replay
 from forgetlab.metrics.cl import cl_summary
-from forgetlab.train.data import qa_dataset
+from forgetlab.train.data import concat, qa_dataset
 from forgetlab.train.trainer import EvalSchedule, PhaseConfig, train_phase
 from forgetlab.utils.io import atomic_write_json
 from forgetlab.worlds.instructions import InstructionTask, load_ni_task, ni_sequence, world_sequence
 
-METHODS = ("seq", "lora", "inclora")  # seq = full fine-tuning; the baselines join this list
+METHODS = ("seq", "lora", "inclora", "replay", "ewc")  # seq, replay and ewc fine-tune all weights
 WORLD_TEMPLATE = "{definition}\nQ: {input}\nA:"
 NI_TEMPLATE = "Definition: {definition} Now complete the following example - Input: {input} Output:"
 
@@ -46,7 +48,10 @@ class CITConfig:
     n_test: int = 100
     max_source_tokens: int = 512
     max_target_tokens: int = 128
-    method: str = field(default="seq", metadata={"help": "seq (full fine-tuning) | lora | inclora"})
+    method: str = field(default="seq", metadata={"help": "seq (full fine-tuning) | lora | inclora | replay | ewc"})
+    replay: float = field(default=0.2, metadata={"help": "replay: earlier tasks' rows mixed in, as a fraction of the task"})
+    ewc_strength: float = field(default=1000.0, metadata={"help": "ewc: weight of the Fisher penalty"})
+    ewc_batches: int = field(default=8, metadata={"help": "ewc: batches for each task's diagonal Fisher"})
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.1
@@ -176,6 +181,8 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
     scores, gen = evaluate_all("initial")
     R.append(scores)
     general.append(gen)
+    seen_data: list = []                 # earlier tasks' training rows (replay)
+    fisher, anchor = None, None          # accumulated diagonal Fisher and the weights after the last task (ewc)
     for k, (task, (train, _)) in enumerate(zip(tasks, splits)):
         if cfg.method == "inclora" and k > 0:
             model = model.merge_and_unload()
@@ -183,20 +190,45 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
             model = _wrap_lora(model, cfg)
         prompts, answers = _truncate(*encode_qa(tokenizer, _rows(task, train, template)), cfg)
         data = qa_dataset(prompts, answers, tokenizer.eos_token_id, tokenizer.pad_token_id)
-        extra = None
+        task_data = data
+        if cfg.method == "replay" and seen_data:
+            data = mix_replay(data, concat(seen_data, tokenizer.pad_token_id), cfg.replay, cfg.seed + k, tokenizer.pad_token_id)
+        penalties = []  # terms added to the loss after the ordinary forward pass
+        if cfg.method == "ewc" and fisher is not None:
+            penalties.append(lambda f=fisher, a=anchor: ewc_penalty(model, f, a, cfg.ewc_strength))
+        guide = adapter = None
         if cfg.fvg:  # the frozen side comes from the model before this task, computed once
             from forgetlab.models.adapter import adapt
 
             adapter = adapt(model)
             guide = FVGuidance(adapter, tokenizer, task.name, [(x, refs[0]) for x, refs in train], prompts, cfg.fvg_config)
             model.train()
-            extra = lambda rows, run_forward: guide.loss(adapter, rows, run_forward)  # noqa: E731
+
+        def extra(rows, run_forward, guide=guide, adapter=adapter, penalties=penalties):
+            if guide is not None:
+                total = guide.loss(adapter, rows, run_forward)
+            else:
+                run_forward()
+                total = 0.0
+            for term in penalties:
+                total = total + term()
+            return total
+
         outcome = train_phase(model, data, cfg.train, phase=task.name, state_dir=out / "state" / task.name,
-                              seed=cfg.seed + k, log=log, progress=progress, extra_loss=extra)
+                              seed=cfg.seed + k, log=log, progress=progress,
+                              extra_loss=extra if guide is not None or penalties else None)
+        seen_data.append(task_data)
+        if cfg.method == "ewc":
+            size = cfg.train.batch_size
+            batches = [{n: t.to(device) for n, t in task_data.batch(torch.arange(i, min(len(task_data), i + size))).items()}
+                       for i in range(0, len(task_data), size)][:cfg.ewc_batches]
+            new = diagonal_fisher(model, batches)
+            fisher = new if fisher is None else {n: fisher[n] + new[n] for n in new}
+            anchor = {n: p.detach().clone() for n, p in model.named_parameters() if n in fisher}
         scores, gen = evaluate_all(f"after {task.name} ({outcome.steps} steps)")
         R.append(scores)
         general.append(gen)
-    if cfg.method != "seq":
+    if cfg.method in ("lora", "inclora"):
         model = model.merge_and_unload()
     from forgetlab.train.checkpoints import save_model_dir
 
