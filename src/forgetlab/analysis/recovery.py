@@ -17,6 +17,7 @@ from pathlib import Path
 
 from forgetlab.eval.exact_match import greedy_exact_match
 from forgetlab.metrics.cl import spurious_share
+from forgetlab.models.tokenizers import pad_id, split_in_context
 from forgetlab.train.data import qa_dataset
 from forgetlab.train.trainer import EvalSchedule, PhaseConfig, train_phase
 
@@ -46,23 +47,16 @@ def read_qa_rows(path: str | Path) -> list[dict]:
 
 
 def encode_qa(tokenizer, rows: list[dict]) -> tuple[list[list[int]], list[list[int]]]:
-    """Prompt ids and answer ids, the answer tokenized in context (as the prompt continues)."""
-    prompts, answers = [], []
+    """Prompt ids (after BOS) and answer ids, the answer tokenized in context (as the prompt continues)."""
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    for row in rows:
-        p = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
-        full = tokenizer(row["prompt"] + row["answer"], add_special_tokens=False)["input_ids"]
-        if full[:len(p)] != p or len(full) == len(p):
-            raise ValueError(f"prompt {row['prompt'][-30:]!r} and answer {row['answer']!r} do not split at a token boundary")
-        prompts.append(bos + p)
-        answers.append(full[len(p):])
-    return prompts, answers
+    pairs = [split_in_context(tokenizer, row["prompt"], row["answer"]) for row in rows]
+    return [bos + p for p, _ in pairs], [a for _, a in pairs]
 
 
 def recover(model, tokenizer, fit_rows: list[dict], eval_rows: list[dict], cfg: PhaseConfig = DEFAULT_RECOVERY,
             seed: int = 0, progress: bool = False, log: Callable[[str], None] = print) -> dict:
     """{current, recovered, steps} for one model; the model itself is left untouched."""
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos, pad = tokenizer.eos_token_id, pad_id(tokenizer)
     eval_prompts, eval_answers = encode_qa(tokenizer, eval_rows)
     current = greedy_exact_match(model, eval_prompts, eval_answers, eos_id=eos, pad_id=pad).em
     fit_prompts, fit_answers = encode_qa(tokenizer, fit_rows)

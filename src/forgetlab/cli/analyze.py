@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -99,6 +98,7 @@ def landscape(
     from forgetlab.analysis.landscape import dataset_loss, directions, loss_grid, parameters_of, project
     from forgetlab.analysis.recovery import encode_qa, read_qa_rows
     from forgetlab.report.analysis import plot_landscape
+    from forgetlab.models.tokenizers import pad_id
     from forgetlab.train.data import qa_dataset
     from forgetlab.utils.io import atomic_write_json
 
@@ -117,7 +117,7 @@ def landscape(
         tasks[name] = read_qa_rows(path)[:max_examples]
     model = _load(theta0)
     tok = _tokenizer(theta0)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_id(tok)
     datasets = {name: qa_dataset(*encode_qa(tok, rows), tok.eos_token_id, pad) for name, rows in tasks.items()}
     p0, p1, p2 = parameters_of(model), parameters_of(_load(theta1)), parameters_of(_load(theta2))
     d1, d2 = directions(p0, p1, p2, orthogonalize, filter_normalize)
@@ -150,13 +150,14 @@ def features(
     from forgetlab.analysis.features import feature_shift, last_token_features, pca_scatter
     from forgetlab.analysis.recovery import encode_qa, read_qa_rows
     from forgetlab.report.analysis import plot_feature_scatter, plot_feature_shift
+    from forgetlab.models.tokenizers import pad_id
     from forgetlab.utils.io import atomic_write_json, atomic_write_text
 
     if len(checkpoint) < 2:
         raise ValueError("--checkpoint: give at least two checkpoints (the first is the reference)")
     tok = _tokenizer(checkpoint[0])
     ids, _ = encode_qa(tok, read_qa_rows(prompts)[:max_prompts])
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_id(tok)
     feats = [last_token_features(_load(c), ids, pad) for c in checkpoint]
     if not 0 <= scatter_layer < feats[0].shape[0]:
         raise ValueError(f"--scatter-layer {scatter_layer} is out of range; the models have layers 0..{feats[0].shape[0] - 1}")
@@ -193,6 +194,7 @@ def recovery(
 
     from forgetlab.analysis.recovery import DEFAULT_RECOVERY, encode_qa, read_qa_rows, recovery_table
     from forgetlab.eval.exact_match import greedy_exact_match
+    from forgetlab.models.tokenizers import pad_id
     from forgetlab.utils.io import atomic_write_json
 
     fit_rows, eval_rows = read_qa_rows(fit), read_qa_rows(eval_)
@@ -201,7 +203,7 @@ def recovery(
         raise ValueError(f"--fit and --eval share {len(overlap)} prompts; recovery must be scored on held-out rows")
     if before is None and before_checkpoint is not None:
         tok = _tokenizer(before_checkpoint)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        pad = pad_id(tok)
         before = greedy_exact_match(_load(before_checkpoint), *encode_qa(tok, eval_rows), eos_id=tok.eos_token_id, pad_id=pad).em
     cfg = replace(DEFAULT_RECOVERY, lr=lr, epochs=epochs, batch_size=batch_size)
     cfg.validate("recovery")

@@ -10,10 +10,9 @@ hash of its configuration, so runs that differ only in later phases share the ea
 from __future__ import annotations
 
 import random
-import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch

@@ -24,6 +24,7 @@ from forgetlab.methods.fvg import FVGConfig, FVGuidance
 from forgetlab.methods.regularizers import diagonal_fisher, ewc_penalty
 from forgetlab.methods.replay import mix_replay
 from forgetlab.metrics.cl import cl_summary
+from forgetlab.models.tokenizers import pad_id
 from forgetlab.train.data import concat, qa_dataset
 from forgetlab.train.trainer import EvalSchedule, PhaseConfig, train_phase
 from forgetlab.utils.io import atomic_write_json
@@ -108,7 +109,7 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
     """Greedy continuations, batched with left padding, cut at the first newline."""
     model.eval()
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     texts = []
     for start in range(0, len(prompts), batch_size):
         ids, mask = (t.to(device) for t in left_pad(prompts[start:start + batch_size], pad))

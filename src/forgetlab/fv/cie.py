@@ -113,7 +113,7 @@ def _counterfactual_prefix(adapter: ModelAdapter, batch: PromptBatch) -> tuple[t
 
 def _prefix_for(adapter: ModelAdapter, batch: PromptBatch, kv: list, prompts: slice) -> SharedPrefix:
     return SharedPrefix(keys=[k[prompts, :, :-1] for k, _ in kv], values=[v[prompts, :, :-1] for _, v in kv],
-                        keep=batch.attention_mask[prompts, :-1].bool(), layer_of=adapter.layer_of())
+                        keep=batch.attention_mask[prompts, :-1].bool(), layer_of=adapter.layer_of)
 
 
 @torch.no_grad()

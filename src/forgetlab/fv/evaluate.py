@@ -9,6 +9,7 @@ and each copy gets the vector at its own layer.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +17,7 @@ import torch
 from forgetlab.fv.hooks import add_to_residual, function_vector_sweep
 from forgetlab.fv.prompts import PromptBatch, batches
 from forgetlab.fv.tasks import ICLPrompt, ICLTask, PromptFormat, counterfactuals, sample_prompts
+from forgetlab.models.tokenizers import pad_id
 from forgetlab.models.adapter import ModelAdapter
 
 
@@ -60,7 +62,7 @@ def sweep_layers(adapter: ModelAdapter, batch_list: Sequence[PromptBatch], vecto
 def generated_match(adapter: ModelAdapter, tokenizer, batch_list: Sequence[PromptBatch], answers: Sequence[str],
                     max_new_tokens: int, stop: str = "\n") -> float:
     """Fraction of prompts whose greedy continuation, cut at ``stop``, equals the answer."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     texts = []
     for batch in batch_list:
         out = adapter.model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, do_sample=False,
@@ -73,13 +75,10 @@ def _score(adapter, tokenizer, prompts: list[ICLPrompt], settings: FVEvalSetting
     device = next(adapter.model.parameters()).device
     batch_list = list(batches(tokenizer, prompts, settings.prompt_format, settings.batch_size, device))
     answers = [p.answer for p in prompts]
-    if vector is None:
+    edit = nullcontext() if vector is None else add_to_residual(adapter, vector.to(device), layer, settings.alpha)
+    with edit:
         top1 = torch.cat([first_token_correct(adapter, b) for b in batch_list]).float().mean().item()
         match = generated_match(adapter, tokenizer, batch_list, answers, settings.max_new_tokens)
-    else:
-        with add_to_residual(adapter, vector.to(device), layer, settings.alpha):
-            top1 = torch.cat([first_token_correct(adapter, b) for b in batch_list]).float().mean().item()
-            match = generated_match(adapter, tokenizer, batch_list, answers, settings.max_new_tokens)
     return {"top1": top1, "string_match": match}
 
 

@@ -15,6 +15,7 @@ import torch
 
 from forgetlab.eval.exact_match import left_pad
 from forgetlab.fv.tasks import ICLPrompt, PromptFormat
+from forgetlab.models.tokenizers import pad_id, split_in_context
 
 
 @dataclass
@@ -39,14 +40,9 @@ class PromptBatch:
 
 def encode_prompt(tokenizer, prompt: ICLPrompt, fmt: PromptFormat) -> tuple[list[int], int, list[int]]:
     """Prompt ids, the first answer token in context, and all answer ids in context."""
-    text = fmt.text(prompt)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    full = tokenizer(text + fmt.answer_sep + prompt.answer, add_special_tokens=False)["input_ids"]
-    if full[:len(ids)] != ids or len(full) == len(ids):
-        raise ValueError(f"the tokenizer does not split {text[-40:]!r} + {prompt.answer!r} at the prompt's end; "
-                         f"use a PromptFormat whose output_prefix ends where tokens end")
+    ids, answer = split_in_context(tokenizer, fmt.text(prompt), fmt.answer_sep + prompt.answer)
     prefix = [tokenizer.bos_token_id] if fmt.bos and tokenizer.bos_token_id is not None else []
-    return prefix + ids, full[len(ids)], full[len(ids):]
+    return prefix + ids, answer[0], answer
 
 
 def collate(encoded: Sequence[tuple[list[int], int]], pad_id: int) -> PromptBatch:
@@ -56,7 +52,7 @@ def collate(encoded: Sequence[tuple[list[int], int]], pad_id: int) -> PromptBatc
 
 def batches(tokenizer, prompts: Sequence[ICLPrompt], fmt: PromptFormat, batch_size: int,
             device: torch.device | str = "cpu") -> Iterator[PromptBatch]:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     encoded = [encode_prompt(tokenizer, p, fmt)[:2] for p in prompts]
     for start in range(0, len(encoded), batch_size):
         yield collate(encoded[start:start + batch_size], pad).to(device)

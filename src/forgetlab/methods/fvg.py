@@ -114,6 +114,7 @@ class FVGuidance:
         from forgetlab.eval.exact_match import left_pad
         from forgetlab.fv.extract import FVSettings, extract_function_vector
         from forgetlab.fv.tasks import ICLTask
+        from forgetlab.models.tokenizers import pad_id
 
         task = ICLTask.from_pairs(task_name, pairs)
         shots = max(1, min(cfg.shots, len(task.splits(0).train)))
@@ -123,7 +124,7 @@ class FVGuidance:
         self.cfg = cfg
         self.layer = cfg.layer if cfg.layer >= 0 else adapter.n_layers // 3
         self.heads = self.fv.top_heads
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad = pad_id(tokenizer)
         device = next(adapter.model.parameters()).device
         batches = []
         for start in range(0, len(train_prompts), 32):

@@ -10,6 +10,7 @@ the head width from the projection itself (``in_features // n_heads``), never fr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from transformers import PreTrainedModel
@@ -50,8 +51,9 @@ class ModelAdapter:
     def n_layers(self) -> int:
         return len(self.layers)
 
+    @cached_property
     def layer_of(self) -> dict[int, int]:
-        """Map ``id(module)`` of every submodule of a decoder layer to that layer's index."""
+        """Map ``id(module)`` of every submodule of a decoder layer to that layer's index (built once)."""
         return {id(m): index for index, layer in enumerate(self.layers) for m in layer.modules()}
 
     @torch.no_grad()

@@ -46,3 +46,21 @@ def build_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 2000) -> PreTrai
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     core.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=core, **SPECIAL_TOKENS)
+
+
+def pad_id(tokenizer) -> int:
+    """The padding id, falling back to eos for tokenizers saved without a pad token."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def split_in_context(tokenizer, text: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Ids of ``text`` and of ``continuation`` as the tokenizer splits ``text + continuation`` together.
+
+    A BPE tokenizer may merge across the boundary; then there is no clean split and this raises.
+    """
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    full = tokenizer(text + continuation, add_special_tokens=False)["input_ids"]
+    if full[:len(ids)] != ids or len(full) == len(ids):
+        raise ValueError(f"the tokenizer does not split {text[-40:]!r} + {continuation!r} at the end of the first part; "
+                         "make the prompt end where tokens end (e.g. the answer starts with a space)")
+    return ids, full[len(ids):]

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from forgetlab.report.fv import save_figure  # noqa: E402
+from forgetlab.report.figures import save_figure  # noqa: E402
 
 
 def plot_angle_heatmap(layers: list[int], components: list[str], grid: np.ndarray, path: Path, title: str) -> None:

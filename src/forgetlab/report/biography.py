@@ -13,6 +13,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from forgetlab.report.figures import save_figure  # noqa: E402
+
 COLORS = {"task0": "tab:blue", "task1": "tab:orange", "task2": "tab:green", "task3": "tab:red"}
 
 
@@ -43,9 +45,4 @@ def plot_curves(rows: list[dict], results: dict, path: Path) -> None:
     ax.set_title(f"biography world - method {results['method']} - spurious share {results['spurious_share']:.2f}")
     ax.legend(loc="best", fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, Path(path))

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from forgetlab.report.fv import save_figure  # noqa: E402
+from forgetlab.report.figures import save_figure  # noqa: E402
 
 
 def plot_score_matrix(R: np.ndarray, tasks: Sequence[str], path: Path) -> None:

@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from forgetlab.report.figures import save_figure  # noqa: E402
+
 
 def plot_cie_heatmap(cie: torch.Tensor, heads: Sequence[tuple[int, int]], path: Path, title: str = "CIE") -> None:
     """Heads on x, layers on y (layer 0 at the bottom), top heads outlined."""
@@ -38,12 +40,3 @@ def plot_layer_sweep(accuracy_by_layer: Sequence[float], baseline: float, path: 
     ax.legend()
     save_figure(fig, path)
 
-
-def save_figure(fig, path: Path) -> None:
-    """Write the PNG beside its final name, then rename: a reader never sees half a figure."""
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
