@@ -6,7 +6,7 @@ tasks of 2,000 QA examples each in <= 10 minutes (GPU). This script builds four 
 shape (the work does not depend on the values), times ``update_angles`` (matrices/s) and a small
 landscape grid (grid points/s, QA rows/s), and prints the projected time of the paper's grid.
 
-    python benchmarks/bench_analysis.py [--device cuda] [--rows 64] [--grid 2x2]
+    python benchmarks/bench_analysis.py [--device cuda] [--rows 64] [--grid 2x2] [--batch-size 256]
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--rows", type=int, default=64, help="QA rows per task for the timed landscape points")
     parser.add_argument("--grid", default="2x2", help="timed grid (the paper's is 41x61)")
+    parser.add_argument("--batch-size", type=int, default=256, help="QA rows per forward pass")
     args = parser.parse_args()
     config = pythia_160m()
     models = [random_model(config, seed=s, device=args.device) for s in range(4)]
@@ -65,7 +66,7 @@ def main() -> None:
     sync(args.device)
     start = time.perf_counter()
     loss_grid(models[0], p0, d1, d2, [0.1 * i for i in range(n_a)], [0.1 * j for j in range(n_b)],
-              {t: (lambda m, d=d: dataset_loss(m, d)) for t, d in data.items()})
+              {t: (lambda m, d=d: dataset_loss(m, d, args.batch_size)) for t, d in data.items()})
     sync(args.device)
     grid_seconds = time.perf_counter() - start
     points = n_a * n_b

@@ -105,3 +105,20 @@ def test_pc_angle_is_sign_invariant_and_finds_a_rotation():
     assert constant[0]["pc1_angle_deg"] is None and constant[0]["mean_shift"] == pytest.approx(1.0)
     flipped = feature_shift(x[None], (-(x - x.mean(0)) + x.mean(0))[None])  # every component's sign flipped
     assert flipped[0]["pc1_angle_deg"] == pytest.approx(0.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("architecture", ["gpt_neox", "llama", "gpt2"])
+def test_dataset_loss_equals_the_models_own_label_loss(architecture):
+    """Unembedding only the labelled positions gives Hugging Face's mean answer-token loss."""
+    from forgetlab.analysis.landscape import dataset_loss
+    from forgetlab.models.zoo import random_model, tiny_config
+    from forgetlab.train.data import qa_dataset
+
+    model = random_model(tiny_config(architecture, vocab_size=50), seed=1)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 50, (int(n),), generator=g).tolist() for n in torch.randint(3, 9, (7,), generator=g)]
+    answers = [torch.randint(3, 50, (int(n),), generator=g).tolist() for n in torch.randint(1, 4, (7,), generator=g)]
+    data = qa_dataset(prompts, answers, eos_id=1, pad_id=2)
+    with torch.no_grad():
+        reference = float(model(input_ids=data.input_ids, attention_mask=data.attention_mask, labels=data.labels).loss)
+    assert dataset_loss(model, data, batch_size=3) == pytest.approx(reference, rel=1e-5)

@@ -72,13 +72,15 @@ def test_ni_files_run_with_any_model(tmp_path):
     random_model(cfg).save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
     base = CITConfig(model=str(tmp_path / "model"), tasks_dir=str(tasks), sequence="task001_yes,task002_no", n_train=8,
-                     n_test=10, max_new_tokens=2, method="lora")
+                     n_test=10, max_new_tokens=2, method="lora", general=str(tasks / "task002_no.json"))
     cfg_run = replace(base, train=replace(base.train, epochs=1, batch_size=4, grad_accum=1), lora_targets=("q_proj", "v_proj"))
     results = run_cit(cfg_run, tmp_path / "run", log=lambda s: None, progress=False)
     files = replace(cfg_run, tasks_dir="", sequence=f"{tasks / 'task002_no.json'},{tasks / 'task001_yes.json'}", method="seq")
     assert run_cit(files, tmp_path / "run2", log=lambda s: None, progress=False)["tasks"] == ["task002_no", "task001_yes"]
-    assert results["tasks"] == ["task001_yes", "task002_no"] and "initial" not in results
+    assert results["tasks"] == ["task001_yes", "task002_no"]
     assert np.array(results["R"]).shape == (3, 2)
+    # the general set is task002 itself: its GP after training equals its column of R (same rows, same scoring)
+    assert results["final"]["GP"] == pytest.approx(results["R"][-1][1]) and 0 <= results["final"]["IP"] <= 100
 
 
 def test_bad_configs_name_the_problem(world_dir):
@@ -124,3 +126,86 @@ def test_replay_and_ewc_baselines(world_dir, tmp_path):
     same = lambda a, b: all((weights[a][k] == weights[b][k]).all() for k in weights[a])  # noqa: E731
     assert same("seq", "ewc0")       # a zero-weight penalty leaves training exactly as plain fine-tuning
     assert not same("seq", "ewc")    # the Fisher penalty changes the updates from task 2 on
+
+
+def test_lwf_loss_is_the_kl_to_the_model_without_its_adapter():
+    """Against a hand computation with the base model kept apart before LoRA was added."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from forgetlab.experiments.cit import lora_a_matrices, lwf_loss
+    from forgetlab.train.data import qa_dataset
+
+    base = random_model(tiny_config("llama", 40), seed=2)
+    teacher = copy.deepcopy(base)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    batch = qa_dataset([[5, 6, 7], [8, 9]], [[10, 11], [12]], eos_id=1, pad_id=2).batch(torch.arange(2))
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    assert float(lwf_loss(model, batch, model(**inputs).logits, 2.0)) == pytest.approx(0.0, abs=1e-6)  # B starts at 0
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if hasattr(module, "lora_B") and "default" in module.lora_B:
+                module.lora_B["default"].weight.normal_(0, 0.5)
+    student = model(**inputs).logits
+    keep = batch["labels"][:, 1:] != -100
+    with torch.no_grad():
+        t_logits = teacher(**inputs).logits[:, :-1][keep] / 2
+    s_logits = student[:, :-1][keep] / 2
+    p_t = torch.softmax(t_logits, -1)
+    hand = 4 * (p_t * (torch.log_softmax(t_logits, -1) - torch.log_softmax(s_logits, -1))).sum(-1).mean()
+    assert float(lwf_loss(model, batch, student, 2.0)) == pytest.approx(float(hand), rel=1e-5)
+    a = lora_a_matrices(model)
+    assert len(a) == 2 * 3 and all(m.shape == (4, 64) for m in a.values())  # q and v of 3 layers, (r, in)
+
+
+def test_a_lora_target_the_model_lacks_is_named(world_dir):
+    from forgetlab.experiments.cit import _wrap_lora
+
+    model = random_model(tiny_config("llama", 40))
+    with pytest.raises(ValueError, match=r"lora_targets \['c_attn'\].*q_proj"):
+        _wrap_lora(model, replace(small(world_dir), lora_targets=("c_attn",)))
+
+
+@pytest.mark.slow
+def test_lwf_olora_and_multitask_baselines(world_dir, tmp_path):
+    weights, results = {}, {}
+    base = small(world_dir, method="inclora")
+    for label, cfg in (("inclora", base), ("lwf0", replace(base, method="lwf", lwf_strength=0.0)),
+                       ("lwf", replace(base, method="lwf", lwf_strength=50.0)),
+                       ("olora0", replace(base, method="olora", olora_strength=0.0)),
+                       ("olora", replace(base, method="olora", olora_strength=1e4))):
+        results[label] = run_cit(cfg, tmp_path / label, log=lambda s: None, progress=False)
+        weights[label] = load_file(tmp_path / label / "model" / "model.safetensors")
+    same = lambda a, b: all((weights[a][k] == weights[b][k]).all() for k in weights[a])  # noqa: E731
+    assert same("inclora", "lwf0") and same("inclora", "olora0")  # zero weight: exactly IncLoRA
+    assert not same("inclora", "lwf") and not same("inclora", "olora")
+    assert results["lwf"]["method"] == "lwf" and results["olora"]["method"] == "olora"
+    logs = []
+    joint = run_cit(small(world_dir, method="multitask"), tmp_path / "multitask", log=logs.append, progress=False)
+    R = np.array(joint["R"])
+    assert R.shape == (6, 5) and all((R[k] == R[1]).all() for k in range(2, 6))  # one jointly trained model
+    assert joint["forget"] == pytest.approx(0.0) and "jointly" in logs[-1]
+
+
+@pytest.mark.slow
+def test_cit_analyze_writes_drift_and_interventions(world_dir, tmp_path):
+    from forgetlab.analysis.fv_drift import DriftSettings
+    from forgetlab.experiments.cit import analyze_run
+
+    cfg = small(world_dir, method="seq")
+    run_cit(replace(cfg, train=replace(cfg.train, lr=3e-3, epochs=3)), tmp_path, log=lambda s: None, progress=False)
+    assert len(list((tmp_path / "checkpoints").glob("task-*"))) == 5
+    out = analyze_run(tmp_path, DriftSettings(n_prompts=4, eval_prompts=6, shots=3, top_k=4, alphas=(1.0,)),
+                      log=lambda s: None)
+    drift = json.loads((tmp_path / "drift.json").read_text())
+    n_general = len(json.loads((world_dir / "world.json").read_text())["tasks"]) - 0
+    assert len(drift["rows"]) % 6 == 0 and len(drift["rows"]) // 6 <= n_general  # initial + 5 checkpoints per task
+    assert set(out["summary"]) == {"fv_cosine", "hidden_cosine", "param_distance"}
+    for name in ("drift.csv", "drift.png", "interventions.json"):
+        assert (tmp_path / name).is_file()
+    tasks = json.loads((tmp_path / "interventions.json").read_text())["tasks"]
+    for row in tasks.values():
+        if row["forgotten"]:
+            assert row["add_recovered"] == pytest.approx((row["add_original_fv"] - row["final"]) / (row["initial"] - row["final"]))

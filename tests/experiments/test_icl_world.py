@@ -54,9 +54,9 @@ def test_corpus_rows_and_labels(small):
     on = data.labels != IGNORE
     assert 0.05 < on.float().mean() < 0.5
     assert torch.equal(data.labels[on], data.input_ids[on])
-    test_pairs = {p for t in world.role("general") if t.family == "arithmetic" for p in t.splits(world.config.seed).test}
+    test_pairs = {p for t in world.role("general") if t.family == "list" for p in t.splits(world.config.seed).test}
     text = " ".join(tok.convert_ids_to_tokens(data.input_ids.flatten().tolist()))
-    for x, y in test_pairs:  # held-out arithmetic facts never appear as Q/A pairs
+    for x, y in test_pairs:  # held-out list pairs never appear as Q/A pairs
         assert f"Q : {x} \n A : {y}" not in text
 
 

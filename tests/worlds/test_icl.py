@@ -38,13 +38,18 @@ def test_known_rules_hold(world):
     for x, y in world.task("reverse").pairs:
         assert y == x[::-1] and y != x
     for x, y in world.task("pick_alpha_first").pairs:
-        assert y == min(x.split())
+        assert y == min(x.split()) and len({w[0] for w in x.split()}) == 3  # decided by the first letters
     for x, y in world.task("count_words").pairs:
         assert world.task("add_1").pairs[len(x.split()) - 1][1] == y  # number word of the list length
     red = dict(world.task("partner_red").pairs)
     assert sorted(red) == sorted(red.values()) and all(k != v for k, v in red.items())  # a derangement
     for x, y in world.task("first_letter_of_partner_red").pairs:
         assert y == red[x][0]
+    languages = [dict(t.pairs) for t in world.tasks if t.name.startswith("translate_") and t.role == "general"]
+    assert len(languages) == world.config.n_translate_tasks
+    outputs = [set(lang.values()) for lang in languages]
+    assert all(set(lang) == set(red) and len(set(lang.values())) == len(lang) for lang in languages)  # bijections
+    assert not set.intersection(*outputs) and not (set.union(*outputs) & set(red))  # each language its own words
 
 
 def test_splits_are_disjoint_and_cover_the_pairs(world):
@@ -59,7 +64,7 @@ def test_rule_tasks_keep_test_pairs_out_of_pretraining(world):
     for task in world.role("general"):
         seen = set(task.pretraining_pairs(world.config.seed))
         test = set(task.splits(world.config.seed).test)
-        if task.family in ("list", "arithmetic"):
+        if task.family == "list":
             assert not seen & test, task.name
         else:
             assert seen == set(task.pairs)
@@ -80,7 +85,8 @@ def test_deterministic_and_round_trips(world, tmp_path):
     assert ICLWorld.read(tmp_path / "world.json").to_json() == world.to_json()
 
 
-@pytest.mark.parametrize("field,value", [("n_words", 5), ("modulus", 50), ("max_count", 30), ("n_kind_tasks", 0)])
+@pytest.mark.parametrize("field,value", [("n_words", 5), ("modulus", 50), ("max_count", 30), ("n_kind_tasks", 0),
+                                         ("n_partner_tasks", 1), ("n_translate_tasks", 11)])
 def test_bad_sizes_are_rejected_with_the_field_named(field, value):
     with pytest.raises(ValueError, match=field):
         generate_icl_world(ICLWorldConfig(**{field: value}))

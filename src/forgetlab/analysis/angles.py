@@ -26,7 +26,7 @@ def effective_rank(singular_values: torch.Tensor, energy: float = 0.99) -> int:
     total = power.sum()
     if total <= 0:
         return 0
-    return int(torch.searchsorted(torch.cumsum(power, 0) / total, torch.tensor(energy, dtype=torch.float64)).item()) + 1
+    return int(torch.searchsorted(torch.cumsum(power, 0) / total, torch.tensor(energy, dtype=torch.float64, device=power.device)).item()) + 1
 
 
 def subspace_angles(delta_a: torch.Tensor, delta_b: torch.Tensor, energy: float = 0.99) -> tuple[int, int, torch.Tensor]:

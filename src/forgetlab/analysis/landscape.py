@@ -100,19 +100,28 @@ def loss_grid(model: torch.nn.Module, theta0: Params, d1: Params, d2: Params, al
 
 
 @torch.no_grad()
-def dataset_loss(model: torch.nn.Module, data, batch_size: int = 64) -> float:
-    """Mean token loss over the labelled tokens of a ``TokenDataset`` (answer tokens for QA data)."""
+def dataset_loss(model: torch.nn.Module, data, batch_size: int = 256) -> float:
+    """Mean token loss over the labelled tokens of a ``TokenDataset`` (answer tokens for QA data).
+
+    A landscape evaluates this thousands of times, so only the labelled positions are unembedded
+    (the body runs once through ``model.base_model``; a 50k-token vocabulary at every position
+    otherwise costs as much as the body), sums stay on the device, and CUDA runs under bf16 autocast.
+    """
     from forgetlab.train.data import IGNORE
 
     device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for start in range(0, len(data), batch_size):
-        batch = {k: v.to(device) for k, v in data.batch(torch.arange(start, min(len(data), start + batch_size))).items()}
-        labels = batch.pop("labels")
-        logits = model(**batch).logits[:, :-1].float()
-        target = labels[:, 1:]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                                 ignore_index=IGNORE, reduction="sum")
-        total += float(loss)
-        count += int((target != IGNORE).sum())
-    return total / max(1, count)
+    body, head = model.base_model, model.get_output_embeddings()
+    if body is model or head is None:
+        raise ValueError(f"dataset_loss needs a causal LM with a base model and an output embedding; got {type(model).__name__}")
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        for start in range(0, len(data), batch_size):
+            batch = {k: v.to(device) for k, v in data.batch(torch.arange(start, min(len(data), start + batch_size))).items()}
+            target = batch.pop("labels")[:, 1:]
+            keep = target != IGNORE
+            hidden = body(**batch).last_hidden_state[:, :-1][keep]
+            logits = head(hidden).float()
+            total += torch.nn.functional.cross_entropy(logits, target[keep], reduction="sum").double()
+            count += int(keep.sum())
+    return float(total) / max(1, count)

@@ -25,7 +25,10 @@ def run(
     sequence: Annotated[str, typer.Option(help="world sequence index, NI-Seq-G1|C1|M1 (with --tasks-dir), task names "
                                                "a,b,c (in --tasks-dir) or task files a.json,b.json")] = "0",
     tasks_dir: Annotated[Optional[Path], typer.Option(help="natural-instructions tasks/ folder")] = None,
-    method: Annotated[str, typer.Option(help="seq (full fine-tuning) | lora | inclora | replay | ewc")] = "seq",
+    method: Annotated[str, typer.Option(help="seq | replay | ewc | multitask (full fine-tuning); "
+                                             "lora | inclora | lwf | olora (LoRA)")] = "seq",
+    general: Annotated[str, typer.Option(help="general sets for GP/IP as task files a.json,b.json "
+                                              "[default: the ICL world's general tasks]")] = "",
     max_train: Annotated[int, typer.Option(help="training instances per task")] = 1000,
     max_test: Annotated[int, typer.Option(help="test instances per task (the last ones; ICL-world tasks keep their split)")] = 100,
     epochs: Annotated[float, typer.Option(help="passes over each task")] = 10.0,
@@ -45,7 +48,7 @@ def run(
 
     base = CITConfig()
     cfg = CITConfig(world_dir=str(world or ""), model=str(model or ""), sequence=sequence, tasks_dir=str(tasks_dir or ""),
-                    method=method, n_train=max_train, n_test=max_test, seed=seed, fvg=fvg,
+                    method=method, general=general, n_train=max_train, n_test=max_test, seed=seed, fvg=fvg,
                     train=replace(base.train, lr=lr, epochs=epochs))
     cfg = apply_overrides(cfg, set_ or [])
     cfg.validate()
@@ -56,3 +59,21 @@ def run(
         line += "".join(f"  {k}: {results['initial'][k]:.1f} -> {results['final'][k]:.1f}" for k in ("GP", "IP"))
     console.print(line)
     console.print(f"wrote {out}/results.json, scores.png, config.json, model/")
+
+
+@app.command()
+@user_errors
+def analyze(
+    run_dir: Annotated[Path, typer.Argument(help="a finished `forgetlab cit run` directory")],
+    prompts: Annotated[int, typer.Option(help="clean 10-shot prompts per FV")] = 32,
+    eval_prompts: Annotated[int, typer.Option(help="test queries per general task")] = 40,
+) -> None:
+    """FV drift vs. forgetting over the run's checkpoints (R² against two controls) and FV interventions."""
+    from forgetlab.analysis.fv_drift import DriftSettings
+    from forgetlab.experiments.cit import analyze_run
+
+    out = analyze_run(run_dir, DriftSettings(n_prompts=prompts, eval_prompts=eval_prompts), log=tqdm.write)
+    s = out["interventions"]
+    console.print(f"forgotten general tasks: {s['forgotten_tasks']}; recovered by adding the original FV: "
+                  f"{s['mean_add_recovered']}, by subtracting the last task's FV: {s['mean_subtract_recovered']}")
+    console.print(f"wrote {run_dir}/drift.json, drift.csv, drift.png, interventions.json")

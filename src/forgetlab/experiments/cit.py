@@ -1,10 +1,18 @@
 """Continual instruction tuning: learn a sequence of instruction tasks, score every task after each one.
 
-The first slice of the FV paper's setting (papers.md §2): full fine-tuning (SEQ), one LoRA adapter
-through the sequence, or IncLoRA (the previous adapter merged, a fresh one per task), on the ICL
-world's sequences (offline default) or natural-instructions task files. After the initial model and
-after every task: each task's test score (ROUGE-L or option accuracy, ×100; the score matrix R), and
-for the ICL world the general abilities GP (instructed zero-shot) and IP (5-shot in context).
+The FV paper's setting (papers.md §2) on the ICL world's sequences (offline default) or
+natural-instructions task files, with the baselines behind one ``method`` switch:
+
+- full fine-tuning: ``seq``, ``replay`` (earlier tasks' rows mixed in), ``ewc`` (diagonal Fisher
+  penalty), ``multitask`` (all tasks at once: the upper bound);
+- LoRA: ``lora`` (one adapter through the sequence), ``inclora`` (the previous adapter merged, a
+  fresh one per task), ``lwf`` (IncLoRA + KL to the previous model, which is the merged model with
+  the new adapter switched off, so no copy is kept) and ``olora`` (IncLoRA + orthogonality of the new
+  adapter's input subspace to the earlier adapters').
+
+After the initial model and after every task: each task's test score (ROUGE-L or option accuracy,
+×100; the score matrix R) and the general abilities GP (instructed zero-shot) and IP (5-shot in
+context), on the ICL world's general tasks or on ``general`` task files.
 """
 
 from __future__ import annotations
@@ -21,16 +29,19 @@ from forgetlab.analysis.recovery import encode_qa
 from forgetlab.eval.exact_match import left_pad
 from forgetlab.eval.scoring import score
 from forgetlab.methods.fvg import FVGConfig, FVGuidance
-from forgetlab.methods.regularizers import diagonal_fisher, ewc_penalty
+from forgetlab.methods.regularizers import diagonal_fisher, distillation_kl, ewc_penalty, lora_orthogonality
 from forgetlab.methods.replay import mix_replay
 from forgetlab.metrics.cl import cl_summary
 from forgetlab.models.tokenizers import pad_id
-from forgetlab.train.data import concat, qa_dataset
+from forgetlab.train.checkpoints import save_model_dir
+from forgetlab.train.data import IGNORE, concat, qa_dataset
 from forgetlab.train.trainer import EvalSchedule, PhaseConfig, train_phase
 from forgetlab.utils.io import atomic_write_json
 from forgetlab.worlds.instructions import InstructionTask, load_ni_task, ni_sequence, world_sequence
 
-METHODS = ("seq", "lora", "inclora", "replay", "ewc")  # seq, replay and ewc fine-tune all weights
+METHODS = ("seq", "lora", "inclora", "replay", "ewc", "lwf", "olora", "multitask")
+LORA_METHODS = ("lora", "inclora", "lwf", "olora")
+FRESH_ADAPTER_METHODS = ("inclora", "lwf", "olora")   # merge the last adapter, start a new one per task
 WORLD_TEMPLATE = "{definition}\nQ: {input}\nA:"
 NI_TEMPLATE = "Definition: {definition} Now complete the following example - Input: {input} Output:"
 
@@ -49,10 +60,15 @@ class CITConfig:
     n_test: int = 100
     max_source_tokens: int = 512
     max_target_tokens: int = 128
-    method: str = field(default="seq", metadata={"help": "seq (full fine-tuning) | lora | inclora | replay | ewc"})
+    method: str = field(default="seq", metadata={"help": " | ".join(METHODS)})
+    general: str = field(default="", metadata={"help": "general sets as task files a.json,b.json (GP/IP); "
+                                                       "default: the ICL world's general tasks"})
     replay: float = field(default=0.2, metadata={"help": "replay: earlier tasks' rows mixed in, as a fraction of the task"})
     ewc_strength: float = field(default=1000.0, metadata={"help": "ewc: weight of the Fisher penalty"})
     ewc_batches: int = field(default=8, metadata={"help": "ewc: batches for each task's diagonal Fisher"})
+    lwf_strength: float = field(default=1.0, metadata={"help": "lwf: weight of the KL to the previous model"})
+    lwf_temperature: float = 2.0
+    olora_strength: float = field(default=0.5, metadata={"help": "olora: weight of the orthogonality penalty"})
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.1
@@ -62,6 +78,8 @@ class CITConfig:
         eval=EvalSchedule(dense_every=0, every=0)))
     max_new_tokens: int = 16
     general_prompts: int = 20
+    save_checkpoints: bool = field(default=True, metadata={"help": "keep the (LoRA-merged) model after every task "
+                                                                    "in checkpoints/ (for `forgetlab cit analyze`)"})
     fvg: bool = field(default=False, metadata={"help": "add FV-guided training (FV consistency + FV-guided KL)"})
     fvg_config: FVGConfig = field(default_factory=FVGConfig)
 
@@ -141,12 +159,56 @@ def general_abilities(model, tokenizer, world, cfg: CITConfig) -> dict[str, floa
     return {"gp": 100 * float(np.mean(gp)), "ip": 100 * float(np.mean(ip))}
 
 
+def general_rows(task: InstructionTask, cfg: CITConfig, template: str, shots: int = 5) -> tuple[list[dict], list[dict]]:
+    """A general set given as a task file: GP rows (the template, zero-shot) and IP rows (``shots`` worked
+    instances from the start of the file as ``Input:/Output:`` pairs, no definition) on its test instances."""
+    train, test = task.split(cfg.n_train, cfg.n_test)
+    if len(train) < shots:
+        raise ValueError(f"general set {task.name!r} has {len(train)} instances besides its test set; "
+                         f"the 5-shot prompts need {shots}")
+    demos = "".join(f"Input: {x}\nOutput: {refs[0]}\n\n" for x, refs in train[:shots])
+    ip = [{"prompt": demos + f"Input: {x}\nOutput:", "answer": " " + refs[0], "references": refs} for x, refs in test]
+    return _rows(task, test, template), ip
+
+
 def _wrap_lora(model, cfg: CITConfig):
     from peft import LoraConfig, get_peft_model
 
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [t for t in cfg.lora_targets if t not in names]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ValueError(f"lora_targets {missing} are not modules of this {type(model).__name__}; its linear layers "
+                         f"are {linear} (set e.g. --set lora_targets=[{','.join(linear[:2])}])")
     config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                         target_modules=list(cfg.lora_targets), task_type="CAUSAL_LM")
     return get_peft_model(model, config)
+
+
+def lora_a_matrices(model) -> dict[str, torch.Tensor]:
+    """The trainable LoRA ``A`` (r, in) of every adapted module, by module name (O-LoRA's subspaces)."""
+    return {name: m.lora_A["default"].weight for name, m in model.named_modules()
+            if hasattr(m, "lora_A") and "default" in m.lora_A}
+
+
+def lwf_loss(model, batch: dict, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL from the previous model (this LoRA model with its adapter off) to the current one on the answer tokens."""
+    keep = batch["labels"][:, 1:] != IGNORE
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), model.disable_adapter():
+        teacher = model(**inputs).logits[:, :-1][keep]
+    model.train(was_training)
+    return distillation_kl(student_logits[:, :-1][keep], teacher, temperature=temperature)
+
+
+def save_checkpoint(model, tokenizer, out: Path, index: int, name: str, lora: bool) -> None:
+    """``checkpoints/task-<k>-<name>/``: a plain HF checkpoint (a LoRA model is merged into a copy first)."""
+    import copy
+
+    snapshot = copy.deepcopy(model).merge_and_unload() if lora else model
+    save_model_dir(snapshot, tokenizer, out / "checkpoints" / f"task-{index + 1:02d}-{name}")
 
 
 def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, progress: bool = True) -> dict:
@@ -170,33 +232,65 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
     model = load_model(model_dir).to(device)
     splits = [task.split(cfg.n_train, cfg.n_test) for task in tasks]
     test_rows = [_rows(t, test, template) for t, (_, test) in zip(tasks, splits)]
+    general_sets = [general_rows(load_ni_task(f.strip()), cfg, template) for f in cfg.general.split(",") if f.strip()]
+
+    def general_scores() -> dict:
+        if general_sets:
+            return {"gp": float(np.mean([task_score(model, tokenizer, gp, cfg) for gp, _ in general_sets])),
+                    "ip": float(np.mean([task_score(model, tokenizer, ip, cfg) for _, ip in general_sets]))}
+        return general_abilities(model, tokenizer, world, cfg) if world is not None else {}
 
     def evaluate_all(label: str) -> tuple[list[float], dict]:
         scores = [task_score(model, tokenizer, rows, cfg) for rows in test_rows]
-        general = general_abilities(model, tokenizer, world, cfg) if world is not None else {}
+        general = general_scores()
         log(f"[cit] {label}: " + "  ".join(f"{t.name}={s:.1f}" for t, s in zip(tasks, scores))
             + "".join(f"  {k.upper()}={v:.1f}" for k, v in general.items()))
         return scores, general
+
+    def task_data(task, train) -> object:
+        prompts, answers = _truncate(*encode_qa(tokenizer, _rows(task, train, template)), cfg)
+        return qa_dataset(prompts, answers, tokenizer.eos_token_id, tokenizer.pad_token_id), prompts
 
     R, general = [], []
     scores, gen = evaluate_all("initial")
     R.append(scores)
     general.append(gen)
+    if cfg.method == "multitask":  # one phase over every task's rows; R repeats the joint model's scores
+        joint = concat([task_data(t, train)[0] for t, (train, _) in zip(tasks, splits)], tokenizer.pad_token_id)
+        outcome = train_phase(model, joint, cfg.train, phase="multitask", state_dir=out / "state" / "multitask",
+                              seed=cfg.seed, log=log, progress=progress)
+        scores, gen = evaluate_all(f"after all tasks jointly ({outcome.steps} steps)")
+        R += [scores] * len(tasks)
+        general += [gen] * len(tasks)
+        if cfg.save_checkpoints:
+            save_checkpoint(model, tokenizer, out, len(tasks) - 1, "multitask", False)
     seen_data: list = []                 # earlier tasks' training rows (replay)
     fisher, anchor = None, None          # accumulated diagonal Fisher and the weights after the last task (ewc)
+    earlier_a: dict[str, list[torch.Tensor]] = {}  # earlier tasks' LoRA A matrices per module (olora)
     for k, (task, (train, _)) in enumerate(zip(tasks, splits)):
-        if cfg.method == "inclora" and k > 0:
+        if cfg.method == "multitask":
+            break
+        if cfg.method in FRESH_ADAPTER_METHODS and k > 0:
+            for name, a in lora_a_matrices(model).items():
+                earlier_a.setdefault(name, []).append(a.detach().clone())
             model = model.merge_and_unload()
-        if cfg.method == "inclora" or (cfg.method == "lora" and k == 0):
+        if cfg.method in FRESH_ADAPTER_METHODS or (cfg.method == "lora" and k == 0):
+            torch.manual_seed(cfg.seed + k)  # LoRA's A is drawn at random: same seed, same run
             model = _wrap_lora(model, cfg)
-        prompts, answers = _truncate(*encode_qa(tokenizer, _rows(task, train, template)), cfg)
-        data = qa_dataset(prompts, answers, tokenizer.eos_token_id, tokenizer.pad_token_id)
-        task_data = data
+        data, prompts = task_data(task, train)
+        task_rows = data
         if cfg.method == "replay" and seen_data:
             data = mix_replay(data, concat(seen_data, tokenizer.pad_token_id), cfg.replay, cfg.seed + k, tokenizer.pad_token_id)
-        penalties = []  # terms added to the loss after the ordinary forward pass
+        penalties = []  # terms (rows, outputs) -> loss added after the ordinary forward pass
         if cfg.method == "ewc" and fisher is not None:
-            penalties.append(lambda f=fisher, a=anchor: ewc_penalty(model, f, a, cfg.ewc_strength))
+            penalties.append(lambda rows, outputs, f=fisher, a=anchor: ewc_penalty(model, f, a, cfg.ewc_strength))
+        if cfg.method == "lwf" and k > 0:
+            penalties.append(lambda rows, outputs, d=data: cfg.lwf_strength * lwf_loss(
+                model, {n: t.to(device) for n, t in d.batch(rows).items()}, outputs.logits, cfg.lwf_temperature))
+        if cfg.method == "olora" and earlier_a:
+            current = lora_a_matrices(model)
+            penalties.append(lambda rows, outputs, c=current: cfg.olora_strength * lora_orthogonality(
+                [torch.cat(earlier_a[n]) for n in c], list(c.values())))
         guide = adapter = None
         if cfg.fvg:  # the frozen side comes from the model before this task, computed once
             from forgetlab.models.adapter import adapt
@@ -206,33 +300,30 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
             model.train()
 
         def extra(rows, run_forward, guide=guide, adapter=adapter, penalties=penalties):
-            if guide is not None:
-                total = guide.loss(adapter, rows, run_forward)
-            else:
-                run_forward()
-                total = 0.0
+            total = guide.loss(adapter, rows, run_forward) if guide is not None else 0.0
+            outputs = run_forward()  # the ordinary forward pass, run once (FVG already ran it under its hooks)
             for term in penalties:
-                total = total + term()
+                total = total + term(rows, outputs)
             return total
 
         outcome = train_phase(model, data, cfg.train, phase=task.name, state_dir=out / "state" / task.name,
                               seed=cfg.seed + k, log=log, progress=progress,
                               extra_loss=extra if guide is not None or penalties else None)
-        seen_data.append(task_data)
+        seen_data.append(task_rows)
         if cfg.method == "ewc":
             size = cfg.train.batch_size
-            batches = [{n: t.to(device) for n, t in task_data.batch(torch.arange(i, min(len(task_data), i + size))).items()}
-                       for i in range(0, len(task_data), size)][:cfg.ewc_batches]
+            batches = [{n: t.to(device) for n, t in task_rows.batch(torch.arange(i, min(len(task_rows), i + size))).items()}
+                       for i in range(0, len(task_rows), size)][:cfg.ewc_batches]
             new = diagonal_fisher(model, batches)
             fisher = new if fisher is None else {n: fisher[n] + new[n] for n in new}
             anchor = {n: p.detach().clone() for n, p in model.named_parameters() if n in fisher}
         scores, gen = evaluate_all(f"after {task.name} ({outcome.steps} steps)")
         R.append(scores)
         general.append(gen)
-    if cfg.method in ("lora", "inclora"):
+        if cfg.save_checkpoints:
+            save_checkpoint(model, tokenizer, out, k, task.name, cfg.method in LORA_METHODS)
+    if cfg.method in LORA_METHODS:
         model = model.merge_and_unload()
-    from forgetlab.train.checkpoints import save_model_dir
-
     save_model_dir(model, tokenizer, out / "model")  # the model after the last task (LoRA merged)
     results = summarize(cfg, tasks, R, general)
     results["seconds"] = time.perf_counter() - start
@@ -257,3 +348,59 @@ def summarize(cfg: CITConfig, tasks: list[InstructionTask], R: list[list[float]]
         out["IP_drop"] = general[0]["ip"] - general[-1]["ip"]
         out["general_after_each_task"] = [{"GP": g["gp"], "IP": g["ip"]} for g in general]
     return out
+
+
+def analyze_run(run: Path, settings=None, *, log: Callable[[str], None] = print) -> dict:
+    """``forgetlab cit analyze``: FV drift vs. forgetting over the run's checkpoints, and FV interventions.
+
+    Writes ``drift.json`` (per checkpoint and general task: FV cosine, hidden-state cosine, parameter
+    distance, zero-shot score; the fits and their R²), ``drift.csv``, ``drift.png`` and
+    ``interventions.json``.
+    """
+    from transformers import AutoTokenizer
+
+    from forgetlab.analysis.fv_drift import DriftSettings, drift_fits, drift_measurements, fv_interventions
+    from forgetlab.fv.tasks import ICLTask
+    from forgetlab.models.build import load_model
+    from forgetlab.report.cit import plot_drift
+    from forgetlab.utils.io import atomic_write_text, from_jsonable, read_json
+
+    settings = settings or DriftSettings()
+    run = Path(run)
+    if not (run / "config.json").is_file() or not (run / "results.json").is_file():
+        raise FileNotFoundError(f"{run} is not a finished `forgetlab cit run` directory (no config.json/results.json)")
+    cfg = from_jsonable(CITConfig, read_json(run / "config.json"))
+    checkpoints = sorted(p for p in (run / "checkpoints").glob("task-*") if (p / "config.json").is_file())
+    if not checkpoints:
+        raise FileNotFoundError(f"{run}/checkpoints has no per-task checkpoints; rerun with save_checkpoints=true")
+    tasks, world = load_sequence(cfg)
+    if cfg.general:
+        general = [ICLTask.from_pairs(t.name, [(x, refs[0]) for x, refs in t.instances], t.definition)
+                   for t in (load_ni_task(f.strip()) for f in cfg.general.split(",") if f.strip())]
+    elif world is not None:
+        general = [t.as_icl_task() for t in world.role("general")]
+    else:
+        raise ValueError(f"{run}: the run has no general sets to analyse (use --general task files or an ICL world)")
+    model_dir = cfg.model or str(Path(cfg.world_dir) / "model")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def models():
+        for label, path in [("initial", model_dir)] + [(p.name, p) for p in checkpoints]:
+            log(f"[cit analyze] {label}")
+            yield label, load_model(path).to(device)
+
+    rows, initial = drift_measurements(models(), tokenizer, general, settings)
+    fits = drift_fits(rows)
+    last = tasks[-1] if cfg.method != "multitask" else None
+    last_task = ICLTask.from_pairs(last.name, [(x, refs[0]) for x, refs in last.instances]) if last is not None else None
+    interventions = fv_interventions(load_model(checkpoints[-1]).to(device), tokenizer, general, initial, last_task, settings)
+    summary = {m: {"pooled_r2": f["pooled"]["r2"], "median_task_r2": f["median_task_r2"]} for m, f in fits.items()}
+    atomic_write_json(run / "drift.json", {"settings": asdict(settings), "summary": summary, "fits": fits, "rows": rows})
+    header = ["checkpoint", "task", "zero_shot", "score_change", "fv_cosine", "hidden_cosine", "param_distance"]
+    atomic_write_text(run / "drift.csv", "\n".join([",".join(header)] + [",".join(str(r[h]) for h in header) for r in rows]) + "\n")
+    atomic_write_json(run / "interventions.json", interventions)
+    plot_drift(rows, fits, run / "drift.png")
+    log("[cit analyze] R² of score change on: " + "  ".join(
+        f"{m}={v['pooled_r2']:.2f}" if v["pooled_r2"] is not None else f"{m}=-" for m, v in summary.items()))
+    return {"summary": summary, "interventions": interventions["summary"]}

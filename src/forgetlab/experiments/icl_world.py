@@ -75,7 +75,7 @@ class ICLBuildConfig:
 def preset_config(name: str, seed: int = 0) -> ICLBuildConfig:
     if name == "smoke":
         return ICLBuildConfig(
-            preset="smoke", seed=seed, world=ICLWorldConfig(seed=seed, n_words=24, n_partner_tasks=6, n_kind_tasks=3,
+            preset="smoke", seed=seed, world=ICLWorldConfig(seed=seed, n_words=24, n_translate_tasks=2, n_kind_tasks=3,
                                                             n_entity_tasks=1, n_entities=12, n_list_pairs=60),
             model=ModelConfig(architecture="llama", d_model=64, n_layers=2, n_heads=4, max_positions=256),
             corpus=ICLCorpusConfig(max_shots=4, block_size=128),
@@ -91,10 +91,10 @@ def preset_config(name: str, seed: int = 0) -> ICLBuildConfig:
         return ICLBuildConfig(
             preset="gpu", seed=seed, world=replace(ICLWorldConfig(), seed=seed),
             model=ModelConfig(architecture="llama", d_model=384, n_layers=8, n_heads=8, max_positions=512),
-            corpus=ICLCorpusConfig(block_size=512),
-            train=PhaseConfig(lr=1e-3, max_steps=8000, batch_size=64, warmup_steps=400, checkpoint_every=1000,
+            corpus=ICLCorpusConfig(block_size=512, max_tokens=16_000_000),
+            train=PhaseConfig(lr=1e-3, max_steps=5000, batch_size=64, warmup_steps=300, checkpoint_every=1000,
                               compile=True, eval=EvalSchedule(dense_every=0, every=1000)),
-            eval_prompts=100, fv=FVSettings(n_prompts=100, n_cie_prompts=25, batch_size=64))
+            eval_prompts=60, fv=FVSettings(n_prompts=60, n_cie_prompts=20, batch_size=64))
     raise ValueError(f"unknown icl-world preset {name!r}; use one of {', '.join(PRESETS)}")
 
 

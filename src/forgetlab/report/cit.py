@@ -24,3 +24,26 @@ def plot_score_matrix(R: np.ndarray, tasks: Sequence[str], path: Path) -> None:
         ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=7, color="white" if value < 50 else "black")
     fig.colorbar(image, ax=ax, label="score (ROUGE-L or accuracy, ×100)")
     save_figure(fig, path)
+
+
+def plot_drift(rows: list[dict], fits: dict, path: Path) -> None:
+    """Score change vs. each measure (FV cosine and the two controls), one point per checkpoint and task,
+    with the pooled least-squares line and its R²."""
+    from forgetlab.analysis.fv_drift import MEASURES
+
+    later = [r for r in rows if r["index"] > 0]
+    labels = {"fv_cosine": "FV cosine to the initial FV", "hidden_cosine": "last hidden state cosine",
+              "param_distance": "parameter L2 distance"}
+    fig, axes = plt.subplots(1, len(MEASURES), figsize=(4.2 * len(MEASURES), 3.6), sharey=True)
+    y = np.array([100 * r["score_change"] for r in later])
+    for ax, measure in zip(axes, MEASURES):
+        x = np.array([r[measure] for r in later])
+        ax.scatter(x, y, s=14, alpha=0.7)
+        fit = fits[measure]["pooled"]
+        if fit["r2"] is not None:
+            xs = np.linspace(x.min(), x.max(), 50)
+            ax.plot(xs, 100 * (fit["slope"] * xs + fit["intercept"]), color="C3")
+            ax.set_title(f"R² = {fit['r2']:.2f}", fontsize=10)
+        ax.set_xlabel(labels[measure])
+    axes[0].set_ylabel("zero-shot score change (points)")
+    save_figure(fig, path)

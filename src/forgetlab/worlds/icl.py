@@ -7,22 +7,28 @@ answer is decided by its first token.
 
 Families, in the spirit of Todd et al.'s tasks:
 
-- **lexical** ``partner_<colour>``: a random bijection of the lexicon onto itself ("antonym"-like);
+- **lexical** ``translate_<colour>``: the lexicon onto a "language" of its own words ("English ->
+  French"-like: shared inputs, own outputs) and ``partner_<colour>``: a random derangement of the
+  lexicon onto itself ("antonym"-like: inputs and outputs shared with other tasks);
 - **lookup** ``<kind>_of``: lexicon -> one of a few class words of that kind ("country -> continent");
   ``entity_<n>``: an own set of entity words -> classes (inputs that no other task shares);
 - **string** ``capitalize``, ``reverse``, ``first_letter``, ``last_letter`` of a word and
   ``next_letter``, ``prev_letter``, ``upper_letter`` of a letter;
-- **list** ``pick_first|middle|last``, ``pick_alpha_first`` of three words, ``count_words`` of a list;
+- **list** ``pick_first|middle|last``, ``pick_alpha_first`` of three words (first letters distinct,
+  so the answer follows from facts the model knows), ``count_words`` of a list;
 - **arithmetic** ``add_<k>`` and ``sub_<k>`` modulo ``modulus``.
 
 Most inputs are shared by several tasks (a bare ``Q: x / A:`` is ambiguous, which leaves room for a
 function vector to add the task); ``entity_*`` tasks own their inputs, so both kinds can be reported.
+A 10-shot prompt names its task through its outputs when they are the task's own (translations,
+lookups, capitalisation) and only through the input-output relation otherwise (``partner_*``,
+``pick_*``, arithmetic), the harder case for a small model.
 **General** tasks are what pretraining teaches. **New** tasks are never seen in pretraining and are
-reserved for continual fine-tuning: other offsets (``add_7``), compositions of general tasks
+reserved for continual fine-tuning: other offsets (``add_5``), compositions of general tasks
 (``first_letter_of_partner_red``) and new list rules, so their held-out pairs are learnable.
-Knowledge tasks (lexical, lookup, string) are facts about atomic tokens: pretraining shows all their
-pairs, as any corpus shows a language model its facts, and evaluation uses unseen prompts; rule tasks
-(list, arithmetic) keep their test pairs out of pretraining.
+Facts about atomic tokens (lexical, lookup, string, arithmetic modulo m) are all shown in
+pretraining, as any corpus shows a language model its facts, and evaluation uses unseen prompts;
+list tasks are rules over combinatorially many inputs and keep their test pairs out of pretraining.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from forgetlab.fv.tasks import ICLTask, TaskSplits
 from forgetlab.worlds.names import make_word_pool
 
 FAMILIES = ("lexical", "lookup", "string", "list", "arithmetic")
-RULE_FAMILIES = ("list", "arithmetic")
+RULE_FAMILIES = ("list",)
 COLOURS = ("red", "blue", "green", "gold", "gray", "pink", "teal", "brown", "white", "black", "amber", "ivory")
 KINDS = ("tribe", "planet", "season", "metal", "guild", "river", "clan", "star")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
@@ -50,7 +56,8 @@ class ICLWorldConfig:
 
     seed: int = field(default=0, metadata={"help": "the world is a pure function of the config"})
     n_words: int = field(default=80, metadata={"help": "lexicon size: inputs shared by lexical/lookup/string tasks"})
-    n_partner_tasks: int = field(default=8, metadata={"help": "general lexical bijections"})
+    n_translate_tasks: int = field(default=6, metadata={"help": "general lexicon -> own-language bijections"})
+    n_partner_tasks: int = field(default=2, metadata={"help": "general derangements of the lexicon onto itself"})
     n_kind_tasks: int = field(default=6, metadata={"help": "general lookups lexicon -> classes"})
     n_classes: int = field(default=6, metadata={"help": "class words per lookup task"})
     n_entity_tasks: int = field(default=4, metadata={"help": "lookups whose inputs no other task shares"})
@@ -69,9 +76,11 @@ class ICLWorldConfig:
             raise ValueError(f"icl world: n_words={self.n_words} is too small for 10-shot prompts; use at least 20")
         if not 2 <= self.modulus <= len(NUMBER_WORDS):
             raise ValueError(f"icl world: modulus={self.modulus} must be in 2..{len(NUMBER_WORDS)}")
-        if not 6 <= self.n_partner_tasks <= len(COLOURS) or not 1 <= self.n_kind_tasks <= len(KINDS):
-            raise ValueError(f"icl world: n_partner_tasks must be in 6..{len(COLOURS)} (new tasks compose the first six) "
-                             f"and n_kind_tasks in 1..{len(KINDS)}")
+        if not 2 <= self.n_partner_tasks or self.n_partner_tasks + self.n_translate_tasks > len(COLOURS):
+            raise ValueError(f"icl world: n_partner_tasks must be at least 2 (new tasks compose them) and "
+                             f"n_partner_tasks + n_translate_tasks at most {len(COLOURS)}")
+        if not 2 <= self.n_kind_tasks <= len(KINDS):
+            raise ValueError(f"icl world: n_kind_tasks must be in 2..{len(KINDS)}")
         if self.max_count >= self.modulus:
             raise ValueError(f"icl world: max_count={self.max_count} must be below modulus={self.modulus}")
 
@@ -172,12 +181,15 @@ def _derangement(rng: np.random.Generator, n: int) -> np.ndarray:
             return perm
 
 
-def _distinct_lists(rng: np.random.Generator, words: list[str], n: int, length) -> list[list[str]]:
+def _distinct_lists(rng: np.random.Generator, words: list[str], n: int, length,
+                    distinct_initials: bool = False) -> list[list[str]]:
     """``n`` different lists of distinct words (a task maps each input to one output)."""
     seen: set[tuple[str, ...]] = set()
     out: list[list[str]] = []
     for _ in range(50 * n):
         item = tuple(words[i] for i in rng.choice(len(words), size=length(), replace=False))
+        if distinct_initials and len({w[0] for w in item}) < len(item):
+            continue
         if item not in seen:
             seen.add(item)
             out.append(list(item))
@@ -193,24 +205,33 @@ def generate_icl_world(config: ICLWorldConfig = ICLWorldConfig()) -> ICLWorld:
     reserved = set(letters) | {c.upper() for c in letters} | set(NUMBER_WORDS) | set(COLOURS) | set(KINDS)
     words = _lexicon(config.n_words, config.seed, reserved)
     n_classes_total = config.n_classes * (len(KINDS) + config.n_entity_tasks)
-    extra = [w.lower() for w in make_word_pool(n_classes_total + config.n_entity_tasks * config.n_entities,
+    reversals = {x[::-1] for x in words}
+    extra = [w.lower() for w in make_word_pool(n_classes_total + config.n_entity_tasks * config.n_entities
+                                                + config.n_translate_tasks * config.n_words + len(words),
                                                 config.seed + 1, 2, 3, exclude=reserved | set(words))]
-    extra = [w for w in extra if w not in {x[::-1] for x in words}]
+    extra = [w for w in extra if w not in reversals]
     class_words = [w.capitalize() for w in extra[:n_classes_total]]
-    entity_words = extra[n_classes_total:]
+    entity_words = extra[n_classes_total:n_classes_total + config.n_entity_tasks * config.n_entities]
+    foreign = extra[n_classes_total + len(entity_words):]
     numbers = list(NUMBER_WORDS[:config.modulus])
     tasks: list[WorldTask] = []
 
     def add(name, family, role, instruction, pairs, shared=True):
         tasks.append(WorldTask(name, family, role, instruction, tuple(pairs), shared))
 
-    # lexical: bijections of the lexicon (the last three colours are new tasks' compositions)
+    # lexical: derangements of the lexicon (composed by new tasks) and translations into own languages
     partners: dict[str, dict[str, str]] = {}
     for colour in COLOURS[:config.n_partner_tasks]:
         perm = _derangement(rng, len(words))
         partners[colour] = {w: words[j] for w, j in zip(words, perm)}
         add(f"partner_{colour}", "lexical", "general", f"Replace the word with its {colour} partner .",
             partners[colour].items())
+    translations: dict[str, dict[str, str]] = {}
+    for i, colour in enumerate(COLOURS[config.n_partner_tasks:config.n_partner_tasks + config.n_translate_tasks]):
+        language = foreign[i * len(words):(i + 1) * len(words)]
+        translations[colour] = dict(zip(words, language))
+        add(f"translate_{colour}", "lexical", "general", f"Say the word in the {colour} language .",
+            translations[colour].items())
     # lookups: lexicon -> classes of a kind; entity sets -> classes
     kind_maps: dict[str, dict[str, str]] = {}
     for i, kind in enumerate(KINDS[:config.n_kind_tasks]):
@@ -233,8 +254,8 @@ def generate_icl_world(config: ICLWorldConfig = ICLWorldConfig()) -> ICLWorld:
     add("prev_letter", "string", "general", "Give the letter before this one .",
         [(a, letters[(i - 1) % 26]) for i, a in enumerate(letters)])
     add("upper_letter", "string", "general", "Write the letter in upper case .", [(a, a.upper()) for a in letters])
-    # lists of three words
-    lists = _distinct_lists(rng, words, config.n_list_pairs, lambda: 3)
+    # lists of three words with distinct first letters (``pick_alpha_first`` then follows from first letters)
+    lists = _distinct_lists(rng, words, config.n_list_pairs, lambda: 3, distinct_initials=True)
     add("pick_first", "list", "general", "Pick the first word of the list .", [(" ".join(l), l[0]) for l in lists])
     add("pick_middle", "list", "general", "Pick the middle word of the list .", [(" ".join(l), l[1]) for l in lists])
     add("pick_last", "list", "general", "Pick the last word of the list .", [(" ".join(l), l[2]) for l in lists])
@@ -242,28 +263,28 @@ def generate_icl_world(config: ICLWorldConfig = ICLWorldConfig()) -> ICLWorld:
         [(" ".join(l), min(l)) for l in lists])
     counts = _distinct_lists(rng, words, config.n_list_pairs, lambda: int(rng.integers(1, config.max_count + 1)))
     add("count_words", "list", "general", "Count the words of the list .", [(" ".join(c), numbers[len(c)]) for c in counts])
-    # arithmetic modulo m
+    # arithmetic modulo m: offsets 1..3 up and 1..2 down are general, larger ones new
     m = config.modulus
-    for k in (1, 2, 3, 4):
-        add(f"add_{k}", "arithmetic", "general", f"Add {NUMBER_WORDS[k]} to the number .",
+    for k, role in ((1, "general"), (2, "general"), (3, "general"), (4, "new"), (5, "new"), (6, "new")):
+        add(f"add_{k}", "arithmetic", role, f"Add {NUMBER_WORDS[k]} to the number .",
             [(numbers[i], numbers[(i + k) % m]) for i in range(m)])
-    for k in (1, 2, 3):
-        add(f"sub_{k}", "arithmetic", "general", f"Take {NUMBER_WORDS[k]} from the number .",
+    for k, role in ((1, "general"), (2, "general"), (3, "new"), (4, "new")):
+        add(f"sub_{k}", "arithmetic", role, f"Take {NUMBER_WORDS[k]} from the number .",
             [(numbers[i], numbers[(i - k) % m]) for i in range(m)])
 
-    # new tasks: never in pretraining
-    for k in (5, 6, 7):
-        add(f"add_{k}", "arithmetic", "new", f"Add {NUMBER_WORDS[k]} to the number .",
-            [(numbers[i], numbers[(i + k) % m]) for i in range(m)])
-    for k in (4, 5):
-        add(f"sub_{k}", "arithmetic", "new", f"Take {NUMBER_WORDS[k]} from the number .",
-            [(numbers[i], numbers[(i - k) % m]) for i in range(m)])
-    for colour in COLOURS[:3]:
+    # new tasks: compositions of general tasks and new list rules, never in pretraining
+    first, second = COLOURS[:2]
+    for colour in (first, second):
         add(f"first_letter_of_partner_{colour}", "string", "new",
             f"Give the first letter of the {colour} partner of the word .", [(w, p[0]) for w, p in partners[colour].items()])
-    for colour, kind in zip(COLOURS[3:6], KINDS[:config.n_kind_tasks]):
+    for colour, kind in ((first, KINDS[0]), (second, KINDS[1])):
         add(f"{kind}_of_partner_{colour}", "lookup", "new", f"Name the {kind} of the {colour} partner of the word .",
             [(w, kind_maps[kind][p]) for w, p in partners[colour].items()])
+    if translations:
+        language = next(iter(translations))
+        add(f"translate_{language}_of_partner_{first}", "lexical", "new",
+            f"Say the {first} partner of the word in the {language} language .",
+            [(w, translations[language][p]) for w, p in partners[first].items()])
     add("pick_alpha_last", "list", "new", "Pick the word of the list that comes last in the alphabet .",
         [(" ".join(l), max(l)) for l in lists])
     add("capitalize_first", "list", "new", "Write the first word of the list with a capital letter .",

@@ -1,0 +1,195 @@
+"""Does function-vector drift explain forgetting? (FV paper, findings ii and iii; papers.md §2)
+
+For a run's checkpoints (the initial model first) and a set of general ICL tasks, every checkpoint
+gets, per task: the task's FV rebuilt from that checkpoint's mean head activations over the
+*initial* model's top heads, its cosine to the initial FV, the task's instructed zero-shot score,
+and two controls — the cosine of the mean last hidden state at the prompt end, and the L2 distance of
+all parameters from the initial ones. A least-squares line of the score change on each measure
+gives its R²: FV similarity should explain the drops, the controls should not.
+
+The interventions: on the last checkpoint, add a forgotten task's *original* FV (layer and scale
+chosen on valid queries) and, separately, subtract the FV of the task trained last.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from forgetlab.eval.icl import accuracy, icl_prompts
+from forgetlab.fv.cie import mean_head_activations
+from forgetlab.fv.evaluate import sweep_layers
+from forgetlab.fv.extract import FVSettings, extract_function_vector
+from forgetlab.fv.hooks import add_to_residual
+from forgetlab.fv.prompts import batches
+from forgetlab.fv.tasks import ICLPrompt, ICLTask, PromptFormat, sample_prompts
+from forgetlab.fv.vectors import cosine, function_vector
+from forgetlab.models.adapter import ModelAdapter, adapt
+
+MEASURES = ("fv_cosine", "hidden_cosine", "param_distance")
+
+
+@dataclass(frozen=True)
+class DriftSettings:
+    n_prompts: int = field(default=32, metadata={"help": "clean 10-shot prompts for each FV's mean activations"})
+    eval_prompts: int = field(default=40, metadata={"help": "test queries per task for the zero-shot score"})
+    shots: int = 10
+    top_k: int = 10
+    alphas: tuple[float, ...] = field(default=(1.0, 2.0, 4.0), metadata={"help": "FV scales tried in interventions"})
+    min_drop: float = field(default=0.05, metadata={"help": "a task counts as forgotten when its score fell this much"})
+    seed: int = 0
+
+
+def linear_fit(x: Sequence[float], y: Sequence[float]) -> dict:
+    """Least squares y ≈ a·x + b and R² = 1 − SS_res/SS_tot (None when y or x does not vary)."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return {"slope": None, "intercept": None, "r2": None, "n": int(len(x))}
+    slope, intercept = np.polyfit(x, y, 1)
+    residual = y - (slope * x + intercept)
+    r2 = 1.0 - float(residual @ residual) / float(((y - y.mean()) ** 2).sum())
+    return {"slope": float(slope), "intercept": float(intercept), "r2": r2, "n": int(len(x))}
+
+
+def fv_with_heads(adapter: ModelAdapter, tokenizer, task: ICLTask, heads, settings: DriftSettings) -> torch.Tensor:
+    """The task's FV in this model over fixed heads: fresh mean activations, no new CIE."""
+    device = next(adapter.model.parameters()).device
+    clean = sample_prompts(task.splits(settings.seed), settings.n_prompts, settings.shots, settings.seed, task_name=task.name)
+    mean_acts = mean_head_activations(adapter, batches(tokenizer, clean, PromptFormat(), 32, device))
+    return function_vector(adapter, mean_acts, heads)
+
+
+@torch.no_grad()
+def prompt_end_state(adapter: ModelAdapter, tokenizer, prompts: list[ICLPrompt]) -> torch.Tensor:
+    """Mean last-layer hidden state at the last prompt token (the hidden-state control)."""
+    device = next(adapter.model.parameters()).device
+    total, n = None, 0
+    for batch in batches(tokenizer, prompts, PromptFormat(), 64, device):
+        h = adapter.model(**batch.model_inputs(), output_hidden_states=True).hidden_states[-1][:, -1].double().sum(0)
+        total = h if total is None else total + h
+        n += len(batch)
+    return (total / n).cpu()
+
+
+def parameter_distance(model: torch.nn.Module, reference: dict[str, torch.Tensor]) -> float:
+    """‖θ − θ_ref‖₂ over all parameters (names must match: LoRA merged first)."""
+    total = 0.0
+    for name, p in model.named_parameters():
+        if name not in reference:
+            raise ValueError(f"parameter {name} is not in the reference model; merge LoRA adapters before comparing")
+        total += float((p.detach().double().cpu() - reference[name].double()).pow(2).sum())
+    return total ** 0.5
+
+
+def zero_shot_prompts(task: ICLTask, settings: DriftSettings, split: str = "test") -> list[ICLPrompt]:
+    if split == "test":
+        return icl_prompts(task, settings.eval_prompts, settings.shots, settings.seed, settings.seed)["zero_shot_instruction"]
+    few = sample_prompts(task.splits(settings.seed), settings.eval_prompts, settings.shots, settings.seed + 5,
+                         query_split=split, task_name=task.name)
+    return [p.zero_shot().with_instruction(task.instruction) for p in few]
+
+
+def drift_measurements(checkpoints: Iterable[tuple[str, torch.nn.Module]], tokenizer, tasks: Sequence[ICLTask],
+                       settings: DriftSettings = DriftSettings()) -> tuple[list[dict], dict]:
+    """One row per (checkpoint, task); also the initial model's FVs (for the interventions).
+
+    ``checkpoints`` yields (label, model) with the initial model first, so a run's checkpoints can be
+    loaded one at a time.
+    """
+    rows: list[dict] = []
+    initial: dict = {}
+    reference: dict[str, torch.Tensor] = {}
+    for index, (label, model) in enumerate(checkpoints):
+        model.eval()
+        adapter = adapt(model)
+        if index == 0:
+            reference = {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
+        distance = parameter_distance(model, reference)
+        for task in tasks:
+            prompts = zero_shot_prompts(task, settings)
+            score = accuracy(adapter, tokenizer, prompts)
+            state = prompt_end_state(adapter, tokenizer, prompts)
+            if index == 0:
+                fv_settings = FVSettings(n_prompts=settings.n_prompts, n_cie_prompts=max(1, settings.n_prompts // 2),
+                                         shots=settings.shots, top_k=min(settings.top_k, adapter.n_layers * adapter.n_heads),
+                                         seed=settings.seed)
+                result = extract_function_vector(adapter, tokenizer, task, fv_settings)
+                initial[task.name] = {"fv": result.vector, "heads": result.top_heads, "state": state, "score": score}
+                vector = result.vector
+            else:
+                vector = fv_with_heads(adapter, tokenizer, task, initial[task.name]["heads"], settings)
+            ref = initial[task.name]
+            rows.append({"checkpoint": label, "index": index, "task": task.name, "zero_shot": score,
+                         "score_change": score - ref["score"], "fv_cosine": cosine(vector, ref["fv"]),
+                         "hidden_cosine": cosine(state, ref["state"]), "param_distance": distance})
+    return rows, initial
+
+
+def drift_fits(rows: list[dict]) -> dict:
+    """Per measure: the pooled fit of score change on the measure over every later checkpoint and task,
+    and the per-task fits (checkpoints of one task, the initial model included)."""
+    later = [r for r in rows if r["index"] > 0]
+    out = {}
+    for measure in MEASURES:
+        per_task = {}
+        for task in sorted({r["task"] for r in rows}):
+            mine = [r for r in rows if r["task"] == task]
+            per_task[task] = linear_fit([r[measure] for r in mine], [r["zero_shot"] for r in mine])
+        r2s = [f["r2"] for f in per_task.values() if f["r2"] is not None]
+        out[measure] = {"pooled": linear_fit([r[measure] for r in later], [r["score_change"] for r in later]),
+                        "median_task_r2": float(np.median(r2s)) if r2s else None, "per_task": per_task}
+    return out
+
+
+def _best_edit(adapter: ModelAdapter, tokenizer, vector: torch.Tensor, prompts: list[ICLPrompt],
+               alphas: Sequence[float]) -> tuple[int, float]:
+    device = next(adapter.model.parameters()).device
+    valid = list(batches(tokenizer, prompts, PromptFormat(), 64, device))
+    layers = list(range(adapter.n_layers))
+    grid = {a: sweep_layers(adapter, valid, vector, layers, a) for a in alphas}
+    alpha, layer = max(((a, l) for a in alphas for l in layers), key=lambda al: grid[al[0]][al[1]])
+    return layer, alpha
+
+
+def fv_interventions(model: torch.nn.Module, tokenizer, tasks: Sequence[ICLTask], initial: dict,
+                     last_task: ICLTask | None, settings: DriftSettings = DriftSettings()) -> dict:
+    """On the final model: each forgotten task's score with its original FV added, and with the FV of the
+    task trained last subtracted; layer and scale chosen on valid queries, scored on test queries."""
+    model.eval()
+    adapter = adapt(model)
+    device = next(model.parameters()).device
+    last_fv = None
+    if last_task is not None:
+        fv_settings = FVSettings(n_prompts=settings.n_prompts, n_cie_prompts=max(1, settings.n_prompts // 2),
+                                 shots=min(settings.shots, len(last_task.splits(settings.seed).train) - 1),
+                                 top_k=min(settings.top_k, adapter.n_layers * adapter.n_heads), seed=settings.seed)
+        last_fv = extract_function_vector(adapter, tokenizer, last_task, fv_settings).vector
+    out = {}
+    for task in tasks:
+        before = initial[task.name]["score"]
+        test, valid = zero_shot_prompts(task, settings), zero_shot_prompts(task, settings, "valid")
+        after = accuracy(adapter, tokenizer, test)
+        row = {"initial": before, "final": after, "forgotten": before - after >= settings.min_drop}
+        if row["forgotten"]:
+            fv = initial[task.name]["fv"]
+            layer, alpha = _best_edit(adapter, tokenizer, fv, valid, settings.alphas)
+            with add_to_residual(adapter, fv.to(device), layer, alpha):
+                row["add_original_fv"] = accuracy(adapter, tokenizer, test)
+            row["add_layer"], row["add_alpha"] = layer, alpha
+            row["add_recovered"] = (row["add_original_fv"] - after) / (before - after)
+            if last_fv is not None:
+                layer, alpha = _best_edit(adapter, tokenizer, last_fv, valid, [-a for a in settings.alphas])
+                with add_to_residual(adapter, last_fv.to(device), layer, alpha):
+                    row["subtract_last_task_fv"] = accuracy(adapter, tokenizer, test)
+                row["subtract_layer"], row["subtract_alpha"] = layer, alpha
+                row["subtract_recovered"] = (row["subtract_last_task_fv"] - after) / (before - after)
+        out[task.name] = row
+    forgotten = [r for r in out.values() if r["forgotten"]]
+    summary = {"forgotten_tasks": len(forgotten)}
+    for key in ("add_recovered", "subtract_recovered"):
+        values = [r[key] for r in forgotten if key in r]
+        summary[f"mean_{key}"] = float(np.mean(values)) if values else None
+    return {"tasks": out, "summary": summary}

@@ -1,0 +1,72 @@
+"""FV drift measures and fits against independent computations."""
+
+import numpy as np
+import pytest
+import torch
+
+from forgetlab.analysis.fv_drift import (DriftSettings, drift_fits, drift_measurements, fv_with_heads, linear_fit,
+                                         parameter_distance)
+from forgetlab.fv.extract import FVSettings, extract_function_vector
+from forgetlab.fv.tasks import ICLTask
+from forgetlab.models.adapter import adapt
+from forgetlab.models.tokenizers import build_word_tokenizer
+from forgetlab.models.zoo import random_model, tiny_config
+
+WORDS = [f"w{i}" for i in range(30)]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tok = build_word_tokenizer(WORDS + ["Q", "A", ":"])
+    tasks = [ICLTask("shift", tuple((WORDS[i], WORDS[(i + 1) % 30]) for i in range(30)), "Shift ."),
+             ICLTask("mirror", tuple((WORDS[i], WORDS[29 - i]) for i in range(30)), "Mirror .")]
+    return tok, tasks
+
+
+def test_linear_fit_matches_numpy():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=20)
+    y = 3 * x + rng.normal(size=20)
+    fit = linear_fit(x, y)
+    assert fit["r2"] == pytest.approx(np.corrcoef(x, y)[0, 1] ** 2)
+    assert fit["slope"] == pytest.approx(np.polyfit(x, y, 1)[0])
+    assert linear_fit([1, 2, 3], [2, 4, 6])["r2"] == pytest.approx(1.0)
+    assert linear_fit([1, 1, 1], [1, 2, 3])["r2"] is None  # x does not vary
+
+
+def test_parameter_distance_is_the_l2_norm_of_the_difference():
+    a, b = (random_model(tiny_config("gpt2", 40), seed=s) for s in (0, 1))
+    hand = torch.cat([(p - q).flatten() for p, q in zip(a.parameters(), b.parameters())]).double().norm()
+    reference = {n: p.detach().clone() for n, p in b.named_parameters()}
+    assert parameter_distance(a, reference) == pytest.approx(float(hand), rel=1e-9)
+    with pytest.raises(ValueError, match="merge LoRA"):
+        parameter_distance(a, {})
+
+
+def test_fixed_head_fv_of_the_same_model_is_the_extracted_fv(setup):
+    tok, tasks = setup
+    adapter = adapt(random_model(tiny_config("llama", len(tok)), seed=3))
+    settings = DriftSettings(n_prompts=6, shots=4, top_k=5)
+    result = extract_function_vector(adapter, tok, tasks[0], FVSettings(n_prompts=6, n_cie_prompts=3, shots=4, top_k=5))
+    again = fv_with_heads(adapter, tok, tasks[0], result.top_heads, settings)
+    assert torch.allclose(again, result.vector, atol=1e-5)
+
+
+def test_drift_rows_of_an_unchanged_and_a_perturbed_checkpoint(setup):
+    tok, tasks = setup
+    model = random_model(tiny_config("llama", len(tok)), seed=3)
+    moved = random_model(tiny_config("llama", len(tok)), seed=3)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    settings = DriftSettings(n_prompts=6, eval_prompts=8, shots=4, top_k=5)
+    rows, initial = drift_measurements([("initial", model), ("same", model), ("moved", moved)], tok, tasks, settings)
+    assert len(rows) == 6 and set(initial) == {"shift", "mirror"}
+    same = [r for r in rows if r["checkpoint"] == "same"]
+    assert all(r["fv_cosine"] == pytest.approx(1.0, abs=1e-5) and r["hidden_cosine"] == pytest.approx(1.0)
+               and r["param_distance"] == 0 and r["score_change"] == 0 for r in same)
+    far = [r for r in rows if r["checkpoint"] == "moved"]
+    assert all(r["fv_cosine"] < 0.999 and r["param_distance"] > 0 for r in far)
+    fits = drift_fits(rows)
+    assert set(fits) == {"fv_cosine", "hidden_cosine", "param_distance"}
+    assert fits["fv_cosine"]["pooled"]["n"] == 4
