@@ -167,3 +167,18 @@ def test_error_in_a_real_process_is_one_line(files):
     """Loading the model happens before this error: nothing else (warnings, progress) reaches stderr."""
     proc = forgetlab("fv", "extract", *_extract_args(files, **{"--top-k": 99}))
     assert "top-k=99 is out of range" in one_error_line(proc.returncode, proc.stderr)
+
+
+def test_fv_from_another_model_is_refused(extracted, tmp_path):
+    root, _ = extracted
+    from forgetlab.models.tokenizers import build_bpe_tokenizer as bpe
+
+    tokenizer = bpe([f"Q: {w}\nA: {w.upper()}\n\n" for w in WORDS] * 4, vocab_size=330)
+    wider = random_model(tiny_config("llama", len(tokenizer), n_layers=3, n_heads=N_HEADS, d_model=32))
+    wider.save_pretrained(tmp_path / "other")
+    tokenizer.save_pretrained(tmp_path / "other")
+    code, err = invoke("evaluate", "--model", tmp_path / "other", "--task", root / "task.json", "--fv", root / "out",
+                       "--out", tmp_path / "eval")
+    line = one_error_line(code, err)
+    assert "extracted from a model with 2 layers" in line and "this model has 3" in line and "fv extract" in line
+    assert not (tmp_path / "eval").exists()

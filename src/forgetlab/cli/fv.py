@@ -118,8 +118,10 @@ def evaluate(
     icl_task = load_task(task)
     saved = FunctionVectorResult.load(fv)
     lm, tokenizer = load_for_fv(model, device, dtype)
+    adapter = adapt(lm)
+    saved.check_fits(adapter, f"the FV in {fv}")
     settings = FVEvalSettings(n_prompts=n_prompts, shots=shots, layer=layer, alpha=alpha, seed=seed, batch_size=batch_size)
-    result = evaluate_function_vector(adapt(lm), tokenizer, icl_task, saved.vector, settings)
+    result = evaluate_function_vector(adapter, tokenizer, icl_task, saved.vector, settings)
     result["fv"] = str(fv)
     atomic_write_json(out / "fv_eval.json", result)
     plot_layer_sweep(result["zero_shot_fv_top1_by_layer"], result["zero_shot"]["top1"], out / "fv_layer_sweep.png",

@@ -86,6 +86,16 @@ class FunctionVectorResult:
             "top_heads": [list(h) for h in self.top_heads], "seconds": self.seconds, "settings": asdict(self.settings)})
         plot_cie_heatmap(self.cie, self.top_heads, out / "cie_heatmap.png", title=f"{self.task}: CIE ({self.settings.engine})")
 
+    def check_fits(self, adapter: ModelAdapter, where: str = "the function vector") -> None:
+        """One clear error when the FV was extracted from a model of another shape (it cannot be added here)."""
+        ours = (self.n_layers, self.n_heads, self.head_dim, self.vector.numel())
+        theirs = (adapter.n_layers, adapter.n_heads, adapter.head_dim, adapter.hidden_size)
+        if ours != theirs:
+            raise ValueError(f"{where} was extracted from a model with {ours[0]} layers x {ours[1]} heads of {ours[2]} and "
+                             f"hidden size {ours[3]}{f' ({self.model})' if self.model else ''}; this model has {theirs[0]} x "
+                             f"{theirs[1]} heads of {theirs[2]} and hidden size {theirs[3]}: extract it again on this model "
+                             "with `forgetlab fv extract`")
+
     @classmethod
     def load(cls, out: str | Path) -> "FunctionVectorResult":
         out = Path(out)

@@ -213,6 +213,9 @@ def generate_icl_world(config: ICLWorldConfig = ICLWorldConfig()) -> ICLWorld:
     class_words = [w.capitalize() for w in extra[:n_classes_total]]
     entity_words = extra[n_classes_total:n_classes_total + config.n_entity_tasks * config.n_entities]
     foreign = extra[n_classes_total + len(entity_words):]
+    if len(foreign) < config.n_translate_tasks * len(words):
+        raise ValueError(f"icl world: could not draw {config.n_translate_tasks * len(words)} distinct translation words; "
+                         "lower n_translate_tasks or n_words")
     numbers = list(NUMBER_WORDS[:config.modulus])
     tasks: list[WorldTask] = []
 
