@@ -110,6 +110,10 @@ def test_fvg_terms_change_training_only_when_weighted_and_only_trainable_weights
     moved = {k for k in w_start if not (w_start[k] == w_fvg[k]).all()}
     assert moved and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in moved)  # only LoRA targets trained
     assert weighted["fvg"] is True
+    run_cit(replace(base, fvg=True, fvg_config=FVGConfig(alpha_fv=0.0, alpha_kl=0.0, alpha_kl_all=50.0, n_prompts=4, shots=3)),
+            tmp_path / "fvg_all", log=lambda s: None, progress=False)
+    w_all = load_file(tmp_path / "fvg_all" / "model" / "model.safetensors")
+    assert any(not (w_plain[k] == w_all[k]).all() for k in w_plain)  # the answer-token KL alone moves the weights
 
 
 @pytest.mark.slow
@@ -119,6 +123,12 @@ def test_replay_and_ewc_baselines(world_dir, tmp_path):
     run_cit(replace(base, method="replay", replay=1.0), tmp_path / "replay", log=logs.append, progress=False)
     steps = [int(line.split("(")[1].split()[0]) for line in logs if line.startswith("[cit] after")]
     assert steps[1] > steps[0]  # task 2 trains on its rows plus as many replayed rows of task 1
+    from forgetlab.methods.fvg import FVGConfig  # FVG on top of replay: replayed rows carry no FVG terms
+
+    guided = run_cit(replace(base, method="replay", replay=1.0, fvg=True,
+                             fvg_config=FVGConfig(n_prompts=4, shots=3, alpha_kl_all=1.0)),
+                     tmp_path / "replay_fvg", log=lambda s: None, progress=False)
+    assert guided["fvg"] is True and len(guided["R"]) == 6
     weights = {}
     for label, method, strength in (("seq", "seq", 0.0), ("ewc0", "ewc", 0.0), ("ewc", "ewc", 1e3)):
         run_cit(replace(base, method=method, ewc_strength=strength), tmp_path / label, log=lambda s: None, progress=False)

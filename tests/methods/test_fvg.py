@@ -78,3 +78,22 @@ def test_losses_by_hand(setup):
     l_fv, l_kl = fvg_terms(logits, heads, cache, rows, temperature=2.0)
     assert l_fv.item() == pytest.approx(fv_consistency(heads, cache.heads[rows]).item())
     assert l_kl.item() == pytest.approx(distillation_kl(logits, cache.logits[rows], temperature=2.0).item())
+
+
+def test_answer_logits_cache_steers_at_the_prompt_end_and_keeps_answer_tokens_only(setup):
+    """Causality gives an independent check: in a prompt+answer row with the FV added at the prompt end p,
+    the logits at p equal those of the prompt alone with the FV at its last position; only answer
+    tokens are kept (prompt and pad masked)."""
+    from forgetlab.methods.fvg import answer_logits_cache
+    from forgetlab.train.data import qa_dataset
+
+    model, adapter, _ = setup
+    prompts, answers = [[5, 6, 7, 8], [9, 10, 11]], [[12, 13], [14, 15, 16]]
+    data = qa_dataset(prompts, answers, eos_id=1, pad_id=2)
+    vector = torch.randn(adapter.hidden_size)
+    cache = answer_logits_cache(adapter, data, torch.tensor([4, 3]), vector, layer=1, alpha=2.0)
+    assert [c.shape[0] for c in cache] == [3, 4]  # answer tokens + eos of each row
+    for prompt, cached in zip(prompts, cache):
+        with torch.no_grad(), add_to_residual(adapter, vector, 1, 2.0):
+            at_p = model(input_ids=torch.tensor([prompt])).logits[0, -1]
+        assert torch.allclose(cached[0].float(), at_p, atol=3e-2)  # bf16 storage

@@ -296,7 +296,8 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
             from forgetlab.models.adapter import adapt
 
             adapter = adapt(model)
-            guide = FVGuidance(adapter, tokenizer, task.name, [(x, refs[0]) for x, refs in train], prompts, cfg.fvg_config)
+            guide = FVGuidance(adapter, tokenizer, task.name, [(x, refs[0]) for x, refs in train], prompts, cfg.fvg_config,
+                               train_data=task_rows)
             model.train()
 
         def extra(rows, run_forward, guide=guide, adapter=adapter, penalties=penalties):

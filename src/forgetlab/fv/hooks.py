@@ -45,21 +45,28 @@ def _replace_hidden(output, hidden: torch.Tensor):
 
 @contextmanager
 def add_to_residual(adapter: ModelAdapter, vector: torch.Tensor, layer: int, alpha: float = 1.0,
-                    rows: torch.Tensor | slice | None = None) -> Iterator[None]:
+                    rows: torch.Tensor | slice | None = None, positions: torch.Tensor | None = None) -> Iterator[None]:
     """Add ``alpha * vector`` to the output of decoder layer ``layer`` at the last position.
 
     During generation with a cache every step's input is one new token, so the last position is the
     last prompt token on the first call and each generated token afterwards. ``rows`` restricts the
-    edit to some batch rows (used to sweep layers in one batched pass). Use ``alpha=-1`` to subtract.
+    edit to some batch rows (used to sweep layers in one batched pass); ``positions`` (one index per
+    row) moves it from the last position, e.g. to the prompt end of a prompt+answer row. Use
+    ``alpha=-1`` to subtract.
     """
     if not 0 <= layer < adapter.n_layers:
         raise ValueError(f"layer {layer} is out of range; the model has layers 0..{adapter.n_layers - 1}")
+    if positions is not None and rows is not None:
+        raise ValueError("add_to_residual: give rows or positions, not both")
     sel = slice(None) if rows is None else rows
 
     def hook(module, args, output):
         hidden = output[0] if isinstance(output, tuple) else output
         delta = torch.zeros_like(hidden)
-        delta[sel, -1] = alpha * vector.to(hidden.dtype)
+        if positions is None:
+            delta[sel, -1] = alpha * vector.to(hidden.dtype)
+        else:
+            delta[torch.arange(hidden.shape[0], device=hidden.device), positions.to(hidden.device)] = alpha * vector.to(hidden.dtype)
         return _replace_hidden(output, hidden + delta)
 
     handle = adapter.layers[layer].register_forward_hook(hook)

@@ -4,7 +4,9 @@ output while the model learns something new.
 L = L_LM + α_FV · L_FV + α_KL · L_KL, with
 - L_FV = Σ_{(l,k)∈A} MSE(h_θ^{(l,k)}(x_p), h_{θ_prev}^{(l,k)}(x_p)) on the FV heads A at the last prompt position p;
 - L_KL = T² · KL(p_{θ_prev + FV}(· | x) ‖ p_θ(· | x)) at p, the frozen previous model steered by the task's
-  function vector added at the edit layer.
+  function vector added at the edit layer;
+- optionally (``alpha_kl_all``) the same KL over every answer token of the training rows, the FV added
+  at p; prompt and pad positions are masked (the paper's code averages over them too).
 The frozen side never changes during a task, so it is computed once for the whole task
 (``build_teacher_cache``); each training step needs only the current model's ordinary forward pass,
 read at p through hooks (``capture_heads``): no second or third forward pass per step, and no on/off
@@ -59,6 +61,28 @@ class TeacherCache:
 
 
 @torch.no_grad()
+def answer_logits_cache(adapter: ModelAdapter, data, prompt_lengths: torch.Tensor, vector: torch.Tensor, layer: int,
+                        alpha: float = 1.0, batch_size: int = 32) -> list[torch.Tensor]:
+    """The frozen model's logits at every answer token of each training row (bf16, on the CPU), the FV
+    added at the row's prompt end: the teacher of the answer-token KL, computed once per task."""
+    from forgetlab.train.data import IGNORE
+
+    was_training = adapter.model.training
+    adapter.model.eval()
+    device = next(adapter.model.parameters()).device
+    out: list[torch.Tensor] = []
+    for start in range(0, len(data), batch_size):
+        rows = torch.arange(start, min(len(data), start + batch_size))
+        batch = {k: v.to(device) for k, v in data.batch(rows).items()}
+        keep = batch.pop("labels")[:, 1:] != IGNORE
+        with add_to_residual(adapter, vector.to(device), layer, alpha, positions=prompt_lengths[rows] - 1):
+            logits = adapter.model(**batch).logits[:, :-1]
+        out += [logits[i][keep[i]].to(torch.bfloat16).cpu() for i in range(len(rows))]
+    adapter.model.train(was_training)
+    return out
+
+
+@torch.no_grad()
 def build_teacher_cache(adapter: ModelAdapter, batches: Iterable[PromptBatch], vector: torch.Tensor, layer: int,
                         heads: Sequence[Head], alpha: float = 1.0) -> TeacherCache:
     """One pass over the task's zero-shot prompts with the frozen previous model.
@@ -99,6 +123,7 @@ class FVGConfig:
 
     alpha_fv: float = 1.0
     alpha_kl: float = 20.0
+    alpha_kl_all: float = 0.0  # KL over the answer tokens; the paper's code puts 0.1–0.5 on all positions
     temperature: float = 2.0
     layer: int = -1        # edit layer; -1: n_layers // 3
     top_k: int = 10
@@ -110,7 +135,7 @@ class FVGuidance:
     """FV-guided training for one task: built from the model *before* the task, then gives the loss terms."""
 
     def __init__(self, adapter: ModelAdapter, tokenizer, task_name: str, pairs: Sequence[tuple[str, str]],
-                 train_prompts: Sequence[Sequence[int]], cfg: FVGConfig = FVGConfig()):
+                 train_prompts: Sequence[Sequence[int]], cfg: FVGConfig = FVGConfig(), train_data=None):
         from forgetlab.eval.exact_match import left_pad
         from forgetlab.fv.extract import FVSettings, extract_function_vector
         from forgetlab.fv.tasks import ICLTask
@@ -132,12 +157,37 @@ class FVGuidance:
             batches.append(PromptBatch(ids.to(device), mask.to(device), torch.zeros(len(ids), dtype=torch.long)))
         self.cache = build_teacher_cache(adapter, batches, self.fv.vector, self.layer, self.heads)
         self.last = torch.tensor([len(p) - 1 for p in train_prompts])  # the last prompt token in a right-padded row
+        self.data, self.answers = train_data, None
+        if cfg.alpha_kl_all:
+            if train_data is None or len(train_data) != len(train_prompts):
+                raise ValueError("alpha_kl_all needs the task's training rows (train_data), one per training prompt")
+            self.answers = answer_logits_cache(adapter, train_data, self.last + 1, self.fv.vector, self.layer)
 
     def loss(self, adapter: ModelAdapter, rows: torch.Tensor, run_forward) -> torch.Tensor:
-        """α_FV · L_FV + α_KL · L_KL from the ordinary forward pass of the current model, read at the prompt end."""
-        positions = self.last[rows]
+        """α_FV · L_FV + α_KL · L_KL from the ordinary forward pass of the current model, read at the prompt end.
+
+        Rows past this task's own (earlier tasks' rows mixed in by replay) carry no FVG terms.
+        """
+        rows = rows.cpu()
+        mine = rows < len(self.last)
+        positions = torch.where(mine, self.last[rows.clamp(max=len(self.last) - 1)], 0)
         with capture_heads(adapter, self.heads, positions) as got:
             out = run_forward()
+        if not mine.any():
+            return out.logits.new_zeros(())
         logits = out.logits[torch.arange(len(rows), device=out.logits.device), positions.to(out.logits.device)]
-        l_fv, l_kl = fvg_terms(logits, got["heads"], self.cache, rows, self.cfg.temperature)
-        return self.cfg.alpha_fv * l_fv + self.cfg.alpha_kl * l_kl
+        keep = mine.to(logits.device)
+        l_fv, l_kl = fvg_terms(logits[keep], got["heads"][keep], self.cache, rows[mine], self.cfg.temperature)
+        total = self.cfg.alpha_fv * l_fv + self.cfg.alpha_kl * l_kl
+        if self.answers is not None:
+            total = total + self.cfg.alpha_kl_all * self.answer_kl(out.logits, rows, mine)
+        return total
+
+    def answer_kl(self, logits: torch.Tensor, rows: torch.Tensor, mine: torch.Tensor) -> torch.Tensor:
+        """KL to the cached FV-steered teacher over the answer tokens of this task's rows in the batch."""
+        from forgetlab.train.data import IGNORE
+
+        answer = self.data.batch(rows[mine])["labels"][:, 1:] != IGNORE  # right-padded: columns align with the batch
+        student = logits[mine.to(logits.device)][:, :answer.shape[1]][answer.to(logits.device)]
+        teacher = torch.cat([self.answers[int(r)] for r in rows[mine]]).to(student.device)
+        return distillation_kl(student, teacher, temperature=self.cfg.temperature)
