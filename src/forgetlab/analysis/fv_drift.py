@@ -42,6 +42,12 @@ class DriftSettings:
     min_drop: float = field(default=0.05, metadata={"help": "a task counts as forgotten when its score fell this much"})
     seed: int = 0
 
+    def extraction(self, adapter: ModelAdapter, shots: int | None = None) -> FVSettings:
+        """The FV extraction these settings imply for a model (top-k capped by its heads)."""
+        return FVSettings(n_prompts=self.n_prompts, n_cie_prompts=max(1, self.n_prompts // 2),
+                          shots=self.shots if shots is None else shots,
+                          top_k=min(self.top_k, adapter.n_layers * adapter.n_heads), seed=self.seed)
+
 
 def linear_fit(x: Sequence[float], y: Sequence[float]) -> dict:
     """Least squares y ≈ a·x + b and R² = 1 − SS_res/SS_tot (None when y or x does not vary)."""
@@ -113,10 +119,7 @@ def drift_measurements(checkpoints: Iterable[tuple[str, torch.nn.Module]], token
             score = accuracy(adapter, tokenizer, prompts)
             state = prompt_end_state(adapter, tokenizer, prompts)
             if index == 0:
-                fv_settings = FVSettings(n_prompts=settings.n_prompts, n_cie_prompts=max(1, settings.n_prompts // 2),
-                                         shots=settings.shots, top_k=min(settings.top_k, adapter.n_layers * adapter.n_heads),
-                                         seed=settings.seed)
-                result = extract_function_vector(adapter, tokenizer, task, fv_settings)
+                result = extract_function_vector(adapter, tokenizer, task, settings.extraction(adapter))
                 initial[task.name] = {"fv": result.vector, "heads": result.top_heads, "state": state, "score": score}
                 vector = result.vector
             else:
@@ -163,10 +166,8 @@ def fv_interventions(model: torch.nn.Module, tokenizer, tasks: Sequence[ICLTask]
     device = next(model.parameters()).device
     last_fv = None
     if last_task is not None:
-        fv_settings = FVSettings(n_prompts=settings.n_prompts, n_cie_prompts=max(1, settings.n_prompts // 2),
-                                 shots=min(settings.shots, len(last_task.splits(settings.seed).train) - 1),
-                                 top_k=min(settings.top_k, adapter.n_layers * adapter.n_heads), seed=settings.seed)
-        last_fv = extract_function_vector(adapter, tokenizer, last_task, fv_settings).vector
+        shots = min(settings.shots, len(last_task.splits(settings.seed).train) - 1)
+        last_fv = extract_function_vector(adapter, tokenizer, last_task, settings.extraction(adapter, shots)).vector
     out = {}
     for task in tasks:
         before = initial[task.name]["score"]
