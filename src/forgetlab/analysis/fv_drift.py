@@ -42,6 +42,10 @@ class DriftSettings:
     min_drop: float = field(default=0.05, metadata={"help": "a task counts as forgotten when its score fell this much"})
     seed: int = 0
 
+    def shots_for(self, task: ICLTask) -> int:
+        """``shots``, or fewer for a task with fewer training pairs (its demonstrations come from them)."""
+        return max(1, min(self.shots, len(task.splits(self.seed).train) - 1))
+
     def extraction(self, adapter: ModelAdapter, shots: int | None = None) -> FVSettings:
         """The FV extraction these settings imply for a model (top-k capped by its heads)."""
         return FVSettings(n_prompts=self.n_prompts, n_cie_prompts=max(1, self.n_prompts // 2),
@@ -63,7 +67,8 @@ def linear_fit(x: Sequence[float], y: Sequence[float]) -> dict:
 def fv_with_heads(adapter: ModelAdapter, tokenizer, task: ICLTask, heads, settings: DriftSettings) -> torch.Tensor:
     """The task's FV in this model over fixed heads: fresh mean activations, no new CIE."""
     device = next(adapter.model.parameters()).device
-    clean = sample_prompts(task.splits(settings.seed), settings.n_prompts, settings.shots, settings.seed, task_name=task.name)
+    clean = sample_prompts(task.splits(settings.seed), settings.n_prompts, settings.shots_for(task), settings.seed,
+                           task_name=task.name)
     mean_acts = mean_head_activations(adapter, batches(tokenizer, clean, PromptFormat(), 32, device))
     return function_vector(adapter, mean_acts, heads)
 
@@ -91,9 +96,10 @@ def parameter_distance(model: torch.nn.Module, reference: dict[str, torch.Tensor
 
 
 def zero_shot_prompts(task: ICLTask, settings: DriftSettings, split: str = "test") -> list[ICLPrompt]:
+    shots = settings.shots_for(task)
     if split == "test":
-        return icl_prompts(task, settings.eval_prompts, settings.shots, settings.seed, settings.seed)["zero_shot_instruction"]
-    few = sample_prompts(task.splits(settings.seed), settings.eval_prompts, settings.shots, settings.seed + 5,
+        return icl_prompts(task, settings.eval_prompts, shots, settings.seed, settings.seed)["zero_shot_instruction"]
+    few = sample_prompts(task.splits(settings.seed), settings.eval_prompts, shots, settings.seed + 5,
                          query_split=split, task_name=task.name)
     return [p.zero_shot().with_instruction(task.instruction) for p in few]
 
@@ -119,7 +125,7 @@ def drift_measurements(checkpoints: Iterable[tuple[str, torch.nn.Module]], token
             score = accuracy(adapter, tokenizer, prompts)
             state = prompt_end_state(adapter, tokenizer, prompts)
             if index == 0:
-                result = extract_function_vector(adapter, tokenizer, task, settings.extraction(adapter))
+                result = extract_function_vector(adapter, tokenizer, task, settings.extraction(adapter, settings.shots_for(task)))
                 initial[task.name] = {"fv": result.vector, "heads": result.top_heads, "state": state, "score": score}
                 vector = result.vector
             else:
@@ -166,8 +172,8 @@ def fv_interventions(model: torch.nn.Module, tokenizer, tasks: Sequence[ICLTask]
     device = next(model.parameters()).device
     last_fv = None
     if last_task is not None:
-        shots = min(settings.shots, len(last_task.splits(settings.seed).train) - 1)
-        last_fv = extract_function_vector(adapter, tokenizer, last_task, settings.extraction(adapter, shots)).vector
+        last_fv = extract_function_vector(adapter, tokenizer, last_task,
+                                          settings.extraction(adapter, settings.shots_for(last_task))).vector
     out = {}
     for task in tasks:
         before = initial[task.name]["score"]
