@@ -250,54 +250,6 @@ def build_icl_world(cfg: ICLBuildConfig, out: Path, *, log: Callable[[str], None
     return results
 
 
-def instruction_data(task: WorldTask, pairs: list[tuple[str, str]], tokenizer) -> TokenDataset:
-    """One instructed zero-shot row per pair (``[BOS] instruction \\n Q : x \\n A : y \\n``), loss on the answer."""
-    vocab = tokenizer.get_vocab()
-    rows = [episode_tokens(task, [pair], vocab, instruction=True, label_first=True) for pair in pairs]
-    width = max(len(ids) for ids, _ in rows) - 1  # the trailing separator newline is not needed
-    pad = tokenizer.pad_token_id
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (row, on) in enumerate(rows):
-        row, on = row[:width], on[:width]
-        ids[i, :len(row)] = torch.tensor(row)
-        mask[i, :len(row)] = 1
-        labels[i, :len(row)] = torch.where(torch.tensor(on), torch.tensor(row), torch.tensor(IGNORE))
-    return TokenDataset(ids, labels, mask)
-
-
-def forgetting_probe(model, tokenizer, world: ICLWorld, sequence: int, cfg: ICLBuildConfig, task_cfg: PhaseConfig,
-                     state_dir: Path, log: Callable[[str], None] = print) -> dict:
-    """Plain sequential fine-tuning (SEQ) on one sequence of new tasks: general-task scores before and after.
-
-    The forgetting that FV-guided training must reduce; each new task is trained on its train split
-    in the instructed format and scored on its test queries right after.
-    """
-    adapter = adapt(model)
-    kinds = ("ten_shot", "zero_shot_instruction")
-
-    def general() -> dict[str, float]:
-        scores = [icl_scores(adapter, tokenizer, t.as_icl_task(), cfg.eval_prompts, cfg.fv.shots, cfg.seed,
-                             cfg.world.seed, kinds) for t in world.role("general")]
-        return {k: float(np.mean([s[k] for s in scores])) for k in kinds}
-
-    before = general()
-    learned = {}
-    for name in world.sequences[sequence]:
-        task = world.task(name)
-        data = instruction_data(task, list(task.splits(world.config.seed).train), tokenizer)
-        train_phase(model, data, task_cfg, phase=name, state_dir=state_dir / name, seed=cfg.seed, log=log, progress=False)
-        model.eval()
-        learned[name] = icl_scores(adapter, tokenizer, task.as_icl_task(), cfg.eval_prompts, 0, cfg.seed, cfg.world.seed,
-                                   ("zero_shot_instruction",))["zero_shot_instruction"]
-        log(f"[seq] {name}: instructed zero-shot {learned[name]:.3f}")
-    after = general()
-    return {"sequence": world.sequences[sequence], "general_before": before, "general_after": after,
-            "new_tasks_right_after": learned,
-            "drop": {k: before[k] - after[k] for k in kinds}}
-
-
 def reevaluate(out: Path, *, log: Callable[[str], None] = print, progress: bool = True) -> dict:
     """Score an existing build again (e.g. after changing the evaluation), rewriting ``eval.json``."""
     from transformers import AutoTokenizer
