@@ -86,6 +86,12 @@ def test_ni_files_run_with_any_model(tmp_path):
 def test_bad_configs_name_the_problem(world_dir):
     with pytest.raises(ValueError, match="method"):
         small(world_dir, method="qlora").validate()
+    with pytest.raises(ValueError, match="finetune='qlora'"):
+        small(world_dir, method="replay", finetune="qlora").validate()
+    with pytest.raises(ValueError, match="contradicts"):
+        small(world_dir, method="inclora", finetune="full").validate()
+    with pytest.raises(ValueError, match="no parameters shared"):
+        small(world_dir, method="ewc", finetune="inclora").validate()
     with pytest.raises(ValueError, match="--world"):
         CITConfig().validate()
     with pytest.raises(ValueError, match="numbered"):
@@ -219,3 +225,18 @@ def test_cit_analyze_writes_drift_and_interventions(world_dir, tmp_path):
     for row in tasks.values():
         if row["forgotten"]:
             assert row["add_recovered"] == pytest.approx((row["add_original_fv"] - row["final"]) / (row["initial"] - row["final"]))
+
+
+@pytest.mark.slow
+def test_replay_and_ewc_on_lora(world_dir, tmp_path):
+    """finetune=inclora|lora runs the full-fine-tuning baselines on adapters: only LoRA targets move."""
+    start = load_file(world_dir / "model" / "model.safetensors")
+    weights = {}
+    for label, cfg in (("replay", small(world_dir, method="replay", replay=1.0, finetune="inclora")),
+                       ("lora", small(world_dir, method="lora")),
+                       ("ewc", small(world_dir, method="ewc", finetune="lora", ewc_strength=1e6))):
+        run_cit(cfg, tmp_path / label, log=lambda s: None, progress=False)
+        weights[label] = load_file(tmp_path / label / "model" / "model.safetensors")
+        moved = {k for k in start if not (start[k] == weights[label][k]).all()}
+        assert moved and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in moved), label
+    assert any(not (weights["lora"][k] == weights["ewc"][k]).all() for k in start)  # the Fisher penalty acts on LoRA

@@ -40,8 +40,9 @@ from forgetlab.utils.io import atomic_write_json
 from forgetlab.worlds.instructions import InstructionTask, load_ni_task, ni_sequence, world_sequence
 
 METHODS = ("seq", "lora", "inclora", "replay", "ewc", "lwf", "olora", "multitask")
-LORA_METHODS = ("lora", "inclora", "lwf", "olora")
-FRESH_ADAPTER_METHODS = ("inclora", "lwf", "olora")   # merge the last adapter, start a new one per task
+FINETUNE_MODES = ("full", "lora", "inclora")  # inclora: merge the last adapter, start a new one per task
+DEFAULT_MODE = {"seq": "full", "replay": "full", "ewc": "full", "multitask": "full", "lora": "lora",
+                "inclora": "inclora", "lwf": "inclora", "olora": "inclora"}
 WORLD_TEMPLATE = "{definition}\nQ: {input}\nA:"
 NI_TEMPLATE = "Definition: {definition} Now complete the following example - Input: {input} Output:"
 
@@ -61,6 +62,8 @@ class CITConfig:
     max_source_tokens: int = 512
     max_target_tokens: int = 128
     method: str = field(default="seq", metadata={"help": " | ".join(METHODS)})
+    finetune: str = field(default="", metadata={"help": "full | lora | inclora; default by method (replay, ewc and "
+                                                        "multitask may run on LoRA too)"})
     general: str = field(default="", metadata={"help": "general sets as task files a.json,b.json (GP/IP); "
                                                        "default: the ICL world's general tasks"})
     replay: float = field(default=0.2, metadata={"help": "replay: earlier tasks' rows mixed in, as a fraction of the task"})
@@ -83,9 +86,21 @@ class CITConfig:
     fvg: bool = field(default=False, metadata={"help": "add FV-guided training (FV consistency + FV-guided KL)"})
     fvg_config: FVGConfig = field(default_factory=FVGConfig)
 
+    @property
+    def mode(self) -> str:
+        return self.finetune or DEFAULT_MODE.get(self.method, "full")
+
     def validate(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} is unknown; use one of {', '.join(METHODS)}")
+        if self.finetune and self.finetune not in FINETUNE_MODES:
+            raise ValueError(f"finetune={self.finetune!r} is unknown; use one of {', '.join(FINETUNE_MODES)}")
+        if self.finetune and self.method in ("seq", "lora", "inclora", "lwf", "olora") and self.finetune != DEFAULT_MODE[self.method]:
+            raise ValueError(f"finetune={self.finetune!r} contradicts method={self.method!r}; finetune applies to "
+                             "replay, ewc and multitask")
+        if self.method == "ewc" and self.mode == "inclora":
+            raise ValueError("ewc with finetune=inclora has no parameters shared between tasks (each adapter is new); "
+                             "use finetune=lora or full")
         if not self.world_dir and not self.tasks_dir and ".json" not in self.sequence:
             raise ValueError("give --world DIR (an icl-world build), --tasks-dir DIR (natural-instructions tasks/) "
                              "or --sequence a.json,b.json (task files)")
@@ -256,6 +271,9 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
     R.append(scores)
     general.append(gen)
     if cfg.method == "multitask":  # one phase over every task's rows; R repeats the joint model's scores
+        if cfg.mode != "full":
+            torch.manual_seed(cfg.seed)
+            model = _wrap_lora(model, cfg)
         joint = concat([task_data(t, train)[0] for t, (train, _) in zip(tasks, splits)], tokenizer.pad_token_id)
         outcome = train_phase(model, joint, cfg.train, phase="multitask", state_dir=out / "state" / "multitask",
                               seed=cfg.seed, log=log, progress=progress)
@@ -263,18 +281,18 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
         R += [scores] * len(tasks)
         general += [gen] * len(tasks)
         if cfg.save_checkpoints:
-            save_checkpoint(model, tokenizer, out, len(tasks) - 1, "multitask", False)
+            save_checkpoint(model, tokenizer, out, len(tasks) - 1, "multitask", cfg.mode != "full")
     seen_data: list = []                 # earlier tasks' training rows (replay)
     fisher, anchor = None, None          # accumulated diagonal Fisher and the weights after the last task (ewc)
     earlier_a: dict[str, list[torch.Tensor]] = {}  # earlier tasks' LoRA A matrices per module (olora)
     for k, (task, (train, _)) in enumerate(zip(tasks, splits)):
         if cfg.method == "multitask":
             break
-        if cfg.method in FRESH_ADAPTER_METHODS and k > 0:
+        if cfg.mode == "inclora" and k > 0:
             for name, a in lora_a_matrices(model).items():
                 earlier_a.setdefault(name, []).append(a.detach().clone())
             model = model.merge_and_unload()
-        if cfg.method in FRESH_ADAPTER_METHODS or (cfg.method == "lora" and k == 0):
+        if cfg.mode == "inclora" or (cfg.mode == "lora" and k == 0):
             torch.manual_seed(cfg.seed + k)  # LoRA's A is drawn at random: same seed, same run
             model = _wrap_lora(model, cfg)
         data, prompts = task_data(task, train)
@@ -322,8 +340,8 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
         R.append(scores)
         general.append(gen)
         if cfg.save_checkpoints:
-            save_checkpoint(model, tokenizer, out, k, task.name, cfg.method in LORA_METHODS)
-    if cfg.method in LORA_METHODS:
+            save_checkpoint(model, tokenizer, out, k, task.name, cfg.mode != "full")
+    if cfg.mode != "full":
         model = model.merge_and_unload()
     save_model_dir(model, tokenizer, out / "model")  # the model after the last task (LoRA merged)
     results = summarize(cfg, tasks, R, general)
