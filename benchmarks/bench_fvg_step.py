@@ -52,7 +52,7 @@ def main() -> None:
             start = time.perf_counter()
             guide = FVGuidance(adapter, tokenizer, task.name, [(x, r[0]) for x, r in train], prompts)
             cache_seconds = time.perf_counter() - start
-            extra = lambda rows, run_forward: guide.loss(adapter, rows, run_forward)  # noqa: E731
+            extra = lambda rows, batch, run_forward: guide.loss(adapter, rows, batch, run_forward)  # noqa: E731
         with tempfile.TemporaryDirectory() as state:
             outcome = train_phase(model, data, cfg, phase=label, state_dir=Path(state), seed=0, log=lambda s: None,
                                   progress=False, extra_loss=extra)

@@ -95,7 +95,7 @@ class CITConfig:
             raise ValueError(f"method={self.method!r} is unknown; use one of {', '.join(METHODS)}")
         if self.finetune and self.finetune not in FINETUNE_MODES:
             raise ValueError(f"finetune={self.finetune!r} is unknown; use one of {', '.join(FINETUNE_MODES)}")
-        if self.finetune and self.method in ("seq", "lora", "inclora", "lwf", "olora") and self.finetune != DEFAULT_MODE[self.method]:
+        if self.finetune and self.method not in ("replay", "ewc", "multitask") and self.finetune != DEFAULT_MODE[self.method]:
             raise ValueError(f"finetune={self.finetune!r} contradicts method={self.method!r}; finetune applies to "
                              "replay, ewc and multitask")
         if self.method == "ewc" and self.mode == "inclora":
@@ -174,6 +174,11 @@ def general_abilities(model, tokenizer, world, cfg: CITConfig) -> dict[str, floa
     return {"gp": 100 * float(np.mean(gp)), "ip": 100 * float(np.mean(ip))}
 
 
+def general_files(cfg: CITConfig) -> list[InstructionTask]:
+    """The ``general`` task files (comma-separated paths), loaded."""
+    return [load_ni_task(f.strip()) for f in cfg.general.split(",") if f.strip()]
+
+
 def general_rows(task: InstructionTask, cfg: CITConfig, template: str, shots: int = 5) -> tuple[list[dict], list[dict]]:
     """A general set given as a task file: GP rows (the template, zero-shot) and IP rows (``shots`` worked
     instances from the start of the file as ``Input:/Output:`` pairs, no definition) on its test instances."""
@@ -247,7 +252,7 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
     model = load_model(model_dir).to(device)
     splits = [task.split(cfg.n_train, cfg.n_test) for task in tasks]
     test_rows = [_rows(t, test, template) for t, (_, test) in zip(tasks, splits)]
-    general_sets = [general_rows(load_ni_task(f.strip()), cfg, template) for f in cfg.general.split(",") if f.strip()]
+    general_sets = [general_rows(task, cfg, template) for task in general_files(cfg)]
 
     def general_scores() -> dict:
         if general_sets:
@@ -282,12 +287,11 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
         general += [gen] * len(tasks)
         if cfg.save_checkpoints:
             save_checkpoint(model, tokenizer, out, len(tasks) - 1, "multitask", cfg.mode != "full")
+    sequential = [] if cfg.method == "multitask" else list(zip(tasks, splits))
     seen_data: list = []                 # earlier tasks' training rows (replay)
     fisher, anchor = None, None          # accumulated diagonal Fisher and the weights after the last task (ewc)
     earlier_a: dict[str, list[torch.Tensor]] = {}  # earlier tasks' LoRA A matrices per module (olora)
-    for k, (task, (train, _)) in enumerate(zip(tasks, splits)):
-        if cfg.method == "multitask":
-            break
+    for k, (task, (train, _)) in enumerate(sequential):
         if cfg.mode == "inclora" and k > 0:
             for name, a in lora_a_matrices(model).items():
                 earlier_a.setdefault(name, []).append(a.detach().clone())
@@ -299,15 +303,15 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
         task_rows = data
         if cfg.method == "replay" and seen_data:
             data = mix_replay(data, concat(seen_data, tokenizer.pad_token_id), cfg.replay, cfg.seed + k, tokenizer.pad_token_id)
-        penalties = []  # terms (rows, outputs) -> loss added after the ordinary forward pass
+        penalties = []  # terms (batch, outputs) -> loss added after the ordinary forward pass
         if cfg.method == "ewc" and fisher is not None:
-            penalties.append(lambda rows, outputs, f=fisher, a=anchor: ewc_penalty(model, f, a, cfg.ewc_strength))
+            penalties.append(lambda batch, outputs, f=fisher, a=anchor: ewc_penalty(model, f, a, cfg.ewc_strength))
         if cfg.method == "lwf" and k > 0:
-            penalties.append(lambda rows, outputs, d=data: cfg.lwf_strength * lwf_loss(
-                model, {n: t.to(device) for n, t in d.batch(rows).items()}, outputs.logits, cfg.lwf_temperature))
+            penalties.append(lambda batch, outputs: cfg.lwf_strength * lwf_loss(model, batch, outputs.logits,
+                                                                                cfg.lwf_temperature))
         if cfg.method == "olora" and earlier_a:
             current = lora_a_matrices(model)
-            penalties.append(lambda rows, outputs, c=current: cfg.olora_strength * lora_orthogonality(
+            penalties.append(lambda batch, outputs, c=current: cfg.olora_strength * lora_orthogonality(
                 [torch.cat(earlier_a[n]) for n in c], list(c.values())))
         guide = adapter = None
         if cfg.fvg:  # the frozen side comes from the model before this task, computed once
@@ -318,11 +322,11 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
                                train_data=task_rows)
             model.train()
 
-        def extra(rows, run_forward, guide=guide, adapter=adapter, penalties=penalties):
-            total = guide.loss(adapter, rows, run_forward) if guide is not None else 0.0
+        def extra(rows, batch, run_forward, guide=guide, adapter=adapter, penalties=penalties):
+            total = guide.loss(adapter, rows, batch, run_forward) if guide is not None else 0.0
             outputs = run_forward()  # the ordinary forward pass, run once (FVG already ran it under its hooks)
             for term in penalties:
-                total = total + term(rows, outputs)
+                total = total + term(batch, outputs)
             return total
 
         outcome = train_phase(model, data, cfg.train, phase=task.name, state_dir=out / "state" / task.name,
@@ -379,7 +383,6 @@ def analyze_run(run: Path, settings=None, *, log: Callable[[str], None] = print)
     from transformers import AutoTokenizer
 
     from forgetlab.analysis.fv_drift import DriftSettings, drift_fits, drift_measurements, fv_interventions
-    from forgetlab.fv.tasks import ICLTask
     from forgetlab.models.build import load_model
     from forgetlab.report.cit import plot_drift
     from forgetlab.utils.io import atomic_write_text, from_jsonable, read_json
@@ -394,8 +397,7 @@ def analyze_run(run: Path, settings=None, *, log: Callable[[str], None] = print)
         raise FileNotFoundError(f"{run}/checkpoints has no per-task checkpoints; rerun with save_checkpoints=true")
     tasks, world = load_sequence(cfg)
     if cfg.general:
-        general = [ICLTask.from_pairs(t.name, [(x, refs[0]) for x, refs in t.instances], t.definition)
-                   for t in (load_ni_task(f.strip()) for f in cfg.general.split(",") if f.strip())]
+        general = [t.as_icl_task() for t in general_files(cfg)]
     elif world is not None:
         general = [t.as_icl_task() for t in world.role("general")]
     else:
@@ -411,8 +413,7 @@ def analyze_run(run: Path, settings=None, *, log: Callable[[str], None] = print)
 
     rows, initial = drift_measurements(models(), tokenizer, general, settings)
     fits = drift_fits(rows)
-    last = tasks[-1] if cfg.method != "multitask" else None
-    last_task = ICLTask.from_pairs(last.name, [(x, refs[0]) for x, refs in last.instances]) if last is not None else None
+    last_task = tasks[-1].as_icl_task() if cfg.method != "multitask" else None
     interventions = fv_interventions(load_model(checkpoints[-1]).to(device), tokenizer, general, initial, last_task, settings)
     summary = {m: {"pooled_r2": f["pooled"]["r2"], "median_task_r2": f["median_task_r2"]} for m, f in fits.items()}
     atomic_write_json(run / "drift.json", {"settings": asdict(settings), "summary": summary, "fits": fits, "rows": rows})

@@ -157,13 +157,13 @@ class FVGuidance:
             batches.append(PromptBatch(ids.to(device), mask.to(device), torch.zeros(len(ids), dtype=torch.long)))
         self.cache = build_teacher_cache(adapter, batches, self.fv.vector, self.layer, self.heads)
         self.last = torch.tensor([len(p) - 1 for p in train_prompts])  # the last prompt token in a right-padded row
-        self.data, self.answers = train_data, None
+        self.answers = None
         if cfg.alpha_kl_all:
             if train_data is None or len(train_data) != len(train_prompts):
                 raise ValueError("alpha_kl_all needs the task's training rows (train_data), one per training prompt")
             self.answers = answer_logits_cache(adapter, train_data, self.last + 1, self.fv.vector, self.layer)
 
-    def loss(self, adapter: ModelAdapter, rows: torch.Tensor, run_forward) -> torch.Tensor:
+    def loss(self, adapter: ModelAdapter, rows: torch.Tensor, batch: dict, run_forward) -> torch.Tensor:
         """α_FV · L_FV + α_KL · L_KL from the ordinary forward pass of the current model, read at the prompt end.
 
         Rows past this task's own (earlier tasks' rows mixed in by replay) carry no FVG terms.
@@ -180,14 +180,14 @@ class FVGuidance:
         l_fv, l_kl = fvg_terms(logits[keep], got["heads"][keep], self.cache, rows[mine], self.cfg.temperature)
         total = self.cfg.alpha_fv * l_fv + self.cfg.alpha_kl * l_kl
         if self.answers is not None:
-            total = total + self.cfg.alpha_kl_all * self.answer_kl(out.logits, rows, mine)
+            total = total + self.cfg.alpha_kl_all * self.answer_kl(out.logits, batch["labels"], rows, mine)
         return total
 
-    def answer_kl(self, logits: torch.Tensor, rows: torch.Tensor, mine: torch.Tensor) -> torch.Tensor:
+    def answer_kl(self, logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, mine: torch.Tensor) -> torch.Tensor:
         """KL to the cached FV-steered teacher over the answer tokens of this task's rows in the batch."""
         from forgetlab.train.data import IGNORE
 
-        answer = self.data.batch(rows[mine])["labels"][:, 1:] != IGNORE  # right-padded: columns align with the batch
-        student = logits[mine.to(logits.device)][:, :answer.shape[1]][answer.to(logits.device)]
+        answer = (labels[:, 1:] != IGNORE) & mine.to(labels.device)[:, None]
+        student = logits[:, :-1][answer.to(logits.device)]
         teacher = torch.cat([self.answers[int(r)] for r in rows[mine]]).to(student.device)
         return distillation_kl(student, teacher, temperature=self.cfg.temperature)

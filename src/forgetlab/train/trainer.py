@@ -131,14 +131,15 @@ def train_phase(
     log: Callable[[str], None] = print,
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
-    extra_loss: Callable[[torch.Tensor, Callable[[], object]], torch.Tensor] | None = None,
+    extra_loss: Callable[[torch.Tensor, dict, Callable[[], object]], torch.Tensor] | None = None,
 ) -> PhaseOutcome:
     """Train ``model`` in place for one phase; resumes from ``state_dir`` if a state is there.
 
     ``on_step(step)`` runs after every optimizer step (e.g. to save snapshots for the analyses).
-    ``extra_loss(rows, run_forward)`` lets a method add loss terms: it gets the micro-batch's row
-    indices and a function that runs the usual forward pass (so hooks can be set around it) and
-    returns the model outputs; it returns the terms to add to ``outputs.loss``.
+    ``extra_loss(rows, batch, run_forward)`` lets a method add loss terms: it gets the micro-batch's row
+    indices, the batch itself (on the device, with ``labels``) and a function that runs the usual
+    forward pass (so hooks can be set around it) and returns the model outputs; it returns the terms
+    to add to ``outputs.loss``.
     """
     device = next(model.parameters()).device
     total = cfg.total_steps(len(data))
@@ -187,7 +188,7 @@ def train_phase(
                     loss = forward(**batch).loss / cfg.grad_accum
                 else:
                     outputs = {}
-                    extra = extra_loss(rows, lambda: outputs.setdefault("out", forward(**batch)))
+                    extra = extra_loss(rows, batch, lambda: outputs.setdefault("out", forward(**batch)))
                     loss = (outputs["out"].loss + extra) / cfg.grad_accum
             loss.backward()
             if evaluate is not None:

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from forgetlab.fv.tasks import ICLTask
 from forgetlab.worlds.icl import ICLWorld, WorldTask
 
 # papers.md §2, upstream SuperNI file names, in training order.
@@ -37,6 +38,10 @@ class InstructionTask:
     instances: tuple[tuple[str, tuple[str, ...]], ...]  # (input, reference outputs)
     examples: tuple[tuple[str, str], ...] = ()          # worked examples (NI "Positive Examples")
     test_size: int | None = None                        # a fixed test split (world tasks) instead of ``n_test``
+
+    def as_icl_task(self) -> ICLTask:
+        """Every instance as an (input, first reference) pair of an ICL task, for function vectors."""
+        return ICLTask.from_pairs(self.name, [(x, refs[0]) for x, refs in self.instances], self.definition)
 
     def split(self, n_train: int = 1000, n_test: int = 100) -> tuple[list, list]:
         """The last ``n_test`` instances are the test set (papers.md §2); training takes the first ``n_train``."""
