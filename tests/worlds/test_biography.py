@@ -338,7 +338,7 @@ def test_write_world(world: BiographyWorld, tmp_path) -> None:
          "qa_task1.jsonl", "qa_task2.jsonl"]
     )
     lines = (tmp_path / "pretrain.txt").read_text().splitlines()
-    assert lines == world.biography_entries(world.splits["pretrain"])
+    assert lines == world.pretraining_corpus()
     qa = [json.loads(x) for x in (tmp_path / "qa_task1.jsonl").read_text().splitlines()]
     assert len(qa) == 10 * 6
     assert qa == [asdict(q) for q in world.qa_examples(world.splits["task1"])]
@@ -357,3 +357,19 @@ def test_word_list_covers_all_tokens(full_name: bool, world, pronoun_world) -> N
     text += [q.prompt + q.answer for q in w.qa_examples(ids)]
     tokens = {tok for t in text for tok in split_words(t)}
     assert tokens <= vocab, sorted(tokens - vocab)[:10]
+
+
+def test_pretraining_corpus_keeps_a_persons_entries_apart(world: BiographyWorld) -> None:
+    """Shuffled: the same entries as person-major order, rarely two of one person side by side."""
+    person_major = world.biography_entries(world.splits["pretrain"])
+    corpus = world.pretraining_corpus()
+    assert sorted(corpus) == sorted(person_major) and corpus != person_major
+    assert corpus == world.pretraining_corpus()  # seeded
+
+    ids = world.splits["pretrain"]
+    k = world.config.entries_per_person
+    owner = {e: ids[i // k] for i, e in enumerate(person_major)}
+    same = sum(owner[a] == owner[b] for a, b in zip(corpus, corpus[1:]))
+    assert same <= 3 + 3 * len(corpus) / len(ids)  # about (k - 1) / n of neighbours by chance
+    kept = generate_world(replace(world.config, shuffle_entries=False))
+    assert kept.pretraining_corpus() == person_major

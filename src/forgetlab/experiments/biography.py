@@ -158,7 +158,7 @@ class BiographyExperiment:
         key = config_hash("pretrain", cfg.world, cfg.model, cfg.block_size, cfg.pretrain, cfg.eval, cfg.seed)
 
         def data() -> TokenDataset:
-            entries = self.world.biography_entries(self.world.splits["pretrain"])
+            entries = self.world.pretraining_corpus()
             ids = self.tokenizer(entries, add_special_tokens=False)["input_ids"]
             return pack_texts(ids, self.eos, cfg.block_size)
 

@@ -64,16 +64,17 @@ def cpu_demo() -> BiographyRunConfig:
 
 
 def gpu() -> BiographyRunConfig:
+    """About 4 minutes on one H200: a 25M-parameter GPT-NeoX, 4,000 + 1,000 people, 50 templates."""
     base = cpu_demo()
     return replace(
         base, preset="gpu",
-        world=_small_world(n_pretrain=10_000, n_new=2_000, pool=100, values=100, templates=50),
+        world=_small_world(n_pretrain=4_000, n_new=1_000, pool=100, values=100, templates=50),
         model=ModelConfig(architecture="gpt_neox", d_model=512, n_layers=8, n_heads=8, max_positions=512),
         block_size=512,
-        pretrain=replace(base.pretrain, lr=1e-3, epochs=60, batch_size=64, warmup_steps=500, checkpoint_every=1000,
+        pretrain=replace(base.pretrain, lr=1e-3, epochs=60, batch_size=64, warmup_steps=300, checkpoint_every=1000,
                          compile=True),
         task0=replace(base.task0, lr=1e-4, epochs=3, batch_size=64),
-        task=replace(base.task, lr=5e-5, max_steps=4000, batch_size=64),
+        task=replace(base.task, lr=5e-5, max_steps=2000, batch_size=64),
         recovery=replace(base.recovery, lr=1e-4, batch_size=64),
         eval=EvalConfig(max_questions=2000),
     )

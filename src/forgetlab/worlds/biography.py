@@ -57,6 +57,7 @@ WORLD_JSON_VERSION = 1
 # constant changes every generated corpus.
 _ENTRY_BLOCK = 1024
 _ENTRY_STREAM = 0xB105
+_CORPUS_STREAM = 0xC0DE
 _POOL_NAMES: tuple[str, ...] = (
     "first_names", "middle_names", "last_names", "birth_cities",
     "universities", "majors", "companies", "company_cities",
@@ -98,6 +99,14 @@ class BiographyWorldConfig:
         ),
     )
     entries_per_person: int = field(default=5, metadata=_help("Biography entries per pretraining person."))
+    shuffle_entries: bool = field(
+        default=True,
+        metadata=_help(
+            "Pretraining corpus in a seeded random entry order. False keeps a person's entries next to "
+            "each other, so one packed context holds several and the model learns to copy values from "
+            "the previous entry instead of storing them (extraction then fails; ablation)."
+        ),
+    )
     permute_sentences: bool = field(
         default=True,
         metadata=_help("Shuffle the 6 sentences of each entry; False keeps ATTRIBUTES order (ablation)."),
@@ -324,6 +333,14 @@ class BiographyWorld:
         else:
             order = np.broadcast_to(np.arange(n_attr), (b, k, n_attr))
         return choice.tolist(), order.tolist()
+
+    def pretraining_corpus(self) -> list[str]:
+        """Every pretraining entry, in the order a model reads them (see ``shuffle_entries``)."""
+        entries = self.biography_entries(self.splits["pretrain"])
+        if self.config.shuffle_entries:
+            rng = np.random.default_rng(np.random.SeedSequence([self.config.seed, _CORPUS_STREAM]))
+            entries = [entries[i] for i in rng.permutation(len(entries))]
+        return entries
 
     def biography_entries(self, person_ids: Iterable[int]) -> list[str]:
         """entries_per_person entries per person, person-major; deterministic per (seed, id)."""
@@ -576,12 +593,10 @@ def write_world(world: BiographyWorld, out_dir: str | os.PathLike[str]) -> dict[
     written["world"] = path
 
     path = out / "pretrain.txt"
-    pretrain_ids = world.splits["pretrain"]
 
     def write_pretrain(fh: Any) -> None:
-        for start in range(0, len(pretrain_ids), _ENTRY_BLOCK):
-            entries = world.biography_entries(pretrain_ids[start : start + _ENTRY_BLOCK])
-            fh.write("\n".join(entries))
+        for entry in world.pretraining_corpus():
+            fh.write(entry)
             fh.write("\n")
 
     _atomic_write(path, write_pretrain)
