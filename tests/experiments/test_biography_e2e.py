@@ -40,6 +40,8 @@ def test_smoke_run_writes_the_contract(smoke_run):
     assert math.isfinite(results["spurious_share"])
     assert results["method"] == "seq" and results["preset"] == "smoke" and results["seed"] == 0
     assert results["seconds"] > 0
+    for phase in ("pretrain", "task0", "task1", "recovery", "recovery_control"):
+        assert 0.0 <= results["task0_recall"][phase] <= 1.0, phase
     rows = list(csv.DictReader((run / "curves.csv").open()))
     assert list(rows[0]) == ["phase", "step", "task", "metric", "value"]
     phases = {r["phase"] for r in rows}

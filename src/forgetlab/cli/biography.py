@@ -84,6 +84,10 @@ def show_results(results: dict) -> None:
     ]
     for key, label in labels:
         table.add_row(label, f"{results[key]:.3f}")
+    recall = results.get("task0_recall", {})
+    for phase, label in (("task0", "before task 1"), ("task1", "after task 1"), ("recovery", "after recovery")):
+        if recall.get(phase) is not None:
+            table.add_row(f"task 0 values recalled in biographies, {label}", f"{recall[phase]:.3f}")
     table.add_row("seconds", f"{results['seconds']:.0f}")
     console.print(table)
 

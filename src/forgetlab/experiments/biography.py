@@ -19,6 +19,7 @@ import torch
 from transformers import AutoTokenizer
 
 from forgetlab.eval.exact_match import greedy_exact_match
+from forgetlab.eval.recall import find_span, span_recall
 from forgetlab.experiments.config import BiographyRunConfig
 from forgetlab.experiments.phases import PhaseStore, default_cache_dir
 from forgetlab.experiments.rundir import prepare_run_dir, publish_checkpoint
@@ -57,6 +58,12 @@ def encode_qa(examples: list[QAExample], tokenizer) -> QASet:
     return QASet(prompts, answers, [e.attribute for e in examples])
 
 
+def _named_before(tokens: list[int], start: int, name: list[int], period: int) -> bool:
+    """Does the sentence holding position ``start`` name the person before it (else the value is unaskable)."""
+    begin = max((i + 1 for i in range(start) if tokens[i] == period), default=0)
+    return any(tokens[i : i + len(name)] == name for i in range(begin, start - len(name) + 1))
+
+
 def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -82,6 +89,32 @@ class BiographyExperiment:
         half = splits["task0_train"][: len(splits["task0_train"]) // 2]
         self.qa["recovery_train"] = encode_qa(self.world.qa_examples(half), self.tokenizer)
         self.eval_sets = {k: v.sample(cfg.eval.max_questions, cfg.seed + i) for i, (k, v) in enumerate(self.qa.items())}
+        self.recall_set = self._recall_set(splits["task0_test"])
+
+    def _recall_set(self, person_ids: list[int]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+        """First biography entry of held-out task-0 people and the token span of each attribute value."""
+        n_people = max(1, self.cfg.eval.max_questions // len(ATTRIBUTES))
+        ids = sorted(random.Random(self.cfg.seed).sample(person_ids, min(n_people, len(person_ids))))
+        k = self.cfg.world.entries_per_person
+        entries = self.world.biography_entries(ids)[::k]
+        tokens = self.tokenizer(entries, add_special_tokens=False)["input_ids"]
+        period = self.tokenizer.convert_tokens_to_ids(".")
+        sequences, spans = [], []
+        for pid, toks in zip(ids, tokens):
+            name = self.tokenizer(" " + self.world.full_name(pid), add_special_tokens=False)["input_ids"]
+            values = self.tokenizer([" " + v for v in self.world.values(pid)], add_special_tokens=False)["input_ids"]
+            found = [s for s in (find_span(toks, v) for v in values) if s and _named_before(toks, s[0], name, period)]
+            if found:
+                sequences.append(toks)
+                spans.append(found)
+        return sequences, spans
+
+    def recall(self, model) -> float:
+        """Share of held-out task-0 attribute values the model still completes in its own biographies."""
+        sequences, spans = self.recall_set
+        hits = span_recall(model, sequences, spans, pad_id=self.pad, batch_size=self.cfg.eval.batch_size)
+        flat = [h for row in hits for h in row]
+        return sum(flat) / len(flat) if flat else float("nan")
 
     def _tokenizer(self):
         """The world's word-level tokenizer, or the tokenizer saved with a local starting checkpoint."""
@@ -120,6 +153,8 @@ class BiographyExperiment:
                 if hits:
                     scores[f"em_{a}"] = sum(hits) / len(hits)
             out[t] = scores
+        if "task0" in tasks and not self.cfg.model.checkpoint:
+            out["task0"]["recall"] = self.recall(model)
         return out
 
     def step_eval(self, tasks: list[str]) -> Callable[[], dict]:
@@ -256,6 +291,7 @@ def summarize(cfg: BiographyRunConfig, phases: dict, rows: list[dict], n_tasks: 
         "method": m.name, "freeze_layers": m.freeze_layers, "replay": m.replay, "early_stop": m.early_stop,
         "preset": cfg.preset, "seed": cfg.seed, "seconds": seconds,
         "task1_steps": phases["task1"].info["steps"],
+        "task0_recall": {name: p.info["final"]["task0"].get("recall") for name, p in phases.items()},
         "per_attribute_after_task1": {k: v for k, v in phases["task1"].info["final"]["task0"].items() if k.startswith("em_")},
         "score_matrix": {"rows": order, "tasks": tasks, "R": matrix, "metrics": cl_summary(matrix)},
     }
