@@ -146,3 +146,14 @@ def test_start_from_a_local_checkpoint(smoke_run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert 0 <= results["task0_before"] <= 1
+
+
+def test_compiled_pretraining_is_reproducible(tmp_path):
+    """Same seed, two processes, compiled CPU kernels: bit-identical weights (they differed before)."""
+    weights = []
+    for i in range(2):
+        proc = forgetlab("biography", "run", "--preset", "smoke", "--out", str(tmp_path / f"run{i}"), "--no-progress",
+                         "--set", "pretrain.compile=true", "--set", "task.max_steps=5", cache=tmp_path / f"cache{i}")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        weights.append((tmp_path / f"run{i}" / "checkpoints" / "pretrain" / "model.safetensors").read_bytes())
+    assert weights[0] == weights[1]

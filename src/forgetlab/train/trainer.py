@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,6 +119,22 @@ class PhaseOutcome:
     seconds: float = 0.0
 
 
+@contextmanager
+def reproducible_kernels(on: bool) -> Iterator[None]:
+    """Deterministic algorithms while compiled CPU kernels run, restored after.
+
+    Inductor's CPU kernels otherwise accumulate some gradients (the embedding's scatter-add) in a
+    thread-dependent order, so one seed gave a different model on every run (extraction 0.72-0.81).
+    """
+    before, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    if on:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+
 def train_phase(
     model: torch.nn.Module,
     data: TokenDataset,
@@ -173,44 +190,45 @@ def train_phase(
     # Compiling fuses the many small element-wise kernels of a small model (about 1.8x on a CPU);
     # the compiled wrapper shares the model's parameters, so checkpoints and evaluation are unchanged.
     forward = torch.compile(model) if cfg.compile else model
-    model.train()
-    stopped = start == 0 and cfg.eval.due(0, total) and run_eval(0)
-    bar = tqdm(total=total, initial=start, desc=phase, disable=not progress, leave=False, dynamic_ncols=True)
-    step = start
-    while step < total and not stopped:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, total, cfg)
-        for k in range(cfg.grad_accum):
-            rows = micro_batch_rows(step * cfg.grad_accum + k, len(data), cfg.batch_size, seed, drop_last=cfg.compile)
-            batch = {name: t.to(device) for name, t in data.batch(rows).items()}
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                if extra_loss is None:
-                    loss = forward(**batch).loss / cfg.grad_accum
-                else:
-                    outputs = {}
-                    extra = extra_loss(rows, batch, lambda: outputs.setdefault("out", forward(**batch)))
-                    loss = (outputs["out"].loss + extra) / cfg.grad_accum
-            loss.backward()
-            if evaluate is not None:
-                losses.append(loss.item() * cfg.grad_accum)
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        if on_step is not None:
-            on_step(step)
-        bar.update(1)
-        if losses and progress:
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        if cfg.eval.due(step, total):
-            stopped = run_eval(step)
-            if stopped:
-                log(f"[{phase}] early stop at step {step}")
-        if step < total and not stopped and cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0:
-            save_training_state(state_dir, model, optimizer, step=step, rows=outcome.rows, seconds=time.perf_counter() - t0,
-                                pending_losses=losses)
-    bar.close()
+    with reproducible_kernels(cfg.compile and device.type == "cpu"):
+        model.train()
+        stopped = start == 0 and cfg.eval.due(0, total) and run_eval(0)
+        bar = tqdm(total=total, initial=start, desc=phase, disable=not progress, leave=False, dynamic_ncols=True)
+        step = start
+        while step < total and not stopped:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total, cfg)
+            for k in range(cfg.grad_accum):
+                rows = micro_batch_rows(step * cfg.grad_accum + k, len(data), cfg.batch_size, seed, drop_last=cfg.compile)
+                batch = {name: t.to(device) for name, t in data.batch(rows).items()}
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    if extra_loss is None:
+                        loss = forward(**batch).loss / cfg.grad_accum
+                    else:
+                        outputs = {}
+                        extra = extra_loss(rows, batch, lambda: outputs.setdefault("out", forward(**batch)))
+                        loss = (outputs["out"].loss + extra) / cfg.grad_accum
+                loss.backward()
+                if evaluate is not None:
+                    losses.append(loss.item() * cfg.grad_accum)
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if on_step is not None:
+                on_step(step)
+            bar.update(1)
+            if losses and progress:
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if cfg.eval.due(step, total):
+                stopped = run_eval(step)
+                if stopped:
+                    log(f"[{phase}] early stop at step {step}")
+            if step < total and not stopped and cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0:
+                save_training_state(state_dir, model, optimizer, step=step, rows=outcome.rows, seconds=time.perf_counter() - t0,
+                                    pending_losses=losses)
+        bar.close()
     outcome.steps, outcome.stopped_early = step, bool(stopped)
     outcome.seconds = time.perf_counter() - t0
     return outcome
