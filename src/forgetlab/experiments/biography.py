@@ -101,8 +101,9 @@ class BiographyExperiment:
         period = self.tokenizer.convert_tokens_to_ids(".")
         sequences, spans = [], []
         for pid, toks in zip(ids, tokens):
-            name = self.tokenizer(" " + self.world.full_name(pid), add_special_tokens=False)["input_ids"]
-            values = self.tokenizer([" " + v for v in self.world.values(pid)], add_special_tokens=False)["input_ids"]
+            person = self.world.people[pid]
+            name = self.tokenizer(" " + person.full_name, add_special_tokens=False)["input_ids"]
+            values = self.tokenizer([" " + person.value(a) for a in ATTRIBUTES], add_special_tokens=False)["input_ids"]
             found = [s for s in (find_span(toks, v) for v in values) if s and _named_before(toks, s[0], name, period)]
             if found:
                 sequences.append(toks)

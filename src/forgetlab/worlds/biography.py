@@ -334,14 +334,6 @@ class BiographyWorld:
             order = np.broadcast_to(np.arange(n_attr), (b, k, n_attr))
         return choice.tolist(), order.tolist()
 
-    def values(self, person_id: int) -> tuple[str, ...]:
-        """The person's attribute values, in ATTRIBUTES order."""
-        return self._values[self._check_ids([person_id])[0]]
-
-    def full_name(self, person_id: int) -> str:
-        p = self.people[self._check_ids([person_id])[0]]
-        return f"{p.first} {p.middle} {p.last}"
-
     def pretraining_corpus(self) -> list[str]:
         """Every pretraining entry, in the order a model reads them (see ``shuffle_entries``)."""
         entries = self.biography_entries(self.splits["pretrain"])
