@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from forgetlab.experiments.cit import CITConfig, run_cit, summarize
+from forgetlab.experiments.cit import CITConfig, load_sequence, run_cit, summarize
 from forgetlab.experiments.icl_world import build_icl_world, preset_config
 from forgetlab.models.tokenizers import build_bpe_tokenizer
 from forgetlab.models.zoo import random_model, tiny_config
@@ -94,8 +94,16 @@ def test_bad_configs_name_the_problem(world_dir):
         small(world_dir, method="ewc", finetune="inclora").validate()
     with pytest.raises(ValueError, match="--world"):
         CITConfig().validate()
-    with pytest.raises(ValueError, match="numbered"):
+    with pytest.raises(ValueError, match="NI-Seq-G1 unknown"):
         run_cit(small(world_dir, sequence="NI-Seq-G1"), world_dir / "x", log=lambda s: None)
+    assert not (world_dir / "x").exists()
+
+
+def test_world_tasks_by_name_form_a_sequence(world_dir):
+    tasks, world = load_sequence(small(world_dir, sequence="capitalize_first, reworded_reverse"))
+    assert [t.name for t in tasks] == ["capitalize_first", "reworded_reverse"]
+    test = world.task("reworded_reverse").splits(world.config.seed).test
+    assert [x for x, _ in tasks[1].split()[1]] == [x for x, _ in test]
 
 
 @pytest.mark.slow

@@ -75,6 +75,19 @@ def test_sequences_hold_new_tasks_only(world):
     assert len(world.sequences) == 3
     for seq in world.sequences:
         assert len(seq) == 5 and len(set(seq)) == 5 and set(seq) <= new
+        assert all(name.startswith("reworded_") for name in seq)
+
+
+def test_reworded_tasks_ask_for_a_known_ability_in_known_words(world):
+    reworded = [t for t in world.tasks if t.name.startswith("reworded_")]
+    assert len(reworded) == world.config.n_partner_tasks + world.config.n_translate_tasks + 1
+    for task in reworded:
+        source = world.task(task.name.removeprefix("reworded_"))
+        assert source.role == "general" and task.role == "new"
+        assert task.pairs == source.pairs and task.instruction != source.instruction
+    # the vocabulary (hence the tokenizer and any model built on the world) is that of the other tasks
+    others = ICLWorld(world.config, [t for t in world.tasks if t not in reworded], [])
+    assert others.words() == world.words()
 
 
 def test_deterministic_and_round_trips(world, tmp_path):

@@ -22,8 +22,9 @@ def run(
     out: Annotated[Path, typer.Option("--out", help="run directory")],
     world: Annotated[Optional[Path], typer.Option(help="an icl-world build (model + world.json)")] = None,
     model: Annotated[Optional[Path], typer.Option(help="HF checkpoint [default: the world's model]")] = None,
-    sequence: Annotated[str, typer.Option(help="world sequence index, NI-Seq-G1|C1|M1 (with --tasks-dir), task names "
-                                               "a,b,c (in --tasks-dir) or task files a.json,b.json")] = "0",
+    sequence: Annotated[str, typer.Option(help="world sequence index or world task names a,b,c (with --world); "
+                                               "NI-Seq-G1|C1|M1 or task names a,b,c (with --tasks-dir); task files "
+                                               "a.json,b.json")] = "0",
     tasks_dir: Annotated[Optional[Path], typer.Option(help="natural-instructions tasks/ folder")] = None,
     method: Annotated[str, typer.Option(help="seq | replay | ewc | multitask (full fine-tuning); "
                                              "lora | inclora | lwf | olora (LoRA)")] = "seq",

@@ -37,7 +37,7 @@ from forgetlab.train.checkpoints import save_model_dir
 from forgetlab.train.data import IGNORE, concat, qa_dataset
 from forgetlab.train.trainer import EvalSchedule, PhaseConfig, train_phase
 from forgetlab.utils.io import atomic_write_json
-from forgetlab.worlds.instructions import InstructionTask, load_ni_task, ni_sequence, world_sequence
+from forgetlab.worlds.instructions import InstructionTask, from_world_task, load_ni_task, ni_sequence, world_sequence
 
 METHODS = ("seq", "lora", "inclora", "replay", "ewc", "lwf", "olora", "multitask")
 FINETUNE_MODES = ("full", "lora", "inclora")  # inclora: merge the last adapter, start a new one per task
@@ -53,8 +53,8 @@ class CITConfig:
     seed: int = 0
     world_dir: str = field(default="", metadata={"help": "an icl-world build (model + world.json)"})
     model: str = field(default="", metadata={"help": "HF checkpoint; default: the world's model"})
-    sequence: str = field(default="0", metadata={"help": "world sequence index, NI-Seq-G1|C1|M1, task names a,b,c "
-                                                          "(in tasks_dir) or task files a.json,b.json"})
+    sequence: str = field(default="0", metadata={"help": "world sequence index or world task names a,b,c; NI-Seq-G1|"
+                                                          "C1|M1 or task names a,b,c (in tasks_dir); task files a.json,b.json"})
     tasks_dir: str = field(default="", metadata={"help": "natural-instructions tasks/ folder for NI sequences"})
     template: str = field(default="", metadata={"help": "prompt template with {definition} and {input}; default by source"})
     n_train: int = 1000
@@ -118,9 +118,14 @@ def load_sequence(cfg: CITConfig) -> tuple[list[InstructionTask], object | None]
         from forgetlab.worlds.icl import ICLWorld
 
         world = ICLWorld.read(Path(cfg.world_dir) / "world.json")
-        if not cfg.sequence.isdigit():
-            raise ValueError(f"--sequence {cfg.sequence!r}: the ICL world's sequences are numbered 0..{len(world.sequences) - 1}")
-        return world_sequence(world, int(cfg.sequence)), world
+        if cfg.sequence.isdigit():
+            return world_sequence(world, int(cfg.sequence)), world
+        names = [n.strip() for n in cfg.sequence.split(",") if n.strip()]
+        unknown = [n for n in names if n not in {t.name for t in world.tasks}]
+        if not names or unknown:
+            raise ValueError(f"--sequence {cfg.sequence!r}: give a sequence number 0..{len(world.sequences) - 1} or "
+                             f"task names of the ICL world ({', '.join(unknown) or 'none given'} unknown; see world.json)")
+        return [from_world_task(world.task(n), world.config.seed) for n in names], world
     parts = [n.strip() for n in cfg.sequence.split(",") if n.strip()]
     if parts and all(p.endswith(".json") for p in parts):
         return [load_ni_task(p) for p in parts], None

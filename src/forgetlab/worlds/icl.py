@@ -24,8 +24,10 @@ A 10-shot prompt names its task through its outputs when they are the task's own
 lookups, capitalisation) and only through the input-output relation otherwise (``partner_*``,
 ``pick_*``, arithmetic), the harder case for a small model.
 **General** tasks are what pretraining teaches. **New** tasks are never seen in pretraining and are
-reserved for continual fine-tuning: other offsets (``add_5``), compositions of general tasks
-(``first_letter_of_partner_red``) and new list rules, so their held-out pairs are learnable.
+reserved for continual fine-tuning: reworded instructions for known abilities ("Give the word in gold ."
+for ``translate_gold``: learnable from their training pairs, so the sequences are made of them), and
+harder ones — other offsets (``add_5``), compositions of general tasks (``first_letter_of_partner_red``)
+and new list rules — that the small models do not learn to generalise.
 Facts about atomic tokens (lexical, lookup, string, arithmetic modulo m) are all shown in
 pretraining, as any corpus shows a language model its facts, and evaluation uses unseen prompts;
 list tasks are rules over combinatorially many inputs and keep their test pairs out of pretraining.
@@ -292,11 +294,23 @@ def generate_icl_world(config: ICLWorldConfig = ICLWorldConfig()) -> ICLWorld:
         [(" ".join(l), max(l)) for l in lists])
     add("capitalize_first", "list", "new", "Write the first word of the list with a capital letter .",
         [(" ".join(l), l[0].capitalize()) for l in lists])
+    # reworded instructions: a known ability asked for in words pretraining never used (the learnable kind of
+    # new task, as instruction tuning teaches an LLM to follow new task definitions); only known words, so
+    # the vocabulary (and any model built on the world) does not change
+    for colour in partners:
+        add(f"reworded_partner_{colour}", "lexical", "new", f"Give the {colour} partner of the word .",
+            partners[colour].items())
+    for colour in translations:
+        add(f"reworded_translate_{colour}", "lexical", "new", f"Give the word in {colour} .", translations[colour].items())
+    add("reworded_reverse", "string", "new", "Give the word backwards .", [(w, w[::-1]) for w in words])
 
-    new = [t.name for t in tasks if t.role == "new"]
-    if len(new) < config.sequence_length:
-        raise ValueError(f"icl world: only {len(new)} new tasks for sequences of {config.sequence_length}")
-    order = np.random.default_rng(config.seed + 1000).permutation(len(new))  # sequences overlap only when they must
+    # sequences: reworded tasks, which the models learn from their training pairs (the compositions and new
+    # rules above are not learned at these sizes; name them with ``forgetlab cit run --sequence a,b,c``)
+    reworded = [t.name for t in tasks if t.name.startswith("reworded_")]
+    if len(reworded) < config.sequence_length:
+        raise ValueError(f"icl world: only {len(reworded)} reworded tasks for sequences of {config.sequence_length}; "
+                         "raise n_translate_tasks or lower sequence_length")
+    order = np.random.default_rng(config.seed + 1000).permutation(len(reworded))  # overlap only when they must
     span = config.sequence_length
-    sequences = [[new[order[(s * span + i) % len(new)]] for i in range(span)] for s in range(config.n_sequences)]
+    sequences = [[reworded[order[(s * span + i) % len(reworded)]] for i in range(span)] for s in range(config.n_sequences)]
     return ICLWorld(config, tasks, sequences)
