@@ -1,0 +1,15 @@
+#!/bin/bash
+# cit measurements on the ICL-world cpu model, reworded-task sequence 0: $1 = world build dir (cpu preset), $2 = output folder
+W=$1; R=${2:-runs/cit-cpu}; mkdir -p $R
+run() { name=$1; shift; t=$(date +%s); forgetlab cit run --world $W --sequence 0 --max-train 100 --epochs 10 --out $R/$name --overwrite --no-progress "$@" 2>&1 | grep -a "AP=\|rror" ; echo "$name took $(( $(date +%s) - t )) s"; }
+run inclora --method inclora --lr 2e-3
+run inclora_fvg --method inclora --lr 2e-3 --fvg --set save_checkpoints=false
+run inclora_fvg_kl1 --method inclora --lr 2e-3 --fvg --set fvg_config.alpha_kl=1 --set save_checkpoints=false
+run inclora_fvg_kl0 --method inclora --lr 2e-3 --fvg --set fvg_config.alpha_kl=0 --set save_checkpoints=false
+run seq --method seq --lr 5e-4 --set save_checkpoints=false
+run lwf --method lwf --lr 2e-3 --set save_checkpoints=false
+run olora --method olora --lr 2e-3 --set save_checkpoints=false
+run replay --method replay --lr 5e-4 --set save_checkpoints=false
+run ewc --method ewc --lr 5e-4 --set save_checkpoints=false
+run multitask --method multitask --lr 5e-4 --set save_checkpoints=false
+t=$(date +%s); forgetlab cit analyze $R/inclora 2>&1 | grep -v "^\[cit analyze\] task\|Loading" | tail -4; echo "analyze took $(( $(date +%s) - t )) s"
