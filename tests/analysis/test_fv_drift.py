@@ -70,3 +70,19 @@ def test_drift_rows_of_an_unchanged_and_a_perturbed_checkpoint(setup):
     fits = drift_fits(rows)
     assert set(fits) == {"fv_cosine", "hidden_cosine", "param_distance"}
     assert fits["fv_cosine"]["pooled"]["n"] == 4
+
+
+def test_checkpoint_mean_fit_averages_each_model_over_its_tasks():
+    # three later checkpoints, two tasks each; the means are worked out by hand below
+    table = {"a": [(0.9, 0.0), (0.7, -0.2)], "b": [(0.5, -0.4), (0.3, -0.6)], "c": [(1.0, 0.1), (0.8, -0.1)]}
+    rows = [{"checkpoint": "initial", "index": 0, "task": t, "zero_shot": 1.0, "score_change": 0.0,
+             "fv_cosine": 1.0, "hidden_cosine": 1.0, "param_distance": 0.0} for t in ("t0", "t1")]
+    for i, (label, pairs) in enumerate(table.items(), 1):
+        for t, (cos, change) in zip(("t0", "t1"), pairs):
+            rows.append({"checkpoint": label, "index": i, "task": t, "zero_shot": 1.0 + change, "score_change": change,
+                         "fv_cosine": cos, "hidden_cosine": 1.0 - i / 10 + (t == "t1") / 100, "param_distance": float(i)})
+    fit = drift_fits(rows)["fv_cosine"]["checkpoint_mean"]
+    x, y = [0.8, 0.4, 0.9], [-0.1, -0.5, 0.0]  # per checkpoint: mean cosine, mean change
+    assert fit["n"] == 3 and fit["slope"] == pytest.approx(np.polyfit(x, y, 1)[0])
+    assert fit["r2"] == pytest.approx(np.corrcoef(x, y)[0, 1] ** 2)
+    assert drift_fits(rows)["param_distance"]["checkpoint_mean"]["n"] == 3

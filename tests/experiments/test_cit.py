@@ -216,13 +216,13 @@ def test_lwf_olora_and_multitask_baselines(world_dir, tmp_path):
 @pytest.mark.slow
 def test_cit_analyze_writes_drift_and_interventions(world_dir, tmp_path):
     from forgetlab.analysis.fv_drift import DriftSettings
-    from forgetlab.experiments.cit import analyze_run
+    from forgetlab.experiments.cit import analyze_run, analyze_runs
 
     cfg = small(world_dir, method="seq")
     run_cit(replace(cfg, train=replace(cfg.train, lr=3e-3, epochs=3)), tmp_path, log=lambda s: None, progress=False)
     assert len(list((tmp_path / "checkpoints").glob("task-*"))) == 5
-    out = analyze_run(tmp_path, DriftSettings(n_prompts=4, eval_prompts=6, shots=3, top_k=4, alphas=(1.0,)),
-                      log=lambda s: None)
+    settings = DriftSettings(n_prompts=4, eval_prompts=6, shots=3, top_k=4, alphas=(1.0,))
+    out = analyze_run(tmp_path, settings, log=lambda s: None)
     drift = json.loads((tmp_path / "drift.json").read_text())
     n_general = len(json.loads((world_dir / "world.json").read_text())["tasks"]) - 0
     assert len(drift["rows"]) % 6 == 0 and len(drift["rows"]) // 6 <= n_general  # initial + 5 checkpoints per task
@@ -233,6 +233,24 @@ def test_cit_analyze_writes_drift_and_interventions(world_dir, tmp_path):
     for row in tasks.values():
         if row["forgotten"]:
             assert row["add_recovered"] == pytest.approx((row["add_original_fv"] - row["final"]) / (row["initial"] - row["final"]))
+
+    # a second run from the same model is pooled with the first: every checkpoint of both, no interventions
+    other = tmp_path / "inclora"
+    run_cit(replace(small(world_dir, method="inclora"), train=replace(cfg.train, lr=3e-3, epochs=2)), other,
+            log=lambda s: None, progress=False)
+    with pytest.raises(ValueError, match="--out"):
+        analyze_runs([tmp_path, other], None, settings)
+    pooled = tmp_path / "pooled"
+    analyze_runs([tmp_path, other], pooled, settings, log=lambda s: None)
+    drift = json.loads((pooled / "drift.json").read_text())
+    later = {r["checkpoint"] for r in drift["rows"] if r["index"] > 0}
+    assert len(later) == 10 and {c.split("/")[0] for c in later} == {tmp_path.name, "inclora"}
+    assert drift["fits"]["fv_cosine"]["checkpoint_mean"]["n"] == 10 and not (pooled / "interventions.json").exists()
+    assert (pooled / "drift.png").is_file() and (pooled / "drift.csv").read_text().splitlines()[0].endswith(",run")
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "model": str(tmp_path / "model")}))
+    with pytest.raises(ValueError, match="pool runs of one model only"):
+        analyze_runs([tmp_path, other], pooled, settings)
 
 
 @pytest.mark.slow

@@ -139,8 +139,10 @@ def drift_measurements(checkpoints: Iterable[tuple[str, torch.nn.Module]], token
 
 def drift_fits(rows: list[dict]) -> dict:
     """Per measure: the pooled fit of score change on the measure over every later checkpoint and task,
-    and the per-task fits (checkpoints of one task, the initial model included)."""
+    the per-task fits (checkpoints of one task, the initial model included), and the fit over checkpoints
+    of the mean score change on the mean measure (averaged over the tasks: how far each model drifted)."""
     later = [r for r in rows if r["index"] > 0]
+    checkpoints = sorted({r["checkpoint"] for r in later})
     out = {}
     for measure in MEASURES:
         per_task = {}
@@ -148,8 +150,11 @@ def drift_fits(rows: list[dict]) -> dict:
             mine = [r for r in rows if r["task"] == task]
             per_task[task] = linear_fit([r[measure] for r in mine], [r["zero_shot"] for r in mine])
         r2s = [f["r2"] for f in per_task.values() if f["r2"] is not None]
+        means = [(np.mean([r[measure] for r in later if r["checkpoint"] == c]),
+                  np.mean([r["score_change"] for r in later if r["checkpoint"] == c])) for c in checkpoints]
         out[measure] = {"pooled": linear_fit([r[measure] for r in later], [r["score_change"] for r in later]),
-                        "median_task_r2": float(np.median(r2s)) if r2s else None, "per_task": per_task}
+                        "median_task_r2": float(np.median(r2s)) if r2s else None, "per_task": per_task,
+                        "checkpoint_mean": linear_fit([m for m, _ in means], [c for _, c in means])}
     return out
 
 

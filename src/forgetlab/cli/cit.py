@@ -65,16 +65,28 @@ def run(
 @app.command()
 @user_errors
 def analyze(
-    run_dir: Annotated[Path, typer.Argument(help="a finished `forgetlab cit run` directory")],
+    run_dirs: Annotated[list[Path], typer.Argument(help="finished `forgetlab cit run` directories (several: pooled)")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="where the files go [default: the run, when only one]")] = None,
     prompts: Annotated[int, typer.Option(help="clean 10-shot prompts per FV")] = 32,
     eval_prompts: Annotated[int, typer.Option(help="test queries per general task")] = 40,
 ) -> None:
-    """FV drift vs. forgetting over the run's checkpoints (R² against two controls) and FV interventions."""
+    """FV drift vs. forgetting over the runs' checkpoints (R² against two controls); for one run, also FV
+    interventions on its last checkpoint."""
     from forgetlab.analysis.fv_drift import DriftSettings
-    from forgetlab.experiments.cit import analyze_run
+    from forgetlab.experiments.cit import analyze_runs
 
-    out = analyze_run(run_dir, DriftSettings(n_prompts=prompts, eval_prompts=eval_prompts), log=tqdm.write)
-    s = out["interventions"]
-    console.print(f"forgotten general tasks: {s['forgotten_tasks']}; recovered by adding the original FV: "
-                  f"{s['mean_add_recovered']}, by subtracting the last task's FV: {s['mean_subtract_recovered']}")
-    console.print(f"wrote {run_dir}/drift.json, drift.csv, drift.png, interventions.json")
+    result = analyze_runs(run_dirs, out, DriftSettings(n_prompts=prompts, eval_prompts=eval_prompts), log=tqdm.write)
+    for measure, fit in result["summary"].items():
+        console.print(f"{measure}: R² pooled {_r2(fit['pooled_r2'])}, median per task {_r2(fit['median_task_r2'])}, "
+                      f"over checkpoint means {_r2(fit['checkpoint_mean_r2'])}")
+    written = "drift.json, drift.csv, drift.png"
+    if "interventions" in result:
+        s = result["interventions"]
+        console.print(f"forgotten general tasks: {s['forgotten_tasks']}; recovered by adding the original FV: "
+                      f"{s['mean_add_recovered']}, by subtracting the last task's FV: {s['mean_subtract_recovered']}")
+        written += ", interventions.json"
+    console.print(f"wrote {written} in {out or run_dirs[0]}")
+
+
+def _r2(value) -> str:
+    return "-" if value is None else f"{value:.2f}"

@@ -18,7 +18,7 @@ context), on the ICL world's general tasks or on ``general`` task files.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -379,53 +379,93 @@ def summarize(cfg: CITConfig, tasks: list[InstructionTask], R: list[list[float]]
 
 
 def analyze_run(run: Path, settings=None, *, log: Callable[[str], None] = print) -> dict:
-    """``forgetlab cit analyze``: FV drift vs. forgetting over the run's checkpoints, and FV interventions.
+    """``forgetlab cit analyze RUN``: FV drift vs. forgetting over one run's checkpoints, and FV interventions,
+    written into the run directory (see :func:`analyze_runs`)."""
+    return analyze_runs([run], None, settings, log=log)
 
-    Writes ``drift.json`` (per checkpoint and general task: FV cosine, hidden-state cosine, parameter
-    distance, zero-shot score; the fits and their R²), ``drift.csv``, ``drift.png`` and
-    ``interventions.json``.
-    """
-    from transformers import AutoTokenizer
 
-    from forgetlab.analysis.fv_drift import DriftSettings, drift_fits, drift_measurements, fv_interventions
-    from forgetlab.models.build import load_model
-    from forgetlab.report.cit import plot_drift
-    from forgetlab.utils.io import atomic_write_text, from_jsonable, read_json
+def _run_setup(run: Path) -> tuple[CITConfig, list[Path], str]:
+    """A finished run's config, its per-task checkpoints and the directory of the model it started from."""
+    from forgetlab.utils.io import from_jsonable, read_json
 
-    settings = settings or DriftSettings()
-    run = Path(run)
     if not (run / "config.json").is_file() or not (run / "results.json").is_file():
         raise FileNotFoundError(f"{run} is not a finished `forgetlab cit run` directory (no config.json/results.json)")
     cfg = from_jsonable(CITConfig, read_json(run / "config.json"))
     checkpoints = sorted(p for p in (run / "checkpoints").glob("task-*") if (p / "config.json").is_file())
     if not checkpoints:
         raise FileNotFoundError(f"{run}/checkpoints has no per-task checkpoints; rerun with save_checkpoints=true")
+    return cfg, checkpoints, cfg.model or str(Path(cfg.world_dir) / "model")
+
+
+def analyze_runs(runs: Sequence[Path], out: Path | None = None, settings=None, *,
+                 log: Callable[[str], None] = print) -> dict:
+    """``forgetlab cit analyze RUN [RUN ...]``: FV drift vs. forgetting, and FV interventions.
+
+    Writes ``drift.json`` (per checkpoint and general task: FV cosine, hidden-state cosine, parameter
+    distance, zero-shot score; the fits and their R²), ``drift.csv`` and ``drift.png`` into ``out`` (one
+    run: its own directory). Several runs from the same initial model are pooled, as the FV paper pools
+    checkpoints of several sequences and seeds; ``interventions.json`` (on the last checkpoint) is written
+    for a single run only.
+    """
+    from transformers import AutoTokenizer
+
+    from forgetlab.analysis.fv_drift import DriftSettings, drift_fits, drift_measurements, fv_interventions
+    from forgetlab.models.build import load_model
+    from forgetlab.report.cit import plot_drift
+    from forgetlab.utils.io import atomic_write_text
+
+    settings = settings or DriftSettings()
+    runs = [Path(r) for r in runs]
+    if not runs:
+        raise ValueError("cit analyze needs at least one run directory")
+    if len(runs) > 1 and out is None:
+        raise ValueError("several runs are pooled into one analysis: give --out DIR for its files")
+    out = Path(out) if out is not None else runs[0]
+    setups = [_run_setup(run) for run in runs]
+    cfg, _, model_dir = setups[0]
+    for run, (other, _, other_model) in zip(runs[1:], setups[1:]):
+        if Path(other_model).resolve() != Path(model_dir).resolve() or (other.world_dir, other.general) != (cfg.world_dir, cfg.general):
+            raise ValueError(f"{run} started from {other_model} (general sets {other.general or other.world_dir}), "
+                             f"{runs[0]} from {model_dir} ({cfg.general or cfg.world_dir}); pool runs of one model only")
+    names = [run.name for run in runs]
+    labels = names if len(set(names)) == len(names) else [str(run) for run in runs]
     tasks, world = load_sequence(cfg)
     if cfg.general:
         general = [t.as_icl_task() for t in general_files(cfg)]
     elif world is not None:
         general = [t.as_icl_task() for t in world.role("general")]
     else:
-        raise ValueError(f"{run}: the run has no general sets to analyse (use --general task files or an ICL world)")
-    model_dir = cfg.model or str(Path(cfg.world_dir) / "model")
+        raise ValueError(f"{runs[0]}: the run has no general sets to analyse (use --general task files or an ICL world)")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    checkpoints = [(p.name if len(runs) == 1 else f"{label}/{p.name}", label, p)
+                   for label, (_, paths, _) in zip(labels, setups) for p in paths]
+    run_of = {name: label for name, label, _ in checkpoints}
 
     def models():
-        for label, path in [("initial", model_dir)] + [(p.name, p) for p in checkpoints]:
-            log(f"[cit analyze] {label}")
-            yield label, load_model(path).to(device)
+        for name, path in [("initial", model_dir)] + [(name, p) for name, _, p in checkpoints]:
+            log(f"[cit analyze] {name}")
+            yield name, load_model(path).to(device)
 
     rows, initial = drift_measurements(models(), tokenizer, general, settings)
+    for row in rows:
+        row["run"] = run_of.get(row["checkpoint"], "")
     fits = drift_fits(rows)
-    last_task = tasks[-1].as_icl_task() if cfg.method != "multitask" else None
-    interventions = fv_interventions(load_model(checkpoints[-1]).to(device), tokenizer, general, initial, last_task, settings)
-    summary = {m: {"pooled_r2": f["pooled"]["r2"], "median_task_r2": f["median_task_r2"]} for m, f in fits.items()}
-    atomic_write_json(run / "drift.json", {"settings": asdict(settings), "summary": summary, "fits": fits, "rows": rows})
-    header = ["checkpoint", "task", "zero_shot", "score_change", "fv_cosine", "hidden_cosine", "param_distance"]
-    atomic_write_text(run / "drift.csv", "\n".join([",".join(header)] + [",".join(str(r[h]) for h in header) for r in rows]) + "\n")
-    atomic_write_json(run / "interventions.json", interventions)
-    plot_drift(rows, fits, run / "drift.png")
+    summary = {m: {"pooled_r2": f["pooled"]["r2"], "median_task_r2": f["median_task_r2"],
+                   "checkpoint_mean_r2": f["checkpoint_mean"]["r2"]} for m, f in fits.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "drift.json", {"settings": asdict(settings), "runs": [str(r) for r in runs],
+                                           "summary": summary, "fits": fits, "rows": rows})
+    header = ["checkpoint", "task", "zero_shot", "score_change", "fv_cosine", "hidden_cosine", "param_distance", "run"]
+    atomic_write_text(out / "drift.csv", "\n".join([",".join(header)] + [",".join(str(r[h]) for h in header) for r in rows]) + "\n")
+    plot_drift(rows, fits, out / "drift.png")
     log("[cit analyze] R² of score change on: " + "  ".join(
         f"{m}={v['pooled_r2']:.2f}" if v["pooled_r2"] is not None else f"{m}=-" for m, v in summary.items()))
-    return {"summary": summary, "interventions": interventions["summary"]}
+    result = {"summary": summary}
+    if len(runs) == 1:
+        last_task = tasks[-1].as_icl_task() if cfg.method != "multitask" else None
+        interventions = fv_interventions(load_model(checkpoints[-1][2]).to(device), tokenizer, general, initial,
+                                         last_task, settings)
+        atomic_write_json(out / "interventions.json", interventions)
+        result["interventions"] = interventions["summary"]
+    return result

@@ -27,8 +27,8 @@ def plot_score_matrix(R: np.ndarray, tasks: Sequence[str], path: Path) -> None:
 
 
 def plot_drift(rows: list[dict], fits: dict, path: Path) -> None:
-    """Score change vs. each measure (FV cosine and the two controls), one point per checkpoint and task,
-    with the pooled least-squares line and its R²."""
+    """Score change vs. each measure (FV cosine and the two controls), one point per checkpoint and task
+    (one colour per run when several are pooled), with the pooled least-squares line and its R²."""
     from forgetlab.analysis.fv_drift import MEASURES
 
     later = [r for r in rows if r["index"] > 0]
@@ -36,14 +36,19 @@ def plot_drift(rows: list[dict], fits: dict, path: Path) -> None:
               "param_distance": "parameter L2 distance"}
     fig, axes = plt.subplots(1, len(MEASURES), figsize=(4.2 * len(MEASURES), 3.6), sharey=True)
     y = np.array([100 * r["score_change"] for r in later])
+    runs = sorted({r.get("run", "") for r in later})
     for ax, measure in zip(axes, MEASURES):
         x = np.array([r[measure] for r in later])
-        ax.scatter(x, y, s=14, alpha=0.7)
+        for k, run in enumerate(runs):
+            mine = np.array([r.get("run", "") == run for r in later])
+            ax.scatter(x[mine], y[mine], s=14, alpha=0.7, color=f"C{k % 10}", label=run or None)
         fit = fits[measure]["pooled"]
         if fit["r2"] is not None:
             xs = np.linspace(x.min(), x.max(), 50)
-            ax.plot(xs, 100 * (fit["slope"] * xs + fit["intercept"]), color="C3")
+            ax.plot(xs, 100 * (fit["slope"] * xs + fit["intercept"]), color="black")
             ax.set_title(f"R² = {fit['r2']:.2f}", fontsize=10)
         ax.set_xlabel(labels[measure])
     axes[0].set_ylabel("zero-shot score change (points)")
+    if len(runs) > 1:
+        axes[0].legend(fontsize=7, loc="lower left")
     save_figure(fig, path)
