@@ -66,7 +66,8 @@ def run(
 @user_errors
 def analyze(
     run_dirs: Annotated[list[Path], typer.Argument(help="finished `forgetlab cit run` directories (several: pooled)")],
-    out: Annotated[Optional[Path], typer.Option("--out", help="where the files go [default: the run, when only one]")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="where the files go (default: the run itself, "
+                                                              "when only one is given)")] = None,
     prompts: Annotated[int, typer.Option(help="clean 10-shot prompts per FV")] = 32,
     eval_prompts: Annotated[int, typer.Option(help="test queries per general task")] = 40,
 ) -> None:

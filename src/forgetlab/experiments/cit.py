@@ -418,13 +418,14 @@ def analyze_runs(runs: Sequence[Path], out: Path | None = None, settings=None, *
     runs = [Path(r) for r in runs]
     if not runs:
         raise ValueError("cit analyze needs at least one run directory")
+    setups = [_run_setup(run) for run in runs]
     if len(runs) > 1 and out is None:
         raise ValueError("several runs are pooled into one analysis: give --out DIR for its files")
     out = Path(out) if out is not None else runs[0]
-    setups = [_run_setup(run) for run in runs]
     cfg, _, model_dir = setups[0]
     for run, (other, _, other_model) in zip(runs[1:], setups[1:]):
-        if Path(other_model).resolve() != Path(model_dir).resolve() or (other.world_dir, other.general) != (cfg.world_dir, cfg.general):
+        same_general = (other.world_dir, other.general) == (cfg.world_dir, cfg.general)
+        if Path(other_model).resolve() != Path(model_dir).resolve() or not same_general:
             raise ValueError(f"{run} started from {other_model} (general sets {other.general or other.world_dir}), "
                              f"{runs[0]} from {model_dir} ({cfg.general or cfg.world_dir}); pool runs of one model only")
     names = [run.name for run in runs]
