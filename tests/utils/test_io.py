@@ -26,3 +26,17 @@ def test_config_round_trip_and_hash(tmp_path):
     assert config_hash(back) == config_hash(cfg) != config_hash(preset_config("cpu-demo", seed=4))
     assert list(tmp_path.iterdir()) == [tmp_path / "c.json"]  # no temporary file left behind
     assert to_jsonable(cfg)["world"]["seed"] == 3
+
+
+def test_atomic_writes_give_ordinary_file_permissions(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        atomic_write_json(tmp_path / "results.json", {"a": 1})
+        # the same mode as a file opened the ordinary way, not mkstemp's private 0600
+        (tmp_path / "plain.txt").write_text("x")
+        assert (tmp_path / "results.json").stat().st_mode & 0o777 == (tmp_path / "plain.txt").stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(mask)
+    assert json.loads((tmp_path / "results.json").read_text()) == {"a": 1}
