@@ -97,3 +97,24 @@ def test_answer_logits_cache_steers_at_the_prompt_end_and_keeps_answer_tokens_on
         with torch.no_grad(), add_to_residual(adapter, vector, 1, 2.0):
             at_p = model(input_ids=torch.tensor([prompt])).logits[0, -1]
         assert torch.allclose(cached[0].float(), at_p, atol=3e-2)  # bf16 storage
+
+
+def test_guidance_steers_its_teacher_with_the_configured_scale():
+    from forgetlab.eval.exact_match import left_pad
+    from forgetlab.fv.prompts import PromptBatch
+    from forgetlab.methods.fvg import FVGConfig, FVGuidance
+    from forgetlab.models.tokenizers import build_word_tokenizer, pad_id
+
+    words = [f"w{i}" for i in range(24)]
+    tok = build_word_tokenizer(words + ["Q", "A", ":"])
+    adapter = adapt(random_model(tiny_config("llama", len(tok), n_layers=3), seed=1))
+    pairs = [(words[i], words[(i + 1) % 24]) for i in range(24)]
+    prompts = [tok(f"Q: {x}\nA:")["input_ids"] for x, _ in pairs[:6]]
+    cfg = FVGConfig(layer=1, scale=3.0, top_k=4, shots=3, n_prompts=4)
+    guide = FVGuidance(adapter, tok, "shift", pairs, prompts, cfg)
+    ids, mask = left_pad(prompts, pad_id(tok))
+    batch = PromptBatch(ids, mask, torch.zeros(len(ids), dtype=torch.long))
+    by_hand = build_teacher_cache(adapter, [batch], guide.fv.vector, 1, guide.heads, alpha=3.0)
+    assert torch.allclose(guide.cache.logits, by_hand.logits, atol=1e-5)
+    once = build_teacher_cache(adapter, [batch], guide.fv.vector, 1, guide.heads, alpha=1.0)
+    assert not torch.allclose(guide.cache.logits, once.logits, atol=1e-4)

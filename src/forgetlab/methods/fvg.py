@@ -126,6 +126,7 @@ class FVGConfig:
     alpha_kl_all: float = 0.0  # KL over the answer tokens; the paper's code puts 0.1–0.5 on all positions
     temperature: float = 2.0
     layer: int = -1        # edit layer; -1: n_layers // 3
+    scale: float = 1.0     # the FV is added as scale · FV (the paper adds it once)
     top_k: int = 10
     shots: int = 10
     n_prompts: int = 32    # clean prompts for the mean activations; the CIE uses half as many
@@ -155,13 +156,13 @@ class FVGuidance:
         for start in range(0, len(train_prompts), 32):
             ids, mask = left_pad(train_prompts[start:start + 32], pad)
             batches.append(PromptBatch(ids.to(device), mask.to(device), torch.zeros(len(ids), dtype=torch.long)))
-        self.cache = build_teacher_cache(adapter, batches, self.fv.vector, self.layer, self.heads)
+        self.cache = build_teacher_cache(adapter, batches, self.fv.vector, self.layer, self.heads, cfg.scale)
         self.last = torch.tensor([len(p) - 1 for p in train_prompts])  # the last prompt token in a right-padded row
         self.answers = None
         if cfg.alpha_kl_all:
             if train_data is None or len(train_data) != len(train_prompts):
                 raise ValueError("alpha_kl_all needs the task's training rows (train_data), one per training prompt")
-            self.answers = answer_logits_cache(adapter, train_data, self.last + 1, self.fv.vector, self.layer)
+            self.answers = answer_logits_cache(adapter, train_data, self.last + 1, self.fv.vector, self.layer, cfg.scale)
 
     def loss(self, adapter: ModelAdapter, rows: torch.Tensor, batch: dict, run_forward) -> torch.Tensor:
         """α_FV · L_FV + α_KL · L_KL from the ordinary forward pass of the current model, read at the prompt end.
