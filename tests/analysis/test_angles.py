@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from forgetlab.analysis.angles import COLUMNS, effective_rank, subspace_angles, update_angles
+from forgetlab.analysis.angles import COLUMNS, chance_angle, effective_rank, subspace_angles, update_angles
 from forgetlab.analysis.weights import weight_matrices
 from forgetlab.models.zoo import random_model, tiny_config
 
@@ -45,6 +45,17 @@ def test_effective_rank_of_a_known_spectrum():
     # energies 100, 9, 1, 0.01 of 110.01; cumulative shares 0.909, 0.9908, 0.99991, 1
     assert [effective_rank(s, e) for e in (0.90, 0.99, 0.995, 0.99995)] == [1, 2, 3, 4]
     assert effective_rank(torch.zeros(5)) == 0
+
+
+@pytest.mark.parametrize("rank,dim", [(1, 4), (10, 128), (100, 128)])
+def test_chance_angle_is_the_rms_projection_of_random_directions(rank, dim):
+    # independent: project many random unit vectors on a random rank-dimensional subspace, average cos²
+    g = torch.Generator().manual_seed(rank)
+    basis = torch.linalg.qr(torch.randn(dim, rank, generator=g, dtype=torch.float64))[0]
+    u = torch.randn(dim, 20000, generator=g, dtype=torch.float64)
+    cos2 = (torch.linalg.vector_norm(basis.T @ (u / u.norm(dim=0)), dim=0) ** 2).mean().item()
+    assert chance_angle(rank, dim) == pytest.approx(math.degrees(math.acos(math.sqrt(cos2))), abs=0.3)
+    assert chance_angle(0, dim) == 90.0 and chance_angle(dim, dim) == 0.0
 
 
 def test_neox_fused_qkv_split_matches_the_models_own_per_head_split():
@@ -102,6 +113,8 @@ def test_angles_cli_writes_the_contract(tmp_path):
     assert list(rows[0]) == list(COLUMNS)[:len(rows[0])] and list(COLUMNS[:6]) == list(rows[0])[:6]
     assert {r["component"] for r in rows if r["layer"] == "-1"} == {"embedding", "unembedding"}
     assert all(0 <= float(r["mean_angle_deg"]) <= 90 for r in rows)
+    q0 = next(r for r in rows if r["layer"] == "0" and r["component"] == "q")  # rows of q: the hidden size, 64
+    assert float(q0["chance_angle_deg"]) == pytest.approx(math.degrees(math.acos(math.sqrt(int(q0["rank_a"]) / 64))), abs=1e-3)
     assert (out / "angles.png").stat().st_size > 0
     bad = subprocess.run([sys.executable, "-m", "forgetlab.cli", "analyze", "angles", "--a1", str(tmp_path / "nope"),
                           "--a2", str(paths[1]), "--b1", str(paths[2]), "--b2", str(paths[3]), "--out", str(out)],

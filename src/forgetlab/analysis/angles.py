@@ -4,6 +4,10 @@ For each weight matrix, ΔA = W(a2) − W(a1) and ΔB = W(b2) − W(b1); the eff
 smallest k whose top-k singular values hold ``energy`` (99%) of ‖Δ‖²_F. Each of ΔB's top-r_B left
 singular vectors u is compared with span(U_A[:, :r_A]): the angle is arccos ‖U_Aᵀu‖ (u has unit norm),
 0° when u lies in A's update subspace, 90° when it is orthogonal to it.
+
+What counts as "close" depends on r_A: a random unit vector in R^m has E‖U_Aᵀu‖² = r_A/m, so with the
+high 99%-energy ranks of a small model even unrelated updates sit well below 90°. ``chance_angle_deg``
+= arccos √(r_A/m) is that reference; an update is in A's subspace only where its angle is clearly below it.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ import torch
 
 from forgetlab.analysis.weights import weight_matrices
 
-COLUMNS = ("layer", "component", "rank_a", "rank_b", "mean_angle_deg", "min_angle_deg", "max_angle_deg", "norm_a", "norm_b")
+COLUMNS = ("layer", "component", "rank_a", "rank_b", "mean_angle_deg", "min_angle_deg", "max_angle_deg", "norm_a", "norm_b",
+           "chance_angle_deg")
 
 
 def effective_rank(singular_values: torch.Tensor, energy: float = 0.99) -> int:
@@ -40,6 +45,11 @@ def subspace_angles(delta_a: torch.Tensor, delta_b: torch.Tensor, energy: float 
     return r_a, r_b, torch.rad2deg(torch.arccos(cos)).cpu()
 
 
+def chance_angle(rank: int, dim: int) -> float:
+    """Degrees: arccos √(rank/dim), the angle of a random direction of R^dim to a rank-dimensional subspace."""
+    return float(np.degrees(np.arccos(np.sqrt(rank / dim)))) if dim else float("nan")
+
+
 @dataclass
 class AngleRow:
     layer: int
@@ -51,6 +61,7 @@ class AngleRow:
     max_angle_deg: float
     norm_a: float
     norm_b: float
+    chance_angle_deg: float
 
 
 def update_angles(a1, a2, b1, b2, energy: float = 0.99, device: str | None = None) -> list[AngleRow]:
@@ -66,7 +77,8 @@ def update_angles(a1, a2, b1, b2, energy: float = 0.99, device: str | None = Non
         delta_a, delta_b = w[1] - w[0], w[3] - w[2]
         r_a, r_b, angles = subspace_angles(delta_a, delta_b, energy)
         stats = (angles.mean().item(), angles.min().item(), angles.max().item()) if len(angles) else (float("nan"),) * 3
-        rows.append(AngleRow(key[0], key[1], r_a, r_b, *stats, float(delta_a.norm()), float(delta_b.norm())))
+        rows.append(AngleRow(key[0], key[1], r_a, r_b, *stats, float(delta_a.norm()), float(delta_b.norm()),
+                            chance_angle(r_a, delta_a.shape[0])))
     return rows
 
 
@@ -85,11 +97,11 @@ def read_angles_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
-def angle_matrix(rows: list[AngleRow]) -> tuple[list[int], list[str], np.ndarray]:
-    """Mean angle as a (layer x component) grid for the heatmap; NaN where a matrix is absent."""
+def angle_matrix(rows: list[AngleRow], field: str = "mean_angle_deg") -> tuple[list[int], list[str], np.ndarray]:
+    """One column of the rows (the mean angle) as a (layer x component) grid; NaN where a matrix is absent."""
     layers = sorted({r.layer for r in rows})
     comps = list(dict.fromkeys(r.component for r in rows))
     grid = np.full((len(layers), len(comps)), np.nan)
     for r in rows:
-        grid[layers.index(r.layer), comps.index(r.component)] = r.mean_angle_deg
+        grid[layers.index(r.layer), comps.index(r.component)] = getattr(r, field)
     return layers, comps, grid

@@ -66,11 +66,16 @@ def angles(
     out.mkdir(parents=True, exist_ok=True)
     write_angles_csv(rows, out / "angles.csv")
     layers, comps, grid = angle_matrix(rows)
+    chance = angle_matrix(rows, "chance_angle_deg")[2]
     by_layer = {str(l): float(np.nanmean(grid[i])) for i, l in enumerate(layers)}
+    chance_by_layer = {str(l): float(np.nanmean(chance[i])) for i, l in enumerate(layers)}
     atomic_write_json(out / "angles.json", {"a1": str(a1), "a2": str(a2), "b1": str(b1), "b2": str(b2), "energy": energy,
-                                            "mean_angle_deg_by_layer": by_layer, "rows": [r.__dict__ for r in rows]})
-    plot_angle_heatmap(layers, comps, grid, out / "angles.png", title=f"B = {b1.name}→{b2.name} vs A = {a1.name}→{a2.name}")
+                                            "mean_angle_deg_by_layer": by_layer, "chance_angle_deg_by_layer": chance_by_layer,
+                                            "rows": [r.__dict__ for r in rows]})
+    plot_angle_heatmap(layers, comps, grid, out / "angles.png", title=f"B = {b1.name}→{b2.name} vs A = {a1.name}→{a2.name}",
+                       chance=chance)
     console.print("mean angle by layer (deg): " + "  ".join(f"{k}:{v:.1f}" for k, v in by_layer.items()))
+    console.print("chance angle by layer (deg): " + "  ".join(f"{k}:{v:.1f}" for k, v in chance_by_layer.items()))
     console.print(f"wrote {out}/angles.csv, angles.json, angles.png")
 
 

@@ -14,17 +14,26 @@ import numpy as np  # noqa: E402
 from forgetlab.report.figures import save_figure  # noqa: E402
 
 
-def plot_angle_heatmap(layers: list[int], components: list[str], grid: np.ndarray, path: Path, title: str) -> None:
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(components), 1.2 + 0.4 * len(layers)))
-    image = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis", vmin=0, vmax=90)
-    ax.set_xticks(range(len(components)), components, rotation=45, ha="right")
-    ax.set_yticks(range(len(layers)), ["emb" if l < 0 else str(l) for l in layers])
-    for (i, j), value in np.ndenumerate(grid):
-        if np.isfinite(value):
-            ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=7, color="white" if value < 45 else "black")
-    ax.set_ylabel("layer")
-    ax.set_title(title)
-    fig.colorbar(image, ax=ax, label="mean angle (degrees)")
+def plot_angle_heatmap(layers: list[int], components: list[str], grid: np.ndarray, path: Path, title: str,
+                       chance: np.ndarray | None = None) -> None:
+    """Mean angle per (layer, component); with ``chance``, a second panel of angle − chance angle
+    (negative: closer to A's subspace than a random direction would be)."""
+    panels = [(grid, "mean angle (degrees)", "viridis", 0, 90)]
+    if chance is not None:
+        panels.append((grid - chance, "angle − chance angle (degrees)", "RdBu", -45, 45))
+    width = 1.2 + 0.9 * len(components)
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), 1.2 + 0.4 * len(layers)), squeeze=False)
+    for ax, (values, label, cmap, vmin, vmax) in zip(axes[0], panels):
+        image = ax.imshow(values, origin="lower", aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax)
+        ax.set_xticks(range(len(components)), components, rotation=45, ha="right")
+        ax.set_yticks(range(len(layers)), ["emb" if l < 0 else str(l) for l in layers])
+        for (i, j), value in np.ndenumerate(values):
+            if np.isfinite(value):
+                dark = value < (vmin + vmax) / 2 if cmap == "viridis" else abs(value) > 0.6 * vmax
+                ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=7, color="white" if dark else "black")
+        ax.set_ylabel("layer")
+        fig.colorbar(image, ax=ax, label=label)
+    fig.suptitle(title)
     save_figure(fig, path)
 
 
