@@ -266,3 +266,69 @@ def test_replay_and_ewc_on_lora(world_dir, tmp_path):
         moved = {k for k in start if not (start[k] == weights[label][k]).all()}
         assert moved and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in moved), label
     assert any(not (weights["lora"][k] == weights["ewc"][k]).all() for k in start)  # the Fisher penalty acts on LoRA
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method,strength", [("olora", {"olora_strength": 1e4}), ("ewc", {"ewc_strength": 1e5}),
+                                             ("replay", {"replay": 0.5}), ("lora", {})])
+def test_a_killed_run_resumes_after_its_last_task_with_the_same_result(world_dir, tmp_path, method, strength):
+    """Each method's state between tasks (O-LoRA's earlier subspaces, EWC's Fisher and anchor, replay's
+    rows, the one shared adapter) must come back: the resumed run equals the uninterrupted one bit for bit."""
+    from forgetlab.worlds.icl import ICLWorld
+
+    sequence = ICLWorld.read(world_dir / "world.json").sequences[0][:3]
+    cfg = small(world_dir, method=method, sequence=",".join(sequence), save_checkpoints=False, **strength)
+    whole = run_cit(cfg, tmp_path / "whole", log=lambda s: None, progress=False)
+
+    def kill_after_second(line):  # dies while scoring the third task: two tasks are done
+        if line.startswith(f"[cit] after {sequence[2]}"):
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_cit(cfg, tmp_path / "killed", log=kill_after_second, progress=False)
+    assert not (tmp_path / "killed" / "results.json").exists()
+    logs = []
+    resumed = run_cit(cfg, tmp_path / "killed", log=logs.append, progress=False)
+    assert logs[0] == f"[cit] resuming after task 2/3 ({sequence[1]})"
+    assert resumed["R"] == whole["R"] and resumed["general_after_each_task"] == whole["general_after_each_task"]
+    a, b = (load_file(tmp_path / run / "model" / "model.safetensors") for run in ("whole", "killed"))
+    assert all((a[k] == b[k]).all() for k in a)
+    assert not (tmp_path / "killed" / "state").exists()  # finished: the between-task state is gone
+    assert run_cit(cfg, tmp_path / "killed", log=logs.append, progress=False)["R"] == whole["R"]
+    assert "finished run" in logs[-1]
+
+
+def test_resume_refuses_another_config(world_dir, tmp_path):
+    from forgetlab.experiments.rundir import prepare_run_dir
+
+    prepare_run_dir(tmp_path / "run", small(world_dir, method="inclora"), resume=False, overwrite=False)
+    with pytest.raises(ValueError, match="different config.*method"):
+        prepare_run_dir(tmp_path / "run", small(world_dir, method="seq"), resume=True, overwrite=False)
+
+
+def test_checkpoint_every_resumes_inside_a_task(world_dir, tmp_path, monkeypatch):
+    import forgetlab.train.trainer as trainer
+    from forgetlab.worlds.icl import ICLWorld
+
+    sequence = ICLWorld.read(world_dir / "world.json").sequences[0][:2]
+    cfg = small(world_dir, method="seq", sequence=",".join(sequence), save_checkpoints=False)
+    cfg = replace(cfg, train=replace(cfg.train, checkpoint_every=1))
+    whole = run_cit(cfg, tmp_path / "whole", log=lambda s: None, progress=False)
+    real = trainer.save_training_state
+
+    def save_then_die(state_dir, *args, **kw):
+        real(state_dir, *args, **kw)
+        if state_dir.name == sequence[1]:
+            raise Killed
+
+    monkeypatch.setattr(trainer, "save_training_state", save_then_die)
+    with pytest.raises(Killed):
+        run_cit(cfg, tmp_path / "killed", log=lambda s: None, progress=False)
+    monkeypatch.setattr(trainer, "save_training_state", real)
+    logs = []
+    resumed = run_cit(cfg, tmp_path / "killed", log=logs.append, progress=False)
+    assert logs[0].startswith("[cit] resuming after task 1/2") and f"[{sequence[1]}] resuming at step 1/" in logs[1]
+    assert resumed["R"] == whole["R"]

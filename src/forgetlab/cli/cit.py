@@ -36,6 +36,8 @@ def run(
     lr: Annotated[float, typer.Option(help="learning rate (constant)")] = 1e-4,
     fvg: Annotated[bool, typer.Option(help="FV-guided training on top of the method (α_FV=1, α_KL=20, T=2)")] = False,
     seed: Annotated[int, typer.Option(help="data order")] = 0,
+    resume: Annotated[bool, typer.Option(help="continue a killed run in --out after its last finished task "
+                                              "(same options)")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace the run in --out")] = False,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override any setting, e.g. --set train.batch_size=16")] = None,
@@ -53,7 +55,7 @@ def run(
                     train=replace(base.train, lr=lr, epochs=epochs))
     cfg = apply_overrides(cfg, set_ or [])
     cfg.validate()
-    prepare_run_dir(out, cfg, resume=False, overwrite=overwrite)
+    prepare_run_dir(out, cfg, resume=resume, overwrite=overwrite)
     results = run_cit(cfg, out, log=tqdm.write, progress=progress)
     line = f"AP={results['AP']:.1f}  FP={results['FP']:.1f}  forget={results['forget']:.1f}"
     if "initial" in results:

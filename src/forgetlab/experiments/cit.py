@@ -17,6 +17,7 @@ context), on the ICL world's general tasks or on ``general`` task files.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -33,7 +34,7 @@ from forgetlab.methods.regularizers import diagonal_fisher, distillation_kl, ewc
 from forgetlab.methods.replay import mix_replay
 from forgetlab.metrics.cl import cl_summary
 from forgetlab.models.tokenizers import pad_id
-from forgetlab.train.checkpoints import save_model_dir
+from forgetlab.train.checkpoints import load_between_phases, save_between_phases, save_model_dir
 from forgetlab.train.data import IGNORE, concat, qa_dataset
 from forgetlab.train.trainer import EvalSchedule, PhaseConfig, train_phase
 from forgetlab.utils.io import atomic_write_json
@@ -236,15 +237,34 @@ def save_checkpoint(model, tokenizer, out: Path, index: int, name: str, lora: bo
     save_model_dir(snapshot, tokenizer, out / "checkpoints" / f"task-{index + 1:02d}-{name}")
 
 
+def _pack(groups: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Method state (EWC's Fisher and anchor, O-LoRA's earlier A matrices) as one flat tensor dict."""
+    return {f"{group}::{name}": t for group, tensors in groups.items() for name, t in tensors.items()}
+
+
+def _unpack(tensors: dict[str, torch.Tensor], group: str, device) -> dict[str, torch.Tensor]:
+    prefix = f"{group}::"
+    return {k[len(prefix):]: t.to(device) for k, t in tensors.items() if k.startswith(prefix)}
+
+
 def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, progress: bool = True) -> dict:
-    """Train the sequence; write ``results.json`` (R, metrics, GP/IP), ``scores.png`` and the final ``model/``."""
+    """Train the sequence; write ``results.json`` (R, metrics, GP/IP), ``scores.png`` and the final ``model/``.
+
+    After every task the model, the scores so far and the method's state are kept in ``state/``, so a
+    killed run started again on the same ``out`` (``forgetlab cit run --resume``) goes on after the last
+    finished task with the same result; ``--set train.checkpoint_every=N`` also resumes inside a task.
+    """
     from transformers import AutoTokenizer
 
     from forgetlab.models.build import load_model
+    from forgetlab.utils.io import read_json
 
     cfg.validate()
     start = time.perf_counter()
     out = Path(out)
+    if (out / "results.json").is_file() and (out / "model" / "config.json").is_file():
+        log(f"[cit] {out} is a finished run; nothing to resume")
+        return read_json(out / "results.json")
     tasks, world = load_sequence(cfg)
     template = cfg.template or (WORLD_TEMPLATE if world is not None else NI_TEMPLATE)
     model_dir = cfg.model or str(Path(cfg.world_dir) / "model")
@@ -277,9 +297,29 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
         return qa_dataset(prompts, answers, tokenizer.eos_token_id, tokenizer.pad_token_id), prompts
 
     R, general = [], []
-    scores, gen = evaluate_all("initial")
-    R.append(scores)
-    general.append(gen)
+    sequential = [] if cfg.method == "multitask" else list(zip(tasks, splits))
+    seen_data: list = []                 # earlier tasks' training rows (replay)
+    fisher, anchor = None, None          # accumulated diagonal Fisher and the weights after the last task (ewc)
+    earlier_a: dict[str, list[torch.Tensor]] = {}  # earlier tasks' LoRA A matrices per module (olora)
+    first = 0
+    saved = load_between_phases(out / "state") if sequential else None
+    if saved is not None:  # a killed run: the model and method state after its last finished task
+        meta, weights, tensors = saved
+        first, R, general = meta["completed"], meta["R"], meta["general"]
+        start -= meta["seconds"]
+        if cfg.mode != "full":
+            model = _wrap_lora(model, cfg)  # the same modules as when it was saved; the weights come next
+        model.load_state_dict({k: v.to(device) for k, v in weights.items()})
+        fisher, anchor = _unpack(tensors, "fisher", device) or None, _unpack(tensors, "anchor", device) or None
+        olora = _unpack(tensors, "olora", device)
+        for key in sorted(olora, key=lambda key: (key.rsplit("::", 1)[0], int(key.rsplit("::", 1)[1]))):
+            earlier_a.setdefault(key.rsplit("::", 1)[0], []).append(olora[key])
+        seen_data = [task_data(t, train)[0] for t, (train, _) in sequential[:first]] if cfg.method == "replay" else []
+        log(f"[cit] resuming after task {first}/{len(sequential)} ({sequential[first - 1][0].name})")
+    else:
+        scores, gen = evaluate_all("initial")
+        R.append(scores)
+        general.append(gen)
     if cfg.method == "multitask":  # one phase over every task's rows; R repeats the joint model's scores
         if cfg.mode != "full":
             torch.manual_seed(cfg.seed)
@@ -292,17 +332,15 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
         general += [gen] * len(tasks)
         if cfg.save_checkpoints:
             save_checkpoint(model, tokenizer, out, len(tasks) - 1, "multitask", cfg.mode != "full")
-    sequential = [] if cfg.method == "multitask" else list(zip(tasks, splits))
-    seen_data: list = []                 # earlier tasks' training rows (replay)
-    fisher, anchor = None, None          # accumulated diagonal Fisher and the weights after the last task (ewc)
-    earlier_a: dict[str, list[torch.Tensor]] = {}  # earlier tasks' LoRA A matrices per module (olora)
     for k, (task, (train, _)) in enumerate(sequential):
+        if k < first:
+            continue
         if cfg.mode == "inclora" and k > 0:
             for name, a in lora_a_matrices(model).items():
                 earlier_a.setdefault(name, []).append(a.detach().clone())
             model = model.merge_and_unload()
+        torch.manual_seed(cfg.seed + k)  # a new adapter's A and dropout masks: same seed, same run, resumed or not
         if cfg.mode == "inclora" or (cfg.mode == "lora" and k == 0):
-            torch.manual_seed(cfg.seed + k)  # LoRA's A is drawn at random: same seed, same run
             model = _wrap_lora(model, cfg)
         data, prompts = task_data(task, train)
         task_rows = data
@@ -350,13 +388,18 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
         general.append(gen)
         if cfg.save_checkpoints:
             save_checkpoint(model, tokenizer, out, k, task.name, cfg.mode != "full")
+        if k + 1 < len(sequential):
+            olora = {f"{name}::{i}": a for name, mats in earlier_a.items() for i, a in enumerate(mats)}
+            save_between_phases(out / "state", model, _pack({"fisher": fisher or {}, "anchor": anchor or {}, "olora": olora}),
+                                {"completed": k + 1, "R": R, "general": general, "seconds": time.perf_counter() - start})
     if cfg.mode != "full":
         model = model.merge_and_unload()
     save_model_dir(model, tokenizer, out / "model")  # the model after the last task (LoRA merged)
     results = summarize(cfg, tasks, R, general)
     results["seconds"] = time.perf_counter() - start
-    atomic_write_json(out / "results.json", results)
     atomic_write_json(out / "config.json", asdict(cfg))
+    atomic_write_json(out / "results.json", results)
+    shutil.rmtree(out / "state", ignore_errors=True)  # the run is finished: model/ and results.json replace it
     from forgetlab.report.cit import plot_score_matrix
 
     plot_score_matrix(np.array(R), [t.name for t in tasks], out / "scores.png")

@@ -40,6 +40,30 @@ def load_training_state(state_dir: Path, model: torch.nn.Module, optimizer: torc
     return json.loads((final / "state.json").read_text())
 
 
+BETWEEN = "between-phases"
+
+
+def save_between_phases(state_dir: Path, model: torch.nn.Module, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """What a sequence of phases needs to go on after its last finished phase: the model as it stands,
+    method state as named tensors, and ``meta`` (scores so far); one directory, swapped in whole."""
+    final = Path(state_dir) / BETWEEN
+    tmp = fresh_tmp_dir(final)
+    for name, values in (("model", model.state_dict()), ("tensors", tensors)):  # clone: tied weights share storage
+        save_file({k: v.detach().cpu().clone().contiguous() for k, v in values.items()}, str(tmp / f"{name}.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(meta))
+    replace_dir(tmp, final)
+
+
+def load_between_phases(state_dir: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
+    """``(meta, model weights, tensors)`` saved by :func:`save_between_phases`, or None. A kill in the middle
+    of the swap leaves the previous state as ``.old``, which is read then."""
+    for final in (Path(state_dir) / BETWEEN, Path(state_dir) / f"{BETWEEN}.old"):
+        if (final / "state.json").is_file():
+            return (json.loads((final / "state.json").read_text()), load_file(str(final / "model.safetensors")),
+                    load_file(str(final / "tensors.safetensors")))
+    return None
+
+
 def save_model_dir(model, tokenizer, out_dir: Path) -> None:
     """A normal HF checkpoint directory (safetensors + config + tokenizer), swapped in atomically."""
     tmp = fresh_tmp_dir(Path(out_dir))
