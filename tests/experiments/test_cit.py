@@ -83,6 +83,36 @@ def test_ni_files_run_with_any_model(tmp_path):
     assert results["final"]["GP"] == pytest.approx(results["R"][-1][1]) and 0 <= results["final"]["IP"] <= 100
 
 
+def test_jsonl_files_run_end_to_end_and_rows_keep_their_instructions(tmp_path):
+    from forgetlab.experiments.cit import NI_TEMPLATE, _rows, general_rows
+    from forgetlab.worlds.instructions import load_task_file
+
+    for name, word in (("yes", "yes"), ("no", "no")):
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps({"instruction": f"Always answer {word}.", "input": f"q {i}",
+                                                                      "output": word}) for i in range(30)))
+    mixed = [{"instruction": ("Say yes." if i % 2 else "Say no."), "input": f"q {i}", "output": "yes" if i % 2 else "no"}
+             for i in range(30)]
+    (tmp_path / "mixed.jsonl").write_text("\n".join(json.dumps(r) for r in mixed))
+    task = load_task_file(tmp_path / "mixed.jsonl")
+    cfg = CITConfig(model=str(tmp_path / "model"), sequence="x.jsonl", n_train=8, n_test=10)
+    gp, ip = general_rows(task, cfg, NI_TEMPLATE)
+    assert gp[0]["prompt"] == "Definition: Say no. Now complete the following example - Input: q 20 Output:"
+    assert ip[0]["prompt"].startswith("Input: Say no.\nq 0\nOutput: no\n\nInput: Say yes.\nq 1\nOutput: yes")
+    assert _rows(task, task.instances[:1], "{definition}|{input}")[0]["prompt"] == "Say no.|q 0"
+    tok = build_bpe_tokenizer(["Definition: Always answer yes. Now complete the following example - Input: q 1 Output: yes"] * 20,
+                              vocab_size=300)
+    config = tiny_config("llama", len(tok), n_layers=2)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    random_model(config).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    run = replace(cfg, sequence=f"{tmp_path / 'yes.jsonl'},{tmp_path / 'no.jsonl'}", method="seq",
+                  general=f"{tmp_path / 'no.jsonl'},{tmp_path / 'mixed.jsonl'}", max_new_tokens=2)
+    results = run_cit(replace(run, train=replace(run.train, epochs=1, batch_size=4, grad_accum=1)), tmp_path / "run",
+                      log=lambda s: None, progress=False)
+    assert results["tasks"] == ["yes", "no"] and np.array(results["R"]).shape == (3, 2)
+    assert 0 <= results["final"]["GP"] <= 100 and 0 <= results["final"]["IP"] <= 100
+
+
 def test_bad_configs_name_the_problem(world_dir):
     with pytest.raises(ValueError, match="method"):
         small(world_dir, method="qlora").validate()

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from forgetlab.worlds.icl import ICLWorldConfig, generate_icl_world
-from forgetlab.worlds.instructions import NI_SEQUENCES, load_ni_task, ni_sequence, world_sequence
+from forgetlab.worlds.instructions import (NI_SEQUENCES, definition_of, load_jsonl_task, load_ni_task, load_task_file,
+                                          ni_sequence, world_sequence)
 
 
 def ni_file(folder, name, n=150, outputs=("yes",)):
@@ -52,6 +53,48 @@ def test_missing_or_malformed_files_name_the_problem(tmp_path):
     (tmp_path / "noout.json").write_text(json.dumps({"Definition": ["x"], "Instances": [{"input": "a", "output": []}]}))
     with pytest.raises(ValueError, match="instance 0"):
         load_ni_task(tmp_path / "noout.json")
+    (tmp_path / "empty.json").write_text(json.dumps({"Definition": ["x"], "Instances": []}))
+    with pytest.raises(ValueError, match="empty.json has no instances"):
+        load_ni_task(tmp_path / "empty.json")
+
+
+def test_jsonl_rows_with_one_instruction_make_a_task_with_that_definition(tmp_path):
+    rows = [{"instruction": "Say yes.", "input": f"q {i}", "output": "yes"} for i in range(3)]
+    rows.append({"instruction": "Say yes.", "output": ["yes", "Yes"]})  # no input: an empty one
+    (tmp_path / "yes.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    task = load_task_file(tmp_path / "yes.jsonl")
+    assert task.name == "yes" and task.definition == "Say yes."
+    assert task.instances == (("q 0", ("yes",)), ("q 1", ("yes",)), ("q 2", ("yes",)), ("", ("yes", "Yes")))
+
+
+def test_jsonl_rows_keep_their_own_instructions_when_they_differ(tmp_path):
+    import copy
+    import pickle
+
+    rows = [{"instruction": "Add one.", "input": "2", "output": "3"}, {"instruction": "Name a colour.", "input": "", "output": "red"}]
+    (tmp_path / "mixed.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    task = load_jsonl_task(tmp_path / "mixed.jsonl")
+    first, second = task.instances
+    assert first == ("2", ("3",)) and definition_of(task, first) == "Add one." and definition_of(task, second) == "Name a colour."
+    x, refs = second  # still unpacks as a pair
+    assert (x, refs) == ("", ("red",))
+    train, test = task.split(n_test=1)
+    assert definition_of(task, test[0]) == "Name a colour." and definition_of(task, train[0]) == "Add one."
+    for clone in (copy.deepcopy(first), pickle.loads(pickle.dumps(first))):
+        assert clone == first and clone.definition == "Add one."
+
+
+@pytest.mark.parametrize("text,message", [
+    ("", "has no instances"),
+    ('{"instruction": "a", "input": "b", "output": "c", "reponse": "d"}', "line 1: unknown field\\(s\\) 'reponse'"),
+    ('{"instruction": "a", "output": "c"}\n{"instruction": "a", "output": []}', "line 2: needs"),
+    ('{"instruction": "a", "output": "c"}\n[1, 2]', "line 2: expected an object"),
+    ('{"instruction": "a", "output": "c"}\n{oops', "line 2 is not valid JSON"),
+])
+def test_bad_jsonl_files_name_the_line_and_the_problem(tmp_path, text, message):
+    (tmp_path / "bad.jsonl").write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_jsonl_task(tmp_path / "bad.jsonl")
 
 
 def test_world_sequences_become_instruction_tasks_with_test_pairs_last():

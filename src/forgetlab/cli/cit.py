@@ -24,11 +24,11 @@ def run(
     model: Annotated[Optional[Path], typer.Option(help="HF checkpoint [default: the world's model]")] = None,
     sequence: Annotated[str, typer.Option(help="world sequence index or world task names a,b,c (with --world); "
                                                "NI-Seq-G1|C1|M1 or task names a,b,c (with --tasks-dir); task files "
-                                               "a.json,b.json")] = "0",
+                                               "a.json,b.jsonl (natural-instructions or instruction/input/output rows)")] = "0",
     tasks_dir: Annotated[Optional[Path], typer.Option(help="natural-instructions tasks/ folder")] = None,
     method: Annotated[str, typer.Option(help="seq | replay | ewc | multitask (full fine-tuning); "
                                              "lora | inclora | lwf | olora (LoRA)")] = "seq",
-    general: Annotated[str, typer.Option(help="general sets for GP/IP as task files a.json,b.json "
+    general: Annotated[str, typer.Option(help="general sets for GP/IP as task files a.json,b.jsonl "
                                               "[default: the ICL world's general tasks]")] = "",
     max_train: Annotated[int, typer.Option(help="training instances per task")] = 1000,
     max_test: Annotated[int, typer.Option(help="test instances per task (the last ones; ICL-world tasks keep their split)")] = 100,

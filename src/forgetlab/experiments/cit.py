@@ -38,7 +38,8 @@ from forgetlab.train.checkpoints import load_between_phases, save_between_phases
 from forgetlab.train.data import IGNORE, concat, qa_dataset
 from forgetlab.train.trainer import EvalSchedule, PhaseConfig, train_phase
 from forgetlab.utils.io import atomic_write_json
-from forgetlab.worlds.instructions import InstructionTask, from_world_task, load_ni_task, ni_sequence, world_sequence
+from forgetlab.worlds.instructions import (InstructionTask, definition_of, from_world_task, load_task_file, ni_sequence,
+                                          world_sequence)
 
 METHODS = ("seq", "lora", "inclora", "replay", "ewc", "lwf", "olora", "multitask")
 FINETUNE_MODES = ("full", "lora", "inclora")  # inclora: merge the last adapter, start a new one per task
@@ -55,7 +56,7 @@ class CITConfig:
     world_dir: str = field(default="", metadata={"help": "an icl-world build (model + world.json)"})
     model: str = field(default="", metadata={"help": "HF checkpoint; default: the world's model"})
     sequence: str = field(default="0", metadata={"help": "world sequence index or world task names a,b,c; NI-Seq-G1|"
-                                                          "C1|M1 or task names a,b,c (in tasks_dir); task files a.json,b.json"})
+                                                          "C1|M1 or task names a,b,c (in tasks_dir); task files a.json,b.jsonl"})
     tasks_dir: str = field(default="", metadata={"help": "natural-instructions tasks/ folder for NI sequences"})
     template: str = field(default="", metadata={"help": "prompt template with {definition} and {input}; default by source"})
     n_train: int = 1000
@@ -65,7 +66,7 @@ class CITConfig:
     method: str = field(default="seq", metadata={"help": " | ".join(METHODS)})
     finetune: str = field(default="", metadata={"help": "full | lora | inclora; default by method (replay, ewc and "
                                                         "multitask may run on LoRA too)"})
-    general: str = field(default="", metadata={"help": "general sets as task files a.json,b.json (GP/IP); "
+    general: str = field(default="", metadata={"help": "general sets as task files a.json,b.jsonl (GP/IP); "
                                                        "default: the ICL world's general tasks"})
     replay: float = field(default=0.2, metadata={"help": "replay: earlier tasks' rows mixed in, as a fraction of the task"})
     ewc_strength: float = field(default=1000.0, metadata={"help": "ewc: weight of the Fisher penalty"})
@@ -128,14 +129,14 @@ def load_sequence(cfg: CITConfig) -> tuple[list[InstructionTask], object | None]
                              f"task names of the ICL world ({', '.join(unknown) or 'none given'} unknown; see world.json)")
         return [from_world_task(world.task(n), world.config.seed) for n in names], world
     parts = [n.strip() for n in cfg.sequence.split(",") if n.strip()]
-    if parts and all(p.endswith(".json") for p in parts):
-        return [load_ni_task(p) for p in parts], None
+    if parts and all(p.endswith((".json", ".jsonl")) for p in parts):
+        return [load_task_file(p) for p in parts], None
     return ni_sequence(cfg.tasks_dir, cfg.sequence if cfg.sequence.startswith("NI-Seq-") else parts), None
 
 
 def _rows(task: InstructionTask, instances, template: str) -> list[dict]:
-    return [{"prompt": template.format(definition=task.definition, input=x), "answer": " " + refs[0], "references": refs}
-            for x, refs in instances]
+    return [{"prompt": template.format(definition=definition_of(task, inst), input=inst[0]), "answer": " " + inst[1][0],
+             "references": inst[1]} for inst in instances]
 
 
 def _truncate(prompts, answers, cfg: CITConfig):
@@ -181,19 +182,25 @@ def general_abilities(model, tokenizer, world, cfg: CITConfig) -> dict[str, floa
 
 
 def general_files(cfg: CITConfig) -> list[InstructionTask]:
-    """The ``general`` task files (comma-separated paths), loaded."""
-    return [load_ni_task(f.strip()) for f in cfg.general.split(",") if f.strip()]
+    """The ``general`` task files (comma-separated ``.json``/``.jsonl`` paths), loaded."""
+    return [load_task_file(f.strip()) for f in cfg.general.split(",") if f.strip()]
 
 
 def general_rows(task: InstructionTask, cfg: CITConfig, template: str, shots: int = 5) -> tuple[list[dict], list[dict]]:
     """A general set given as a task file: GP rows (the template, zero-shot) and IP rows (``shots`` worked
-    instances from the start of the file as ``Input:/Output:`` pairs, no definition) on its test instances."""
+    instances from the start of the file as ``Input:/Output:`` pairs, no definition; a row with its own
+    instruction shows it before its input) on its test instances."""
     train, test = task.split(cfg.n_train, cfg.n_test)
     if len(train) < shots:
         raise ValueError(f"general set {task.name!r} has {len(train)} instances besides its test set; "
                          f"the 5-shot prompts need {shots}")
-    demos = "".join(f"Input: {x}\nOutput: {refs[0]}\n\n" for x, refs in train[:shots])
-    ip = [{"prompt": demos + f"Input: {x}\nOutput:", "answer": " " + refs[0], "references": refs} for x, refs in test]
+    def text(inst) -> str:
+        own = getattr(inst, "definition", "")
+        return f"{own}\n{inst[0]}".strip() if own else inst[0]
+
+    demos = "".join(f"Input: {text(inst)}\nOutput: {inst[1][0]}\n\n" for inst in train[:shots])
+    ip = [{"prompt": demos + f"Input: {text(inst)}\nOutput:", "answer": " " + inst[1][0], "references": inst[1]}
+          for inst in test]
     return _rows(task, test, template), ip
 
 

@@ -1,9 +1,10 @@
-"""Instruction tasks and task sequences for continual instruction tuning, from two sources.
+"""Instruction tasks and task sequences for continual instruction tuning, from three sources.
 
 The same ``InstructionTask`` (a definition plus instances with one or more reference outputs) comes
-from the synthetic ICL world (its *new* tasks and sequences) or from natural-instructions task files
-(``tasks/<name>.json`` of the SuperNI release, papers.md §2), so one training/evaluation path serves
-the offline default and the real benchmark (NI-Seq-G1/C1/M1).
+from the synthetic ICL world (its *new* tasks and sequences), from natural-instructions task files
+(``tasks/<name>.json`` of the SuperNI release, papers.md §2) or from JSONL files of
+``{"instruction", "input", "output"}`` rows (Alpaca-style data), so one training/evaluation path serves
+the offline default and real benchmarks (NI-Seq-G1/C1/M1).
 """
 
 from __future__ import annotations
@@ -29,6 +30,26 @@ NI_SEQUENCES: dict[str, tuple[str, ...]] = {
 }
 NI_GENERAL_TASKS = ("task1389_hellaswag_completion", "task073_commonsenseqa_answer_generation",
                     "task1286_openbookqa_question_answering", "task582_naturalquestion_answer_generation")
+
+
+class Instance(tuple):
+    """An ``(input, reference outputs)`` pair with its own instruction, for JSONL files whose rows do not
+    share one; it unpacks as a pair, so code that needs only the pair is unchanged."""
+
+    definition: str
+
+    def __new__(cls, text: str, outputs: tuple[str, ...], definition: str):
+        instance = super().__new__(cls, (text, tuple(outputs)))
+        instance.definition = definition
+        return instance
+
+    def __getnewargs__(self):
+        return (self[0], self[1], self.definition)
+
+
+def definition_of(task: "InstructionTask", instance) -> str:
+    """The instruction an instance is asked with: its own (JSONL rows) or its task's."""
+    return getattr(instance, "definition", task.definition)
 
 
 @dataclass(frozen=True)
@@ -92,9 +113,53 @@ def load_ni_task(path: str | Path) -> InstructionTask:
         if not isinstance(inst, dict) or not isinstance(inst.get("input"), str) or not outputs:
             raise ValueError(f"{path}: instance {i} needs an 'input' string and a non-empty 'output' list")
         instances.append((inst["input"], tuple(str(o) for o in outputs)))
+    if not instances:
+        raise ValueError(f"{path} has no instances; a natural-instructions task file lists them under 'Instances'")
     examples = tuple((e["input"], e["output"]) for e in data.get("Positive Examples", [])
                      if isinstance(e, dict) and isinstance(e.get("input"), str) and isinstance(e.get("output"), str))
     return InstructionTask(path.stem, " ".join(definition).strip(), tuple(instances), examples)
+
+
+JSONL_FIELDS = ("instruction", "input", "output")
+
+
+def load_jsonl_task(path: str | Path) -> InstructionTask:
+    """A JSONL task file: one ``{"instruction", "input", "output"}`` object per line (``input`` may be empty
+    or absent; ``output`` a string or a list of references). Rows sharing one instruction make a task
+    with that definition; otherwise every instance keeps its own."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"task file {path} does not exist")
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} line {number} is not valid JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path} line {number}: expected an object with {', '.join(JSONL_FIELDS)}")
+        unknown = sorted(set(row) - set(JSONL_FIELDS))
+        if unknown:
+            raise ValueError(f"{path} line {number}: unknown field(s) {', '.join(map(repr, unknown))}; a row holds "
+                             f"{', '.join(JSONL_FIELDS)}")
+        outputs = [row.get("output")] if isinstance(row.get("output"), str) else row.get("output")
+        if not isinstance(row.get("instruction"), str) or not isinstance(row.get("input", ""), str) or not outputs \
+                or not all(isinstance(o, str) for o in outputs):
+            raise ValueError(f"{path} line {number}: needs an 'instruction' string, an 'input' string (may be empty) "
+                             "and an 'output' string or non-empty list of strings")
+        rows.append((row["instruction"].strip(), row.get("input", ""), tuple(outputs)))
+    if not rows:
+        raise ValueError(f"{path} has no instances; a JSONL task file holds one {{{', '.join(JSONL_FIELDS)}}} object per line")
+    if len({d for d, _, _ in rows}) == 1:
+        return InstructionTask(path.stem, rows[0][0], tuple((x, refs) for _, x, refs in rows))
+    return InstructionTask(path.stem, "", tuple(Instance(x, refs, d) for d, x, refs in rows))
+
+
+def load_task_file(path: str | Path) -> InstructionTask:
+    """A natural-instructions ``.json`` task file or a ``.jsonl`` file of instruction rows."""
+    return load_jsonl_task(path) if str(path).endswith(".jsonl") else load_ni_task(path)
 
 
 def ni_sequence(tasks_dir: str | Path, names: str | list[str] | tuple[str, ...]) -> list[InstructionTask]:
