@@ -58,6 +58,16 @@ def test_summary_of_a_hand_matrix():
     assert out["bwt_gem"] == pytest.approx(-30.0)
 
 
+def tiny_llama(path):
+    """A randomly initialised 2-layer Llama with a BPE tokenizer fitted to the NI template, saved at ``path``."""
+    tok = build_bpe_tokenizer(["Definition: Always answer yes. Now complete the following example - Input: question 1 Output: yes"] * 20,
+                              vocab_size=300)
+    cfg = tiny_config("llama", len(tok), n_layers=2)
+    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    random_model(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+
+
 def test_ni_files_run_with_any_model(tmp_path):
     tasks = tmp_path / "tasks"
     tasks.mkdir()
@@ -65,12 +75,7 @@ def test_ni_files_run_with_any_model(tmp_path):
         data = {"Definition": [f"Always answer {word}."], "Positive Examples": [],
                 "Instances": [{"id": str(i), "input": f"question {i}", "output": [word]} for i in range(30)]}
         (tasks / f"{name}.json").write_text(json.dumps(data))
-    tok = build_bpe_tokenizer(["Definition: Always answer yes. Now complete the following example - Input: question 1 Output: yes"] * 20,
-                              vocab_size=300)
-    cfg = tiny_config("llama", len(tok), n_layers=2)
-    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
-    random_model(cfg).save_pretrained(tmp_path / "model")
-    tok.save_pretrained(tmp_path / "model")
+    tiny_llama(tmp_path / "model")
     base = CITConfig(model=str(tmp_path / "model"), tasks_dir=str(tasks), sequence="task001_yes,task002_no", n_train=8,
                      n_test=10, max_new_tokens=2, method="lora", general=str(tasks / "task002_no.json"))
     cfg_run = replace(base, train=replace(base.train, epochs=1, batch_size=4, grad_accum=1), lora_targets=("q_proj", "v_proj"))
@@ -99,12 +104,7 @@ def test_jsonl_files_run_end_to_end_and_rows_keep_their_instructions(tmp_path):
     assert gp[0]["prompt"] == "Definition: Say no. Now complete the following example - Input: q 20 Output:"
     assert ip[0]["prompt"].startswith("Input: Say no.\nq 0\nOutput: no\n\nInput: Say yes.\nq 1\nOutput: yes")
     assert _rows(task, task.instances[:1], "{definition}|{input}")[0]["prompt"] == "Say no.|q 0"
-    tok = build_bpe_tokenizer(["Definition: Always answer yes. Now complete the following example - Input: q 1 Output: yes"] * 20,
-                              vocab_size=300)
-    config = tiny_config("llama", len(tok), n_layers=2)
-    config.bos_token_id, config.eos_token_id, config.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
-    random_model(config).save_pretrained(tmp_path / "model")
-    tok.save_pretrained(tmp_path / "model")
+    tiny_llama(tmp_path / "model")
     run = replace(cfg, sequence=f"{tmp_path / 'yes.jsonl'},{tmp_path / 'no.jsonl'}", method="seq",
                   general=f"{tmp_path / 'no.jsonl'},{tmp_path / 'mixed.jsonl'}", max_new_tokens=2)
     results = run_cit(replace(run, train=replace(run.train, epochs=1, batch_size=4, grad_accum=1)), tmp_path / "run",
