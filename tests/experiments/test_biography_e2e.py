@@ -51,6 +51,8 @@ def test_smoke_run_writes_the_contract(smoke_run):
     during = [float(r["value"]) for r in rows if r["phase"] == "task1" and r["task"] == "task0" and r["metric"] == "em"]
     assert math.isclose(min(during), results["task0_min_during_task1"], rel_tol=1e-5)
     assert (run / "curves.png").stat().st_size > 10_000
+    report = (run / "report.md").read_text()
+    assert f"| spurious share of the drop | {results['spurious_share']:.3f} |" in report and "(curves.png)" in report
     assert json.loads((run / "config.json").read_text())["preset"] == "smoke"
     for phase in ("pretrain", "task0", "task1", "recovery"):
         assert (run / "checkpoints" / phase / "model.safetensors").is_file()

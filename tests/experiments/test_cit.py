@@ -110,6 +110,8 @@ def test_jsonl_files_run_end_to_end_and_rows_keep_their_instructions(tmp_path):
     results = run_cit(replace(run, train=replace(run.train, epochs=1, batch_size=4, grad_accum=1)), tmp_path / "run",
                       log=lambda s: None, progress=False)
     assert results["tasks"] == ["yes", "no"] and np.array(results["R"]).shape == (3, 2)
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert f"| FP (every task at the end) | {results['FP']:.1f} |" in report and "(scores.png)" in report
     assert 0 <= results["final"]["GP"] <= 100 and 0 <= results["final"]["IP"] <= 100
 
 

@@ -266,8 +266,10 @@ def run_biography(cfg: BiographyRunConfig, out: Path, *, cache_dir: Path | None 
     atomic_write_jsonl(out / "metrics.jsonl", rows)
     atomic_write_json(out / "results.json", results)
     from forgetlab.report.biography import plot_curves  # matplotlib only when writing figures
+    from forgetlab.report.markdown import biography_report
 
     plot_curves(rows, results, out / "curves.png")
+    biography_report(results, out)
     return results
 
 

@@ -404,12 +404,14 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
     save_model_dir(model, tokenizer, out / "model")  # the model after the last task (LoRA merged)
     results = summarize(cfg, tasks, R, general)
     results["seconds"] = time.perf_counter() - start
-    atomic_write_json(out / "config.json", asdict(cfg))
-    atomic_write_json(out / "results.json", results)
-    shutil.rmtree(out / "state", ignore_errors=True)  # the run is finished: model/ and results.json replace it
     from forgetlab.report.cit import plot_score_matrix
+    from forgetlab.report.markdown import cit_report
 
+    atomic_write_json(out / "config.json", asdict(cfg))
     plot_score_matrix(np.array(R), [t.name for t in tasks], out / "scores.png")
+    cit_report(results, out)
+    atomic_write_json(out / "results.json", results)  # last: its presence marks a finished run
+    shutil.rmtree(out / "state", ignore_errors=True)  # model/ and results.json replace the between-task state
     return results
 
 

@@ -1,0 +1,94 @@
+"""``report.md`` beside a run's results: the numbers of ``results.json`` as tables a person reads, a few
+sentences that say what they mean, and the figures. Every number is read from the results dict, so the
+report can never disagree with the file that scripts read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from forgetlab.utils.io import atomic_write_text
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub-flavoured markdown table; floats with 3 decimals (fractions) unless already formatted."""
+    def cell(value: object) -> str:
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+BIOGRAPHY_MEASURES = (
+    ("task0_before", "task 0 (QA on held-out people) before task 1"),
+    ("task0_min_during_task1", "task 0, lowest during task 1"),
+    ("task0_after_task1", "task 0 after task 1"),
+    ("task1_after", "task 1 after task 1"),
+    ("task0_recovered", "task 0 after recovery"),
+    ("task0_recovery_control", "recovery control (pretrained-only model)"),
+    ("spurious_share", "spurious share of the drop"),
+)
+
+
+def biography_report(results: dict, out: Path) -> None:
+    """``report.md`` of a biography run (exact match as fractions, as in ``results.json``)."""
+    r = results
+    parts = [f"# Spurious forgetting on synthetic biographies: preset `{r['preset']}`, method `{r['method']}`, "
+             f"seed {r['seed']}\n\n",
+             table(["measure", "exact match"], [(label, float(r[key])) for key, label in BIOGRAPHY_MEASURES])]
+    drop = r["task0_before"] - r["task0_after_task1"]
+    lines = [f"Task 1 {'took' if drop > 0 else 'moved'} task 0 from {r['task0_before']:.3f} to {r['task0_after_task1']:.3f} "
+             f"(lowest {r['task0_min_during_task1']:.3f}) while task 1 reached {r['task1_after']:.3f}."]
+    if drop > 0:
+        lines.append(f"One epoch of re-alignment on task 0 brought it back to {r['task0_recovered']:.3f}: "
+                     f"{r['spurious_share']:.0%} of the drop came back, the part that was lost alignment rather than "
+                     "lost knowledge.")
+    else:
+        lines.append(f"There is no drop to explain; re-alignment gives {r['task0_recovered']:.3f}.")
+    margin = r["task0_recovered"] - r["task0_recovery_control"]
+    lines.append(f"The same re-alignment from the pretrained-only model reaches {r['task0_recovery_control']:.3f}, so "
+                 f"recovery {'beats' if margin > 0 else 'does not beat'} the control ({margin:+.3f}).")
+    recall = r.get("task0_recall", {})
+    if recall.get("task0") is not None and recall.get("task1") is not None:
+        lost = recall["task0"] - recall["task1"]
+        lines.append(f"Held-out people's values the model still completes in its own biographies: {recall['task0']:.3f} "
+                     f"before task 1, {recall['task1']:.3f} after it"
+                     + (f" ({lost:.3f} of knowledge itself lost)." if lost > 0 else " (no knowledge lost)."))
+    parts.append("\n" + " ".join(lines) + "\n")
+    matrix = r.get("score_matrix")
+    if matrix:
+        parts.append("\n## Score matrix (rows: after each phase)\n\n")
+        parts.append(table(["after", *matrix["tasks"]], [(row, *map(float, values))
+                                                         for row, values in zip(matrix["rows"], matrix["R"])]))
+        parts.append("\n" + table(["metric", "value"], [(k, float(v)) for k, v in matrix["metrics"].items()]))
+    parts.append(f"\n![task-0 and task-1 exact match along the run](curves.png)\n\nRun time {r['seconds']:.0f} s. "
+                 "Data: `results.json`, `curves.csv`; configuration: `config.json`.\n")
+    atomic_write_text(out / "report.md", "".join(parts))
+
+
+def cit_report(results: dict, out: Path) -> None:
+    """``report.md`` of a continual instruction-tuning run (scores ×100, as in ``results.json``)."""
+    r = results
+    tasks = r["tasks"]
+    title = f"`{r['method']}`" + (" + FV-guided training" if r["fvg"] else "")
+    parts = [f"# Continual instruction tuning: {title}, {len(tasks)} tasks, seed {r['seed']}\n"]
+    if "initial" in r:
+        parts.append("\n" + table(["general ability", "initial", "final", "change"],
+                                  [(name, f"{r['initial'][k]:.1f}", f"{r['final'][k]:.1f}",
+                                    f"{r['final'][k] - r['initial'][k]:+.1f}")
+                                   for k, name in (("GP", "GP (zero-shot)"), ("IP", "IP (5-shot in context)"))]))
+    parts.append("\n" + table(["sequence", "value"], [
+        ("AP (each task right after it was trained)", f"{r['AP']:.1f}"), ("FP (every task at the end)", f"{r['FP']:.1f}"),
+        ("forget = AP − FP", f"{r['forget']:.1f}")]))
+    extra = [(k, f"{r[k]:.1f}") for k in ("acc", "bwt_gem", "bwt_trace", "fwt", "forgetting") if k in r]
+    if extra:
+        parts.append("\n" + table(["metric", "value"], extra))
+    labels = [f"{k + 1}. {t}" for k, t in enumerate(tasks)]
+    parts.append("\n## Score matrix R (rows: after each task; ROUGE-L or option accuracy ×100)\n\n")
+    parts.append(table(["after", *labels], [(name, *(f"{v:.1f}" for v in row))
+                                            for name, row in zip(["initial", *labels], r["R"])]))
+    parts.append(f"\n![score matrix](scores.png)\n\nRun time {r['seconds']:.0f} s. Data: `results.json`; configuration: "
+                 "`config.json`; the final model in `model/`.\n")
+    atomic_write_text(out / "report.md", "".join(parts))

@@ -1,0 +1,67 @@
+"""report.md: every number in its tables is the one in results.json, and the sentences follow the numbers."""
+
+import pytest
+
+from forgetlab.experiments.cit import CITConfig, summarize
+from forgetlab.report.markdown import BIOGRAPHY_MEASURES, biography_report, cit_report, table
+from forgetlab.worlds.instructions import InstructionTask
+
+
+def parse_tables(text: str) -> list[list[list[str]]]:
+    """Every markdown table in ``text`` as rows of cells (header row first, separator dropped)."""
+    tables, current = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            if not set(line) <= set("|-"):
+                current.append([c.strip() for c in line.strip("|").split("|")])
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+def test_table_formats_fractions_and_keeps_text():
+    assert table(["a", "b"], [("x", 0.12345), ("y", "7.0")]) == "| a | b |\n|---|---|\n| x | 0.123 |\n| y | 7.0 |\n"
+
+
+BIO = {"task0_before": 0.766, "task0_min_during_task1": 0.12, "task0_after_task1": 0.133, "task1_after": 0.944,
+       "task0_recovered": 0.523, "task0_recovery_control": 0.516, "spurious_share": 0.616, "method": "seq",
+       "preset": "cpu-demo", "seed": 0, "seconds": 527.1, "task0_recall": {"task0": 0.816, "task1": 0.597},
+       "score_matrix": {"rows": ["pretrain", "task0", "task1"], "tasks": ["task0", "task1"],
+                        "R": [[0.0, 0.0], [0.766, 0.035], [0.133, 0.944]], "metrics": {"acc": 0.5385, "bwt_gem": -0.633}}}
+
+
+def test_biography_report_holds_the_results(tmp_path):
+    biography_report(BIO, tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    measures, matrix, metrics = parse_tables(text)
+    assert [row[0] for row in measures[1:]] == [label for _, label in BIOGRAPHY_MEASURES]
+    assert [float(row[1]) for row in measures[1:]] == pytest.approx([BIO[k] for k, _ in BIOGRAPHY_MEASURES], abs=5e-4)
+    assert matrix[0] == ["after", "task0", "task1"] and matrix[3] == ["task1", "0.133", "0.944"]
+    assert metrics[1:] == [["acc", "0.538"], ["bwt_gem", "-0.633"]]
+    assert "62% of the drop came back" in text and "recovery beats the control (+0.007)" in text
+    assert "0.816 before task 1, 0.597 after it (0.219 of knowledge itself lost)" in text and "(curves.png)" in text
+
+
+def test_biography_report_says_when_recovery_does_not_beat_the_control_or_nothing_dropped(tmp_path):
+    biography_report({**BIO, "task0_recovery_control": 0.6}, tmp_path)
+    assert "does not beat the control (-0.077)" in (tmp_path / "report.md").read_text()
+    biography_report({**BIO, "task0_after_task1": 0.8, "task0_recall": {"task0": 0.5, "task1": 0.6}}, tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    assert "moved task 0 from 0.766 to 0.800" in text and "no drop to explain" in text and "(no knowledge lost)" in text
+
+
+def test_cit_report_holds_the_results(tmp_path):
+    tasks = [InstructionTask("a", "d", ()), InstructionTask("b", "d", ())]
+    R = [[10.0, 0.0], [80.0, 5.0], [50.0, 90.0]]
+    general = [{"gp": 70.0, "ip": 60.0}, {"gp": 65.0, "ip": 58.0}, {"gp": 40.0, "ip": 50.0}]
+    results = {**summarize(CITConfig(world_dir="x", method="inclora", fvg=True), tasks, R, general), "seconds": 12.0}
+    cit_report(results, tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    general_table, sequence, metrics, matrix = parse_tables(text)
+    assert general_table[1] == ["GP (zero-shot)", "70.0", "40.0", "-30.0"] and general_table[2][1:] == ["60.0", "50.0", "-10.0"]
+    assert [row[1] for row in sequence[1:]] == ["85.0", "70.0", "15.0"]  # AP = (80 + 90) / 2, FP = (50 + 90) / 2
+    assert dict(metrics[1:])["bwt_gem"] == "-30.0"
+    assert matrix[0] == ["after", "1. a", "2. b"] and [row[1:] for row in matrix[1:]] == [["10.0", "0.0"], ["80.0", "5.0"],
+                                                                                         ["50.0", "90.0"]]
+    assert text.startswith("# Continual instruction tuning: `inclora` + FV-guided training, 2 tasks")
