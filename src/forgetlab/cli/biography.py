@@ -66,7 +66,7 @@ def run(
     results = run_biography(cfg, out, cache_dir=cache_dir, resume=resume, overwrite=overwrite,
                             log=log_line, progress=progress)
     show_results(results)
-    console.print(f"wrote {out}/results.json, curves.csv, curves.png, config.json, checkpoints/")
+    console.print(f"wrote {out}/results.json, report.md, curves.csv, curves.png, config.json, checkpoints/")
 
 
 def show_results(results: dict) -> None:

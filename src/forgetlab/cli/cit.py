@@ -61,7 +61,7 @@ def run(
     if "initial" in results:
         line += "".join(f"  {k}: {results['initial'][k]:.1f} -> {results['final'][k]:.1f}" for k in ("GP", "IP"))
     console.print(line)
-    console.print(f"wrote {out}/results.json, scores.png, config.json, model/")
+    console.print(f"wrote {out}/results.json, report.md, scores.png, config.json, model/")
 
 
 @app.command()
