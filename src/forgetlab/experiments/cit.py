@@ -194,6 +194,7 @@ def general_rows(task: InstructionTask, cfg: CITConfig, template: str, shots: in
     if len(train) < shots:
         raise ValueError(f"general set {task.name!r} has {len(train)} instances besides its test set; "
                          f"the 5-shot prompts need {shots}")
+
     def text(inst) -> str:
         own = getattr(inst, "definition", "")
         return f"{own}\n{inst[0]}".strip() if own else inst[0]
