@@ -3,7 +3,7 @@
 import pytest
 
 from forgetlab.experiments.cit import CITConfig, summarize
-from forgetlab.report.markdown import BIOGRAPHY_MEASURES, biography_report, cit_report, table
+from forgetlab.report.markdown import BIOGRAPHY_MEASURES, biography_report, cit_report, drift_report, table
 from forgetlab.worlds.instructions import InstructionTask
 
 
@@ -65,3 +65,25 @@ def test_cit_report_holds_the_results(tmp_path):
     assert matrix[0] == ["after", "1. a", "2. b"] and [row[1:] for row in matrix[1:]] == [["10.0", "0.0"], ["80.0", "5.0"],
                                                                                          ["50.0", "90.0"]]
     assert text.startswith("# Continual instruction tuning: `inclora` + FV-guided training, 2 tasks")
+
+
+def fit(r2, slope=1.0):
+    return {"pooled": {"slope": slope, "intercept": 0.0, "r2": r2, "n": 12}, "median_task_r2": r2 / 2,
+            "checkpoint_mean": {"r2": None}}
+
+
+def test_drift_report_names_the_best_measure_and_the_interventions(tmp_path):
+    fits = {"fv_cosine": fit(0.12), "hidden_cosine": fit(0.47, -2.0), "param_distance": fit(0.01)}
+    interventions = {"summary": {"forgotten_tasks": 1, "mean_add_recovered": 0.25, "mean_subtract_recovered": None},
+                     "tasks": {"a": {"forgotten": True, "initial": 1.0, "final": 0.2, "add_original_fv": 0.4},
+                               "b": {"forgotten": False, "initial": 1.0, "final": 1.0}}}
+    drift_report(fits, ["runs/x"], interventions, tmp_path)
+    text = (tmp_path / "drift.md").read_text()
+    measures, tasks = parse_tables(text)
+    assert measures[1] == ["FV cosine to the initial FV", "0.12", "1", "0.06", "–"] and measures[2][1:3] == ["0.47", "-2"]
+    assert "best by last hidden state cosine (control) (R² 0.47)" in text and "does not hold here" in text
+    assert "recovers on average 25% of its drop" in text and "last trained task –" in text
+    assert tasks[1:] == [["a", "1.000", "0.200", "0.400", "–"]]
+    drift_report({**fits, "fv_cosine": fit(0.9)}, ["r1", "r2"], None, tmp_path)
+    text = (tmp_path / "drift.md").read_text()
+    assert "2 runs" in text and "the FV paper's finding" in text and "interventions" not in text.lower()

@@ -82,7 +82,7 @@ def analyze(
     for measure, fit in result["summary"].items():
         console.print(f"{measure}: R² pooled {_r2(fit['pooled_r2'])}, median per task {_r2(fit['median_task_r2'])}, "
                       f"over checkpoint means {_r2(fit['checkpoint_mean_r2'])}")
-    written = "drift.json, drift.csv, drift.png"
+    written = "drift.json, drift.csv, drift.png, drift.md"
     if "interventions" in result:
         s = result["interventions"]
         console.print(f"forgotten general tasks: {s['forgotten_tasks']}; recovered by adding the original FV: "

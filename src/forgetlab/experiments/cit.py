@@ -465,6 +465,7 @@ def analyze_runs(runs: Sequence[Path], out: Path | None = None, settings=None, *
     from forgetlab.analysis.fv_drift import DriftSettings, drift_fits, drift_measurements, fv_interventions
     from forgetlab.models.build import load_model
     from forgetlab.report.cit import plot_drift
+    from forgetlab.report.markdown import drift_report
     from forgetlab.utils.io import atomic_write_text
 
     settings = settings or DriftSettings()
@@ -515,11 +516,12 @@ def analyze_runs(runs: Sequence[Path], out: Path | None = None, settings=None, *
     plot_drift(rows, fits, out / "drift.png")
     log("[cit analyze] R² of score change on: " + "  ".join(
         f"{m}={v['pooled_r2']:.2f}" if v["pooled_r2"] is not None else f"{m}=-" for m, v in summary.items()))
-    result = {"summary": summary}
+    result, interventions = {"summary": summary}, None
     if len(runs) == 1:
         last_task = tasks[-1].as_icl_task() if cfg.method != "multitask" else None
         interventions = fv_interventions(load_model(checkpoints[-1][2]).to(device), tokenizer, general, initial,
                                          last_task, settings)
         atomic_write_json(out / "interventions.json", interventions)
         result["interventions"] = interventions["summary"]
+    drift_report(fits, [str(r) for r in runs], interventions, out)
     return result

@@ -92,3 +92,47 @@ def cit_report(results: dict, out: Path) -> None:
     parts.append(f"\n![score matrix](scores.png)\n\nRun time {r['seconds']:.0f} s. Data: `results.json`; configuration: "
                  "`config.json`; the final model in `model/`.\n")
     atomic_write_text(out / "report.md", "".join(parts))
+
+
+DRIFT_MEASURES = (("fv_cosine", "FV cosine to the initial FV"), ("hidden_cosine", "last hidden state cosine (control)"),
+                  ("param_distance", "parameter L2 distance (control)"))
+
+
+def drift_report(fits: dict, runs: Sequence[str], interventions: dict | None, out: Path) -> None:
+    """``drift.md`` of ``forgetlab cit analyze``: how well each measure explains the zero-shot score change
+    (the FV paper's claim is that FV cosine does, and the two controls do not), and the FV interventions."""
+    def r2(value) -> str:
+        return "–" if value is None else f"{value:.2f}"
+
+    pooled = {m: fits[m]["pooled"] for m, _ in DRIFT_MEASURES}
+    parts = [f"# FV drift vs. forgetting: {len(runs)} run{'s' if len(runs) > 1 else ''}, "
+             f"{pooled['fv_cosine']['n']} (checkpoint, general task) points\n\n",
+             table(["measure", "R² pooled", "slope", "median R² per task", "R² over checkpoint means"],
+                   [(label, r2(pooled[m]["r2"]), "–" if pooled[m]["slope"] is None else f"{pooled[m]['slope']:.3g}",
+                     r2(fits[m]["median_task_r2"]), r2(fits[m].get("checkpoint_mean", {}).get("r2")))
+                    for m, label in DRIFT_MEASURES])]
+    known = {m: p["r2"] for m, p in pooled.items() if p["r2"] is not None}
+    if len(known) == len(DRIFT_MEASURES):
+        best = max(known, key=known.get)
+        parts.append(f"\nPooled over tasks and checkpoints, the score change is explained best by "
+                     f"{dict(DRIFT_MEASURES)[best]} (R² {known[best]:.2f})"
+                     + ("; FV cosine explains more than both controls, the FV paper's finding."
+                        if best == "fv_cosine" else f"; FV cosine reaches {known['fv_cosine']:.2f}, so the FV paper's "
+                                                    "finding (FV cosine above both controls) does not hold here.") + "\n")
+    parts.append("\n![score change vs each measure, with the fits](drift.png)\n")
+    if interventions is not None:
+        s = interventions["summary"]
+        forgotten = {name: t for name, t in interventions["tasks"].items() if t.get("forgotten")}
+        parts.append(f"\n## FV interventions on the last checkpoint\n\n{s['forgotten_tasks']} general tasks lost at least "
+                     "5 points. Adding each one's original FV recovers on average "
+                     f"{'–' if s['mean_add_recovered'] is None else format(s['mean_add_recovered'], '.0%')} of its drop; "
+                     "subtracting the FV of the last trained task "
+                     f"{'–' if s['mean_subtract_recovered'] is None else format(s['mean_subtract_recovered'], '.0%')}.\n")
+        if forgotten:
+            parts.append("\n" + table(["task", "initial", "final", "+ original FV", "− last task's FV"],
+                                      [(name, float(t["initial"]), float(t["final"]), float(t["add_original_fv"]),
+                                        float(t["subtract_last_task_fv"]) if "subtract_last_task_fv" in t else "–")
+                                       for name, t in forgotten.items()]))
+    parts.append("\nData: `drift.json`, `drift.csv`" + (", `interventions.json`" if interventions is not None else "")
+                 + f". Runs: {', '.join(f'`{r}`' for r in runs)}.\n")
+    atomic_write_text(out / "drift.md", "".join(parts))
