@@ -92,6 +92,27 @@ def test_second_method_reuses_cached_phases(smoke_run):
     assert all(".layers.0." not in k and "embed" not in k for k in moved)
 
 
+def test_ewc_holds_task1_weights_nearer_task0_than_seq(smoke_run):
+    from safetensors.torch import load_file
+
+    root, _, _ = smoke_run
+    proc = forgetlab("biography", "run", "--preset", "smoke", "--out", str(root / "ewc"), "--method", "ewc",
+                     "--ewc-strength", "1e7", "--no-progress", cache=root / "cache")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((root / "ewc" / "results.json").read_text())
+    assert results["method"] == "ewc" and results["ewc_strength"] == 1e7
+    start = load_file(root / "run" / "checkpoints" / "task0" / "model.safetensors")
+
+    def moved(run):
+        end = load_file(root / run / "checkpoints" / "task1" / "model.safetensors")
+        return sum(float((end[k] - start[k]).float().pow(2).sum()) for k in start) ** 0.5
+
+    assert 0 < moved("ewc") < 0.8 * moved("run")  # the same task-1 steps, pulled back towards task 0
+    bad = forgetlab("biography", "run", "--preset", "smoke", "--out", str(root / "bad"), "--ewc-strength", "5",
+                    "--no-progress", cache=root / "cache")
+    assert bad.returncode == 2 and "needs --method ewc" in bad.stderr
+
+
 def test_sigkill_then_resume_gives_the_same_results(smoke_run, tmp_path):
     root, _, _ = smoke_run
     reference = json.loads((root / "run" / "results.json").read_text())

@@ -51,7 +51,12 @@ def test_method_config_validation():
     with pytest.raises(ValueError, match="outside 0..4"):
         MethodConfig(name="freeze", freeze_layers=5).validate(n_layers=4)
     with pytest.raises(ValueError, match="unknown"):
+        MethodConfig(name="lamol").validate(n_layers=4)
+    MethodConfig(name="ewc", ewc_strength=1e4).validate(n_layers=4)
+    with pytest.raises(ValueError, match="needs --ewc-strength > 0"):
         MethodConfig(name="ewc").validate(n_layers=4)
+    with pytest.raises(ValueError, match="needs --method ewc"):
+        MethodConfig(name="freeze", freeze_layers=1, ewc_strength=10).validate(n_layers=4)
     with pytest.raises(ValueError, match="needs --method freeze"):
         MethodConfig(name="seq", freeze_layers=1).validate(n_layers=4)
     with pytest.raises(ValueError, match="fraction"):

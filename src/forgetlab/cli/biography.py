@@ -36,10 +36,12 @@ def log_line(text: str) -> None:
 def run(
     preset: Preset = "cpu-demo",
     out: Out = Path("runs/biography"),
-    method: Annotated[str, typer.Option(help="seq | freeze")] = "seq",
+    method: Annotated[str, typer.Option(help="seq | freeze | ewc")] = "seq",
     freeze_layers: Annotated[int, typer.Option(help="freeze: bottom decoder layers frozen (with the embedding)")] = 0,
     replay: Annotated[float, typer.Option(help="old-task rows mixed into each new task, as a fraction of its rows")] = 0.0,
     early_stop: Annotated[float, typer.Option(help="stop a task once its exact match reaches this (0 = off)")] = 0.0,
+    ewc_strength: Annotated[float, typer.Option(help="ewc: λ of the Fisher penalty λ/2 Σ F (θ − θ*)² "
+                                                     "[default with --method ewc: 1e4]")] = 0.0,
     snapshot_steps: Annotated[str, typer.Option(help="task steps to keep as checkpoints/taskK-step-N, e.g. 50,150")] = "",
     seed: Seed = 0,
     resume: Annotated[bool, typer.Option(help="continue the run in --out")] = False,
@@ -54,8 +56,10 @@ def run(
 
     if method == "freeze" and freeze_layers == 0:
         freeze_layers = 2
+    if method == "ewc" and ewc_strength == 0:
+        ewc_strength = 1e4
     cfg = preset_config(preset, seed, MethodConfig(name=method, freeze_layers=freeze_layers, replay=replay,
-                                                   early_stop=early_stop))
+                                                   early_stop=early_stop, ewc_strength=ewc_strength))
     cfg = apply_overrides(cfg, set_ or [])
     if snapshot_steps:
         try:

@@ -25,6 +25,7 @@ from forgetlab.experiments.phases import PhaseStore, default_cache_dir
 from forgetlab.experiments.rundir import prepare_run_dir, publish_checkpoint
 from forgetlab.methods import freeze_parameters, mix_replay
 from forgetlab.methods.freeze import bottom_layers
+from forgetlab.methods.regularizers import diagonal_fisher, ewc_penalty
 from forgetlab.metrics.cl import cl_summary, spurious_share
 from forgetlab.models.build import build_model, load_model
 from forgetlab.models.tokenizers import build_word_tokenizer
@@ -169,10 +170,14 @@ class BiographyExperiment:
     # -- phases --------------------------------------------------------------------------
     def _phase(self, name: str, key: str, start: Callable[[], torch.nn.Module], data: Callable[[], TokenDataset],
                pcfg: PhaseConfig, tasks: list[str], stop: Callable[[dict], bool] | None = None,
-               prepare: Callable[[torch.nn.Module], dict] | None = None, snapshots: tuple[int, ...] = ()):
+               prepare: Callable[[torch.nn.Module], dict] | None = None, snapshots: tuple[int, ...] = (),
+               penalty: Callable[[torch.nn.Module], Callable[[], torch.Tensor]] | None = None):
+        """``prepare(model)`` runs before training (e.g. freezing) and returns info to keep; ``penalty(model)``
+        returns a loss term added at every step (e.g. EWC), built once from the starting model."""
         def train(state_dir: Path):
             model = start().to(self.device)
             extra = prepare(model) if prepare else {}
+            term = penalty(model) if penalty else None
             evaluate = self.step_eval(tasks)
 
             def on_step(step: int) -> None:
@@ -181,7 +186,8 @@ class BiographyExperiment:
 
             outcome = train_phase(model, data(), pcfg, phase=name, state_dir=state_dir, seed=self.cfg.seed,
                                   evaluate=lambda: evaluate(model), stop=stop, log=self.log, progress=self.progress,
-                                  on_step=on_step if snapshots else None)
+                                  on_step=on_step if snapshots else None,
+                                  extra_loss=(lambda rows, batch, run_forward: (run_forward(), term())[1]) if term else None)
             for p in model.parameters():
                 p.requires_grad_(True)
             info = {"steps": outcome.steps, "stopped_early": outcome.stopped_early, "seconds": outcome.seconds,
@@ -224,12 +230,23 @@ class BiographyExperiment:
                 return {"frozen": []}
             return {"frozen": freeze_parameters(model, bottom_layers(method.freeze_layers), method.freeze_embedding)}
 
+        def ewc(model) -> Callable[[], torch.Tensor]:
+            """Diagonal Fisher of the starting model on earlier tasks' rows, anchored at the starting weights."""
+            old = concat([self.train_set("task0_train")] + [self.train_set(f"task{j}") for j in range(1, k)], self.pad)
+            size = cfg.task.batch_size
+            order = torch.randperm(len(old), generator=torch.Generator().manual_seed(cfg.seed + k))
+            batches = [{n: t.to(self.device) for n, t in old.batch(order[i:i + size]).items()}
+                       for i in range(0, min(len(old), method.ewc_batches * size), size)]
+            fisher = diagonal_fisher(model, batches)
+            anchor = {n: p.detach().clone() for n, p in model.named_parameters() if n in fisher}
+            return lambda: ewc_penalty(model, fisher, anchor, method.ewc_strength)
+
         stop = None
         if method.early_stop > 0:
             stop = lambda scores: scores[f"task{k}"]["em"] >= method.early_stop  # noqa: E731
         tasks = ["task0"] + [f"task{j}" for j in range(1, k + 1)]
         return self._phase(f"task{k}", key, lambda: load_model(prev.model_dir), data, cfg.task, tasks, stop, prepare,
-                           snapshots=cfg.snapshot_steps), key
+                           snapshots=cfg.snapshot_steps, penalty=ewc if method.name == "ewc" else None), key
 
     def recovery(self, source, source_key: str, name: str = "recovery"):
         """One short re-alignment on task-0 QA of half its training people, scored on held-out people."""
@@ -292,6 +309,7 @@ def summarize(cfg: BiographyRunConfig, phases: dict, rows: list[dict], n_tasks: 
         "task0_recovery_control": phases["recovery_control"].info["final"]["task0"]["em"],
         "spurious_share": spurious_share(before, final["task0"]["em"], recovered),
         "method": m.name, "freeze_layers": m.freeze_layers, "replay": m.replay, "early_stop": m.early_stop,
+        "ewc_strength": m.ewc_strength,
         "preset": cfg.preset, "seed": cfg.seed, "seconds": seconds,
         "task1_steps": phases["task1"].info["steps"],
         "task0_recall": {name: p.info["final"]["task0"].get("recall") for name, p in phases.items()},
