@@ -44,8 +44,10 @@ def test_biography_report_holds_the_results(tmp_path):
 
 
 def test_biography_report_says_when_recovery_does_not_beat_the_control_or_nothing_dropped(tmp_path):
-    biography_report({**BIO, "task0_recovery_control": 0.6}, tmp_path)
-    assert "does not beat the control (-0.077)" in (tmp_path / "report.md").read_text()
+    biography_report({**BIO, "task0_recovery_control": 0.6, "method": "freeze", "freeze_layers": 2, "early_stop": 0.9},
+                     tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    assert "does not beat the control (-0.077)" in text and "`freeze` (bottom layers frozen 2, early stop at 0.9)" in text
     biography_report({**BIO, "task0_after_task1": 0.8, "task0_recall": {"task0": 0.5, "task1": 0.6}}, tmp_path)
     text = (tmp_path / "report.md").read_text()
     assert "moved task 0 from 0.766 to 0.800" in text and "no drop to explain" in text and "(no knowledge lost)" in text

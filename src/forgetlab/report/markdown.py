@@ -35,8 +35,10 @@ BIOGRAPHY_MEASURES = (
 def biography_report(results: dict, out: Path) -> None:
     """``report.md`` of a biography run (exact match as fractions, as in ``results.json``)."""
     r = results
-    parts = [f"# Spurious forgetting on synthetic biographies: preset `{r['preset']}`, method `{r['method']}`, "
-             f"seed {r['seed']}\n\n",
+    settings = [f"{name} {r[key]:g}" for key, name in (("freeze_layers", "bottom layers frozen"), ("ewc_strength", "EWC λ"),
+                                                     ("replay", "replay"), ("early_stop", "early stop at")) if r.get(key)]
+    parts = [f"# Spurious forgetting on synthetic biographies: preset `{r['preset']}`, method `{r['method']}`"
+             f"{' (' + ', '.join(settings) + ')' if settings else ''}, seed {r['seed']}\n\n",
              table(["measure", "exact match"], [(label, float(r[key])) for key, label in BIOGRAPHY_MEASURES])]
     drop = r["task0_before"] - r["task0_after_task1"]
     lines = [f"Task 1 {'took' if drop > 0 else 'moved'} task 0 from {r['task0_before']:.3f} to {r['task0_after_task1']:.3f} "
