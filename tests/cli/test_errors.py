@@ -23,7 +23,8 @@ def one_error_line(result) -> str:
 
 @pytest.mark.parametrize("args, message", [
     (["--preset", "huge"], "unknown preset 'huge'; choose one of: smoke, cpu-demo, gpu, paper"),
-    (["--method", "ewc"], "method='ewc' is unknown"),
+    (["--method", "lamol"], "method='lamol' is unknown"),
+    (["--method", "ewc", "--ewc-strength", "-1"], "method=ewc needs --ewc-strength > 0"),
     (["--method", "freeze", "--freeze-layers", "9"], "--freeze-layers 9 is outside 0..2"),
     (["--replay", "-0.5"], "--replay -0.5 must be a fraction"),
     (["--early-stop", "3"], "--early-stop 3.0 must be an accuracy"),
