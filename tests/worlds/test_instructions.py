@@ -82,6 +82,8 @@ def test_jsonl_rows_keep_their_own_instructions_when_they_differ(tmp_path):
     assert definition_of(task, test[0]) == "Name a colour." and definition_of(task, train[0]) == "Add one."
     for clone in (copy.deepcopy(first), pickle.loads(pickle.dumps(first))):
         assert clone == first and clone.definition == "Add one."
+    icl = task.as_icl_task()  # for FVs: each row's own instruction travels in its input
+    assert list(icl.pairs) == [("Add one.\n2", "3"), ("Name a colour.", "red")]
 
 
 @pytest.mark.parametrize("text,message", [

@@ -39,7 +39,7 @@ from forgetlab.train.data import IGNORE, concat, qa_dataset
 from forgetlab.train.trainer import EvalSchedule, PhaseConfig, train_phase
 from forgetlab.utils.io import atomic_write_json
 from forgetlab.worlds.instructions import (InstructionTask, definition_of, from_world_task, load_task_file, ni_sequence,
-                                          world_sequence)
+                                          question, world_sequence)
 
 METHODS = ("seq", "lora", "inclora", "replay", "ewc", "lwf", "olora", "multitask")
 FINETUNE_MODES = ("full", "lora", "inclora")  # inclora: merge the last adapter, start a new one per task
@@ -194,13 +194,8 @@ def general_rows(task: InstructionTask, cfg: CITConfig, template: str, shots: in
     if len(train) < shots:
         raise ValueError(f"general set {task.name!r} has {len(train)} instances besides its test set; "
                          f"the 5-shot prompts need {shots}")
-
-    def text(inst) -> str:
-        own = getattr(inst, "definition", "")
-        return f"{own}\n{inst[0]}".strip() if own else inst[0]
-
-    demos = "".join(f"Input: {text(inst)}\nOutput: {inst[1][0]}\n\n" for inst in train[:shots])
-    ip = [{"prompt": demos + f"Input: {text(inst)}\nOutput:", "answer": " " + inst[1][0], "references": inst[1]}
+    demos = "".join(f"Input: {question(task, inst)}\nOutput: {inst[1][0]}\n\n" for inst in train[:shots])
+    ip = [{"prompt": demos + f"Input: {question(task, inst)}\nOutput:", "answer": " " + inst[1][0], "references": inst[1]}
           for inst in test]
     return _rows(task, test, template), ip
 

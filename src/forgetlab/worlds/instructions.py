@@ -52,6 +52,12 @@ def definition_of(task: "InstructionTask", instance) -> str:
     return getattr(instance, "definition", task.definition)
 
 
+def question(task: "InstructionTask", instance) -> str:
+    """An instance's input as asked without the task's template: its own instruction (if it has one) first."""
+    own = getattr(instance, "definition", "")
+    return f"{own}\n{instance[0]}".strip() if own else instance[0]
+
+
 @dataclass(frozen=True)
 class InstructionTask:
     name: str
@@ -61,8 +67,10 @@ class InstructionTask:
     test_size: int | None = None                        # a fixed test split (world tasks) instead of ``n_test``
 
     def as_icl_task(self) -> ICLTask:
-        """Every instance as an (input, first reference) pair of an ICL task, for function vectors."""
-        return ICLTask.from_pairs(self.name, [(x, refs[0]) for x, refs in self.instances], self.definition)
+        """Every instance as an (input, first reference) pair of an ICL task, for function vectors; a row
+        with its own instruction carries it in its input, since no task-level definition asks for it."""
+        return ICLTask.from_pairs(self.name, [(question(self, inst), inst[1][0]) for inst in self.instances],
+                                  self.definition)
 
     def split(self, n_train: int = 1000, n_test: int = 100) -> tuple[list, list]:
         """The last ``n_test`` instances are the test set (papers.md §2); training takes the first ``n_train``."""
