@@ -182,3 +182,40 @@ def test_fv_from_another_model_is_refused(extracted, tmp_path):
     line = one_error_line(code, err)
     assert "extracted from a model with 2 layers" in line and "this model has 3" in line and "fv extract" in line
     assert not (tmp_path / "eval").exists()
+
+
+def test_universal_heads_average_the_tasks_and_rebuild_each_fv(extracted, tmp_path):
+    import numpy as np
+
+    files, _ = extracted
+    # a second task on the same model: reverse the words
+    pairs = [{"input": w, "output": w[::-1]} for w in WORDS]
+    (files / "task2.json").write_text(json.dumps(pairs))
+    code, err = invoke("extract", "--model", files / "model", "--task", files / "task2.json", "--out", files / "out2", *EXTRACT)
+    assert code == 0, err
+    out = tmp_path / "uni"
+    code, err = invoke("universal", files / "out", files / "out2", "--top-k", 3, "--model", files / "model", "--out", out)
+    assert code == 0, err
+    saved = json.loads((out / "universal.json").read_text())
+    # independent: each task's CIE averaged over its prompts, then over the two tasks, ranked by numpy
+    per_task = [load_file(d / "fv.safetensors")["cie_per_prompt"].numpy().mean(0) for d in (files / "out", files / "out2")]
+    mean = (per_task[0] + per_task[1]) / 2
+    order = np.argsort(-mean.flatten(), kind="stable")[:3]
+    assert saved["heads"] == [[int(i) // N_HEADS, int(i) % N_HEADS] for i in order]
+    assert np.allclose(saved["mean_cie"], mean, atol=1e-7) and (out / "universal_cie.png").is_file()
+    vectors = load_file(out / "universal_fvs.safetensors")
+    assert set(vectors) == set(saved["tasks"]) and vectors[saved["tasks"][0]].shape == (tiny_config("llama", 10).hidden_size,)
+    # one task alone: its universal heads are its own top heads, so the rebuilt FV is the extracted one
+    code, err = invoke("universal", files / "out", "--top-k", 4, "--model", files / "model", "--out", tmp_path / "one")
+    assert code == 0, err
+    own = json.loads((files / "out" / "fv.json").read_text())
+    assert json.loads((tmp_path / "one" / "universal.json").read_text())["heads"] == own["top_heads"]
+    rebuilt = load_file(tmp_path / "one" / "universal_fvs.safetensors")[own["task"]]
+    assert np.allclose(rebuilt.numpy(), load_file(files / "out" / "fv.safetensors")["function_vector"].numpy(), atol=1e-5)
+    assert "given twice" in one_error_line(*invoke("universal", files / "out", files / "out", "--out", tmp_path / "x"))
+    import shutil
+
+    shutil.copytree(files / "out2", tmp_path / "other")
+    meta = json.loads((tmp_path / "other" / "fv.json").read_text())
+    (tmp_path / "other" / "fv.json").write_text(json.dumps({**meta, "n_layers": 3}))  # as if from a deeper model
+    assert "different shapes" in one_error_line(*invoke("universal", files / "out", tmp_path / "other", "--out", tmp_path / "x"))

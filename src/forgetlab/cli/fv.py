@@ -134,3 +134,52 @@ def evaluate(
         table.add_row(label, f"{result[key]['top1']:.3f}", f"{result[key]['string_match']:.3f}")
     console.print(table)
     console.print(f"wrote {out}/fv_eval.json, fv_layer_sweep.png")
+
+
+@app.command()
+@user_errors
+def universal(
+    fv_dirs: Annotated[list[Path], typer.Argument(help="directories written by `forgetlab fv extract`, one per task")],
+    out: Out,
+    top_k: Annotated[int, typer.Option(help="universal heads to keep")] = 10,
+    model: Annotated[Optional[Path], typer.Option("--model", help="the model the FVs came from: also rebuild every "
+                                                                 "task's FV over the universal heads")] = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+) -> None:
+    """Heads whose CIE is highest averaged over tasks (Todd et al.'s universal heads), and each task's FV over them."""
+    import torch
+    from safetensors.torch import save_file
+
+    from forgetlab.fv.extract import FunctionVectorResult
+    from forgetlab.fv.vectors import function_vector, universal_heads
+    from forgetlab.report.fv import plot_cie_heatmap
+    from forgetlab.utils.io import atomic_write_json
+
+    results = [FunctionVectorResult.load(d) for d in fv_dirs]
+    shapes = {(r.n_layers, r.n_heads, r.head_dim) for r in results}
+    if len(shapes) > 1:
+        raise ValueError(f"the FVs come from models of different shapes {sorted(shapes)} (layers, heads, head size); "
+                         "universal heads need extractions from one model")
+    names = [r.task for r in results]
+    if len(set(names)) < len(names):
+        raise ValueError(f"task {next(n for n in names if names.count(n) > 1)!r} is given twice; pass one extraction per task")
+    heads = universal_heads([r.cie_per_prompt for r in results], top_k)
+    mean_cie = torch.stack([r.cie_per_prompt.mean(0) for r in results]).mean(0)
+    out.mkdir(parents=True, exist_ok=True)
+    written = ["universal.json", "universal_cie.png"]
+    if model is not None:
+        from forgetlab.models.adapter import adapt
+
+        lm, _ = load_for_fv(model, device, dtype)
+        adapter = adapt(lm)
+        results[0].check_fits(adapter, f"the FV in {fv_dirs[0]}")
+        vectors = {r.task: function_vector(adapter, r.mean_activations, heads).cpu().contiguous() for r in results}
+        save_file(vectors, str(out / "universal_fvs.safetensors"))
+        written.append("universal_fvs.safetensors")
+    atomic_write_json(out / "universal.json", {"tasks": [r.task for r in results], "fv_dirs": [str(d) for d in fv_dirs],
+                                               "top_k": top_k, "heads": [list(h) for h in heads],
+                                               "mean_cie": mean_cie.tolist(), "model": str(model or "")})
+    plot_cie_heatmap(mean_cie, heads, out / "universal_cie.png", title=f"CIE averaged over {len(results)} tasks")
+    console.print(f"universal heads (layer, head): {' '.join(f'({l},{h})' for l, h in heads)}")
+    console.print(f"wrote {', '.join(f'{out}/{name}' if i == 0 else name for i, name in enumerate(written))}")
