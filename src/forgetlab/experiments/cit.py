@@ -314,9 +314,7 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
             model = _wrap_lora(model, cfg)  # the same modules as when it was saved; the weights come next
         model.load_state_dict({k: v.to(device) for k, v in weights.items()})
         fisher, anchor = _unpack(tensors, "fisher", device) or None, _unpack(tensors, "anchor", device) or None
-        olora = _unpack(tensors, "olora", device)
-        for key in sorted(olora, key=lambda key: (key.rsplit("::", 1)[0], int(key.rsplit("::", 1)[1]))):
-            earlier_a.setdefault(key.rsplit("::", 1)[0], []).append(olora[key])
+        earlier_a = {name: [a] for name, a in _unpack(tensors, "olora", device).items()}  # saved concatenated
         seen_data = [task_data(t, train)[0] for t, (train, _) in sequential[:first]] if cfg.method == "replay" else []
         log(f"[cit] resuming after task {first}/{len(sequential)} ({sequential[first - 1][0].name})")
     else:
@@ -392,7 +390,7 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
         if cfg.save_checkpoints:
             save_checkpoint(model, tokenizer, out, k, task.name, cfg.mode != "full")
         if k + 1 < len(sequential):
-            olora = {f"{name}::{i}": a for name, mats in earlier_a.items() for i, a in enumerate(mats)}
+            olora = {name: torch.cat(mats) for name, mats in earlier_a.items()}  # the penalty only reads them joined
             save_between_phases(out / "state", model, _pack({"fisher": fisher or {}, "anchor": anchor or {}, "olora": olora}),
                                 {"completed": k + 1, "R": R, "general": general, "seconds": time.perf_counter() - start})
     if cfg.mode != "full":

@@ -6,8 +6,6 @@ is what it writes (``fv.json`` + ``fv.safetensors`` + ``cie_heatmap.png``) and r
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +18,7 @@ from forgetlab.fv.prompts import batches
 from forgetlab.fv.tasks import ICLTask, PromptFormat, counterfactuals, sample_prompts
 from forgetlab.fv.vectors import Head, function_vector, top_heads
 from forgetlab.models.adapter import ModelAdapter
-from forgetlab.utils.io import atomic_write_json, read_json
+from forgetlab.utils.io import atomic_path, atomic_write_json, read_json
 
 
 @dataclass(frozen=True)
@@ -76,10 +74,8 @@ class FunctionVectorResult:
         out.mkdir(parents=True, exist_ok=True)
         tensors = {"mean_activations": self.mean_activations.contiguous(), "function_vector": self.vector.contiguous(),
                    "cie_per_prompt": self.cie_per_prompt.contiguous()}
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=".fv.", suffix=".tmp")
-        os.close(fd)
-        save_file(tensors, tmp)
-        os.replace(tmp, out / "fv.safetensors")
+        with atomic_path(out / "fv.safetensors") as tmp:
+            save_file(tensors, str(tmp))
         atomic_write_json(out / "fv.json", {
             "task": self.task, "model": self.model, "engine": self.settings.engine, "n_layers": self.n_layers,
             "n_heads": self.n_heads, "head_dim": self.head_dim, "cie": self.cie.tolist(),

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -27,6 +26,7 @@ from forgetlab.worlds.biography_templates import (
     QUESTION_TEMPLATES,
     SENTENCE_TEMPLATES,
 )
+from forgetlab.utils.io import atomic_path
 from forgetlab.worlds.names import make_word_pool
 
 ATTRIBUTES: tuple[str, ...] = (
@@ -560,17 +560,8 @@ def generate_world(config: BiographyWorldConfig) -> BiographyWorld:
 
 def _atomic_write(path: Path, write: Any) -> None:
     """Write via a temp file in the same directory + os.replace, so readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as fh:
+        write(fh)
 
 
 def _write_qa(path: Path, examples: list[QAExample]) -> None:
