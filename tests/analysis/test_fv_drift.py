@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from forgetlab.analysis.fv_drift import (DriftSettings, drift_fits, drift_measurements, fv_with_heads, linear_fit,
-                                         parameter_distance)
+from forgetlab.analysis.fv_drift import (MEASURES, DriftSettings, drift_fits, drift_measurements, fv_with_heads,
+                                         linear_fit, parameter_distance, zero_shot_fv, zero_shot_prompts)
 from forgetlab.fv.extract import FVSettings, extract_function_vector
+from forgetlab.fv.prompts import batches
+from forgetlab.fv.tasks import PromptFormat
 from forgetlab.fv.tasks import ICLTask
 from forgetlab.models.adapter import adapt
 from forgetlab.models.tokenizers import build_word_tokenizer
@@ -52,6 +54,26 @@ def test_fixed_head_fv_of_the_same_model_is_the_extracted_fv(setup):
     assert torch.allclose(again, result.vector, atol=1e-5)
 
 
+def test_zero_shot_fv_over_a_whole_layer_is_its_mean_attention_output(setup):
+    # all heads of one layer: their summed contributions are that layer's o_proj output (Llama has no bias),
+    # read here with a hook, one prompt at a time (no padding), and averaged by hand
+    tok, tasks = setup
+    model = random_model(tiny_config("llama", len(tok)), seed=4)
+    adapter = adapt(model)
+    prompts = zero_shot_prompts(tasks[1], DriftSettings(eval_prompts=6, shots=4))
+    layer = 1
+    outputs = []
+    hook = model.model.layers[layer].self_attn.o_proj.register_forward_hook(lambda m, i, o: outputs.append(o[0, -1]))
+    with torch.no_grad():
+        for prompt in prompts:
+            batch = next(batches(tok, [prompt], PromptFormat(), 1))
+            model(**batch.model_inputs())
+    hook.remove()
+    hand = torch.stack(outputs).mean(0)
+    heads = [(layer, j) for j in range(adapter.n_heads)]
+    assert torch.allclose(zero_shot_fv(adapter, tok, prompts, heads), hand, atol=1e-5)
+
+
 def test_drift_rows_of_an_unchanged_and_a_perturbed_checkpoint(setup):
     tok, tasks = setup
     model = random_model(tiny_config("llama", len(tok)), seed=3)
@@ -64,11 +86,12 @@ def test_drift_rows_of_an_unchanged_and_a_perturbed_checkpoint(setup):
     assert len(rows) == 6 and set(initial) == {"shift", "mirror"}
     same = [r for r in rows if r["checkpoint"] == "same"]
     assert all(r["fv_cosine"] == pytest.approx(1.0, abs=1e-5) and r["hidden_cosine"] == pytest.approx(1.0)
+               and r["zero_shot_fv_cosine"] == pytest.approx(1.0, abs=1e-5)
                and r["param_distance"] == 0 and r["score_change"] == 0 for r in same)
     far = [r for r in rows if r["checkpoint"] == "moved"]
-    assert all(r["fv_cosine"] < 0.999 and r["param_distance"] > 0 for r in far)
+    assert all(r["fv_cosine"] < 0.999 and r["zero_shot_fv_cosine"] < 0.999 and r["param_distance"] > 0 for r in far)
     fits = drift_fits(rows)
-    assert set(fits) == {"fv_cosine", "hidden_cosine", "param_distance"}
+    assert set(fits) == {"fv_cosine", "zero_shot_fv_cosine", "hidden_cosine", "param_distance"}
     assert fits["fv_cosine"]["pooled"]["n"] == 4
 
 
@@ -76,11 +99,12 @@ def test_checkpoint_mean_fit_averages_each_model_over_its_tasks():
     # three later checkpoints, two tasks each; the means are worked out by hand below
     table = {"a": [(0.9, 0.0), (0.7, -0.2)], "b": [(0.5, -0.4), (0.3, -0.6)], "c": [(1.0, 0.1), (0.8, -0.1)]}
     rows = [{"checkpoint": "initial", "index": 0, "task": t, "zero_shot": 1.0, "score_change": 0.0,
-             "fv_cosine": 1.0, "hidden_cosine": 1.0, "param_distance": 0.0} for t in ("t0", "t1")]
+             **{m: 1.0 for m in MEASURES}, "param_distance": 0.0} for t in ("t0", "t1")]
     for i, (label, pairs) in enumerate(table.items(), 1):
         for t, (cos, change) in zip(("t0", "t1"), pairs):
             rows.append({"checkpoint": label, "index": i, "task": t, "zero_shot": 1.0 + change, "score_change": change,
-                         "fv_cosine": cos, "hidden_cosine": 1.0 - i / 10 + (t == "t1") / 100, "param_distance": float(i)})
+                         "fv_cosine": cos, "zero_shot_fv_cosine": cos / 2,
+                         "hidden_cosine": 1.0 - i / 10 + (t == "t1") / 100, "param_distance": float(i)})
     fit = drift_fits(rows)["fv_cosine"]["checkpoint_mean"]
     x, y = [0.8, 0.4, 0.9], [-0.1, -0.5, 0.0]  # per checkpoint: mean cosine, mean change
     assert fit["n"] == 3 and fit["slope"] == pytest.approx(np.polyfit(x, y, 1)[0])

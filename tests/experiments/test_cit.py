@@ -258,7 +258,7 @@ def test_cit_analyze_writes_drift_and_interventions(world_dir, tmp_path):
     drift = json.loads((tmp_path / "drift.json").read_text())
     n_general = len(json.loads((world_dir / "world.json").read_text())["tasks"]) - 0
     assert len(drift["rows"]) % 6 == 0 and len(drift["rows"]) // 6 <= n_general  # initial + 5 checkpoints per task
-    assert set(out["summary"]) == {"fv_cosine", "hidden_cosine", "param_distance"}
+    assert set(out["summary"]) == {"fv_cosine", "zero_shot_fv_cosine", "hidden_cosine", "param_distance"}
     for name in ("drift.csv", "drift.png", "interventions.json", "drift.md"):
         assert (tmp_path / name).is_file()
     assert f"{drift['fits']['fv_cosine']['pooled']['r2']:.2f} |" in (tmp_path / "drift.md").read_text()
@@ -279,7 +279,7 @@ def test_cit_analyze_writes_drift_and_interventions(world_dir, tmp_path):
     later = {r["checkpoint"] for r in drift["rows"] if r["index"] > 0}
     assert len(later) == 10 and {c.split("/")[0] for c in later} == {tmp_path.name, "inclora"}
     assert drift["fits"]["fv_cosine"]["checkpoint_mean"]["n"] == 10 and not (pooled / "interventions.json").exists()
-    assert (pooled / "drift.png").is_file() and (pooled / "drift.csv").read_text().splitlines()[0].endswith(",run")
+    assert (pooled / "drift.png").is_file() and (pooled / "drift.csv").read_text().splitlines()[0].endswith(",run,zero_shot_fv_cosine")
     assert "# FV drift vs. forgetting: 2 runs" in (pooled / "drift.md").read_text()
     config = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**config, "model": str(tmp_path / "model")}))

@@ -75,17 +75,24 @@ def fit(r2, slope=1.0):
 
 
 def test_drift_report_names_the_best_measure_and_the_interventions(tmp_path):
-    fits = {"fv_cosine": fit(0.12), "hidden_cosine": fit(0.47, -2.0), "param_distance": fit(0.01)}
+    fits = {"fv_cosine": fit(0.12), "zero_shot_fv_cosine": fit(0.2), "hidden_cosine": fit(0.47, -2.0),
+            "param_distance": fit(0.01)}
     interventions = {"summary": {"forgotten_tasks": 1, "mean_add_recovered": 0.25, "mean_subtract_recovered": None},
                      "tasks": {"a": {"forgotten": True, "initial": 1.0, "final": 0.2, "add_original_fv": 0.4},
                                "b": {"forgotten": False, "initial": 1.0, "final": 1.0}}}
     drift_report(fits, ["runs/x"], interventions, tmp_path)
     text = (tmp_path / "drift.md").read_text()
     measures, tasks = parse_tables(text)
-    assert measures[1] == ["FV cosine to the initial FV", "0.12", "1", "0.06", "–"] and measures[2][1:3] == ["0.47", "-2"]
+    assert measures[1] == ["FV cosine to the initial FV", "0.12", "1", "0.06", "–"] and measures[3][1:3] == ["0.47", "-2"]
+    assert measures[2][:2] == ["FV heads' zero-shot output, cosine to the initial", "0.20"]
     assert "best by last hidden state cosine (control) (R² 0.47)" in text and "does not hold here" in text
+    assert "FV cosine to the initial FV reaches 0.12, FV heads' zero-shot output, cosine to the initial reaches 0.20" in text
     assert "recovers on average 25% of its drop" in text and "last trained task –" in text
     assert tasks[1:] == [["a", "1.000", "0.200", "0.400", "–"]]
     drift_report({**fits, "fv_cosine": fit(0.9)}, ["r1", "r2"], None, tmp_path)
     text = (tmp_path / "drift.md").read_text()
     assert "2 runs" in text and "the FV paper's finding" in text and "interventions" not in text.lower()
+    older = {m: f for m, f in fits.items() if m != "zero_shot_fv_cosine"}  # drift.json written before the measure
+    drift_report({**older, "param_distance": fit(0.6)}, ["r1"], None, tmp_path)
+    measures, = parse_tables((tmp_path / "drift.md").read_text())
+    assert len(measures) == 4 and "best by parameter L2 distance (control) (R² 0.60)" in (tmp_path / "drift.md").read_text()

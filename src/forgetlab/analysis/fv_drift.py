@@ -3,7 +3,8 @@
 For a run's checkpoints (the initial model first) and a set of general ICL tasks, every checkpoint
 gets, per task: the task's FV rebuilt from that checkpoint's mean head activations over the
 *initial* model's top heads, its cosine to the initial FV, the task's instructed zero-shot score,
-and two controls — the cosine of the mean last hidden state at the prompt end, and the L2 distance of
+the same heads' summed output at the end of the zero-shot prompt (the function the bare instruction
+activates; its cosine to the initial model's), and two controls — the cosine of the mean last hidden state at the prompt end, and the L2 distance of
 all parameters from the initial ones. A least-squares line of the score change on each measure
 gives its R²: FV similarity should explain the drops, the controls should not.
 
@@ -29,7 +30,7 @@ from forgetlab.fv.tasks import ICLPrompt, ICLTask, PromptFormat, sample_prompts
 from forgetlab.fv.vectors import cosine, function_vector
 from forgetlab.models.adapter import ModelAdapter, adapt
 
-MEASURES = ("fv_cosine", "hidden_cosine", "param_distance")
+MEASURES = ("fv_cosine", "zero_shot_fv_cosine", "hidden_cosine", "param_distance")
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,15 @@ def fv_with_heads(adapter: ModelAdapter, tokenizer, task: ICLTask, heads, settin
                            task_name=task.name)
     mean_acts = mean_head_activations(adapter, batches(tokenizer, clean, PromptFormat(), 32, device))
     return function_vector(adapter, mean_acts, heads)
+
+
+def zero_shot_fv(adapter: ModelAdapter, tokenizer, prompts: list[ICLPrompt], heads) -> torch.Tensor:
+    """The FV heads' summed mean output at the end of zero-shot prompts: the in-context FV asks what the
+    heads carry when demonstrations define the task, this asks what the bare instruction makes them carry
+    (the paper's "function activation" from the input), which is what a zero-shot score depends on."""
+    device = next(adapter.model.parameters()).device
+    return function_vector(adapter, mean_head_activations(adapter, batches(tokenizer, prompts, PromptFormat(), 32, device)),
+                           heads)
 
 
 @torch.no_grad()
@@ -131,8 +141,11 @@ def drift_measurements(checkpoints: Iterable[tuple[str, torch.nn.Module]], token
             else:
                 vector = fv_with_heads(adapter, tokenizer, task, initial[task.name]["heads"], settings)
             ref = initial[task.name]
+            activated = zero_shot_fv(adapter, tokenizer, prompts, ref["heads"])
+            ref.setdefault("zero_shot_fv", activated)
             rows.append({"checkpoint": label, "index": index, "task": task.name, "zero_shot": score,
                          "score_change": score - ref["score"], "fv_cosine": cosine(vector, ref["fv"]),
+                         "zero_shot_fv_cosine": cosine(activated, ref["zero_shot_fv"]),
                          "hidden_cosine": cosine(state, ref["state"]), "param_distance": distance})
     return rows, initial
 
