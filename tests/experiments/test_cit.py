@@ -8,28 +8,19 @@ import pytest
 from safetensors.torch import load_file
 
 from forgetlab.experiments.cit import CITConfig, load_sequence, run_cit, summarize
-from forgetlab.experiments.icl_world import build_icl_world, preset_config
-from forgetlab.models.tokenizers import build_bpe_tokenizer
 from forgetlab.models.zoo import random_model, tiny_config
 from forgetlab.worlds.instructions import InstructionTask
 
 
-@pytest.fixture(scope="module")
-def world_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("icl")
-    build_icl_world(replace(preset_config("smoke"), eval_prompts=2), out, log=lambda s: None, progress=False)
-    return out
-
-
-def small(world_dir, **kw):
-    base = CITConfig(world_dir=str(world_dir), sequence="0", n_train=12, general_prompts=2, max_new_tokens=3)
+def small(icl_world_dir, **kw):
+    base = CITConfig(world_dir=str(icl_world_dir), sequence="0", n_train=12, general_prompts=2, max_new_tokens=3)
     return replace(base, train=replace(base.train, epochs=1, batch_size=4, grad_accum=1, lr=1e-3), **kw)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["seq", "lora", "inclora"])
-def test_world_sequence_runs_and_lora_touches_only_its_targets(world_dir, tmp_path, method):
-    cfg = small(world_dir, method=method)
+def test_world_sequence_runs_and_lora_touches_only_its_targets(icl_world_dir, tmp_path, method):
+    cfg = small(icl_world_dir, method=method)
     results = run_cit(cfg, tmp_path, log=lambda s: None, progress=False)
     R = np.array(results["R"])
     assert R.shape == (6, 5) and ((R >= 0) & (R <= 100)).all()
@@ -39,7 +30,7 @@ def test_world_sequence_runs_and_lora_touches_only_its_targets(world_dir, tmp_pa
     assert 0 <= results["final"]["GP"] <= 100 and results["fvg"] is False
     assert results["GP_drop"] == pytest.approx(results["initial"]["GP"] - results["final"]["GP"])
     assert (tmp_path / "scores.png").is_file() and json.loads((tmp_path / "results.json").read_text())["method"] == method
-    before, after = load_file(world_dir / "model" / "model.safetensors"), load_file(tmp_path / "model" / "model.safetensors")
+    before, after = load_file(icl_world_dir / "model" / "model.safetensors"), load_file(tmp_path / "model" / "model.safetensors")
     changed = {k for k in before if not (before[k] == after[k]).all()}
     if method == "seq":
         assert any("mlp" in k for k in changed)
@@ -58,25 +49,14 @@ def test_summary_of_a_hand_matrix():
     assert out["bwt_gem"] == pytest.approx(-30.0)
 
 
-def tiny_llama(path):
-    """A randomly initialised 2-layer Llama with a BPE tokenizer fitted to the NI template, saved at ``path``."""
-    tok = build_bpe_tokenizer(["Definition: Always answer yes. Now complete the following example - Input: question 1 Output: yes"] * 20,
-                              vocab_size=300)
-    cfg = tiny_config("llama", len(tok), n_layers=2)
-    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
-    random_model(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-
-
-def test_ni_files_run_with_any_model(tmp_path):
+def test_ni_files_run_with_any_model(tmp_path, tiny_llama_dir):
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     for name, word in (("task001_yes", "yes"), ("task002_no", "no")):
         data = {"Definition": [f"Always answer {word}."], "Positive Examples": [],
                 "Instances": [{"id": str(i), "input": f"question {i}", "output": [word]} for i in range(30)]}
         (tasks / f"{name}.json").write_text(json.dumps(data))
-    tiny_llama(tmp_path / "model")
-    base = CITConfig(model=str(tmp_path / "model"), tasks_dir=str(tasks), sequence="task001_yes,task002_no", n_train=8,
+    base = CITConfig(model=str(tiny_llama_dir), tasks_dir=str(tasks), sequence="task001_yes,task002_no", n_train=8,
                      n_test=10, max_new_tokens=2, method="lora", general=str(tasks / "task002_no.json"))
     cfg_run = replace(base, train=replace(base.train, epochs=1, batch_size=4, grad_accum=1), lora_targets=("q_proj", "v_proj"))
     results = run_cit(cfg_run, tmp_path / "run", log=lambda s: None, progress=False)
@@ -88,7 +68,7 @@ def test_ni_files_run_with_any_model(tmp_path):
     assert results["final"]["GP"] == pytest.approx(results["R"][-1][1]) and 0 <= results["final"]["IP"] <= 100
 
 
-def test_jsonl_files_run_end_to_end_and_rows_keep_their_instructions(tmp_path):
+def test_jsonl_files_run_end_to_end_and_rows_keep_their_instructions(tmp_path, tiny_llama_dir):
     from forgetlab.experiments.cit import NI_TEMPLATE, _rows, general_rows
     from forgetlab.worlds.instructions import load_task_file
 
@@ -99,12 +79,11 @@ def test_jsonl_files_run_end_to_end_and_rows_keep_their_instructions(tmp_path):
              for i in range(30)]
     (tmp_path / "mixed.jsonl").write_text("\n".join(json.dumps(r) for r in mixed))
     task = load_task_file(tmp_path / "mixed.jsonl")
-    cfg = CITConfig(model=str(tmp_path / "model"), sequence="x.jsonl", n_train=8, n_test=10)
+    cfg = CITConfig(model=str(tiny_llama_dir), sequence="x.jsonl", n_train=8, n_test=10)
     gp, ip = general_rows(task, cfg, NI_TEMPLATE)
     assert gp[0]["prompt"] == "Definition: Say no. Now complete the following example - Input: q 20 Output:"
     assert ip[0]["prompt"].startswith("Input: Say no.\nq 0\nOutput: no\n\nInput: Say yes.\nq 1\nOutput: yes")
     assert _rows(task, task.instances[:1], "{definition}|{input}")[0]["prompt"] == "Say no.|q 0"
-    tiny_llama(tmp_path / "model")
     run = replace(cfg, sequence=f"{tmp_path / 'yes.jsonl'},{tmp_path / 'no.jsonl'}", method="seq",
                   general=f"{tmp_path / 'no.jsonl'},{tmp_path / 'mixed.jsonl'}", max_new_tokens=2)
     results = run_cit(replace(run, train=replace(run.train, epochs=1, batch_size=4, grad_accum=1)), tmp_path / "run",
@@ -115,34 +94,34 @@ def test_jsonl_files_run_end_to_end_and_rows_keep_their_instructions(tmp_path):
     assert 0 <= results["final"]["GP"] <= 100 and 0 <= results["final"]["IP"] <= 100
 
 
-def test_bad_configs_name_the_problem(world_dir):
+def test_bad_configs_name_the_problem(icl_world_dir):
     with pytest.raises(ValueError, match="method"):
-        small(world_dir, method="qlora").validate()
+        small(icl_world_dir, method="qlora").validate()
     with pytest.raises(ValueError, match="finetune='qlora'"):
-        small(world_dir, method="replay", finetune="qlora").validate()
+        small(icl_world_dir, method="replay", finetune="qlora").validate()
     with pytest.raises(ValueError, match="contradicts"):
-        small(world_dir, method="inclora", finetune="full").validate()
+        small(icl_world_dir, method="inclora", finetune="full").validate()
     with pytest.raises(ValueError, match="no parameters shared"):
-        small(world_dir, method="ewc", finetune="inclora").validate()
+        small(icl_world_dir, method="ewc", finetune="inclora").validate()
     with pytest.raises(ValueError, match="--world"):
         CITConfig().validate()
     with pytest.raises(ValueError, match="NI-Seq-G1 unknown"):
-        run_cit(small(world_dir, sequence="NI-Seq-G1"), world_dir / "x", log=lambda s: None)
-    assert not (world_dir / "x").exists()
+        run_cit(small(icl_world_dir, sequence="NI-Seq-G1"), icl_world_dir / "x", log=lambda s: None)
+    assert not (icl_world_dir / "x").exists()
 
 
-def test_world_tasks_by_name_form_a_sequence(world_dir):
-    tasks, world = load_sequence(small(world_dir, sequence="capitalize_first, reworded_reverse"))
+def test_world_tasks_by_name_form_a_sequence(icl_world_dir):
+    tasks, world = load_sequence(small(icl_world_dir, sequence="capitalize_first, reworded_reverse"))
     assert [t.name for t in tasks] == ["capitalize_first", "reworded_reverse"]
     test = world.task("reworded_reverse").splits(world.config.seed).test
     assert [x for x, _ in tasks[1].split()[1]] == [x for x, _ in test]
 
 
 @pytest.mark.slow
-def test_fvg_terms_change_training_only_when_weighted_and_only_trainable_weights(world_dir, tmp_path):
+def test_fvg_terms_change_training_only_when_weighted_and_only_trainable_weights(icl_world_dir, tmp_path):
     from forgetlab.methods.fvg import FVGConfig
 
-    base = small(world_dir, method="inclora")
+    base = small(icl_world_dir, method="inclora")
     plain = run_cit(base, tmp_path / "plain", log=lambda s: None, progress=False)
     zero = run_cit(replace(base, fvg=True, fvg_config=FVGConfig(alpha_fv=0.0, alpha_kl=0.0, n_prompts=4, shots=3)),
                    tmp_path / "zero", log=lambda s: None, progress=False)
@@ -151,7 +130,7 @@ def test_fvg_terms_change_training_only_when_weighted_and_only_trainable_weights
                        tmp_path / "fvg", log=lambda s: None, progress=False)
     w_plain = load_file(tmp_path / "plain" / "model" / "model.safetensors")
     w_fvg = load_file(tmp_path / "fvg" / "model" / "model.safetensors")
-    w_start = load_file(world_dir / "model" / "model.safetensors")
+    w_start = load_file(icl_world_dir / "model" / "model.safetensors")
     assert any(not (w_plain[k] == w_fvg[k]).all() for k in w_plain)  # the terms moved the weights
     moved = {k for k in w_start if not (w_start[k] == w_fvg[k]).all()}
     assert moved and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in moved)  # only LoRA targets trained
@@ -163,9 +142,9 @@ def test_fvg_terms_change_training_only_when_weighted_and_only_trainable_weights
 
 
 @pytest.mark.slow
-def test_replay_and_ewc_baselines(world_dir, tmp_path):
+def test_replay_and_ewc_baselines(icl_world_dir, tmp_path):
     logs = []
-    base = small(world_dir)
+    base = small(icl_world_dir)
     run_cit(replace(base, method="replay", replay=1.0), tmp_path / "replay", log=logs.append, progress=False)
     steps = [int(line.split("(")[1].split()[0]) for line in logs if line.startswith("[cit] after")]
     assert steps[1] > steps[0]  # task 2 trains on its rows plus as many replayed rows of task 1
@@ -216,18 +195,18 @@ def test_lwf_loss_is_the_kl_to_the_model_without_its_adapter():
     assert len(a) == 2 * 3 and all(m.shape == (4, 64) for m in a.values())  # q and v of 3 layers, (r, in)
 
 
-def test_a_lora_target_the_model_lacks_is_named(world_dir):
+def test_a_lora_target_the_model_lacks_is_named(icl_world_dir):
     from forgetlab.experiments.cit import _wrap_lora
 
     model = random_model(tiny_config("llama", 40))
     with pytest.raises(ValueError, match=r"lora_targets \['c_attn'\].*q_proj"):
-        _wrap_lora(model, replace(small(world_dir), lora_targets=("c_attn",)))
+        _wrap_lora(model, replace(small(icl_world_dir), lora_targets=("c_attn",)))
 
 
 @pytest.mark.slow
-def test_lwf_olora_and_multitask_baselines(world_dir, tmp_path):
+def test_lwf_olora_and_multitask_baselines(icl_world_dir, tmp_path):
     weights, results = {}, {}
-    base = small(world_dir, method="inclora")
+    base = small(icl_world_dir, method="inclora")
     for label, cfg in (("inclora", base), ("lwf0", replace(base, method="lwf", lwf_strength=0.0)),
                        ("lwf", replace(base, method="lwf", lwf_strength=50.0)),
                        ("olora0", replace(base, method="olora", olora_strength=0.0)),
@@ -239,24 +218,24 @@ def test_lwf_olora_and_multitask_baselines(world_dir, tmp_path):
     assert not same("inclora", "lwf") and not same("inclora", "olora")
     assert results["lwf"]["method"] == "lwf" and results["olora"]["method"] == "olora"
     logs = []
-    joint = run_cit(small(world_dir, method="multitask"), tmp_path / "multitask", log=logs.append, progress=False)
+    joint = run_cit(small(icl_world_dir, method="multitask"), tmp_path / "multitask", log=logs.append, progress=False)
     R = np.array(joint["R"])
     assert R.shape == (6, 5) and all((R[k] == R[1]).all() for k in range(2, 6))  # one jointly trained model
     assert joint["forget"] == pytest.approx(0.0) and "jointly" in logs[-1]
 
 
 @pytest.mark.slow
-def test_cit_analyze_writes_drift_and_interventions(world_dir, tmp_path):
+def test_cit_analyze_writes_drift_and_interventions(icl_world_dir, tmp_path):
     from forgetlab.analysis.fv_drift import DriftSettings
     from forgetlab.experiments.cit import analyze_run, analyze_runs
 
-    cfg = small(world_dir, method="seq")
+    cfg = small(icl_world_dir, method="seq")
     run_cit(replace(cfg, train=replace(cfg.train, lr=3e-3, epochs=3)), tmp_path, log=lambda s: None, progress=False)
     assert len(list((tmp_path / "checkpoints").glob("task-*"))) == 5
     settings = DriftSettings(n_prompts=4, eval_prompts=6, shots=3, top_k=4, alphas=(1.0,))
     out = analyze_run(tmp_path, settings, log=lambda s: None)
     drift = json.loads((tmp_path / "drift.json").read_text())
-    n_general = len(json.loads((world_dir / "world.json").read_text())["tasks"]) - 0
+    n_general = len(json.loads((icl_world_dir / "world.json").read_text())["tasks"]) - 0
     assert len(drift["rows"]) % 6 == 0 and len(drift["rows"]) // 6 <= n_general  # initial + 5 checkpoints per task
     assert set(out["summary"]) == {"fv_cosine", "zero_shot_fv_cosine", "hidden_cosine", "param_distance"}
     for name in ("drift.csv", "drift.png", "interventions.json", "drift.md"):
@@ -269,7 +248,7 @@ def test_cit_analyze_writes_drift_and_interventions(world_dir, tmp_path):
 
     # a second run from the same model is pooled with the first: every checkpoint of both, no interventions
     other = tmp_path / "inclora"
-    run_cit(replace(small(world_dir, method="inclora"), train=replace(cfg.train, lr=3e-3, epochs=2)), other,
+    run_cit(replace(small(icl_world_dir, method="inclora"), train=replace(cfg.train, lr=3e-3, epochs=2)), other,
             log=lambda s: None, progress=False)
     with pytest.raises(ValueError, match="--out"):
         analyze_runs([tmp_path, other], None, settings)
@@ -288,13 +267,13 @@ def test_cit_analyze_writes_drift_and_interventions(world_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_replay_and_ewc_on_lora(world_dir, tmp_path):
+def test_replay_and_ewc_on_lora(icl_world_dir, tmp_path):
     """finetune=inclora|lora runs the full-fine-tuning baselines on adapters: only LoRA targets move."""
-    start = load_file(world_dir / "model" / "model.safetensors")
+    start = load_file(icl_world_dir / "model" / "model.safetensors")
     weights = {}
-    for label, cfg in (("replay", small(world_dir, method="replay", replay=1.0, finetune="inclora")),
-                       ("lora", small(world_dir, method="lora")),
-                       ("ewc", small(world_dir, method="ewc", finetune="lora", ewc_strength=1e6))):
+    for label, cfg in (("replay", small(icl_world_dir, method="replay", replay=1.0, finetune="inclora")),
+                       ("lora", small(icl_world_dir, method="lora")),
+                       ("ewc", small(icl_world_dir, method="ewc", finetune="lora", ewc_strength=1e6))):
         run_cit(cfg, tmp_path / label, log=lambda s: None, progress=False)
         weights[label] = load_file(tmp_path / label / "model" / "model.safetensors")
         moved = {k for k in start if not (start[k] == weights[label][k]).all()}
@@ -308,13 +287,13 @@ class Killed(Exception):
 
 @pytest.mark.parametrize("method,strength", [("olora", {"olora_strength": 1e4}), ("ewc", {"ewc_strength": 1e5}),
                                              ("replay", {"replay": 0.5}), ("lora", {})])
-def test_a_killed_run_resumes_after_its_last_task_with_the_same_result(world_dir, tmp_path, method, strength):
+def test_a_killed_run_resumes_after_its_last_task_with_the_same_result(icl_world_dir, tmp_path, method, strength):
     """Each method's state between tasks (O-LoRA's earlier subspaces, EWC's Fisher and anchor, replay's
     rows, the one shared adapter) must come back: the resumed run equals the uninterrupted one bit for bit."""
     from forgetlab.worlds.icl import ICLWorld
 
-    sequence = ICLWorld.read(world_dir / "world.json").sequences[0][:3]
-    cfg = small(world_dir, method=method, sequence=",".join(sequence), save_checkpoints=False, **strength)
+    sequence = ICLWorld.read(icl_world_dir / "world.json").sequences[0][:3]
+    cfg = small(icl_world_dir, method=method, sequence=",".join(sequence), save_checkpoints=False, **strength)
     whole = run_cit(cfg, tmp_path / "whole", log=lambda s: None, progress=False)
 
     def kill_after_second(line):  # dies while scoring the third task: two tasks are done
@@ -335,20 +314,20 @@ def test_a_killed_run_resumes_after_its_last_task_with_the_same_result(world_dir
     assert "finished run" in logs[-1]
 
 
-def test_resume_refuses_another_config(world_dir, tmp_path):
+def test_resume_refuses_another_config(icl_world_dir, tmp_path):
     from forgetlab.experiments.rundir import prepare_run_dir
 
-    prepare_run_dir(tmp_path / "run", small(world_dir, method="inclora"), resume=False, overwrite=False)
+    prepare_run_dir(tmp_path / "run", small(icl_world_dir, method="inclora"), resume=False, overwrite=False)
     with pytest.raises(ValueError, match="different config.*method"):
-        prepare_run_dir(tmp_path / "run", small(world_dir, method="seq"), resume=True, overwrite=False)
+        prepare_run_dir(tmp_path / "run", small(icl_world_dir, method="seq"), resume=True, overwrite=False)
 
 
-def test_checkpoint_every_resumes_inside_a_task(world_dir, tmp_path, monkeypatch):
+def test_checkpoint_every_resumes_inside_a_task(icl_world_dir, tmp_path, monkeypatch):
     import forgetlab.train.trainer as trainer
     from forgetlab.worlds.icl import ICLWorld
 
-    sequence = ICLWorld.read(world_dir / "world.json").sequences[0][:2]
-    cfg = small(world_dir, method="seq", sequence=",".join(sequence), save_checkpoints=False)
+    sequence = ICLWorld.read(icl_world_dir / "world.json").sequences[0][:2]
+    cfg = small(icl_world_dir, method="seq", sequence=",".join(sequence), save_checkpoints=False)
     cfg = replace(cfg, train=replace(cfg.train, checkpoint_every=1))
     whole = run_cit(cfg, tmp_path / "whole", log=lambda s: None, progress=False)
     real = trainer.save_training_state

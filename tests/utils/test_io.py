@@ -18,6 +18,21 @@ def test_overrides_replace_nested_fields_with_type_checks():
             apply_overrides(cfg, [bad])
 
 
+def test_list_settings_take_json_or_the_shell_form():
+    from forgetlab.experiments.cit import CITConfig
+    from forgetlab.experiments.icl_world import preset_config as icl_preset
+
+    cit = CITConfig()
+    for raw in ('["c_attn","c_proj"]', "[c_attn,c_proj]", "c_attn, c_proj"):
+        assert apply_overrides(cit, [f"lora_targets={raw}"]).lora_targets == ("c_attn", "c_proj")
+    assert apply_overrides(cit, ["lora_targets=query_key_value"]).lora_targets == ("query_key_value",)
+    assert apply_overrides(icl_preset("smoke"), ["fv_alphas=[1,2.5]"]).fv_alphas == (1.0, 2.5)
+    assert apply_overrides(preset_config("smoke"), ["snapshot_steps=50,100"]).snapshot_steps == (50, 100)
+    for bad in ("lora_targets=[]", "lora_targets=[1,2]"):
+        with pytest.raises(ValueError, match="expected a list like"):
+            apply_overrides(cit, [bad])
+
+
 def test_config_round_trip_and_hash(tmp_path):
     cfg = preset_config("cpu-demo", seed=3)
     atomic_write_json(tmp_path / "c.json", cfg)

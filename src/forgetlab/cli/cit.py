@@ -45,7 +45,7 @@ def run(
     """Train the sequence task by task and score every task (and GP/IP) after each."""
     from dataclasses import replace
 
-    from forgetlab.experiments.cit import CITConfig, run_cit
+    from forgetlab.experiments.cit import CITConfig, check_inputs, run_cit
     from forgetlab.experiments.rundir import prepare_run_dir
     from forgetlab.utils.io import apply_overrides
 
@@ -54,7 +54,7 @@ def run(
                     method=method, general=general, n_train=max_train, n_test=max_test, seed=seed, fvg=fvg,
                     train=replace(base.train, lr=lr, epochs=epochs))
     cfg = apply_overrides(cfg, set_ or [])
-    cfg.validate()
+    check_inputs(cfg)  # bad input fails here, before --out is created
     prepare_run_dir(out, cfg, resume=resume, overwrite=overwrite)
     results = run_cit(cfg, out, log=tqdm.write, progress=progress)
     line = f"AP={results['AP']:.1f}  FP={results['FP']:.1f}  forget={results['forget']:.1f}"
@@ -73,7 +73,7 @@ def analyze(
     prompts: Annotated[int, typer.Option(help="clean 10-shot prompts per FV")] = 32,
     eval_prompts: Annotated[int, typer.Option(help="test queries per general task")] = 40,
 ) -> None:
-    """FV drift vs. forgetting over the runs' checkpoints (R² against two controls); for one run, also FV
+    """FV drift vs. forgetting over the runs' checkpoints (two FV measures, R² against two controls); for one run, also FV
     interventions on its last checkpoint."""
     from forgetlab.analysis.fv_drift import DriftSettings
     from forgetlab.experiments.cit import analyze_runs
@@ -85,11 +85,16 @@ def analyze(
     written = "drift.json, drift.csv, drift.png, drift.md"
     if "interventions" in result:
         s = result["interventions"]
-        console.print(f"forgotten general tasks: {s['forgotten_tasks']}; recovered by adding the original FV: "
-                      f"{s['mean_add_recovered']}, by subtracting the last task's FV: {s['mean_subtract_recovered']}")
+        console.print(f"forgotten general tasks: {s['forgotten_tasks']}; share of the drop recovered by adding the "
+                      f"original FV: {_share(s['mean_add_recovered'])}, by subtracting the last task's FV: "
+                      f"{_share(s['mean_subtract_recovered'])}")
         written += ", interventions.json"
     console.print(f"wrote {written} in {out or run_dirs[0]}")
 
 
 def _r2(value) -> str:
     return "-" if value is None else f"{value:.2f}"
+
+
+def _share(value) -> str:
+    return "-" if value is None else f"{value:.0%}"

@@ -200,15 +200,19 @@ def general_rows(task: InstructionTask, cfg: CITConfig, template: str, shots: in
     return _rows(task, test, template), ip
 
 
-def _wrap_lora(model, cfg: CITConfig):
-    from peft import LoraConfig, get_peft_model
-
+def _check_lora_targets(model, cfg: CITConfig) -> None:
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     missing = [t for t in cfg.lora_targets if t not in names]
     if missing:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise ValueError(f"lora_targets {missing} are not modules of this {type(model).__name__}; its linear layers "
                          f"are {linear} (set e.g. --set lora_targets=[{','.join(linear[:2])}])")
+
+
+def _wrap_lora(model, cfg: CITConfig):
+    from peft import LoraConfig, get_peft_model
+
+    _check_lora_targets(model, cfg)
     config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                         target_modules=list(cfg.lora_targets), task_type="CAUSAL_LM")
     return get_peft_model(model, config)
@@ -250,6 +254,32 @@ def _unpack(tensors: dict[str, torch.Tensor], group: str, device) -> dict[str, t
     return {k[len(prefix):]: t.to(device) for k, t in tensors.items() if k.startswith(prefix)}
 
 
+def _model_dir(cfg: CITConfig) -> str:
+    model_dir = cfg.model or str(Path(cfg.world_dir) / "model")
+    if not (Path(model_dir) / "config.json").is_file():
+        raise FileNotFoundError(f"model {model_dir} is not a Hugging Face checkpoint directory (no config.json)")
+    return model_dir
+
+
+def check_inputs(cfg: CITConfig) -> None:
+    """Everything a run reads, checked before its directory is touched, so bad input writes nothing: the
+    sequence's task files and their test splits, the general sets, the model directory and, for LoRA, the
+    target modules (on the model built on the meta device: no weights read, no memory even for a 7B model)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg.validate()
+    tasks, world = load_sequence(cfg)
+    for task in tasks:
+        task.split(cfg.n_train, cfg.n_test)
+    template = cfg.template or (WORLD_TEMPLATE if world is not None else NI_TEMPLATE)
+    for task in general_files(cfg):
+        general_rows(task, cfg, template)
+    model_dir = _model_dir(cfg)
+    if cfg.mode != "full":
+        with torch.device("meta"):
+            _check_lora_targets(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir)), cfg)
+
+
 def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, progress: bool = True) -> dict:
     """Train the sequence; write ``results.json`` (R, metrics, GP/IP), ``scores.png`` and the final ``model/``.
 
@@ -270,9 +300,7 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
         return read_json(out / "results.json")
     tasks, world = load_sequence(cfg)
     template = cfg.template or (WORLD_TEMPLATE if world is not None else NI_TEMPLATE)
-    model_dir = cfg.model or str(Path(cfg.world_dir) / "model")
-    if not (Path(model_dir) / "config.json").is_file():
-        raise FileNotFoundError(f"model {model_dir} is not a Hugging Face checkpoint directory (no config.json)")
+    model_dir = _model_dir(cfg)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -440,16 +468,16 @@ def _run_setup(run: Path) -> tuple[CITConfig, list[Path], str]:
     checkpoints = sorted(p for p in (run / "checkpoints").glob("task-*") if (p / "config.json").is_file())
     if not checkpoints:
         raise FileNotFoundError(f"{run}/checkpoints has no per-task checkpoints; rerun with save_checkpoints=true")
-    return cfg, checkpoints, cfg.model or str(Path(cfg.world_dir) / "model")
+    return cfg, checkpoints, _model_dir(cfg)
 
 
 def analyze_runs(runs: Sequence[Path], out: Path | None = None, settings=None, *,
                  log: Callable[[str], None] = print) -> dict:
     """``forgetlab cit analyze RUN [RUN ...]``: FV drift vs. forgetting, and FV interventions.
 
-    Writes ``drift.json`` (per checkpoint and general task: FV cosine, hidden-state cosine, parameter
-    distance, zero-shot score; the fits and their R²), ``drift.csv`` and ``drift.png`` into ``out`` (one
-    run: its own directory). Several runs from the same initial model are pooled, as the FV paper pools
+    Writes ``drift.json`` (per checkpoint and general task: FV cosine, the FV heads' zero-shot output
+    cosine, hidden-state cosine, parameter distance, zero-shot score; the fits and their R²), ``drift.csv``
+    and ``drift.png`` into ``out`` (one run: its own directory). Several runs from the same initial model are pooled, as the FV paper pools
     checkpoints of several sequences and seeds; ``interventions.json`` (on the last checkpoint) is written
     for a single run only.
     """

@@ -134,18 +134,35 @@ def apply_overrides(cfg: Any, assignments: Iterable[str]) -> Any:
     """``["world.full_name=false", "task.lr=1e-4"]`` -> a new config (frozen dataclasses, nested by dots).
 
     Values are parsed as JSON where possible (numbers, true/false, lists), else kept as strings, and
-    must match the type of the field they replace.
+    must match the type of the field they replace; a list setting also takes ``[a,b]`` or ``a,b``.
     """
     for item in assignments:
         if "=" not in item:
             raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. --set task.lr=1e-4")
         key, raw = item.split("=", 1)
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        cfg = _replace_path(cfg, key.strip().split("."), value, key)
+        cfg = _replace_path(cfg, key.strip().split("."), _scalar(raw), key)
     return cfg
+
+
+def _as_list(value: Any, current: tuple | list, full: str) -> list:
+    """A list setting from JSON (``["q_proj","v_proj"]``) or the shell-friendly ``[q_proj,v_proj]`` / ``q_proj,v_proj``."""
+    if isinstance(value, str):
+        value = [_scalar(v.strip()) for v in value.strip().removeprefix("[").removesuffix("]").split(",") if v.strip()]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = [value]
+    kinds = {type(v) for v in current}
+    if float in kinds and isinstance(value, list):  # 2 is a fine float
+        value = [float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+    if not isinstance(value, list) or not value or (kinds and any(type(v) not in kinds for v in value)):
+        raise ValueError(f"--set {full}: expected a list like {list(current)!r} (e.g. {full}=[a,b]), got {value!r}")
+    return value
+
+
+def _scalar(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
 def _replace_path(obj: Any, path: list[str], value: Any, full: str) -> Any:
@@ -157,6 +174,8 @@ def _replace_path(obj: Any, path: list[str], value: Any, full: str) -> Any:
         return dataclasses.replace(obj, **{path[0]: _replace_path(current, path[1:], value, full)})
     if dataclasses.is_dataclass(current):
         raise ValueError(f"--set {full}: {path[0]!r} is a group of settings; set one of its fields")
+    if isinstance(current, (tuple, list)):
+        return dataclasses.replace(obj, **{path[0]: type(current)(_as_list(value, current, full))})
     if isinstance(current, bool) != isinstance(value, bool) or (
             isinstance(current, (int, float)) and not isinstance(value, (int, float))) or (
             isinstance(current, str) and not isinstance(value, str)):

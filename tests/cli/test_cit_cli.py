@@ -1,0 +1,89 @@
+"""``forgetlab cit`` from the command line: a run and its analysis end to end (the output contract), and
+bad input (one line, exit code 2, and no run directory left behind to block the corrected command)."""
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from forgetlab.cli.main import app
+
+SMALL = ["--max-train", "12", "--epochs", "1", "--lr", "1e-3", "--no-progress", "--set", "general_prompts=2",
+         "--set", "max_new_tokens=3", "--set", "train.batch_size=4", "--set", "train.grad_accum=1"]
+
+
+def cit(*args):
+    return CliRunner().invoke(app, ["cit", *map(str, args)])
+
+
+def one_error_line(result) -> str:
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    assert len(lines) == 1 and lines[0].startswith("forgetlab: error: "), result.stderr
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_run_and_analyze_from_the_command_line(icl_world_dir, tmp_path):
+    out = tmp_path / "run"
+    result = cit("run", "--world", icl_world_dir, "--sequence", "0", "--method", "inclora", *SMALL, "--out", out)
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert {"method", "fvg", "initial", "final", "FP", "AP", "forget", "R"} <= set(results)
+    assert results["method"] == "inclora" and results["fvg"] is False
+    assert set(results["initial"]) >= {"GP", "IP"} and set(results["final"]) >= {"GP", "IP"}
+    R = np.array(results["R"])
+    assert R.shape == (6, 5) and results["AP"] == pytest.approx(np.diag(R[1:]).mean())
+    assert results["FP"] == pytest.approx(R[-1].mean()) and f"AP={results['AP']:.1f}" in result.output
+    config = json.loads((out / "config.json").read_text())  # every option and --set reached the run
+    assert (config["n_train"], config["train"]["epochs"], config["train"]["lr"], config["general_prompts"]) == (12, 1.0, 1e-3, 2)
+    assert (out / "report.md").is_file() and (out / "scores.png").is_file()
+
+    analyzed = cit("analyze", out, "--prompts", "4", "--eval-prompts", "6")
+    assert analyzed.exit_code == 0, analyzed.output
+    drift = json.loads((out / "drift.json").read_text())
+    assert set(drift["summary"]) == {"fv_cosine", "zero_shot_fv_cosine", "hidden_cosine", "param_distance"}
+    for measure, fit in drift["summary"].items():
+        assert f"{measure}: R² pooled {'-' if fit['pooled_r2'] is None else format(fit['pooled_r2'], '.2f')}," in analyzed.output
+    assert (out / "interventions.json").is_file() and (out / "drift.md").is_file()
+
+
+def ni_file(path, n, definition="Always answer yes."):
+    path.write_text(json.dumps({"Definition": [definition], "Positive Examples": [],
+                                "Instances": [{"id": str(i), "input": f"question {i}", "output": ["yes"]} for i in range(n)]}))
+    return path
+
+
+@pytest.mark.parametrize("case, message", [
+    ("empty", "has no instances"),
+    ("few", "has 50 instances, not more than the 100 held out"),
+    ("jsonl", "unknown"),
+    ("general", "the 5-shot prompts need 5"),
+    ("lora", "lora_targets ['c_attn'] are not modules of this LlamaForCausalLM"),
+    ("model", "is not a Hugging Face checkpoint directory"),
+    ("method", "method"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(case, message, tiny_llama_dir, tmp_path):
+    good = ni_file(tmp_path / "good.json", 120)
+    args = {"--model": tiny_llama_dir, "--sequence": good, "--method": "seq"}
+    extra = []
+    if case == "empty":
+        args["--sequence"] = ni_file(tmp_path / "empty.json", 0)
+    elif case == "few":
+        args["--sequence"] = f"{good},{ni_file(tmp_path / 'few.json', 50)}"
+    elif case == "jsonl":
+        (tmp_path / "bad.jsonl").write_text(json.dumps({"instruction": "x", "input": "y", "output": "z", "label": 1}) + "\n")
+        args["--sequence"] = tmp_path / "bad.jsonl"
+    elif case == "general":
+        extra = ["--general", ni_file(tmp_path / "small_general.json", 103)]
+    elif case == "lora":
+        args["--method"], extra = "lora", ["--set", "lora_targets=[c_attn]"]
+    elif case == "model":
+        args["--model"] = tmp_path / "no-model"
+    elif case == "method":
+        args["--method"] = "qlora"
+    out = tmp_path / "run"
+    line = one_error_line(cit("run", *[x for kv in args.items() for x in kv], *extra, "--no-progress", "--out", out))
+    assert message in line
+    assert not out.exists()  # nothing written: the corrected command can use the same --out
