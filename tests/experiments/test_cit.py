@@ -5,6 +5,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from forgetlab.experiments.cit import CITConfig, load_sequence, run_cit, summarize
@@ -327,7 +328,8 @@ def test_checkpoint_every_resumes_inside_a_task(icl_world_dir, tmp_path, monkeyp
     from forgetlab.worlds.icl import ICLWorld
 
     sequence = ICLWorld.read(icl_world_dir / "world.json").sequences[0][:2]
-    cfg = small(icl_world_dir, method="seq", sequence=",".join(sequence), save_checkpoints=False)
+    # one LoRA adapter with dropout 0.1: the resumed steps must draw the dropout masks the whole run drew
+    cfg = small(icl_world_dir, method="lora", sequence=",".join(sequence), save_checkpoints=False)
     cfg = replace(cfg, train=replace(cfg.train, checkpoint_every=1))
     whole = run_cit(cfg, tmp_path / "whole", log=lambda s: None, progress=False)
     real = trainer.save_training_state
@@ -345,3 +347,5 @@ def test_checkpoint_every_resumes_inside_a_task(icl_world_dir, tmp_path, monkeyp
     resumed = run_cit(cfg, tmp_path / "killed", log=logs.append, progress=False)
     assert logs[0].startswith("[cit] resuming after task 1/2") and f"[{sequence[1]}] resuming at step 1/" in logs[1]
     assert resumed["R"] == whole["R"]
+    after_whole, after_resumed = (load_file(tmp_path / run / "model" / "model.safetensors") for run in ("whole", "killed"))
+    assert all(torch.equal(after_whole[k], after_resumed[k]) for k in after_whole)

@@ -1,7 +1,7 @@
 """Resumable training state and final phase checkpoints, written atomically.
 
-Weights go to safetensors; the optimizer state (needed for an exact resume) to a torch file in the
-same directory; the directory is swapped in whole, so a kill never leaves a torn checkpoint.
+Weights go to safetensors; the optimizer state and the random-number streams (needed for an exact
+resume) to torch files in the same directory; the directory is swapped in whole, so a kill never leaves a torn checkpoint.
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ def save_training_state(state_dir: Path, model: torch.nn.Module, optimizer: torc
     weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(weights, str(tmp / "model.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    # the random streams too, so dropout after a resume draws the masks it would have drawn
+    torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+               tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, "rows": rows, "seconds": seconds,
                                                   "pending_losses": pending_losses}))
     replace_dir(tmp, final)
@@ -37,6 +40,11 @@ def load_training_state(state_dir: Path, model: torch.nn.Module, optimizer: torc
     device = next(model.parameters()).device
     model.load_state_dict({k: v.to(device) for k, v in load_file(str(final / "model.safetensors")).items()})
     optimizer.load_state_dict(torch.load(final / "optimizer.pt", map_location=device, weights_only=True))
+    if (final / "rng.pt").is_file():  # states written before the random streams were kept have none
+        rng = torch.load(final / "rng.pt", weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(rng["cuda"])
     return json.loads((final / "state.json").read_text())
 
 
