@@ -1,12 +1,14 @@
 """FV-guided training terms: head capture, the cached frozen side, and the losses, against direct computations."""
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from forgetlab.fv.hooks import add_to_residual
 from forgetlab.fv.prompts import collate
-from forgetlab.methods.fvg import build_teacher_cache, capture_heads, fv_consistency, fvg_terms
-from forgetlab.methods.regularizers import distillation_kl
+from forgetlab.methods.fvg import build_teacher_cache, capture_heads, fv_consistency, fvg_kl, fvg_terms
 from forgetlab.models.adapter import adapt
 from forgetlab.models.zoo import random_model, tiny_config
 
@@ -77,7 +79,42 @@ def test_losses_by_hand(setup):
     heads = torch.randn(2, 3, adapter.head_dim)
     l_fv, l_kl = fvg_terms(logits, heads, cache, rows, temperature=2.0)
     assert l_fv.item() == pytest.approx(fv_consistency(heads, cache.heads[rows]).item())
-    assert l_kl.item() == pytest.approx(distillation_kl(logits, cache.logits[rows], temperature=2.0).item())
+    assert l_kl.item() == pytest.approx(fvg_kl(logits, cache.logits[rows], 2.0).item())
+
+
+def test_fvg_kl_is_the_papers_kl():
+    # two classes by hand: student (1/2, 1/2) at T = 1, teacher (3/4, 1/4): KL(student ‖ teacher)
+    student, teacher = torch.tensor([[0.0, 0.0]]), torch.log(torch.tensor([[3.0, 1.0]]))
+    hand = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
+    assert fvg_kl(student, teacher, 1.0).item() == pytest.approx(hand)
+    # the paper's code: F.kl_div(log_softmax(teacher / T), softmax(student / T), reduction="batchmean"), no T²
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(5, 11, generator=g), torch.randn(5, 11, generator=g)
+    reference = F.kl_div(F.log_softmax(t / 2, -1), F.softmax(s / 2, -1), reduction="batchmean")
+    assert fvg_kl(s, t, 2.0).item() == pytest.approx(reference.item(), rel=1e-6)
+    assert fvg_kl(s, t, 2.0, n_rows=2).item() == pytest.approx(reference.item() * 5 / 2, rel=1e-6)  # row sums
+    assert fvg_kl(t, t, 2.0).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_answer_kl_sums_over_a_rows_answer_tokens_and_skips_replayed_rows():
+    from forgetlab.methods.fvg import FVGConfig, FVGuidance
+
+    g = torch.Generator().manual_seed(1)
+    I = -100
+    labels = torch.tensor([[I, I, I, 7, 8, I], [I, I, 4, 5, 6, I], [I, I, I, I, 9, I]])  # row 2: replayed
+    logits = torch.randn(3, 6, 10, generator=g)
+    guide = FVGuidance.__new__(FVGuidance)
+    guide.cfg = FVGConfig(temperature=2.0)
+    guide.answers = [torch.randn(2, 10, generator=g), torch.randn(3, 10, generator=g)]  # rows 0 and 1 of the task
+    rows, mine = torch.tensor([0, 1, 5]), torch.tensor([True, True, False])
+
+    def kl(a, b):  # KL(softmax(a/2) ‖ softmax(b/2)) of one position, by hand
+        p, q = F.softmax(a / 2, -1), F.softmax(b / 2, -1)
+        return float((p * (p / q).log()).sum())
+    # logits at position i predict the label at i + 1
+    hand = (kl(logits[0, 2], guide.answers[0][0]) + kl(logits[0, 3], guide.answers[0][1])
+            + sum(kl(logits[1, 1 + j], guide.answers[1][j]) for j in range(3))) / 2
+    assert guide.answer_kl(logits, labels, rows, mine).item() == pytest.approx(hand, rel=1e-5)
 
 
 def test_answer_logits_cache_steers_at_the_prompt_end_and_keeps_answer_tokens_only(setup):

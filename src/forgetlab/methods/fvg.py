@@ -3,10 +3,12 @@ output while the model learns something new.
 
 L = L_LM + α_FV · L_FV + α_KL · L_KL, with
 - L_FV = Σ_{(l,k)∈A} MSE(h_θ^{(l,k)}(x_p), h_{θ_prev}^{(l,k)}(x_p)) on the FV heads A at the last prompt position p;
-- L_KL = T² · KL(p_{θ_prev + FV}(· | x) ‖ p_θ(· | x)) at p, the frozen previous model steered by the task's
-  function vector added at the edit layer;
+- L_KL = KL(p_θ(· | x) ‖ p_{θ_prev + FV}(· | x)) at p with both distributions at temperature T, the frozen
+  previous model steered by the task's function vector added at the edit layer — the paper's code's KL
+  (its direction, no T² factor, mean over rows), which its α_KL defaults are tuned for;
 - optionally (``alpha_kl_all``) the same KL over every answer token of the training rows, the FV added
-  at p; prompt and pad positions are masked (the paper's code averages over them too).
+  at p, summed over a row's tokens and averaged over rows as the paper's code does over all positions;
+  prompt and pad positions are masked (the paper's code sums over them too).
 The frozen side never changes during a task, so it is computed once for the whole task
 (``build_teacher_cache``); each training step needs only the current model's ordinary forward pass,
 read at p through hooks (``capture_heads``): no second or third forward pass per step, and no on/off
@@ -20,10 +22,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from forgetlab.fv.hooks import add_to_residual, edit_head_inputs
 from forgetlab.fv.prompts import PromptBatch
-from forgetlab.methods.regularizers import distillation_kl
 from forgetlab.models.adapter import ModelAdapter
 
 Head = tuple[int, int]
@@ -103,6 +105,18 @@ def build_teacher_cache(adapter: ModelAdapter, batches: Iterable[PromptBatch], v
     return TeacherCache(torch.cat(logits), torch.cat(acts))
 
 
+def fvg_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0,
+           n_rows: int | None = None) -> torch.Tensor:
+    """KL(softmax(student/T) ‖ softmax(teacher/T)) summed over the positions given (..., vocab) and divided
+    by ``n_rows`` (default: one row per position, so a mean): the FV paper's KL, no T² factor."""
+    t = temperature
+    log_q = F.log_softmax(student_logits.float() / t, dim=-1)
+    log_p = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    total = (log_q.exp() * (log_q - log_p)).sum()
+    rows = n_rows if n_rows is not None else max(1, student_logits[..., 0].numel())
+    return total / max(1, rows)
+
+
 def fv_consistency(current: torch.Tensor, frozen: torch.Tensor) -> torch.Tensor:
     """Σ over FV heads of the mean squared difference of their outputs, (B, K, d) each."""
     return (current.float() - frozen.to(current.device).float()).pow(2).mean(dim=(0, 2)).sum()
@@ -113,7 +127,7 @@ def fvg_terms(current_logits_at_p: torch.Tensor, current_heads: torch.Tensor, ca
     """(L_FV, L_KL) for the training rows ``rows`` of the task (indices into the cache)."""
     cached = rows.cpu()
     l_fv = fv_consistency(current_heads, cache.heads[cached])
-    l_kl = distillation_kl(current_logits_at_p, cache.logits[cached].to(current_logits_at_p.device), temperature=temperature)
+    l_kl = fvg_kl(current_logits_at_p, cache.logits[cached].to(current_logits_at_p.device), temperature)
     return l_fv, l_kl
 
 
@@ -123,7 +137,7 @@ class FVGConfig:
 
     alpha_fv: float = 1.0
     alpha_kl: float = 20.0
-    alpha_kl_all: float = 0.0  # KL over the answer tokens; the paper's code puts 0.1–0.5 on all positions
+    alpha_kl_all: float = 0.0  # KL over the answer tokens (row sums); the paper's code puts 0.1–0.5 on all positions
     temperature: float = 2.0
     layer: int = -1        # edit layer; -1: n_layers // 3
     scale: float = 1.0     # the FV is added as scale · FV (the paper adds it once)
@@ -185,10 +199,11 @@ class FVGuidance:
         return total
 
     def answer_kl(self, logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, mine: torch.Tensor) -> torch.Tensor:
-        """KL to the cached FV-steered teacher over the answer tokens of this task's rows in the batch."""
+        """KL to the cached FV-steered teacher over the answer tokens of this task's rows in the batch
+        (summed over each row's answer tokens, averaged over the rows)."""
         from forgetlab.train.data import IGNORE
 
         answer = (labels[:, 1:] != IGNORE) & mine.to(labels.device)[:, None]
         student = logits[:, :-1][answer.to(logits.device)]
         teacher = torch.cat([self.answers[int(r)] for r in rows[mine]]).to(student.device)
-        return distillation_kl(student, teacher, temperature=self.cfg.temperature)
+        return fvg_kl(student, teacher, self.cfg.temperature, n_rows=int(mine.sum()))

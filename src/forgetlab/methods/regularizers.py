@@ -53,8 +53,9 @@ def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
                     temperature: float = 2.0) -> torch.Tensor:
     """T² · KL(softmax(teacher/T) ‖ softmax(student/T)), averaged over the positions where ``mask`` is true.
 
-    LwF uses it against the previous model's outputs; FV-guided training against the frozen model with
-    the function vector added. Logits are (..., vocab); ``mask`` has the leading shape.
+    LwF uses it against the previous model's outputs (Hinton's T², so the gradient scale does not depend
+    on T; FV-guided training uses the FV paper's own KL, ``methods.fvg.fvg_kl``). Logits are (..., vocab);
+    ``mask`` has the leading shape.
     """
     t = temperature
     log_p_student = F.log_softmax(student_logits.float() / t, dim=-1)
