@@ -28,6 +28,11 @@ def test_fisher_is_the_mean_squared_gradient():
     grads = [2 * (b["x"][0] @ w - b["labels"][0]) * b["x"][0] for b in batches]
     assert torch.allclose(fisher["w"], (grads[0] ** 2 + grads[1] ** 2) / 2)
     assert model.w.grad is None
+    # one batch of both rows: still the mean of the per-example squares, not the square of the batch gradient
+    together = diagonal_fisher(model, [{"x": torch.cat([b["x"] for b in batches]),
+                                        "labels": torch.cat([b["labels"] for b in batches])}])
+    assert torch.allclose(together["w"], fisher["w"])
+    assert not torch.allclose(together["w"], ((grads[0] + grads[1]) / 2) ** 2)
 
 
 def test_ewc_penalty_by_hand():

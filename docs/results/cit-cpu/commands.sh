@@ -14,6 +14,6 @@ run ewc --method ewc --lr 5e-4 --set save_checkpoints=false
 run multitask --method multitask --lr 5e-4 --set save_checkpoints=false
 t=$(date +%s); forgetlab cit analyze $R/inclora 2>&1 | grep -v "^\[cit analyze\] task\|Loading" | tail -4; echo "analyze took $(( $(date +%s) - t )) s"
 # FVG weights swept (docs/results/cit-cpu/fvg_sweep.json)
-for kl in 0 0.1 1; do for fv in 0.03 0.1 0.3 3; do
+for kl in 0 0.1 1 20; do for fv in 0.03 0.1 0.3 3; do
   run fv${fv}-kl${kl} --method inclora --lr 2e-3 --fvg --set fvg_config.alpha_fv=$fv --set fvg_config.alpha_kl=$kl --set save_checkpoints=false
 done; done

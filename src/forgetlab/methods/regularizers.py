@@ -13,9 +13,13 @@ import torch.nn.functional as F
 
 
 def diagonal_fisher(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Empirical diagonal Fisher: the mean over batches of the squared gradient of the LM loss (EWC).
+    """Empirical diagonal Fisher (EWC): the mean over *examples* of the squared gradient of each example's
+    LM loss (its mean answer-token loss, what the model returns).
 
-    Batches are model inputs with ``labels``; only trainable parameters get an entry.
+    Squaring a mini-batch's mean gradient instead, a common shortcut, underestimates it by about the batch
+    size once the model fits the data (per-example gradients then cancel in the mean), so one λ would mean
+    different things at different batch sizes. Batches are model inputs with ``labels``, every tensor with
+    the examples first; only trainable parameters get an entry.
     """
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
@@ -23,16 +27,17 @@ def diagonal_fisher(model: torch.nn.Module, batches: Iterable[Mapping[str, torch
     was_training = model.training
     model.eval()
     for batch in batches:
-        model.zero_grad(set_to_none=True)
-        model(**batch).loss.backward()
-        for n, p in params.items():
-            if p.grad is not None:
-                fisher[n] += p.grad.detach().float() ** 2
-        count += 1
+        for i in range(len(batch["labels"])):
+            model.zero_grad(set_to_none=True)
+            model(**{k: v[i:i + 1] for k, v in batch.items()}).loss.backward()
+            for n, p in params.items():
+                if p.grad is not None:
+                    fisher[n] += p.grad.detach().float() ** 2
+            count += 1
     model.zero_grad(set_to_none=True)
     model.train(was_training)
     if count == 0:
-        raise ValueError("diagonal_fisher needs at least one batch")
+        raise ValueError("diagonal_fisher needs at least one example")
     return {n: f / count for n, f in fisher.items()}
 
 
