@@ -19,7 +19,8 @@ def test_rouge_l_stems_and_takes_the_best_reference():
 
 
 @pytest.mark.parametrize("text,letter", [("B", "B"), ("(C) because it rains", "C"), ("D. Paris", "D"),
-                                         ("A)", "A"), ("The answer is E.", "E"), ("I think so", None)])
+                                         ("A)", "A"), ("The answer is E.", "E"), ("I think so", None),
+                                         ("ANSWER: (F)", "F"), ("the answer is a dog", None), ("Option b", None)])
 def test_option_letter(text, letter):
     assert option_letter(text) == letter
 

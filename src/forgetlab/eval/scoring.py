@@ -13,7 +13,8 @@ from functools import lru_cache
 
 OPTION_LETTERS = "ABCDEFGH"
 _LETTER = re.compile(r"^\(?([A-H])\)?(?:[\s.:)]|$)")
-_STATED = re.compile(r"(?:answer|option)\s*(?:is|:)?\s*\(?([A-H])\)?\b", re.IGNORECASE)
+# "Answer"/"option" in any case, the letter itself a capital: "the answer is a dog" names no option
+_STATED = re.compile(r"(?i:answer|option)\s*(?i:is|:)?\s*\(?([A-H])\)?\b")
 
 
 @lru_cache(maxsize=1)
