@@ -25,7 +25,7 @@ from forgetlab.experiments.phases import PhaseStore, default_cache_dir
 from forgetlab.experiments.rundir import prepare_run_dir, publish_checkpoint
 from forgetlab.methods import freeze_parameters, mix_replay
 from forgetlab.methods.freeze import bottom_layers
-from forgetlab.methods.regularizers import diagonal_fisher, ewc_penalty
+from forgetlab.methods.regularizers import EWC_FISHER, diagonal_fisher, ewc_penalty
 from forgetlab.metrics.cl import cl_summary, spurious_share
 from forgetlab.models.build import build_model, load_model
 from forgetlab.models.tokenizers import build_word_tokenizer
@@ -216,7 +216,9 @@ class BiographyExperiment:
 
     def new_task(self, k: int, prev, prev_key: str):
         cfg, method = self.cfg, self.cfg.method
-        key = config_hash(f"task{k}", prev_key, cfg.task, method, *([cfg.snapshot_steps] if cfg.snapshot_steps else []))
+        # the Fisher's definition is part of an EWC phase: phases cached under the earlier batch-gradient one are not reused
+        key = config_hash(f"task{k}", prev_key, cfg.task, method, *([cfg.snapshot_steps] if cfg.snapshot_steps else []),
+                          *([EWC_FISHER] if method.name == "ewc" else []))
 
         def data() -> TokenDataset:
             current = self.train_set(f"task{k}")
