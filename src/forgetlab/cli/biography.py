@@ -41,7 +41,7 @@ def run(
     replay: Annotated[float, typer.Option(help="old-task rows mixed into each new task, as a fraction of its rows")] = 0.0,
     early_stop: Annotated[float, typer.Option(help="stop a task once its exact match reaches this (0 = off)")] = 0.0,
     ewc_strength: Annotated[float, typer.Option(help="ewc: λ of the Fisher penalty λ/2 Σ F (θ − θ*)² "
-                                                     "[default with --method ewc: 1e6]")] = 0.0,
+                                                     "[default with --method ewc: 1e4]")] = 0.0,
     snapshot_steps: Annotated[str, typer.Option(help="task steps to keep as checkpoints/taskK-step-N, e.g. 50,150")] = "",
     seed: Seed = 0,
     resume: Annotated[bool, typer.Option(help="continue the run in --out")] = False,
@@ -57,7 +57,7 @@ def run(
     if method == "freeze" and freeze_layers == 0:
         freeze_layers = 2
     if method == "ewc" and ewc_strength == 0:
-        ewc_strength = 1e6
+        ewc_strength = 1e4
     cfg = preset_config(preset, seed, MethodConfig(name=method, freeze_layers=freeze_layers, replay=replay,
                                                    early_stop=early_stop, ewc_strength=ewc_strength))
     cfg = apply_overrides(cfg, set_ or [])

@@ -31,7 +31,7 @@ class MethodConfig:
         if not 0 <= self.replay <= 1:
             raise ValueError(f"--replay {self.replay} must be a fraction in [0, 1]")
         if self.name == "ewc" and self.ewc_strength <= 0:
-            raise ValueError(f"method=ewc needs --ewc-strength > 0 (got {self.ewc_strength}), e.g. --ewc-strength 1e6")
+            raise ValueError(f"method=ewc needs --ewc-strength > 0 (got {self.ewc_strength}), e.g. --ewc-strength 1e4")
         if self.name != "ewc" and self.ewc_strength:
             raise ValueError(f"--ewc-strength {self.ewc_strength} needs --method ewc")
         if self.ewc_batches < 1:
