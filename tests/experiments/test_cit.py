@@ -143,6 +143,43 @@ def test_fvg_terms_change_training_only_when_weighted_and_only_trainable_weights
 
 
 @pytest.mark.slow
+def test_fv_source_initial_guides_every_task_with_the_initial_models_fv(icl_world_dir, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    import forgetlab.experiments.cit as cit
+    from forgetlab.methods.fvg import FVGConfig, task_function_vector
+    from forgetlab.models.adapter import adapt
+    from forgetlab.models.build import load_model
+    from forgetlab.worlds.icl import ICLWorld
+
+    used = {}
+    real = cit.FVGuidance
+
+    def recording(adapter, tokenizer, name, pairs, *args, **kw):
+        guide = real(adapter, tokenizer, name, pairs, *args, **kw)
+        used[name] = (guide.fv.vector, pairs)
+        return guide
+
+    monkeypatch.setattr(cit, "FVGuidance", recording)
+    fvg = FVGConfig(alpha_fv=5.0, alpha_kl=5.0, n_prompts=4, shots=3)
+    two = ICLWorld.read(icl_world_dir / "world.json").sequences[0][:2]
+    base = replace(small(icl_world_dir, method="inclora", sequence=",".join(two)), fvg=True)
+    run_cit(replace(base, fvg_config=replace(fvg, fv_source="initial")), tmp_path / "initial", log=lambda s: None,
+            progress=False)
+    initial = dict(used)
+    run_cit(replace(base, fvg_config=fvg), tmp_path / "previous", log=lambda s: None, progress=False)
+    start = adapt(load_model(icl_world_dir / "model"))
+    tok = AutoTokenizer.from_pretrained(icl_world_dir / "model")
+    for name, (vector, pairs) in initial.items():  # by hand: the same extraction on the untouched initial model
+        assert torch.allclose(vector, task_function_vector(start, tok, name, pairs, fvg).vector, atol=1e-5)
+    first, second = list(initial)
+    assert torch.allclose(used[first][0], initial[first][0], atol=1e-5)  # before any training the two agree
+    assert not torch.allclose(used[second][0], initial[second][0], atol=1e-4)  # after task 1 they do not
+    with pytest.raises(ValueError, match="fv_source='base' is unknown"):
+        replace(base, fvg_config=replace(fvg, fv_source="base")).validate()
+
+
+@pytest.mark.slow
 def test_replay_and_ewc_baselines(icl_world_dir, tmp_path):
     logs = []
     base = small(icl_world_dir)

@@ -17,3 +17,7 @@ t=$(date +%s); forgetlab cit analyze $R/inclora 2>&1 | grep -v "^\[cit analyze\]
 for kl in 0 0.1 1 20; do for fv in 0.03 0.1 0.3 3; do
   run fv${fv}-kl${kl} --method inclora --lr 2e-3 --fvg --set fvg_config.alpha_fv=$fv --set fvg_config.alpha_kl=$kl --set save_checkpoints=false
 done; done
+# every task's FV from the initial model, as the paper's code does (docs/results/cit-cpu/inclora_fvg_initial_fv_kl*.json)
+for kl in 20 1 0; do
+  run inclora_fvg_initial_fv_kl$kl --method inclora --lr 2e-3 --fvg --set fvg_config.fv_source=initial --set fvg_config.alpha_kl=$kl --set save_checkpoints=false
+done

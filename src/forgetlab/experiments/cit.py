@@ -29,7 +29,7 @@ import torch
 from forgetlab.analysis.recovery import encode_qa
 from forgetlab.eval.exact_match import left_pad
 from forgetlab.eval.scoring import score
-from forgetlab.methods.fvg import FVGConfig, FVGuidance
+from forgetlab.methods.fvg import FV_SOURCES, FVGConfig, FVGuidance, task_function_vector
 from forgetlab.methods.regularizers import diagonal_fisher, distillation_kl, ewc_penalty, lora_orthogonality
 from forgetlab.methods.replay import mix_replay
 from forgetlab.metrics.cl import cl_summary
@@ -111,6 +111,8 @@ class CITConfig:
         for name in ("n_train", "n_test", "max_source_tokens", "max_target_tokens", "max_new_tokens", "lora_r"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        if self.fvg_config.fv_source not in FV_SOURCES:
+            raise ValueError(f"fvg_config.fv_source={self.fvg_config.fv_source!r} is unknown; use one of {', '.join(FV_SOURCES)}")
         self.train.validate("train")
 
 
@@ -333,6 +335,12 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
     fisher, anchor = None, None          # accumulated diagonal Fisher and the weights after the last task (ewc)
     earlier_a: dict[str, list[torch.Tensor]] = {}  # earlier tasks' LoRA A matrices per module (olora)
     first = 0
+    initial_fvs = {}  # fv_source="initial": every task's FV from the model before any training (also on resume)
+    if cfg.fvg and cfg.fvg_config.fv_source == "initial":
+        from forgetlab.models.adapter import adapt
+
+        initial_fvs = {t.name: task_function_vector(adapt(model), tokenizer, t.name, [(x, refs[0]) for x, refs in train],
+                                                    cfg.fvg_config) for t, (train, _) in sequential}
     saved = load_between_phases(out / "state") if sequential else None
     if saved is not None:  # a killed run: the model and method state after its last finished task
         meta, weights, tensors = saved
@@ -391,7 +399,7 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
 
             adapter = adapt(model)
             guide = FVGuidance(adapter, tokenizer, task.name, [(x, refs[0]) for x, refs in train], prompts, cfg.fvg_config,
-                               train_data=task_rows)
+                               train_data=task_rows, fv=initial_fvs.get(task.name))
             model.train()
 
         def extra(rows, batch, run_forward, guide=guide, adapter=adapter, penalties=penalties):

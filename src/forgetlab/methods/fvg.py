@@ -144,23 +144,42 @@ class FVGConfig:
     top_k: int = 10
     shots: int = 10
     n_prompts: int = 32    # clean prompts for the mean activations; the CIE uses half as many
+    # "previous": each task's FV (heads and vector) from the model before the task; "initial": from the
+    # model before any training, as the paper's code does (it extracts every task's FV from the base model once)
+    fv_source: str = "previous"
+
+
+FV_SOURCES = ("previous", "initial")
+
+
+def task_function_vector(adapter: ModelAdapter, tokenizer, task_name: str, pairs: Sequence[tuple[str, str]],
+                         cfg: FVGConfig = FVGConfig()):
+    """The task's FV in this model (exact CIE engine), with FVG's extraction settings."""
+    from forgetlab.fv.extract import FVSettings, extract_function_vector
+    from forgetlab.fv.tasks import ICLTask
+
+    task = ICLTask.from_pairs(task_name, pairs)
+    shots = max(1, min(cfg.shots, len(task.splits(0).train)))
+    top_k = min(cfg.top_k, adapter.n_layers * adapter.n_heads)
+    settings = FVSettings(n_prompts=cfg.n_prompts, n_cie_prompts=max(1, cfg.n_prompts // 2), shots=shots, top_k=top_k)
+    return extract_function_vector(adapter, tokenizer, task, settings)
 
 
 class FVGuidance:
-    """FV-guided training for one task: built from the model *before* the task, then gives the loss terms."""
+    """FV-guided training for one task: built from the model *before* the task, then gives the loss terms.
+
+    ``fv`` (a :class:`FunctionVectorResult`) is the task's FV extracted elsewhere (``fv_source="initial"``);
+    without it the FV is extracted from ``adapter``'s model.
+    """
 
     def __init__(self, adapter: ModelAdapter, tokenizer, task_name: str, pairs: Sequence[tuple[str, str]],
-                 train_prompts: Sequence[Sequence[int]], cfg: FVGConfig = FVGConfig(), train_data=None):
+                 train_prompts: Sequence[Sequence[int]], cfg: FVGConfig = FVGConfig(), train_data=None, fv=None):
         from forgetlab.eval.exact_match import left_pad
-        from forgetlab.fv.extract import FVSettings, extract_function_vector
-        from forgetlab.fv.tasks import ICLTask
         from forgetlab.models.tokenizers import pad_id
 
-        task = ICLTask.from_pairs(task_name, pairs)
-        shots = max(1, min(cfg.shots, len(task.splits(0).train)))
-        top_k = min(cfg.top_k, adapter.n_layers * adapter.n_heads)
-        settings = FVSettings(n_prompts=cfg.n_prompts, n_cie_prompts=max(1, cfg.n_prompts // 2), shots=shots, top_k=top_k)
-        self.fv = extract_function_vector(adapter, tokenizer, task, settings)
+        if fv is not None:
+            fv.check_fits(adapter, f"the FV of {task_name}")
+        self.fv = fv if fv is not None else task_function_vector(adapter, tokenizer, task_name, pairs, cfg)
         self.cfg = cfg
         self.layer = cfg.layer if cfg.layer >= 0 else adapter.n_layers // 3
         self.heads = self.fv.top_heads
