@@ -485,9 +485,9 @@ def analyze_runs(runs: Sequence[Path], out: Path | None = None, settings=None, *
 
     Writes ``drift.json`` (per checkpoint and general task: FV cosine, the FV heads' zero-shot output
     cosine, hidden-state cosine, parameter distance, zero-shot score; the fits and their R²), ``drift.csv``
-    and ``drift.png`` into ``out`` (one run: its own directory). Several runs from the same initial model are pooled, as the FV paper pools
-    checkpoints of several sequences and seeds; ``interventions.json`` (on the last checkpoint) is written
-    for a single run only.
+    and ``drift.png`` into ``out`` (one run: its own directory). Several runs from the same initial model
+    are pooled, as the FV paper pools checkpoints of several sequences and seeds; ``interventions.json``
+    (on the last checkpoint) is written for a single run only.
     """
     from transformers import AutoTokenizer
 
