@@ -4,8 +4,8 @@ For a run's checkpoints (the initial model first) and a set of general ICL tasks
 gets, per task: the task's FV rebuilt from that checkpoint's mean head activations over the
 *initial* model's top heads, its cosine to the initial FV, the task's instructed zero-shot score,
 the same heads' summed output at the end of the zero-shot prompt (the function the bare instruction
-activates; its cosine to the initial model's), and two controls — the cosine of the mean last hidden state at the prompt end, and the L2 distance of
-all parameters from the initial ones. A least-squares line of the score change on each measure
+activates; its cosine to the initial model's), and two controls — the cosine of the mean last hidden
+state at the prompt end, and the L2 distance of all parameters from the initial ones. A least-squares line of the score change on each measure
 gives its R²: FV similarity should explain the drops, the controls should not.
 
 The interventions: on the last checkpoint, add a forgotten task's *original* FV (layer and scale
