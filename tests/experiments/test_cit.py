@@ -143,25 +143,26 @@ def test_fvg_terms_change_training_only_when_weighted_and_only_trainable_weights
 
 
 @pytest.mark.slow
-def test_fv_source_initial_guides_every_task_with_the_initial_models_fv(icl_world_dir, tmp_path, monkeypatch):
+def test_fv_source_initial_and_universal_heads(icl_world_dir, tmp_path, monkeypatch):
     from transformers import AutoTokenizer
 
     import forgetlab.experiments.cit as cit
+    from forgetlab.fv.vectors import function_vector
     from forgetlab.methods.fvg import FVGConfig, task_function_vector
     from forgetlab.models.adapter import adapt
     from forgetlab.models.build import load_model
     from forgetlab.worlds.icl import ICLWorld
 
-    used = {}
+    used, guides = {}, {}
     real = cit.FVGuidance
 
     def recording(adapter, tokenizer, name, pairs, *args, **kw):
         guide = real(adapter, tokenizer, name, pairs, *args, **kw)
-        used[name] = (guide.fv.vector, pairs)
+        used[name], guides[name] = (guide.fv.vector, pairs), list(guide.heads)
         return guide
 
     monkeypatch.setattr(cit, "FVGuidance", recording)
-    fvg = FVGConfig(alpha_fv=5.0, alpha_kl=5.0, n_prompts=4, shots=3)
+    fvg = FVGConfig(alpha_fv=5.0, alpha_kl=5.0, n_prompts=4, shots=3, top_k=3)  # fewer than the model has
     two = ICLWorld.read(icl_world_dir / "world.json").sequences[0][:2]
     base = replace(small(icl_world_dir, method="inclora", sequence=",".join(two)), fvg=True)
     run_cit(replace(base, fvg_config=replace(fvg, fv_source="initial")), tmp_path / "initial", log=lambda s: None,
@@ -177,6 +178,22 @@ def test_fv_source_initial_guides_every_task_with_the_initial_models_fv(icl_worl
     assert not torch.allclose(used[second][0], initial[second][0], atol=1e-4)  # after task 1 they do not
     with pytest.raises(ValueError, match="fv_source='base' is unknown"):
         replace(base, fvg_config=replace(fvg, fv_source="base")).validate()
+
+    # universal heads: one head set for every task, the top-k of the initial CIEs averaged over the tasks
+    used.clear()
+    run_cit(replace(base, fvg_config=replace(fvg, fv_source="initial", heads="universal")), tmp_path / "universal",
+            log=lambda s: None, progress=False)
+    results = {name: task_function_vector(start, tok, name, pairs, fvg) for name, (_, pairs) in initial.items()}
+    mean_cie = np.mean([r.cie_per_prompt.mean(0).numpy() for r in results.values()], axis=0)
+    k = len(next(iter(results.values())).top_heads)
+    by_hand = [tuple(int(i) for i in np.unravel_index(j, mean_cie.shape)) for j in np.argsort(-mean_cie, axis=None)[:k]]
+    assert any(sorted(r.top_heads) != sorted(by_hand) for r in results.values())  # the test can tell the two apart
+    for name, (vector, _) in used.items():
+        heads = guides[name]
+        assert sorted(heads) == sorted(by_hand)
+        assert torch.allclose(vector, function_vector(start, results[name].mean_activations, by_hand), atol=1e-5)
+    with pytest.raises(ValueError, match="add --set fvg_config.fv_source=initial"):
+        replace(base, fvg_config=replace(fvg, heads="universal")).validate()
 
 
 @pytest.mark.slow

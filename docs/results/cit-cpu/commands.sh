@@ -21,3 +21,7 @@ done; done
 for kl in 20 1 0; do
   run inclora_fvg_initial_fv_kl$kl --method inclora --lr 2e-3 --fvg --set fvg_config.fv_source=initial --set fvg_config.alpha_kl=$kl --set save_checkpoints=false
 done
+# one universal head set (top-10 by CIE averaged over the sequence's tasks on the initial model), as the paper's code
+for kl in 20 0; do
+  run inclora_fvg_universal_kl$kl --method inclora --lr 2e-3 --fvg --set fvg_config.fv_source=initial --set fvg_config.heads=universal --set fvg_config.alpha_kl=$kl --set save_checkpoints=false
+done

@@ -29,7 +29,8 @@ import torch
 from forgetlab.analysis.recovery import encode_qa
 from forgetlab.eval.exact_match import left_pad
 from forgetlab.eval.scoring import score
-from forgetlab.methods.fvg import FV_SOURCES, FVGConfig, FVGuidance, task_function_vector
+from forgetlab.methods.fvg import (FV_SOURCES, HEAD_SETS, FVGConfig, FVGuidance, over_universal_heads,
+                                   task_function_vector)
 from forgetlab.methods.regularizers import diagonal_fisher, distillation_kl, ewc_penalty, lora_orthogonality
 from forgetlab.methods.replay import mix_replay
 from forgetlab.metrics.cl import cl_summary
@@ -113,6 +114,11 @@ class CITConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
         if self.fvg_config.fv_source not in FV_SOURCES:
             raise ValueError(f"fvg_config.fv_source={self.fvg_config.fv_source!r} is unknown; use one of {', '.join(FV_SOURCES)}")
+        if self.fvg_config.heads not in HEAD_SETS:
+            raise ValueError(f"fvg_config.heads={self.fvg_config.heads!r} is unknown; use one of {', '.join(HEAD_SETS)}")
+        if self.fvg_config.heads == "universal" and self.fvg_config.fv_source != "initial":
+            raise ValueError("fvg_config.heads=universal ranks heads over every task of the sequence on the initial model; "
+                             "add --set fvg_config.fv_source=initial")
         self.train.validate("train")
 
 
@@ -341,6 +347,9 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
 
         initial_fvs = {t.name: task_function_vector(adapt(model), tokenizer, t.name, [(x, refs[0]) for x, refs in train],
                                                     cfg.fvg_config) for t, (train, _) in sequential}
+        if cfg.fvg_config.heads == "universal":
+            k = len(next(iter(initial_fvs.values())).top_heads)  # top_k, capped by the model's heads
+            initial_fvs = over_universal_heads(adapt(model), initial_fvs, k)
     saved = load_between_phases(out / "state") if sequential else None
     if saved is not None:  # a killed run: the model and method state after its last finished task
         meta, weights, tensors = saved

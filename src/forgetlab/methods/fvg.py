@@ -147,9 +147,25 @@ class FVGConfig:
     # "previous": each task's FV (heads and vector) from the model before the task; "initial": from the
     # model before any training, as the paper's code does (it extracts every task's FV from the base model once)
     fv_source: str = "previous"
+    # "task": each task's own top-k heads; "universal": the top-k heads by CIE averaged over the sequence's
+    # tasks (with fv_source="initial"), shared by every task, as the paper's code uses one fixed head set
+    heads: str = "task"
 
 
 FV_SOURCES = ("previous", "initial")
+HEAD_SETS = ("task", "universal")
+
+
+def over_universal_heads(adapter: ModelAdapter, results: dict, k: int) -> dict:
+    """Each task's FV rebuilt over the heads with the highest CIE averaged over all the tasks (tasks weighted
+    equally): ``{task: FunctionVectorResult}`` in, the same with shared ``top_heads`` and their vectors out."""
+    from dataclasses import replace
+
+    from forgetlab.fv.vectors import function_vector, universal_heads
+
+    heads = universal_heads([r.cie_per_prompt for r in results.values()], k)
+    return {name: replace(r, top_heads=heads, vector=function_vector(adapter, r.mean_activations, heads))
+            for name, r in results.items()}
 
 
 def task_function_vector(adapter: ModelAdapter, tokenizer, task_name: str, pairs: Sequence[tuple[str, str]],
