@@ -262,6 +262,10 @@ def _unpack(tensors: dict[str, torch.Tensor], group: str, device) -> dict[str, t
     return {k[len(prefix):]: t.to(device) for k, t in tensors.items() if k.startswith(prefix)}
 
 
+def _template(cfg: CITConfig, world) -> str:
+    return cfg.template or (WORLD_TEMPLATE if world is not None else NI_TEMPLATE)
+
+
 def _model_dir(cfg: CITConfig) -> str:
     model_dir = cfg.model or str(Path(cfg.world_dir) / "model")
     if not (Path(model_dir) / "config.json").is_file():
@@ -279,7 +283,7 @@ def check_inputs(cfg: CITConfig) -> None:
     tasks, world = load_sequence(cfg)
     for task in tasks:
         task.split(cfg.n_train, cfg.n_test)
-    template = cfg.template or (WORLD_TEMPLATE if world is not None else NI_TEMPLATE)
+    template = _template(cfg, world)
     for task in general_files(cfg):
         general_rows(task, cfg, template)
     model_dir = _model_dir(cfg)
@@ -307,7 +311,7 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
         log(f"[cit] {out} is a finished run; nothing to resume")
         return read_json(out / "results.json")
     tasks, world = load_sequence(cfg)
-    template = cfg.template or (WORLD_TEMPLATE if world is not None else NI_TEMPLATE)
+    template = _template(cfg, world)
     model_dir = _model_dir(cfg)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token_id is None:
@@ -345,11 +349,12 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
     if cfg.fvg and cfg.fvg_config.fv_source == "initial":
         from forgetlab.models.adapter import adapt
 
-        initial_fvs = {t.name: task_function_vector(adapt(model), tokenizer, t.name, [(x, refs[0]) for x, refs in train],
+        untrained = adapt(model)
+        initial_fvs = {t.name: task_function_vector(untrained, tokenizer, t.name, [(x, refs[0]) for x, refs in train],
                                                     cfg.fvg_config) for t, (train, _) in sequential}
         if cfg.fvg_config.heads == "universal":
             k = len(next(iter(initial_fvs.values())).top_heads)  # top_k, capped by the model's heads
-            initial_fvs = over_universal_heads(adapt(model), initial_fvs, k)
+            initial_fvs = over_universal_heads(untrained, initial_fvs, k)
     saved = load_between_phases(out / "state") if sequential else None
     if saved is not None:  # a killed run: the model and method state after its last finished task
         meta, weights, tensors = saved

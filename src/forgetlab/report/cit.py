@@ -30,11 +30,10 @@ def plot_drift(rows: list[dict], fits: dict, path: Path) -> None:
     """Score change vs. each measure (the two FV cosines and the two controls), one point per checkpoint and task
     (one colour per run when several are pooled), with the pooled least-squares line and its R²."""
     from forgetlab.analysis.fv_drift import MEASURES
+    from forgetlab.report.markdown import DRIFT_MEASURES
 
     later = [r for r in rows if r["index"] > 0]
-    labels = {"fv_cosine": "FV cosine to the initial FV", "zero_shot_fv_cosine": "zero-shot FV-head output cosine",
-              "hidden_cosine": "last hidden state cosine",
-              "param_distance": "parameter L2 distance"}
+    labels = dict(DRIFT_MEASURES)  # the names drift.md gives them
     fig, axes = plt.subplots(1, len(MEASURES), figsize=(4.2 * len(MEASURES), 3.6), sharey=True)
     y = np.array([100 * r["score_change"] for r in later])
     runs = sorted({r.get("run", "") for r in later})

@@ -1,7 +1,8 @@
 """Resumable training state and final phase checkpoints, written atomically.
 
 Weights go to safetensors; the optimizer state and the random-number streams (needed for an exact
-resume) to torch files in the same directory; the directory is swapped in whole, so a kill never leaves a torn checkpoint.
+resume) to torch files in the same directory; the directory is swapped in whole, so a kill never leaves
+a torn checkpoint.
 """
 
 from __future__ import annotations
