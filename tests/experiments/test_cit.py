@@ -403,3 +403,80 @@ def test_checkpoint_every_resumes_inside_a_task(icl_world_dir, tmp_path, monkeyp
     assert resumed["R"] == whole["R"]
     after_whole, after_resumed = (load_file(tmp_path / run / "model" / "model.safetensors") for run in ("whole", "killed"))
     assert all(torch.equal(after_whole[k], after_resumed[k]) for k in after_whole)
+
+
+@pytest.mark.parametrize("architecture,targets", [("llama", ["q_proj", "v_proj"]), ("gpt2", ["c_attn"]),
+                                                  ("gpt_neox", ["query_key_value"])])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merged_checkpoint_equals_peft_merge_and_unload(tmp_path, architecture, targets, dtype):
+    """The per-task checkpoint of a LoRA model, saved without copying the model, holds exactly the weights of
+    PEFT's own ``merge_and_unload`` (GPT-2's Conv1D transposes its delta), and loads as a plain model."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from forgetlab.experiments.cit import save_checkpoint
+
+    torch.manual_seed(0)
+    model = get_peft_model(random_model(tiny_config(architecture, 50), dtype=dtype),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=targets, task_type="CAUSAL_LM"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero; give the adapter a real delta
+            p.data.normal_(0, 0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    reference = copy.deepcopy(model).merge_and_unload().state_dict()
+    save_checkpoint(model, None, tmp_path, 0, "t", lora=True)
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoints" / "task-01-t", dtype=dtype).state_dict()
+    assert sorted(saved) == sorted(reference)
+    for key, value in reference.items():
+        assert saved[key].dtype == dtype and torch.equal(saved[key], value), key
+    base = {k.replace(".base_layer", "").replace("base_model.model.", "", 1): v for k, v in before.items() if ".lora_" not in k}
+    assert sum(not torch.equal(base[k], v) for k, v in reference.items()) == 3 * len(targets)  # the adapted matrices
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the model keeps its adapter, unmerged
+
+
+def test_bfloat16_base_trains_float32_adapters_and_saves_bfloat16(icl_world_dir, tmp_path, monkeypatch):
+    """dtype=bfloat16 (a 7B model's base at half the memory): IncLoRA + FVG runs, its adapters train in float32, the
+    checkpoints are bfloat16, and every weight outside the LoRA targets is the initial one rounded to bfloat16."""
+    from forgetlab.methods.fvg import FVGConfig
+
+    cfg = small(icl_world_dir, method="inclora", dtype="bfloat16", fvg=True, fvg_config=FVGConfig(n_prompts=4, shots=3))
+    seen = {}
+    from forgetlab.experiments import cit
+
+    real_train = cit.train_phase
+
+    def spy(model, *args, **kw):
+        seen.update({n: p.dtype for n, p in model.named_parameters() if p.requires_grad})
+        return real_train(model, *args, **kw)
+
+    monkeypatch.setattr(cit, "train_phase", spy)
+    results = run_cit(cfg, tmp_path / "run", log=lambda s: None, progress=False)
+    assert seen and all("lora_" in n and d == torch.float32 for n, d in seen.items())
+    start = load_file(icl_world_dir / "model" / "model.safetensors")
+    for path in [tmp_path / "run" / "model", *sorted((tmp_path / "run" / "checkpoints").iterdir())]:
+        weights = load_file(path / "model.safetensors")
+        assert all(w.dtype == torch.bfloat16 for w in weights.values())
+        moved = {k for k in start if not torch.equal(start[k].to(torch.bfloat16), weights[k])}
+        assert moved and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in moved)
+    assert all(0 <= x <= 100 for row in results["R"] for x in row)
+    with pytest.raises(ValueError, match="dtype='float16' is unknown"):
+        replace(cfg, dtype="float16").validate()
+
+
+@pytest.mark.parametrize("method,fvg", [("inclora", True), ("seq", False)])
+def test_gradient_checkpointing_trains_the_same_model(icl_world_dir, tmp_path, method, fvg):
+    """Recomputing activations in the backward pass changes memory, not the result: the same weights (LoRA dropout
+    masks redrawn identically, FVG's hooked head outputs still carrying their gradients)."""
+    from forgetlab.methods.fvg import FVGConfig
+
+    cfg = small(icl_world_dir, method=method, fvg=fvg, fvg_config=FVGConfig(alpha_fv=5.0, n_prompts=4, shots=3))
+    run_cit(cfg, tmp_path / "plain", log=lambda s: None, progress=False)
+    run_cit(replace(cfg, gradient_checkpointing=True), tmp_path / "ckpt", log=lambda s: None, progress=False)
+    plain = load_file(tmp_path / "plain" / "model" / "model.safetensors")
+    ckpt = load_file(tmp_path / "ckpt" / "model" / "model.safetensors")
+    start = load_file(icl_world_dir / "model" / "model.safetensors")
+    assert any(not torch.equal(start[k], plain[k]) for k in plain)
+    for k in plain:
+        torch.testing.assert_close(ckpt[k], plain[k], rtol=1e-4, atol=1e-6)

@@ -17,6 +17,7 @@ context), on the ICL world's general tasks or on ``general`` task files.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -46,6 +47,7 @@ METHODS = ("seq", "lora", "inclora", "replay", "ewc", "lwf", "olora", "multitask
 FINETUNE_MODES = ("full", "lora", "inclora")  # inclora: merge the last adapter, start a new one per task
 DEFAULT_MODE = {"seq": "full", "replay": "full", "ewc": "full", "multitask": "full", "lora": "lora",
                 "inclora": "inclora", "lwf": "inclora", "olora": "inclora"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 WORLD_TEMPLATE = "{definition}\nQ: {input}\nA:"
 NI_TEMPLATE = "Definition: {definition} Now complete the following example - Input: {input} Output:"
 
@@ -79,9 +81,13 @@ class CITConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.1
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16: the weights the model is loaded in; "
+                                                          "bfloat16 halves a 7B base model (LoRA adapters stay float32)"})
     train: PhaseConfig = field(default_factory=lambda: PhaseConfig(
         lr=1e-4, schedule="constant", epochs=10, batch_size=8, grad_accum=4, weight_decay=0.0, checkpoint_every=0,
         eval=EvalSchedule(dense_every=0, every=0)))
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward pass "
+                                                                         "(a 7B model's long prompts fit in less memory)"})
     max_new_tokens: int = 16
     general_prompts: int = 20
     save_checkpoints: bool = field(default=True, metadata={"help": "keep the (LoRA-merged) model after every task "
@@ -109,6 +115,8 @@ class CITConfig:
                              "or --sequence a.json,b.json (task files)")
         if not self.world_dir and not self.model:
             raise ValueError("natural-instructions sequences need --model DIR")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is unknown; use one of {', '.join(DTYPES)}")
         for name in ("n_train", "n_test", "max_source_tokens", "max_target_tokens", "max_new_tokens", "lora_r"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
@@ -244,12 +252,37 @@ def lwf_loss(model, batch: dict, student_logits: torch.Tensor, temperature: floa
     return distillation_kl(student_logits[:, :-1][keep], teacher, temperature=temperature)
 
 
-def save_checkpoint(model, tokenizer, out: Path, index: int, name: str, lora: bool) -> None:
-    """``checkpoints/task-<k>-<name>/``: a plain HF checkpoint (a LoRA model is merged into a copy first)."""
-    import copy
+def merged_lora_weights(model) -> dict[str, torch.Tensor]:
+    """The weights ``merge_and_unload`` would give a PEFT LoRA model, built one tensor at a time on the CPU.
 
-    snapshot = copy.deepcopy(model).merge_and_unload() if lora else model
-    save_model_dir(snapshot, tokenizer, out / "checkpoints" / f"task-{index + 1:02d}-{name}")
+    Saving a per-task checkpoint of a 7B model this way needs no second copy of the model on the GPU
+    (``copy.deepcopy(model).merge_and_unload()`` doubles its memory); the sum is taken in the wider of the
+    two dtypes and rounded to the base weight's, as PEFT's in-place merge does.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    adapted = {name: m for name, m in base.named_modules() if isinstance(m, LoraLayer)}
+    merged = {}
+    for key, value in base.state_dict().items():
+        owner, _, leaf = key.rpartition(".")
+        if ".lora_" in key:
+            continue
+        if owner.endswith(".base_layer") and owner[:-len(".base_layer")] in adapted:
+            owner = owner[:-len(".base_layer")]
+            if leaf == "weight":
+                layer = adapted[owner]
+                for name in layer.active_adapters:
+                    value = (value + layer.get_delta_weight(name)).to(value.dtype)
+        merged[f"{owner}.{leaf}" if owner else leaf] = value.detach().to("cpu", copy=True)
+    return merged
+
+
+def save_checkpoint(model, tokenizer, out: Path, index: int, name: str, lora: bool) -> None:
+    """``checkpoints/task-<k>-<name>/``: a plain HF checkpoint (a LoRA model's adapter merged into the saved weights)."""
+    weights = merged_lora_weights(model) if lora else None
+    save_model_dir(model.get_base_model() if lora else model, tokenizer,
+                   out / "checkpoints" / f"task-{index + 1:02d}-{name}", state_dict=weights)
 
 
 def _pack(groups: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -317,7 +350,9 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(model_dir).to(device)
+    model = load_model(model_dir, DTYPES[cfg.dtype]).to(device)
+    if cfg.gradient_checkpointing:  # non-reentrant: FVG's hooked head outputs keep their gradients
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     splits = [task.split(cfg.n_train, cfg.n_test) for task in tasks]
     test_rows = [_rows(t, test, template) for t, (_, test) in zip(tasks, splits)]
     general_sets = [general_rows(task, cfg, template) for task in general_files(cfg)]
@@ -423,9 +458,10 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
                 total = total + term(batch, outputs)
             return total
 
-        outcome = train_phase(model, data, cfg.train, phase=task.name, state_dir=out / "state" / task.name,
-                              seed=cfg.seed + k, log=log, progress=progress,
-                              extra_loss=extra if guide is not None or penalties else None)
+        with guide.hooked(adapter) if guide is not None else contextlib.nullcontext():
+            outcome = train_phase(model, data, cfg.train, phase=task.name, state_dir=out / "state" / task.name,
+                                  seed=cfg.seed + k, log=log, progress=progress,
+                                  extra_loss=extra if guide is not None or penalties else None)
         seen_data.append(task_rows)
         if cfg.method == "ewc":
             size = cfg.train.batch_size

@@ -34,21 +34,26 @@ Head = tuple[int, int]
 @contextmanager
 def capture_heads(adapter: ModelAdapter, heads: Sequence[Head], positions: torch.Tensor | None = None) -> Iterator[dict]:
     """Yields a dict that, after a forward pass, holds ``"heads"``: (B, K, head_dim) outputs of ``heads`` at
-    ``positions`` (one index per row; default the last position). Gradients flow through it."""
+    ``positions`` (one index per row; default the last position). Gradients flow through it.
+
+    Setting ``"positions"`` in the dict between passes moves the read, so the hooks can stay in place for a
+    whole phase (activation checkpointing recomputes the forward pass in the backward pass, hooks included).
+    """
     d = adapter.head_dim
     by_layer: dict[int, list[tuple[int, int]]] = {}
     for k, (layer, head) in enumerate(heads):
         by_layer.setdefault(layer, []).append((k, head))
     store: dict = {}
-    parts: dict[int, torch.Tensor] = {}
 
     def read(layer: int, x: torch.Tensor) -> None:
+        where = store.get("positions", positions)
         rows = torch.arange(x.shape[0], device=x.device)
-        at = x[rows, positions.to(x.device)] if positions is not None else x[:, -1]
+        at = x[rows, where.to(x.device)] if where is not None else x[:, -1]
+        parts = store.setdefault("parts", {})
         for k, head in by_layer[layer]:
             parts[k] = at[:, head * d:(head + 1) * d]
         if len(parts) == len(heads):
-            store["heads"] = torch.stack([parts[k] for k in range(len(heads))], dim=1)
+            store["heads"] = torch.stack([parts.pop(k) for k in range(len(heads))], dim=1)
 
     with edit_head_inputs(adapter, read, layers=sorted(by_layer)):
         yield store
@@ -208,10 +213,21 @@ class FVGuidance:
         self.cache = build_teacher_cache(adapter, batches, self.fv.vector, self.layer, self.heads, cfg.scale)
         self.last = torch.tensor([len(p) - 1 for p in train_prompts])  # the last prompt token in a right-padded row
         self.answers = None
+        self.hooks: dict | None = None
         if cfg.alpha_kl_all:
             if train_data is None or len(train_data) != len(train_prompts):
                 raise ValueError("alpha_kl_all needs the task's training rows (train_data), one per training prompt")
             self.answers = answer_logits_cache(adapter, train_data, self.last + 1, self.fv.vector, self.layer, cfg.scale)
+
+    @contextmanager
+    def hooked(self, adapter: ModelAdapter) -> Iterator[None]:
+        """Keep the FV heads' read hooks in place for a whole phase, so that activation checkpointing, which
+        reruns the forward pass during the backward pass, meets the same hooks as the forward pass did."""
+        with capture_heads(adapter, self.heads) as self.hooks:
+            try:
+                yield
+            finally:
+                self.hooks = None
 
     def loss(self, adapter: ModelAdapter, rows: torch.Tensor, batch: dict, run_forward) -> torch.Tensor:
         """α_FV · L_FV + α_KL · L_KL from the ordinary forward pass of the current model, read at the prompt end.
@@ -221,8 +237,14 @@ class FVGuidance:
         rows = rows.cpu()
         mine = rows < len(self.last)
         positions = torch.where(mine, self.last[rows.clamp(max=len(self.last) - 1)], 0)
-        with capture_heads(adapter, self.heads, positions) as got:
+        if self.hooks is not None:  # installed for the whole phase (see ``hooked``)
+            got = self.hooks
+            got.clear()
+            got["positions"] = positions
             out = run_forward()
+        else:
+            with capture_heads(adapter, self.heads, positions) as got:
+                out = run_forward()
         if not mine.any():
             return out.logits.new_zeros(())
         logits = out.logits[torch.arange(len(rows), device=out.logits.device), positions.to(out.logits.device)]

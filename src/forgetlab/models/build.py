@@ -65,9 +65,10 @@ def build_model(config: ModelConfig, vocab_size: int, pad_id: int, eos_id: int, 
     return model
 
 
-def load_model(path: str | Path) -> PreTrainedModel:
-    """Load a local HF checkpoint in float32 (training keeps fp32 master weights)."""
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """Load a local HF checkpoint, in float32 unless asked (training keeps fp32 master weights; a LoRA run
+    on a 7B model may keep its frozen base in bfloat16, half the memory)."""
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
 
 
 def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:

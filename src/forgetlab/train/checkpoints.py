@@ -73,10 +73,11 @@ def load_between_phases(state_dir: Path) -> tuple[dict, dict[str, torch.Tensor],
     return None
 
 
-def save_model_dir(model, tokenizer, out_dir: Path) -> None:
-    """A normal HF checkpoint directory (safetensors + config + tokenizer), swapped in atomically."""
+def save_model_dir(model, tokenizer, out_dir: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """A normal HF checkpoint directory (safetensors + config + tokenizer), swapped in atomically;
+    ``state_dict`` replaces the model's own weights (e.g. a LoRA model's merged ones)."""
     tmp = fresh_tmp_dir(Path(out_dir))
-    model.save_pretrained(str(tmp), safe_serialization=True)
+    model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
     replace_dir(tmp, Path(out_dir))
