@@ -55,3 +55,22 @@ def test_atomic_writes_give_ordinary_file_permissions(tmp_path):
     finally:
         os.umask(mask)
     assert json.loads((tmp_path / "results.json").read_text()) == {"a": 1}
+
+
+def test_code_fingerprint_follows_the_source(tmp_path, monkeypatch):
+    """Cache keys name the code as well as the config: editing a module (one byte) changes the fingerprint,
+    the same source gives the same one, and the module order counts (it is part of what was hashed)."""
+    import importlib
+
+    from forgetlab.utils.io import code_fingerprint
+
+    for name in ("fp_a", "fp_b"):
+        (tmp_path / f"{name}.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    first = code_fingerprint("fp_a", "fp_b")
+    assert code_fingerprint("fp_a", "fp_b") == first != code_fingerprint("fp_b", "fp_a")
+    (tmp_path / "fp_b.py").write_text("X = 2\n")
+    assert code_fingerprint("fp_a", "fp_b") != first
+    with pytest.raises(ModuleNotFoundError, match="no_such_module"):
+        code_fingerprint("no_such_module")

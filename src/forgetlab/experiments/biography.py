@@ -25,15 +25,24 @@ from forgetlab.experiments.phases import PhaseStore, default_cache_dir
 from forgetlab.experiments.rundir import prepare_run_dir, publish_checkpoint
 from forgetlab.methods import freeze_parameters, mix_replay
 from forgetlab.methods.freeze import bottom_layers
-from forgetlab.methods.regularizers import EWC_FISHER, diagonal_fisher, ewc_penalty
+from forgetlab.methods.regularizers import diagonal_fisher, ewc_penalty
 from forgetlab.metrics.cl import cl_summary, spurious_share
 from forgetlab.models.build import build_model, load_model
 from forgetlab.models.tokenizers import build_word_tokenizer
 from forgetlab.train.data import TokenDataset, concat, pack_texts, qa_dataset
 from forgetlab.train.checkpoints import save_model_dir
 from forgetlab.train.trainer import PhaseConfig, train_phase
-from forgetlab.utils.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, config_hash
+from forgetlab.utils.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, code_fingerprint, config_hash
 from forgetlab.worlds.biography import ATTRIBUTES, BiographyWorld, QAExample, generate_world
+
+# Cached phases are keyed by their config *and* by the code that computes them: editing any of these modules
+# retrains the phases instead of handing back ones an older version computed (the methods' code only keys
+# the task phases that use it).
+PHASE_CODE = code_fingerprint("forgetlab.experiments.biography", "forgetlab.train.trainer", "forgetlab.train.data",
+                              "forgetlab.models.build", "forgetlab.models.tokenizers", "forgetlab.worlds.biography",
+                              "forgetlab.worlds.biography_templates", "forgetlab.worlds.names",
+                              "forgetlab.eval.exact_match", "forgetlab.eval.recall")
+METHOD_CODE = code_fingerprint("forgetlab.methods.freeze", "forgetlab.methods.replay", "forgetlab.methods.regularizers")
 
 SNAPSHOTS = "snapshots"  # inside a phase's cache folder: models saved at cfg.snapshot_steps
 
@@ -197,7 +206,7 @@ class BiographyExperiment:
 
     def pretrain(self):
         cfg = self.cfg
-        key = config_hash("pretrain", cfg.world, cfg.model, cfg.block_size, cfg.pretrain, cfg.eval, cfg.seed)
+        key = config_hash("pretrain", PHASE_CODE, cfg.world, cfg.model, cfg.block_size, cfg.pretrain, cfg.eval, cfg.seed)
 
         def data() -> TokenDataset:
             entries = self.world.pretraining_corpus()
@@ -216,9 +225,8 @@ class BiographyExperiment:
 
     def new_task(self, k: int, prev, prev_key: str):
         cfg, method = self.cfg, self.cfg.method
-        # the Fisher's definition is part of an EWC phase: phases cached under the earlier batch-gradient one are not reused
-        key = config_hash(f"task{k}", prev_key, cfg.task, method, *([cfg.snapshot_steps] if cfg.snapshot_steps else []),
-                          *([EWC_FISHER] if method.name == "ewc" else []))
+        key = config_hash(f"task{k}", prev_key, METHOD_CODE, cfg.task, method,
+                          *([cfg.snapshot_steps] if cfg.snapshot_steps else []))
 
         def data() -> TokenDataset:
             current = self.train_set(f"task{k}")
@@ -252,7 +260,7 @@ class BiographyExperiment:
 
     def recovery(self, source, source_key: str, name: str = "recovery"):
         """One short re-alignment on task-0 QA of half its training people, scored on held-out people."""
-        key = config_hash("recovery", source_key, self.cfg.recovery)
+        key = config_hash("recovery", PHASE_CODE, source_key, self.cfg.recovery)
         return self._phase(name, key, lambda: load_model(source.model_dir), lambda: self.train_set("recovery_train"),
                            self.cfg.recovery, tasks=["task0"])
 

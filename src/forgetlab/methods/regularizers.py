@@ -12,8 +12,6 @@ import torch
 import torch.nn.functional as F
 
 
-EWC_FISHER = "per-example"  # names the Fisher below in cache keys; change it when its definition changes
-
 
 def diagonal_fisher(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Empirical diagonal Fisher (EWC): the mean over *examples* of the squared gradient of each example's

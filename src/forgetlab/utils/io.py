@@ -37,6 +37,20 @@ def config_hash(*parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def code_fingerprint(*modules: str) -> str:
+    """A short hash of the source of ``modules`` (dotted names), for cache keys: a cached result depends on
+    the code that computed it as much as on its config, and a config hash alone hands back results of older code."""
+    import importlib.util
+
+    digest = hashlib.sha256()
+    for name in modules:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.origin:
+            raise ModuleNotFoundError(f"code_fingerprint: no source for module {name!r}")
+        digest.update(name.encode() + b"\0" + Path(spec.origin).read_bytes())
+    return digest.hexdigest()[:12]
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary path beside ``path`` to write to; on success it replaces ``path`` whole (readers never see
