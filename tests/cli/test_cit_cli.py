@@ -4,6 +4,7 @@ bad input (one line, exit code 2, and no run directory left behind to block the 
 import json
 
 import numpy as np
+import torch
 import pytest
 from typer.testing import CliRunner
 
@@ -87,3 +88,38 @@ def test_bad_input_is_one_line_and_writes_nothing(case, message, tiny_llama_dir,
     line = one_error_line(cit("run", *[x for kv in args.items() for x in kv], *extra, "--no-progress", "--out", out))
     assert message in line
     assert not out.exists()  # nothing written: the corrected command can use the same --out
+
+
+@pytest.mark.slow
+def test_two_processes_under_torchrun_write_one_run(icl_world_dir, tmp_path):
+    """``torchrun --nproc_per_node 2 -m forgetlab cit run`` (gloo on CPUs): one run directory, written once, whose
+    model is the one a single process trains (LoRA dropout off, so both draw the same computation); other
+    commands refuse to run under the launcher."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    args = ["cit", "run", "--world", str(icl_world_dir), "--sequence", "0", "--method", "inclora", *SMALL,
+            "--set", "lora_dropout=0", "--set", "n_train=8"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "forgetlab"]
+    proc = subprocess.run([*torchrun, *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("AP=") == 1  # the summary is printed once
+    assert cit(*args[1:], "--out", tmp_path / "one").exit_code == 0
+    one, two = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("one", "two"))
+    assert np.array(two["R"]).shape == np.array(one["R"]).shape
+    w_one, w_two = (load_file(tmp_path / name / "model" / "model.safetensors") for name in ("one", "two"))
+    for key, value in w_one.items():
+        torch.testing.assert_close(w_two[key], value, rtol=1e-4, atol=1e-5)
+    assert not (tmp_path / "two" / "state").exists() and (tmp_path / "two" / "checkpoints").is_dir()
+    odd = subprocess.run([*torchrun, *args, "--set", "train.batch_size=3", "--out", str(tmp_path / "odd")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert odd.returncode != 0 and not (tmp_path / "odd").exists()
+    assert odd.stderr.count("train.batch_size=3 does not split over 2 processes") == 1
+    refused = subprocess.run([*torchrun, "cit", "analyze", str(tmp_path / "two")], capture_output=True, text=True, env=env,
+                             timeout=300)
+    assert refused.returncode != 0 and "only `forgetlab cit run` trains on several GPUs" in refused.stderr

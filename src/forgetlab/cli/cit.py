@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -14,6 +15,19 @@ from forgetlab.cli.errors import user_errors
 app = typer.Typer(help="Continual instruction tuning: a task sequence, the score matrix, GP/IP/FP/AP.",
                   no_args_is_help=True)
 console = Console()
+
+
+@app.callback()
+def launch(ctx: typer.Context) -> None:
+    """Under torchrun with several processes only ``run`` is allowed; it joins the process group."""
+    from forgetlab.train import distributed
+
+    if distributed.launched():
+        if ctx.invoked_subcommand != "run":
+            print(f"forgetlab: error: `forgetlab cit {ctx.invoked_subcommand}` runs in one process; only `forgetlab cit "
+                  "run` trains on several GPUs (start it without torchrun)", file=sys.stderr)
+            raise typer.Exit(code=2)
+        distributed.init_from_env()
 
 
 @app.command()
@@ -47,6 +61,7 @@ def run(
 
     from forgetlab.experiments.cit import CITConfig, check_inputs, run_cit
     from forgetlab.experiments.rundir import prepare_run_dir
+    from forgetlab.train import distributed
     from forgetlab.utils.io import apply_overrides
 
     base = CITConfig()
@@ -55,7 +70,10 @@ def run(
                     train=replace(base.train, lr=lr, epochs=epochs))
     cfg = apply_overrides(cfg, set_ or [])
     check_inputs(cfg)  # bad input fails here, before --out is created
-    prepare_run_dir(out, cfg, resume=resume, overwrite=overwrite)
+    distributed.main_first(lambda: prepare_run_dir(out, cfg, resume=resume, overwrite=overwrite))
+    if not distributed.is_main():  # the other processes of a multi-GPU run compute in silence
+        run_cit(cfg, out, log=lambda line: None, progress=False)
+        return
     results = run_cit(cfg, out, log=tqdm.write, progress=progress)
     line = f"AP={results['AP']:.1f}  FP={results['FP']:.1f}  forget={results['forget']:.1f}"
     if "initial" in results:

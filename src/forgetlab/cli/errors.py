@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 
@@ -15,6 +16,7 @@ def user_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except (ValueError, FileNotFoundError, PermissionError) as err:
-            print(f"forgetlab: error: {err}", file=sys.stderr)
+            if int(os.environ.get("RANK", "0")) == 0:  # one line, not one per process of a multi-GPU run
+                print(f"forgetlab: error: {err}", file=sys.stderr)
             raise typer.Exit(code=2) from None
     return wrapper

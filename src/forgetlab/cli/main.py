@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import typer
 from transformers.utils import logging as hf_logging
 
@@ -15,6 +17,17 @@ app.add_typer(fv.app, name="fv")
 app.add_typer(icl_world.app, name="icl-world")
 app.add_typer(analyze.app, name="analyze")
 app.add_typer(cit.app, name="cit")
+
+
+@app.callback()
+def launch(ctx: typer.Context) -> None:
+    """Started by torchrun / accelerate launch with several processes: join their group (``cit run`` only)."""
+    from forgetlab.train import distributed
+
+    if distributed.launched() and ctx.invoked_subcommand != "cit":
+        print(f"forgetlab: error: `forgetlab {ctx.invoked_subcommand}` runs in one process; of the commands, only "
+              "`forgetlab cit run` trains on several GPUs (start the others without torchrun)", file=sys.stderr)
+        raise typer.Exit(code=2)
 
 
 def main() -> None:

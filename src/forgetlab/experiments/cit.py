@@ -36,6 +36,7 @@ from forgetlab.methods.regularizers import diagonal_fisher, distillation_kl, ewc
 from forgetlab.methods.replay import mix_replay
 from forgetlab.metrics.cl import cl_summary
 from forgetlab.models.tokenizers import pad_id
+from forgetlab.train import distributed
 from forgetlab.train.checkpoints import load_between_phases, save_between_phases, save_model_dir
 from forgetlab.train.data import IGNORE, concat, qa_dataset
 from forgetlab.train.trainer import EvalSchedule, PhaseConfig, train_phase
@@ -313,6 +314,7 @@ def check_inputs(cfg: CITConfig) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg.validate()
+    distributed.check_batch_split(cfg.train.batch_size)
     tasks, world = load_sequence(cfg)
     for task in tasks:
         task.split(cfg.n_train, cfg.n_test)
@@ -340,6 +342,7 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
     cfg.validate()
     start = time.perf_counter()
     out = Path(out)
+    writes = distributed.is_main()  # several processes (torchrun): all compute, the main one writes
     if (out / "results.json").is_file() and (out / "model" / "config.json").is_file():
         log(f"[cit] {out} is a finished run; nothing to resume")
         return read_json(out / "results.json")
@@ -416,7 +419,7 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
         scores, gen = evaluate_all(f"after all tasks jointly ({outcome.steps} steps)")
         R += [scores] * len(tasks)
         general += [gen] * len(tasks)
-        if cfg.save_checkpoints:
+        if cfg.save_checkpoints and writes:
             save_checkpoint(model, tokenizer, out, len(tasks) - 1, "multitask", cfg.mode != "full")
     for k, (task, (train, _)) in enumerate(sequential):
         if k < first:
@@ -473,20 +476,22 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
         scores, gen = evaluate_all(f"after {task.name} ({outcome.steps} steps)")
         R.append(scores)
         general.append(gen)
-        if cfg.save_checkpoints:
+        if cfg.save_checkpoints and writes:
             save_checkpoint(model, tokenizer, out, k, task.name, cfg.mode != "full")
-        if k + 1 < len(sequential):
+        if k + 1 < len(sequential) and writes:
             olora = {name: torch.cat(mats) for name, mats in earlier_a.items()}  # the penalty only reads them joined
             save_between_phases(out / "state", model, _pack({"fisher": fisher or {}, "anchor": anchor or {}, "olora": olora}),
                                 {"completed": k + 1, "R": R, "general": general, "seconds": time.perf_counter() - start})
     if cfg.mode != "full":
         model = model.merge_and_unload()
-    save_model_dir(model, tokenizer, out / "model")  # the model after the last task (LoRA merged)
     results = summarize(cfg, tasks, R, general)
     results["seconds"] = time.perf_counter() - start
+    if not writes:
+        return results
     from forgetlab.report.cit import plot_score_matrix
     from forgetlab.report.markdown import cit_report
 
+    save_model_dir(model, tokenizer, out / "model")  # the model after the last task (LoRA merged)
     atomic_write_json(out / "config.json", asdict(cfg))
     plot_score_matrix(np.array(R), [t.name for t in tasks], out / "scores.png")
     cit_report(results, out)

@@ -9,6 +9,7 @@ trainable parameters reach the optimizer), replay changes the dataset, early sto
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from forgetlab.train import distributed
 from forgetlab.train.checkpoints import load_training_state, save_training_state
 from forgetlab.train.data import TokenDataset
 
@@ -157,8 +159,15 @@ def train_phase(
     indices, the batch itself (on the device, with ``labels``) and a function that runs the usual
     forward pass (so hooks can be set around it) and returns the model outputs; it returns the terms
     to add to ``outputs.loss``.
+
+    Launched on several processes (:mod:`forgetlab.train.distributed`), the model runs under
+    ``DistributedDataParallel``: every micro-batch is the one a single process would draw (complete batches
+    only), each process takes its interleaved share of its rows, and the gradients are averaged; only the
+    main process saves the resumable state.
     """
     device = next(model.parameters()).device
+    world, rank = distributed.world_size(), distributed.rank()
+    distributed.check_batch_split(cfg.batch_size)
     total = cfg.total_steps(len(data))
     optimizer = make_optimizer(model, cfg)
     outcome = PhaseOutcome(steps=0)
@@ -185,11 +194,17 @@ def train_phase(
                 outcome.rows.append({"phase": phase, "step": step, "task": task, "metric": metric, "value": float(value)})
         shown = "  ".join(f"{t}/{m}={v:.3f}" for t, ms in scores.items() for m, v in ms.items() if m in ("em", "loss"))
         log(f"[{phase}] step {step:>6}/{total}  {shown}")
-        return stop is not None and stop(scores)
+        return distributed.agree(stop is not None and stop(scores))
 
     # Compiling fuses the many small element-wise kernels of a small model (about 1.8x on a CPU);
     # the compiled wrapper shares the model's parameters, so checkpoints and evaluation are unchanged.
-    forward = torch.compile(model) if cfg.compile else model
+    parallel = None
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        parallel = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    forward = parallel or model
+    forward = torch.compile(forward) if cfg.compile else forward
     with reproducible_kernels(cfg.compile and device.type == "cpu"):
         model.train()
         stopped = start == 0 and cfg.eval.due(0, total) and run_eval(0)
@@ -199,16 +214,20 @@ def train_phase(
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total, cfg)
             for k in range(cfg.grad_accum):
-                rows = micro_batch_rows(step * cfg.grad_accum + k, len(data), cfg.batch_size, seed, drop_last=cfg.compile)
+                rows = micro_batch_rows(step * cfg.grad_accum + k, len(data), cfg.batch_size, seed,
+                                        drop_last=cfg.compile or world > 1)[rank::world]
                 batch = {name: t.to(device) for name, t in data.batch(rows).items()}
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    if extra_loss is None:
-                        loss = forward(**batch).loss / cfg.grad_accum
-                    else:
-                        outputs = {}
-                        extra = extra_loss(rows, batch, lambda: outputs.setdefault("out", forward(**batch)))
-                        loss = (outputs["out"].loss + extra) / cfg.grad_accum
-                loss.backward()
+                # several processes: gradients are averaged once per step, at its last micro-batch
+                sync = parallel.no_sync() if parallel is not None and k + 1 < cfg.grad_accum else contextlib.nullcontext()
+                with sync:
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                        if extra_loss is None:
+                            loss = forward(**batch).loss / cfg.grad_accum
+                        else:
+                            outputs = {}
+                            extra = extra_loss(rows, batch, lambda: outputs.setdefault("out", forward(**batch)))
+                            loss = (outputs["out"].loss + extra) / cfg.grad_accum
+                    loss.backward()
                 if evaluate is not None:
                     losses.append(loss.item() * cfg.grad_accum)
             if cfg.grad_clip > 0:
@@ -225,7 +244,8 @@ def train_phase(
                 stopped = run_eval(step)
                 if stopped:
                     log(f"[{phase}] early stop at step {step}")
-            if step < total and not stopped and cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0:
+            if (step < total and not stopped and cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0
+                    and distributed.is_main()):
                 save_training_state(state_dir, model, optimizer, step=step, rows=outcome.rows, seconds=time.perf_counter() - t0,
                                     pending_losses=losses)
         bar.close()

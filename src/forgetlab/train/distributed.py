@@ -1,0 +1,88 @@
+"""Data-parallel training over several GPUs through ``torch.distributed`` (one process per GPU, started by
+``torchrun`` or ``accelerate launch``).
+
+Every process runs the whole experiment: the same seeds, the same evaluation, the same decisions. Only
+the optimizer steps are shared: :func:`forgetlab.train.trainer.train_phase` wraps the model in
+``DistributedDataParallel`` and gives each process its share of every micro-batch, so N processes train
+the model one process would, on N times the throughput. Only the main process writes files; the others
+read what it wrote (a resumed run) after :func:`main_first`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+def launched() -> bool:
+    """Started by a launcher with more than one process (``WORLD_SIZE`` > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_from_env() -> None:
+    """Join the process group a launcher set up: NCCL with one GPU per process, gloo on CPUs.
+
+    The timeout is long because a process may wait at the next collective while the main process writes a
+    7B checkpoint.
+    """
+    if not launched() or dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=datetime.timedelta(hours=1))
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def check_batch_split(batch_size: int, setting: str = "train.batch_size") -> None:
+    """Every process takes the same share of each micro-batch, so its size must divide by the process count."""
+    if batch_size % world_size():
+        raise ValueError(f"{setting}={batch_size} does not split over {world_size()} processes; "
+                         f"use a multiple of {world_size()} (--set {setting}=...)")
+
+
+def agree(flag: bool) -> bool:
+    """The main process's ``flag`` on every process (an early stop must stop all of them at the same step)."""
+    if world_size() == 1:
+        return flag
+    value = [flag]
+    dist.broadcast_object_list(value, src=0)
+    return bool(value[0])
+
+
+def main_first(fn: Callable[[], T]) -> T | None:
+    """Run ``fn`` on the main process only (e.g. creating the run directory), then let the others go on.
+
+    An error there is raised on every process, with its message, so no process is left waiting.
+    """
+    if world_size() == 1:
+        return fn()
+    result, error = None, None
+    if is_main():
+        try:
+            result = fn()
+        except (ValueError, FileNotFoundError, PermissionError) as err:
+            error = (type(err).__name__, str(err))
+    shared = [error]
+    dist.broadcast_object_list(shared, src=0)
+    if shared[0] is not None:
+        kind, message = shared[0]
+        raise {"ValueError": ValueError, "FileNotFoundError": FileNotFoundError}.get(kind, PermissionError)(message)
+    return result

@@ -1,0 +1,103 @@
+"""Data-parallel training (two gloo processes under torchrun) trains the model one process trains."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from forgetlab.models.build import ModelConfig, build_model
+from forgetlab.train import distributed
+from forgetlab.train.data import pack_texts, subset
+from forgetlab.train.trainer import EvalSchedule, PhaseConfig, train_phase
+
+SETUP = '''
+import torch
+from forgetlab.models.build import ModelConfig, build_model
+from forgetlab.train.data import pack_texts, subset
+from forgetlab.train.trainer import EvalSchedule, PhaseConfig
+
+
+def setup():
+    model = build_model(ModelConfig(d_model=32, n_layers=2, n_heads=2, max_positions=32), 30, 0, 1, 2, seed=0)
+    g = torch.Generator().manual_seed(1)
+    data = pack_texts([torch.randint(3, 30, (9,), generator=g).tolist() for _ in range(40)], eos_id=1, block_size=16)
+    cfg = PhaseConfig(lr=1e-2, warmup_steps=2, max_steps=6, batch_size=4, grad_accum=2, checkpoint_every=3,
+                      eval=EvalSchedule(dense_every=2, dense_until=6))
+    return model, subset(data, torch.arange(24)), cfg  # 24 full rows: whole batches on one process or two
+
+
+def extra(rows, batch, run_forward):  # a term that depends on the process's rows, as FVG's and LwF's do
+    return 0.01 * run_forward().logits.float().pow(2).mean()
+'''
+
+WORKER = '''
+import sys
+from pathlib import Path
+
+import torch
+from setup_phase import extra, setup
+
+from forgetlab.train import distributed
+from forgetlab.train.trainer import train_phase
+
+distributed.init_from_env()
+out = Path(sys.argv[1])
+model, data, cfg = setup()
+rank = distributed.rank()
+# only process 1 would stop at step 2: every process must follow the main one and train all 6 steps
+outcome = train_phase(model, data, cfg, phase="p", state_dir=out / "state", seed=7, extra_loss=extra,
+                      evaluate=lambda: {"t": {"em": float(rank)}}, stop=lambda s: s["t"]["em"] >= 1.0, progress=False,
+                      log=lambda s: None)
+torch.save({"steps": outcome.steps, "weights": model.state_dict(), "world": distributed.world_size()},
+           out / f"rank{rank}.pt")
+'''
+
+
+def _setup_module(tmp_path):
+    (tmp_path / "setup_phase.py").write_text(textwrap.dedent(SETUP))
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import importlib
+
+        import setup_phase
+        return importlib.reload(setup_phase)
+    finally:
+        sys.path.remove(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_two_processes_train_what_one_process_trains(tmp_path):
+    setup = _setup_module(tmp_path)
+    (tmp_path / "worker.py").write_text(textwrap.dedent(WORKER))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(tmp_path / "worker.py"), str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2] and [r["steps"] for r in ranks] == [6, 6]
+
+    model, data, cfg = setup.setup()
+    single = train_phase(model, data, cfg, phase="p", state_dir=tmp_path / "single", seed=7, extra_loss=setup.extra,
+                         evaluate=lambda: {"t": {"em": 0.0}}, stop=lambda s: s["t"]["em"] >= 1.0, progress=False,
+                         log=lambda s: None)
+    assert single.steps == 6
+    start = build_model(ModelConfig(d_model=32, n_layers=2, n_heads=2, max_positions=32), 30, 0, 1, 2, seed=0).state_dict()
+    for name, value in model.state_dict().items():
+        assert torch.equal(ranks[0]["weights"][name], ranks[1]["weights"][name]), name  # the processes stay in step
+        # the same sums in another order: Adam's normalised steps (lr 1e-2 each) agree to 1e-5
+        torch.testing.assert_close(ranks[0]["weights"][name], value, rtol=1e-4, atol=1e-5)
+    assert any(not torch.equal(start[k], v) for k, v in model.state_dict().items())
+    assert (tmp_path / "state" / "resume-state" / "state.json").is_file()  # the main process saved the resumable state
+
+
+def test_one_process_is_not_distributed(tmp_path):
+    """Without a launcher nothing changes: rank 0 of 1, the main process, its own decisions."""
+    assert not distributed.launched() and distributed.world_size() == 1 and distributed.is_main()
+    assert distributed.agree(True) is True and distributed.main_first(lambda: 3) == 3
+    model = build_model(ModelConfig(d_model=32, n_layers=2, n_heads=2, max_positions=32), 30, 0, 1, 2, seed=0)
+    data = subset(pack_texts([list(range(3, 12))] * 8, eos_id=1, block_size=16), torch.arange(4))
+    train_phase(model, data, PhaseConfig(max_steps=1, batch_size=3, checkpoint_every=0), phase="p", state_dir=tmp_path,
+                seed=0, progress=False)  # any batch size on one process
