@@ -461,6 +461,21 @@ def test_bfloat16_base_trains_float32_adapters_and_saves_bfloat16(icl_world_dir,
         moved = {k for k in start if not torch.equal(start[k].to(torch.bfloat16), weights[k])}
         assert moved and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in moved)
     assert all(0 <= x <= 100 for row in results["R"] for x in row)
+    from forgetlab.analysis.fv_drift import DriftSettings
+    from forgetlab.experiments.cit import analyze_run
+
+    from forgetlab.models import build
+
+    loaded, real_load = [], build.load_model
+
+    def spy_load(path, dtype=torch.float32):
+        loaded.append(dtype)
+        return real_load(path, dtype)
+
+    monkeypatch.setattr(build, "load_model", spy_load)
+    analyze_run(tmp_path / "run", DriftSettings(n_prompts=4, eval_prompts=4, shots=3, top_k=4, alphas=(1.0,)), log=lambda s: None)
+    assert loaded and set(loaded) == {torch.bfloat16}  # analysed in the precision it was trained in
+    assert (tmp_path / "run" / "drift.json").is_file()
     with pytest.raises(ValueError, match="dtype='float16' is unknown"):
         replace(cfg, dtype="float16").validate()
 

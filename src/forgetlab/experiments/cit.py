@@ -577,6 +577,7 @@ def analyze_runs(runs: Sequence[Path], out: Path | None = None, settings=None, *
         raise ValueError(f"{runs[0]}: the run has no general sets to analyse (use --general task files or an ICL world)")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = DTYPES[cfg.dtype]  # the precision the run trained in (a bfloat16 7B run is analysed in bfloat16)
     checkpoints = [(p.name if len(runs) == 1 else f"{label}/{p.name}", label, p)
                    for label, (_, paths, _) in zip(labels, setups) for p in paths]
     run_of = {name: label for name, label, _ in checkpoints}
@@ -584,7 +585,7 @@ def analyze_runs(runs: Sequence[Path], out: Path | None = None, settings=None, *
     def models():
         for name, path in [("initial", model_dir)] + [(name, p) for name, _, p in checkpoints]:
             log(f"[cit analyze] {name}")
-            yield name, load_model(path).to(device)
+            yield name, load_model(path, dtype).to(device)
 
     rows, initial = drift_measurements(models(), tokenizer, general, settings)
     for row in rows:
@@ -604,7 +605,7 @@ def analyze_runs(runs: Sequence[Path], out: Path | None = None, settings=None, *
     result, interventions = {"summary": summary}, None
     if len(runs) == 1:
         last_task = tasks[-1].as_icl_task() if cfg.method != "multitask" else None
-        interventions = fv_interventions(load_model(checkpoints[-1][2]).to(device), tokenizer, general, initial,
+        interventions = fv_interventions(load_model(checkpoints[-1][2], dtype).to(device), tokenizer, general, initial,
                                          last_task, settings)
         atomic_write_json(out / "interventions.json", interventions)
         result["interventions"] = interventions["summary"]
