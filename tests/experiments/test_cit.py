@@ -495,3 +495,38 @@ def test_gradient_checkpointing_trains_the_same_model(icl_world_dir, tmp_path, m
     assert any(not torch.equal(start[k], plain[k]) for k in plain)
     for k in plain:
         torch.testing.assert_close(ckpt[k], plain[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_generation_is_shared_between_processes(tiny_llama_dir, tmp_path):
+    """Under torchrun each process generates its share of the prompts; every process gets all the answers back,
+    in order, equal to one process generating them all (greedy, same-length prompts: no padding differences)."""
+    import os
+    import subprocess
+    import sys
+
+    from forgetlab.experiments.cit import generate
+    from forgetlab.models.build import load_model
+    from transformers import AutoTokenizer
+
+    script = tmp_path / "gen.py"
+    script.write_text(
+        "import json, sys\n"
+        "from transformers import AutoTokenizer\n"
+        "from forgetlab.experiments.cit import generate\n"
+        "from forgetlab.models.build import load_model\n"
+        "from forgetlab.train import distributed\n"
+        "distributed.init_from_env()\n"
+        "tok = AutoTokenizer.from_pretrained(sys.argv[1])\n"
+        "prompts = [[tok.bos_token_id, 5 + i, 9, 40 + i] for i in range(5)]\n"
+        "texts = generate(load_model(sys.argv[1]), tok, prompts, max_new_tokens=4, batch_size=2)\n"
+        f"open('{tmp_path}/gen' + str(distributed.rank()) + '.json', 'w').write(json.dumps(texts))\n")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(tiny_llama_dir)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    alone = generate(load_model(tiny_llama_dir), tok, [[tok.bos_token_id, 5 + i, 9, 40 + i] for i in range(5)], 4, 2)
+    assert len(set(alone)) > 1  # the prompts get different answers, so an order mix-up would show
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"gen{rank}.json").read_text()) == alone

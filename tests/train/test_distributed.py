@@ -51,8 +51,9 @@ rank = distributed.rank()
 outcome = train_phase(model, data, cfg, phase="p", state_dir=out / "state", seed=7, extra_loss=extra,
                       evaluate=lambda: {"t": {"em": float(rank)}}, stop=lambda s: s["t"]["em"] >= 1.0, progress=False,
                       log=lambda s: None)
-torch.save({"steps": outcome.steps, "weights": model.state_dict(), "world": distributed.world_size()},
-           out / f"rank{rank}.pt")
+mine = distributed.share(list(range(5)))  # uneven shares: 3 and 2 items
+torch.save({"steps": outcome.steps, "weights": model.state_dict(), "world": distributed.world_size(), "share": mine,
+            "gathered": distributed.gather_shares([10 * x for x in mine], 5)}, out / f"rank{rank}.pt")
 '''
 
 
@@ -78,6 +79,8 @@ def test_two_processes_train_what_one_process_trains(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2] and [r["steps"] for r in ranks] == [6, 6]
+    assert [r["share"] for r in ranks] == [[0, 2, 4], [1, 3]]  # generation splits its prompts this way
+    assert [r["gathered"] for r in ranks] == [[0, 10, 20, 30, 40]] * 2  # and every process gets all answers, in order
 
     model, data, cfg = setup.setup()
     single = train_phase(model, data, cfg, phase="p", state_dir=tmp_path / "single", seed=7, extra_loss=setup.extra,
@@ -97,6 +100,7 @@ def test_one_process_is_not_distributed(tmp_path):
     """Without a launcher nothing changes: rank 0 of 1, the main process, its own decisions."""
     assert not distributed.launched() and distributed.world_size() == 1 and distributed.is_main()
     assert distributed.agree(True) is True and distributed.main_first(lambda: 3) == 3
+    assert distributed.share([1, 2, 3]) == distributed.gather_shares([1, 2, 3], 3) == [1, 2, 3]
     model = build_model(ModelConfig(d_model=32, n_layers=2, n_heads=2, max_positions=32), 30, 0, 1, 2, seed=0)
     data = subset(pack_texts([list(range(3, 12))] * 8, eos_id=1, block_size=16), torch.arange(4))
     train_phase(model, data, PhaseConfig(max_steps=1, batch_size=3, checkpoint_every=0), phase="p", state_dir=tmp_path,

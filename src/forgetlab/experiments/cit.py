@@ -163,17 +163,20 @@ def _truncate(prompts, answers, cfg: CITConfig):
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 32) -> list[str]:
-    """Greedy continuations, batched with left padding, cut at the first newline."""
+    """Greedy continuations, batched with left padding, cut at the first newline.
+
+    Under several processes each generates its share of the prompts and all get every answer back.
+    """
     model.eval()
     device = next(model.parameters()).device
     pad = pad_id(tokenizer)
-    texts = []
-    for start in range(0, len(prompts), batch_size):
-        ids, mask = (t.to(device) for t in left_pad(prompts[start:start + batch_size], pad))
+    mine, texts = distributed.share(prompts), []
+    for start in range(0, len(mine), batch_size):
+        ids, mask = (t.to(device) for t in left_pad(mine[start:start + batch_size], pad))
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
         texts += tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
-    return [t.split("\n")[0].strip() for t in texts]
+    return [t.split("\n")[0].strip() for t in distributed.gather_shares(texts, len(prompts))]
 
 
 def task_score(model, tokenizer, rows: list[dict], cfg: CITConfig) -> float:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import torch
@@ -65,6 +65,20 @@ def agree(flag: bool) -> bool:
     value = [flag]
     dist.broadcast_object_list(value, src=0)
     return bool(value[0])
+
+
+def share(items: Sequence[T]) -> list[T]:
+    """This process's interleaved share of ``items`` (every ``world_size``-th, from its rank)."""
+    return list(items[rank()::world_size()])
+
+
+def gather_shares(mine: list[T], n: int) -> list[T]:
+    """The inverse of :func:`share` on every process: the shares of all processes, back in the original order."""
+    if world_size() == 1:
+        return mine
+    shares: list = [None] * world_size()
+    dist.all_gather_object(shares, mine)
+    return [shares[i % world_size()][i // world_size()] for i in range(n)]
 
 
 def main_first(fn: Callable[[], T]) -> T | None:
