@@ -56,6 +56,18 @@ def ni_file(path, n, definition="Always answer yes."):
     return path
 
 
+def fv_of_another_model(out):
+    """An FV saved by `forgetlab fv extract` from a 3-layer, 4-head random GPT-2 (the tiny Llama has 2 layers)."""
+    from forgetlab.fv.extract import FunctionVectorResult, FVSettings
+    from forgetlab.models.adapter import adapt
+    from forgetlab.models.zoo import random_model, tiny_config
+
+    adapter = adapt(random_model(tiny_config("gpt2", 50)))
+    shape = (adapter.n_layers, adapter.n_heads, adapter.head_dim)
+    FunctionVectorResult("good", FVSettings(top_k=1), *shape, torch.zeros(1, *shape[:2]), [(0, 0)], torch.zeros(shape),
+                         torch.zeros(adapter.hidden_size), 0.0).save(out)
+
+
 @pytest.mark.parametrize("case, message", [
     ("empty", "has no instances"),
     ("few", "has 50 instances, not more than the 100 held out"),
@@ -64,6 +76,8 @@ def ni_file(path, n, definition="Always answer yes."):
     ("lora", "lora_targets ['c_attn'] are not modules of this LlamaForCausalLM"),
     ("model", "is not a Hugging Face checkpoint directory"),
     ("method", "method"),
+    ("fv_missing", "has no FV for task good"),
+    ("fv_shape", "the FV of good in fvg_config.fv_dir was extracted from a model with 3 layers x 4 heads"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(case, message, tiny_llama_dir, tmp_path):
     good = ni_file(tmp_path / "good.json", 120)
@@ -84,6 +98,11 @@ def test_bad_input_is_one_line_and_writes_nothing(case, message, tiny_llama_dir,
         args["--model"] = tmp_path / "no-model"
     elif case == "method":
         args["--method"] = "qlora"
+    elif case.startswith("fv_"):  # FVs from files: a task's FV absent, or extracted from another model's shape
+        (tmp_path / "fvs").mkdir()
+        if case == "fv_shape":
+            fv_of_another_model(tmp_path / "fvs" / "good")
+        extra = ["--fvg", "--set", f"fvg_config.fv_dir={tmp_path / 'fvs'}"]
     out = tmp_path / "run"
     line = one_error_line(cit("run", *[x for kv in args.items() for x in kv], *extra, "--no-progress", "--out", out))
     assert message in line

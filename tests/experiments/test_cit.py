@@ -195,6 +195,15 @@ def test_fv_source_initial_and_universal_heads(icl_world_dir, tmp_path, monkeypa
     with pytest.raises(ValueError, match="add --set fvg_config.fv_source=initial"):
         replace(base, fvg_config=replace(fvg, heads="universal")).validate()
 
+    # the initial FVs a run extracted, saved in OUT/fv/, drive a later run to the very same model
+    assert sorted(p.name for p in (tmp_path / "universal" / "fv").iterdir()) == sorted(initial)
+    reused = replace(fvg, fv_dir=str(tmp_path / "universal" / "fv"), heads="universal")
+    run_cit(replace(base, fvg_config=reused), tmp_path / "reused", log=lambda s: None, progress=False)
+    assert not (tmp_path / "reused" / "fv").exists()  # nothing extracted, nothing to save
+    w_universal = load_file(tmp_path / "universal" / "model" / "model.safetensors")
+    w_reused = load_file(tmp_path / "reused" / "model" / "model.safetensors")
+    assert all(torch.equal(w_universal[k], w_reused[k]) for k in w_universal)
+
 
 @pytest.mark.slow
 def test_replay_and_ewc_baselines(icl_world_dir, tmp_path):

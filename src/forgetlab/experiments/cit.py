@@ -31,7 +31,7 @@ from forgetlab.analysis.recovery import encode_qa
 from forgetlab.eval.exact_match import left_pad
 from forgetlab.eval.scoring import score
 from forgetlab.methods.fvg import (FV_SOURCES, HEAD_SETS, FVGConfig, FVGuidance, over_universal_heads,
-                                   task_function_vector)
+                                   saved_function_vectors, task_function_vector)
 from forgetlab.methods.regularizers import diagonal_fisher, distillation_kl, ewc_penalty, lora_orthogonality
 from forgetlab.methods.replay import mix_replay
 from forgetlab.metrics.cl import cl_summary
@@ -125,7 +125,7 @@ class CITConfig:
             raise ValueError(f"fvg_config.fv_source={self.fvg_config.fv_source!r} is unknown; use one of {', '.join(FV_SOURCES)}")
         if self.fvg_config.heads not in HEAD_SETS:
             raise ValueError(f"fvg_config.heads={self.fvg_config.heads!r} is unknown; use one of {', '.join(HEAD_SETS)}")
-        if self.fvg_config.heads == "universal" and self.fvg_config.fv_source != "initial":
+        if self.fvg_config.heads == "universal" and self.fvg_config.fv_source != "initial" and not self.fvg_config.fv_dir:
             raise ValueError("fvg_config.heads=universal ranks heads over every task of the sequence on the initial model; "
                              "add --set fvg_config.fv_source=initial")
         self.train.validate("train")
@@ -312,8 +312,9 @@ def _model_dir(cfg: CITConfig) -> str:
 
 def check_inputs(cfg: CITConfig) -> None:
     """Everything a run reads, checked before its directory is touched, so bad input writes nothing: the
-    sequence's task files and their test splits, the general sets, the model directory and, for LoRA, the
-    target modules (on the model built on the meta device: no weights read, no memory even for a 7B model)."""
+    sequence's task files and their test splits, the general sets, the model directory and, on the model built
+    on the meta device (no weights read, no memory even for a 7B model), the LoRA target modules and the shape
+    of FVs read from ``fvg_config.fv_dir``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg.validate()
@@ -325,9 +326,17 @@ def check_inputs(cfg: CITConfig) -> None:
     for task in general_files(cfg):
         general_rows(task, cfg, template)
     model_dir = _model_dir(cfg)
-    if cfg.mode != "full":
+    fv_files = cfg.fvg and cfg.fvg_config.fv_dir and cfg.method != "multitask"
+    if cfg.mode != "full" or fv_files:
         with torch.device("meta"):
-            _check_lora_targets(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir)), cfg)
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+        if cfg.mode != "full":
+            _check_lora_targets(model, cfg)
+        if fv_files:
+            from forgetlab.models.adapter import adapt
+
+            for name, fv in saved_function_vectors(cfg.fvg_config.fv_dir, [t.name for t in tasks]).items():
+                fv.check_fits(adapt(model), f"the FV of {name} in fvg_config.fv_dir")
 
 
 def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, progress: bool = True) -> dict:
@@ -386,13 +395,18 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
     fisher, anchor = None, None          # accumulated diagonal Fisher and the weights after the last task (ewc)
     earlier_a: dict[str, list[torch.Tensor]] = {}  # earlier tasks' LoRA A matrices per module (olora)
     first = 0
-    initial_fvs = {}  # fv_source="initial": every task's FV from the model before any training (also on resume)
-    if cfg.fvg and cfg.fvg_config.fv_source == "initial":
+    initial_fvs = {}  # fv_source="initial" or fv_dir: every task's FV fixed before any training (also on resume)
+    if cfg.fvg and (cfg.fvg_config.fv_dir or cfg.fvg_config.fv_source == "initial") and sequential:
         from forgetlab.models.adapter import adapt
 
         untrained = adapt(model)
-        initial_fvs = {t.name: task_function_vector(untrained, tokenizer, t.name, [(x, refs[0]) for x, refs in train],
-                                                    cfg.fvg_config) for t, (train, _) in sequential}
+        if cfg.fvg_config.fv_dir:
+            initial_fvs = saved_function_vectors(cfg.fvg_config.fv_dir, [t.name for t, _ in sequential])
+        else:
+            initial_fvs = {t.name: task_function_vector(untrained, tokenizer, t.name, [(x, refs[0]) for x, refs in train],
+                                                        cfg.fvg_config) for t, (train, _) in sequential}
+            for name, fv in initial_fvs.items() if writes else ():
+                fv.save(out / "fv" / name)  # for later runs: --set fvg_config.fv_dir=OUT/fv
         if cfg.fvg_config.heads == "universal":
             k = len(next(iter(initial_fvs.values())).top_heads)  # top_k, capped by the model's heads
             initial_fvs = over_universal_heads(untrained, initial_fvs, k)

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -155,6 +156,9 @@ class FVGConfig:
     # "task": each task's own top-k heads; "universal": the top-k heads by CIE averaged over the sequence's
     # tasks (with fv_source="initial"), shared by every task, as the paper's code uses one fixed head set
     heads: str = "task"
+    # FVs read from files instead: DIR/<task>/ as `forgetlab fv extract` writes them, e.g. OUT/fv/ of an earlier
+    # run with fv_source="initial" (the paper extracts them once and reuses them); it overrides fv_source
+    fv_dir: str = ""
 
 
 FV_SOURCES = ("previous", "initial")
@@ -171,6 +175,21 @@ def over_universal_heads(adapter: ModelAdapter, results: dict, k: int) -> dict:
     heads = universal_heads([r.cie_per_prompt for r in results.values()], k)
     return {name: replace(r, top_heads=heads, vector=function_vector(adapter, r.mean_activations, heads))
             for name, r in results.items()}
+
+
+def saved_function_vectors(fv_dir: str | Path, task_names: Sequence[str]) -> dict:
+    """``{task: FunctionVectorResult}`` read from ``fv_dir/<task>/``; one clear error naming a missing task."""
+    from forgetlab.fv.extract import FunctionVectorResult
+
+    out = {}
+    for name in task_names:
+        folder = Path(fv_dir) / name
+        if not (folder / "fv.json").is_file():
+            raise FileNotFoundError(f"fvg_config.fv_dir {fv_dir} has no FV for task {name} (no {folder}/fv.json); run once "
+                                    "with --set fvg_config.fv_source=initial, which writes OUT/fv/<task>/, or extract it "
+                                    f"with `forgetlab fv extract --out {folder}`")
+        out[name] = FunctionVectorResult.load(folder)
+    return out
 
 
 def task_function_vector(adapter: ModelAdapter, tokenizer, task_name: str, pairs: Sequence[tuple[str, str]],
