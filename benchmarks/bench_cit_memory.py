@@ -88,6 +88,7 @@ def model_config(shape: str):
 def one(args) -> dict:
     """One setting in this process: build, train ``steps`` steps, save the checkpoint (ours or a deep copy)."""
     from forgetlab.experiments.cit import CITConfig, _wrap_lora, save_checkpoint
+    from forgetlab.models.build import enable_activation_checkpointing
     from forgetlab.models.zoo import random_model
     from forgetlab.train.data import qa_dataset
     from forgetlab.train.trainer import PhaseConfig, train_phase
@@ -97,7 +98,7 @@ def one(args) -> dict:
     config = model_config(args.shape)
     model = random_model(config, dtype=dtype, device=device)
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     torch.manual_seed(0)
     model = _wrap_lora(model, CITConfig(world_dir="x"))
     g = torch.Generator().manual_seed(0)

@@ -348,7 +348,7 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
     """
     from transformers import AutoTokenizer
 
-    from forgetlab.models.build import load_model
+    from forgetlab.models.build import enable_activation_checkpointing, load_model
     from forgetlab.utils.io import read_json
 
     cfg.validate()
@@ -366,8 +366,8 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
         tokenizer.pad_token = tokenizer.eos_token
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(model_dir, DTYPES[cfg.dtype]).to(device)
-    if cfg.gradient_checkpointing:  # non-reentrant: FVG's hooked head outputs keep their gradients
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.gradient_checkpointing:
+        enable_activation_checkpointing(model)
     splits = [task.split(cfg.n_train, cfg.n_test) for task in tasks]
     test_rows = [_rows(t, test, template) for t, (_, test) in zip(tasks, splits)]
     general_sets = [general_rows(task, cfg, template) for task in general_files(cfg)]

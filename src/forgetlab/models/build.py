@@ -71,6 +71,15 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrain
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
 
 
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute activations in the backward pass, non-reentrant (so tensors read by hooks keep their gradients),
+    through whichever name this transformers version has (``gradient_checkpointing_enable`` before v5)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
     """The model's stack of decoder layers, found structurally rather than by parameter-name substrings.
 
