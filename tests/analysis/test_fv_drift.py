@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from forgetlab.analysis.fv_drift import (MEASURES, DriftSettings, drift_fits, drift_measurements, fv_with_heads,
-                                         linear_fit, parameter_distance, zero_shot_fv, zero_shot_prompts)
+                                         linear_fit, parameter_distance, zero_shot_prompts, zero_shot_readings)
 from forgetlab.fv.extract import FVSettings, extract_function_vector
 from forgetlab.fv.prompts import batches
 from forgetlab.fv.tasks import PromptFormat
@@ -71,7 +71,24 @@ def test_zero_shot_fv_over_a_whole_layer_is_its_mean_attention_output(setup):
     hook.remove()
     hand = torch.stack(outputs).mean(0)
     heads = [(layer, j) for j in range(adapter.n_heads)]
-    assert torch.allclose(zero_shot_fv(adapter, tok, prompts, heads), hand, atol=1e-5)
+    assert torch.allclose(zero_shot_readings(adapter, tok, prompts, heads)[2], hand, atol=1e-5)
+
+
+def test_zero_shot_readings_score_and_state_equal_separate_passes(setup):
+    """The one-pass score is first-token accuracy as `accuracy` computes it; the state is the last hidden state at the
+    prompt end, averaged by hand one prompt at a time."""
+    from forgetlab.eval.icl import accuracy
+
+    tok, tasks = setup
+    model = random_model(tiny_config("llama", len(tok)), seed=4)  # a seed that gets 1 of the 6 test prompts right
+    adapter = adapt(model)
+    prompts = zero_shot_prompts(tasks[0], DriftSettings(eval_prompts=8, shots=4))
+    score, state, _ = zero_shot_readings(adapter, tok, prompts, [(0, 0)])
+    assert 0 < score < 1 and score == pytest.approx(accuracy(adapter, tok, prompts))
+    with torch.no_grad():
+        by_hand = torch.stack([model(**next(batches(tok, [p], PromptFormat(), 1)).model_inputs(),
+                                     output_hidden_states=True).hidden_states[-1][0, -1] for p in prompts]).double().mean(0)
+    assert torch.allclose(state, by_hand, atol=1e-5)
 
 
 def test_drift_rows_of_an_unchanged_and_a_perturbed_checkpoint(setup):

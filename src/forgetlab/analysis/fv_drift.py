@@ -24,7 +24,7 @@ from forgetlab.eval.icl import accuracy, icl_prompts
 from forgetlab.fv.cie import mean_head_activations
 from forgetlab.fv.evaluate import sweep_layers
 from forgetlab.fv.extract import FVSettings, extract_function_vector
-from forgetlab.fv.hooks import add_to_residual
+from forgetlab.fv.hooks import add_to_residual, edit_head_inputs
 from forgetlab.fv.prompts import batches
 from forgetlab.fv.tasks import ICLPrompt, ICLTask, PromptFormat, sample_prompts
 from forgetlab.fv.vectors import cosine, function_vector
@@ -74,25 +74,29 @@ def fv_with_heads(adapter: ModelAdapter, tokenizer, task: ICLTask, heads, settin
     return function_vector(adapter, mean_acts, heads)
 
 
-def zero_shot_fv(adapter: ModelAdapter, tokenizer, prompts: list[ICLPrompt], heads) -> torch.Tensor:
-    """The FV heads' summed mean output at the end of zero-shot prompts: the in-context FV asks what the
-    heads carry when demonstrations define the task, this asks what the bare instruction makes them carry
-    (the paper's "function activation" from the input), which is what a zero-shot score depends on."""
-    device = next(adapter.model.parameters()).device
-    return function_vector(adapter, mean_head_activations(adapter, batches(tokenizer, prompts, PromptFormat(), 32, device)),
-                           heads)
-
-
 @torch.no_grad()
-def prompt_end_state(adapter: ModelAdapter, tokenizer, prompts: list[ICLPrompt]) -> torch.Tensor:
-    """Mean last-layer hidden state at the last prompt token (the hidden-state control)."""
+def zero_shot_readings(adapter: ModelAdapter, tokenizer, prompts: list[ICLPrompt], heads) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """One pass over zero-shot prompts, three readings at the prompt end: first-token accuracy (the score); the
+    mean last-layer hidden state (the hidden-state control); and the FV heads' summed mean output. The
+    in-context FV asks what the heads carry when demonstrations define the task; this last reading asks what
+    the bare instruction makes them carry (the paper's "function activation" from the input), which is what
+    a zero-shot score depends on."""
     device = next(adapter.model.parameters()).device
-    total, n = None, 0
-    for batch in batches(tokenizer, prompts, PromptFormat(), 64, device):
-        h = adapter.model(**batch.model_inputs(), output_hidden_states=True).hidden_states[-1][:, -1].double().sum(0)
-        total = h if total is None else total + h
-        n += len(batch)
-    return (total / n).cpu()
+    acts = torch.zeros(adapter.n_layers, adapter.n_heads * adapter.head_dim, dtype=torch.float64)
+    state = torch.zeros(adapter.hidden_size, dtype=torch.float64)
+    hits, n = 0, 0
+
+    def read(layer: int, x: torch.Tensor) -> None:
+        acts[layer] += x[:, -1].double().sum(0).cpu()
+
+    with edit_head_inputs(adapter, read, layers=sorted({layer for layer, _ in heads})):
+        for batch in batches(tokenizer, prompts, PromptFormat(), 64, device):
+            out = adapter.model(**batch.model_inputs(), output_hidden_states=True)
+            hits += int((out.logits[:, -1].argmax(-1) == batch.targets).sum())
+            state += out.hidden_states[-1][:, -1].double().sum(0).cpu()
+            n += len(batch)
+    mean_acts = (acts / n).float().view(adapter.n_layers, adapter.n_heads, adapter.head_dim)
+    return hits / n, state / n, function_vector(adapter, mean_acts, heads)
 
 
 def parameter_distance(model: torch.nn.Module, reference: dict[str, torch.Tensor]) -> float:
@@ -132,17 +136,16 @@ def drift_measurements(checkpoints: Iterable[tuple[str, torch.nn.Module]], token
         distance = parameter_distance(model, reference)
         for task in tasks:
             prompts = zero_shot_prompts(task, settings)
-            score = accuracy(adapter, tokenizer, prompts)
-            state = prompt_end_state(adapter, tokenizer, prompts)
             if index == 0:
                 result = extract_function_vector(adapter, tokenizer, task, settings.extraction(adapter, settings.shots_for(task)))
-                initial[task.name] = {"fv": result.vector, "heads": result.top_heads, "state": state, "score": score}
                 vector = result.vector
+                score, state, activated = zero_shot_readings(adapter, tokenizer, prompts, result.top_heads)
+                initial[task.name] = {"fv": vector, "heads": result.top_heads, "state": state, "score": score,
+                                      "zero_shot_fv": activated}
             else:
                 vector = fv_with_heads(adapter, tokenizer, task, initial[task.name]["heads"], settings)
+                score, state, activated = zero_shot_readings(adapter, tokenizer, prompts, initial[task.name]["heads"])
             ref = initial[task.name]
-            activated = zero_shot_fv(adapter, tokenizer, prompts, ref["heads"])
-            ref.setdefault("zero_shot_fv", activated)
             rows.append({"checkpoint": label, "index": index, "task": task.name, "zero_shot": score,
                          "score_change": score - ref["score"], "fv_cosine": cosine(vector, ref["fv"]),
                          "zero_shot_fv_cosine": cosine(activated, ref["zero_shot_fv"]),
