@@ -141,4 +141,4 @@ def test_two_processes_under_torchrun_write_one_run(icl_world_dir, tmp_path):
     assert odd.stderr.count("train.batch_size=3 does not split over 2 processes") == 1
     refused = subprocess.run([*torchrun, "cit", "analyze", str(tmp_path / "two")], capture_output=True, text=True, env=env,
                              timeout=300)
-    assert refused.returncode != 0 and "only `forgetlab cit run` trains on several GPUs" in refused.stderr
+    assert refused.returncode != 0 and "`forgetlab cit analyze` runs in one process" in refused.stderr

@@ -180,3 +180,28 @@ def test_compiled_pretraining_is_reproducible(tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
         weights.append((tmp_path / f"run{i}" / "checkpoints" / "pretrain" / "model.safetensors").read_bytes())
     assert weights[0] == weights[1]
+
+
+@pytest.mark.slow
+def test_two_processes_under_torchrun(smoke_run, tmp_path):
+    """``torchrun --nproc_per_node 2 -m forgetlab biography run`` (gloo on CPUs): every phase trains data-parallel, the
+    main process alone writes the run and the phase cache, the summary is printed once, and the numbers are valid;
+    the other biography commands refuse to start under the launcher."""
+    env = {**os.environ, "FORGETLAB_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "forgetlab"]
+    proc = subprocess.run([*torchrun, "biography", "run", "--preset", "smoke", "--out", str(tmp_path / "run"),
+                           "--no-progress"], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("spurious share of the drop") == 1
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    for key in KEYS[:-1]:
+        assert 0.0 <= results[key] <= 1.0, (key, results[key])
+    done = sorted(p.parent.name.split("-")[0] for p in (tmp_path / "cache").glob("*/done.json"))
+    assert done == ["pretrain", "recovery", "recovery_control", "task0", "task1"]
+    assert not list((tmp_path / "cache").glob("*/work"))  # the main process cleaned up each phase's resumable state
+    # the same run trained by one process reaches the same task-0 extraction within a few questions
+    single = json.loads((smoke_run[0] / "run" / "results.json").read_text())
+    assert abs(results["task0_before"] - single["task0_before"]) < 0.1
+    refused = subprocess.run([*torchrun, "biography", "generate", "--preset", "smoke", "--out", str(tmp_path / "w")],
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and refused.stderr.count("`forgetlab biography generate` runs in one process") == 1

@@ -11,9 +11,10 @@ from tqdm.auto import tqdm
 from rich.console import Console
 from rich.table import Table
 
-from forgetlab.cli.errors import user_errors
+from forgetlab.cli.errors import join_launched_run, user_errors
 from forgetlab.experiments.presets import PRESETS, preset_config
 from forgetlab.methods import MethodConfig
+from forgetlab.train import distributed
 from forgetlab.utils.io import apply_overrides
 
 app = typer.Typer(help="Spurious forgetting on a synthetic biography world (Zheng et al., ICLR 2025).", no_args_is_help=True)
@@ -29,6 +30,11 @@ CacheDir = Annotated[Optional[Path], typer.Option(help="where finished phases ar
 def log_line(text: str) -> None:
     """Log lines printed above any progress bar."""
     tqdm.write(text)
+
+
+@app.callback()
+def launch(ctx: typer.Context) -> None:
+    join_launched_run(ctx, "biography")
 
 
 @app.command()
@@ -67,8 +73,11 @@ def run(
         except ValueError:
             raise ValueError(f"--snapshot-steps {snapshot_steps!r}: expected comma-separated step numbers such as 50,150") from None
         cfg = replace(cfg, snapshot_steps=steps)
+    main = distributed.is_main()  # the other processes of a multi-GPU run train in silence
     results = run_biography(cfg, out, cache_dir=cache_dir, resume=resume, overwrite=overwrite,
-                            log=log_line, progress=progress)
+                            log=log_line if main else lambda line: None, progress=progress and main)
+    if not main:
+        return
     show_results(results)
     console.print(f"wrote {out}/results.json, report.md, curves.csv, curves.png, config.json, checkpoints/")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,7 +9,7 @@ import typer
 from rich.console import Console
 from tqdm.auto import tqdm
 
-from forgetlab.cli.errors import user_errors
+from forgetlab.cli.errors import join_launched_run, user_errors
 
 app = typer.Typer(help="Continual instruction tuning: a task sequence, the score matrix, GP/IP/FP/AP.",
                   no_args_is_help=True)
@@ -19,15 +18,7 @@ console = Console()
 
 @app.callback()
 def launch(ctx: typer.Context) -> None:
-    """Under torchrun with several processes only ``run`` is allowed; it joins the process group."""
-    from forgetlab.train import distributed
-
-    if distributed.launched():
-        if ctx.invoked_subcommand != "run":
-            print(f"forgetlab: error: `forgetlab cit {ctx.invoked_subcommand}` runs in one process; only `forgetlab cit "
-                  "run` trains on several GPUs (start it without torchrun)", file=sys.stderr)
-            raise typer.Exit(code=2)
-        distributed.init_from_env()
+    join_launched_run(ctx, "cit")
 
 
 @app.command()

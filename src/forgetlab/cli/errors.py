@@ -20,3 +20,23 @@ def user_errors(fn: Callable) -> Callable:
                 print(f"forgetlab: error: {err}", file=sys.stderr)
             raise typer.Exit(code=2) from None
     return wrapper
+
+
+
+def refuse_under_launcher(command: str) -> None:
+    """One line and exit 2 for a command that cannot run in several processes (printed once, by rank 0)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"forgetlab: error: `forgetlab {command}` runs in one process; only `forgetlab cit run` and `forgetlab "
+              "biography run` train on several GPUs (start it without torchrun)", file=sys.stderr)
+    raise typer.Exit(code=2)
+
+
+def join_launched_run(ctx: typer.Context, group: str) -> None:
+    """Started by torchrun / accelerate launch with several processes: ``run`` joins the process group here, any
+    other command of the group stops with one line."""
+    from forgetlab.train import distributed
+
+    if distributed.launched():
+        if ctx.invoked_subcommand != "run":
+            refuse_under_launcher(f"{group} {ctx.invoked_subcommand}")
+        distributed.init_from_env()

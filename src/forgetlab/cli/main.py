@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-
 import typer
 from transformers.utils import logging as hf_logging
 
 from forgetlab.cli import analyze, biography, cit, fv, icl_world
+from forgetlab.cli.errors import refuse_under_launcher
 
 app = typer.Typer(help="Measure, explain and prevent forgetting in continual learning of language models.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -21,13 +20,11 @@ app.add_typer(cit.app, name="cit")
 
 @app.callback()
 def launch(ctx: typer.Context) -> None:
-    """Started by torchrun / accelerate launch with several processes: join their group (``cit run`` only)."""
+    """Several processes (torchrun): only the groups with a ``run`` that trains on several GPUs may start."""
     from forgetlab.train import distributed
 
-    if distributed.launched() and ctx.invoked_subcommand != "cit":
-        print(f"forgetlab: error: `forgetlab {ctx.invoked_subcommand}` runs in one process; of the commands, only "
-              "`forgetlab cit run` trains on several GPUs (start the others without torchrun)", file=sys.stderr)
-        raise typer.Exit(code=2)
+    if distributed.launched() and ctx.invoked_subcommand not in ("cit", "biography"):
+        refuse_under_launcher(ctx.invoked_subcommand)
 
 
 def main() -> None:

@@ -29,8 +29,9 @@ from forgetlab.methods.regularizers import diagonal_fisher, ewc_penalty
 from forgetlab.metrics.cl import cl_summary, spurious_share
 from forgetlab.models.build import build_model, load_model
 from forgetlab.models.tokenizers import build_word_tokenizer
-from forgetlab.train.data import TokenDataset, concat, pack_texts, qa_dataset
+from forgetlab.train import distributed
 from forgetlab.train.checkpoints import save_model_dir
+from forgetlab.train.data import TokenDataset, concat, pack_texts, qa_dataset
 from forgetlab.train.trainer import PhaseConfig, train_phase
 from forgetlab.utils.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, code_fingerprint, config_hash
 from forgetlab.worlds.biography import ATTRIBUTES, BiographyWorld, QAExample, generate_world
@@ -190,7 +191,7 @@ class BiographyExperiment:
             evaluate = self.step_eval(tasks)
 
             def on_step(step: int) -> None:
-                if step in snapshots:
+                if step in snapshots and distributed.is_main():
                     save_model_dir(model, self.tokenizer, state_dir.parent / SNAPSHOTS / f"step-{step}")
 
             outcome = train_phase(model, data(), pcfg, phase=name, state_dir=state_dir, seed=self.cfg.seed,
@@ -270,7 +271,8 @@ def run_biography(cfg: BiographyRunConfig, out: Path, *, cache_dir: Path | None 
     """Run (or resume) the whole experiment; write config, curves, checkpoints, results and a figure."""
     t0 = time.perf_counter()
     cfg.validate()
-    out = prepare_run_dir(Path(out), cfg, resume=resume, overwrite=overwrite)
+    out = Path(out)
+    distributed.main_first(lambda: prepare_run_dir(out, cfg, resume=resume, overwrite=overwrite))
     exp = BiographyExperiment(cfg, cache_dir, log, progress)
     pre, pre_key = exp.pretrain()
     t0_phase, key = exp.task0(pre, pre_key)
@@ -284,6 +286,8 @@ def run_biography(cfg: BiographyRunConfig, out: Path, *, cache_dir: Path | None 
 
     rows = [r for p in phases.values() for r in p.rows]
     results = summarize(cfg, phases, rows, exp.n_tasks, seconds=time.perf_counter() - t0)
+    if not distributed.is_main():  # several processes (torchrun): all trained, the main one writes
+        return results
     for name, phase in phases.items():
         publish_checkpoint(phase.model_dir, out / "checkpoints" / name)
         for snap in sorted((phase.model_dir.parent / SNAPSHOTS).glob("step-*")):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from forgetlab.models.build import load_model
+from forgetlab.train import distributed
 from forgetlab.train.checkpoints import save_model_dir
 from forgetlab.utils.io import atomic_write_json, read_json
 
@@ -50,7 +51,9 @@ class PhaseStore:
         work = folder / "work"
         work.mkdir(parents=True, exist_ok=True)
         model, rows, info = train(work)
-        save_model_dir(model, tokenizer, folder / "model")
-        atomic_write_json(done, {"name": name, "key": key, "rows": rows, "info": info})
-        shutil.rmtree(work, ignore_errors=True)
+        if distributed.is_main():  # several processes: one writes, the others wait until they can read it
+            save_model_dir(model, tokenizer, folder / "model")
+            atomic_write_json(done, {"name": name, "key": key, "rows": rows, "info": info})
+            shutil.rmtree(work, ignore_errors=True)
+        distributed.barrier()
         return CachedPhase(model, rows, info, folder / "model")

@@ -1,5 +1,5 @@
 """Data-parallel training over several GPUs through ``torch.distributed`` (one process per GPU, started by
-``torchrun`` or ``accelerate launch``).
+``torchrun``): ``forgetlab cit run`` and ``forgetlab biography run``.
 
 Every process runs the whole experiment: the same seeds, the same evaluation, the same decisions. Only
 the optimizer steps are shared: :func:`forgetlab.train.trainer.train_phase` wraps the model in
@@ -79,6 +79,12 @@ def gather_shares(mine: list[T], n: int) -> list[T]:
     shares: list = [None] * world_size()
     dist.all_gather_object(shares, mine)
     return [shares[i % world_size()][i // world_size()] for i in range(n)]
+
+
+def barrier() -> None:
+    """Wait until every process is here (e.g. until the main process has written what the others read next)."""
+    if world_size() > 1:
+        dist.barrier()
 
 
 def main_first(fn: Callable[[], T]) -> T | None:
