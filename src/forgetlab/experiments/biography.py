@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from forgetlab.eval.exact_match import greedy_exact_match
+from forgetlab.eval.exact_match import QAResult, greedy_exact_match
 from forgetlab.eval.recall import find_span, span_recall
 from forgetlab.experiments.config import BiographyRunConfig
 from forgetlab.experiments.phases import PhaseStore, default_cache_dir
@@ -145,9 +145,13 @@ class BiographyExperiment:
         qa = self.qa[name]
         return qa_dataset(qa.prompts, qa.answers, self.eos, self.pad)
 
-    def _exact_match(self, model, qa: QASet):
-        return greedy_exact_match(model, qa.prompts, qa.answers, eos_id=self.eos, pad_id=self.pad,
-                                  batch_size=self.cfg.eval.batch_size)
+    def _exact_match(self, model, qa: QASet) -> QAResult:
+        """Exact match per question; under several processes each decides its share and all get every answer."""
+        mine = distributed.share(range(len(qa.prompts)))
+        res = greedy_exact_match(model, [qa.prompts[i] for i in mine], [qa.answers[i] for i in mine], eos_id=self.eos,
+                                 pad_id=self.pad, batch_size=self.cfg.eval.batch_size)
+        n = len(qa.prompts)
+        return QAResult(distributed.gather_shares(res.exact, n), distributed.gather_shares(res.first_token, n))
 
     def score(self, model, qa: QASet) -> dict[str, float]:
         res = self._exact_match(model, qa)
