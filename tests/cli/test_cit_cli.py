@@ -109,11 +109,27 @@ def test_bad_input_is_one_line_and_writes_nothing(case, message, tiny_llama_dir,
     assert not out.exists()  # nothing written: the corrected command can use the same --out
 
 
+def kill_processes_naming(text: str) -> None:
+    """SIGKILL every process whose command line contains ``text`` (Linux /proc)."""
+    import os
+    import signal
+    from pathlib import Path
+
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if text in command and int(pid) != os.getpid():
+                os.kill(int(pid), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue
+
+
 @pytest.mark.slow
 def test_two_processes_under_torchrun_write_one_run(icl_world_dir, tmp_path):
     """``torchrun --nproc_per_node 2 -m forgetlab cit run`` (gloo on CPUs): one run directory, written once, whose
-    model is the one a single process trains (LoRA dropout off, so both draw the same computation); other
-    commands refuse to run under the launcher."""
+    model is the one a single process trains (LoRA dropout off, so both draw the same computation); killed and
+    resumed, the same model bit for bit; an odd batch size is refused before anything is written; other commands
+    refuse to run under the launcher."""
     import os
     import subprocess
     import sys
@@ -135,6 +151,24 @@ def test_two_processes_under_torchrun_write_one_run(icl_world_dir, tmp_path):
     for key, value in w_one.items():
         torch.testing.assert_close(w_two[key], value, rtol=1e-4, atol=1e-5)
     assert not (tmp_path / "two" / "state").exists() and (tmp_path / "two" / "checkpoints").is_dir()
+    # killed after its second task and resumed, still on two processes: the same model as the uninterrupted run
+    import time
+
+    killed = subprocess.Popen([*torchrun, *args, "--out", str(tmp_path / "killed")], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env=env)
+    state = tmp_path / "killed" / "state" / "between-phases" / "state.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and killed.poll() is None and not (state.is_file() and '"completed": 2' in state.read_text()):
+        time.sleep(0.05)
+    kill_processes_naming(str(tmp_path / "killed"))  # torchrun and its workers (in their own process groups)
+    killed.wait()
+    time.sleep(1)
+    assert not (tmp_path / "killed" / "results.json").exists(), "the run finished before it could be killed"
+    resumed = subprocess.run([*torchrun, *args, "--out", str(tmp_path / "killed"), "--resume"], capture_output=True,
+                             text=True, env=env, timeout=600)
+    assert resumed.returncode == 0 and "resuming after task 2/5" in resumed.stdout + resumed.stderr, resumed.stderr[-3000:]
+    w_resumed = load_file(tmp_path / "killed" / "model" / "model.safetensors")
+    assert all(torch.equal(w_resumed[k], w_two[k]) for k in w_two)
     odd = subprocess.run([*torchrun, *args, "--set", "train.batch_size=3", "--out", str(tmp_path / "odd")],
                          capture_output=True, text=True, env=env, timeout=300)
     assert odd.returncode != 0 and not (tmp_path / "odd").exists()
