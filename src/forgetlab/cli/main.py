@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from transformers.utils import logging as hf_logging
 
-from forgetlab.cli import analyze, biography, cit, fv, icl_world
+from forgetlab.cli import aggregate, analyze, biography, cit, fv, icl_world
 from forgetlab.cli.errors import refuse_under_launcher
 
 app = typer.Typer(help="Measure, explain and prevent forgetting in continual learning of language models.",
@@ -16,6 +16,7 @@ app.add_typer(fv.app, name="fv")
 app.add_typer(icl_world.app, name="icl-world")
 app.add_typer(analyze.app, name="analyze")
 app.add_typer(cit.app, name="cit")
+app.command("aggregate")(aggregate.aggregate)
 
 
 @app.callback()
@@ -23,7 +24,7 @@ def launch(ctx: typer.Context) -> None:
     """Several processes (torchrun): only the groups with a ``run`` that trains on several GPUs may start."""
     from forgetlab.train import distributed
 
-    if distributed.launched() and ctx.invoked_subcommand not in ("cit", "biography"):
+    if distributed.launched() and ctx.invoked_subcommand not in ("cit", "biography"):  # aggregate included
         refuse_under_launcher(ctx.invoked_subcommand)
 
 

@@ -1,0 +1,133 @@
+"""Mean and spread over seeds: runs that differ only in their seed are one setting.
+
+The papers report averages over seeds (the FV paper 4, ours 3 for the biography world); this reads the
+``results.json`` of finished runs of either experiment, groups the runs whose configuration is the same
+but for the seed, and gives every number of the results per group as mean, sample standard deviation
+and the values themselves.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from forgetlab.report.markdown import table
+from forgetlab.utils.io import atomic_write_json, atomic_write_text, read_json
+
+# the numbers a person looks at first, per experiment, in the order of its tables
+HEADLINES = {
+    "cit": (("initial.GP", "GP initial"), ("final.GP", "GP final"), ("initial.IP", "IP initial"), ("final.IP", "IP final"),
+            ("AP", "AP"), ("FP", "FP"), ("forget", "forget")),
+    "biography": (("task0_before", "task 0 before"), ("task0_min_during_task1", "lowest during task 1"),
+                  ("task0_after_task1", "task 0 after task 1"), ("task1_after", "task 1"),
+                  ("task0_recovered", "recovered"), ("task0_recovery_control", "control"),
+                  ("spurious_share", "spurious share")),
+}
+
+
+def _results_file(path: Path) -> Path:
+    path = Path(path)
+    found = path / "results.json" if path.is_dir() else path
+    if not found.is_file():
+        raise FileNotFoundError(f"{path} is neither a finished run directory (no results.json) nor a results file")
+    return found
+
+
+def _numbers(results: dict, prefix: str = "") -> dict[str, float]:
+    """Every number of a results dict, nested keys joined with dots (lists, e.g. the score matrix, left out)."""
+    out = {}
+    for key, value in results.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_numbers(value, f"{name}."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key != "seed":
+            out[name] = float(value)
+    return out
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _setting(results_file: Path, results: dict) -> tuple[str, dict]:
+    """What a run was, but for its seed: its ``config.json`` when it has one beside the results, otherwise the
+    results' own labels (method, preset, FVG, tasks)."""
+    config = results_file.parent / "config.json"
+    if config.is_file():
+        setting = {k: v for k, v in _flat(read_json(config)).items() if k != "seed"}
+    else:
+        setting = {k: v for k, v in results.items() if isinstance(v, (str, bool)) or k == "tasks"}
+    return repr(sorted(setting.items())), setting
+
+
+def _label(setting: dict, varying: set[str]) -> str:
+    keys = [k for k in ("method", "fvg") if k in setting] + sorted(varying - {"method", "fvg"})
+    parts = []
+    for key in keys:
+        value = setting.get(key)
+        parts.append(("FVG" if value else "") if key == "fvg" else f"{key}={value}" if key != "method" else str(value))
+    return " ".join(p for p in parts if p) or "all runs"
+
+
+def aggregate_runs(paths: Sequence[Path]) -> dict:
+    """``{"experiment", "groups": [{"label", "setting", "runs", "seeds", "n", "metrics": {name: {mean, sd, values}}}]}``;
+    sd is the sample standard deviation (n − 1), None for a single run."""
+    if not paths:
+        raise ValueError("aggregate needs at least one run directory or results.json")
+    groups: dict[str, dict] = {}
+    kinds = set()
+    for path in paths:
+        found = _results_file(path)
+        results = read_json(found)
+        kinds.add("cit" if "R" in results and "AP" in results else "biography" if "task0_before" in results else "other")
+        key, setting = _setting(found, results)
+        group = groups.setdefault(key, {"setting": setting, "runs": [], "seeds": [], "values": {}})
+        group["runs"].append(str(path))
+        group["seeds"].append(results.get("seed"))
+        for name, value in _numbers(results).items():
+            group["values"].setdefault(name, []).append(value)
+    if len(kinds) > 1:
+        raise ValueError(f"aggregate: the runs come from different experiments ({', '.join(sorted(kinds))}); "
+                         "aggregate one experiment at a time")
+    settings = [g["setting"] for g in groups.values()]
+    varying = {k for s in settings for k in s if any(o.get(k) != s.get(k) for o in settings)}
+    out = []
+    for group in groups.values():
+        metrics = {}
+        for name, values in group["values"].items():
+            n = len(values)
+            mean = sum(values) / n
+            sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+            metrics[name] = {"mean": mean, "sd": sd, "values": values}
+        out.append({"label": _label(group["setting"], varying), "setting": group["setting"], "runs": group["runs"],
+                    "seeds": group["seeds"], "n": len(group["runs"]), "metrics": metrics})
+    return {"experiment": kinds.pop(), "groups": out}
+
+
+def write_aggregate(summary: dict, out: Path) -> None:
+    """``aggregate.json`` and ``aggregate.md`` (the headline numbers as mean ± sd, one row per setting)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "aggregate.json", summary)
+    headlines = HEADLINES.get(summary["experiment"], ())
+    digits = 1 if summary["experiment"] == "cit" else 3
+
+    def cell(metrics: dict, name: str) -> str:
+        if name not in metrics:
+            return "-"
+        m = metrics[name]
+        return f"{m['mean']:.{digits}f}" + (f" ± {m['sd']:.{digits}f}" if m["sd"] is not None else "")
+
+    rows = [(g["label"], g["n"], ", ".join(str(s) for s in g["seeds"]), *(cell(g["metrics"], k) for k, _ in headlines))
+            for g in summary["groups"]]
+    text = (f"# {summary['experiment']} runs: mean ± sample standard deviation over seeds\n\n"
+            + table(["setting", "runs", "seeds", *(label for _, label in headlines)], rows)
+            + "\nEvery number of the runs' results, per setting: `aggregate.json`.\n")
+    atomic_write_text(out / "aggregate.md", text)

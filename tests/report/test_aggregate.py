@@ -1,0 +1,55 @@
+"""Mean ± sd over seeds, against numpy on hand-made runs."""
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from forgetlab.cli.main import app
+from forgetlab.report.aggregate import aggregate_runs, write_aggregate
+
+
+def fake_cit_run(path, seed, method, ap, gp_final):
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"seed": seed, "method": method, "fvg": False, "train": {"lr": 1e-4}}))
+    (path / "results.json").write_text(json.dumps({
+        "seed": seed, "method": method, "fvg": False, "tasks": ["a", "b"], "R": [[0, 0], [1, 0], [1, 1]], "AP": ap,
+        "FP": ap - 1, "forget": 1.0, "initial": {"GP": 50.0, "IP": 60.0}, "final": {"GP": gp_final, "IP": 55.0}}))
+    return path
+
+
+def test_runs_that_differ_only_in_seed_are_one_setting(tmp_path):
+    runs = [fake_cit_run(tmp_path / "a0", 0, "inclora", 70.0, 40.0), fake_cit_run(tmp_path / "a1", 1, "inclora", 80.0, 44.0),
+            fake_cit_run(tmp_path / "a2", 2, "inclora", 75.0, 47.0), fake_cit_run(tmp_path / "b0", 0, "seq", 90.0, 30.0)]
+    summary = aggregate_runs(runs)
+    assert summary["experiment"] == "cit" and [g["n"] for g in summary["groups"]] == [3, 1]
+    inclora, seq = summary["groups"]
+    assert inclora["label"] == "inclora" and inclora["seeds"] == [0, 1, 2] and seq["label"] == "seq"
+    ap = inclora["metrics"]["AP"]
+    assert ap["values"] == [70.0, 80.0, 75.0]
+    assert ap["mean"] == pytest.approx(np.mean([70, 80, 75])) and ap["sd"] == pytest.approx(np.std([70, 80, 75], ddof=1))
+    assert inclora["metrics"]["final.GP"]["sd"] == pytest.approx(np.std([40, 44, 47], ddof=1))
+    assert seq["metrics"]["AP"]["sd"] is None and "seed" not in inclora["metrics"] and "R" not in inclora["metrics"]
+    write_aggregate(summary, tmp_path / "agg")
+    md = (tmp_path / "agg" / "aggregate.md").read_text()
+    assert "| inclora | 3 | 0, 1, 2 | 50.0 ± 0.0 | 43.7 ± 3.5 |" in md and "| seq | 1 | 0 | 50.0 | 30.0 |" in md
+    assert json.loads((tmp_path / "agg" / "aggregate.json").read_text()) == json.loads(json.dumps(summary))
+
+
+def test_a_setting_that_differs_is_named_and_bad_input_is_refused(tmp_path):
+    a = fake_cit_run(tmp_path / "a", 0, "inclora", 70.0, 40.0)
+    b = fake_cit_run(tmp_path / "b", 0, "inclora", 71.0, 41.0)
+    config = json.loads((b / "config.json").read_text())
+    config["train"]["lr"] = 2e-3
+    (b / "config.json").write_text(json.dumps(config))
+    labels = [g["label"] for g in aggregate_runs([a, b])["groups"]]
+    assert labels == ["inclora train.lr=0.0001", "inclora train.lr=0.002"]
+    bio = tmp_path / "bio.json"
+    bio.write_text(json.dumps({"seed": 0, "method": "seq", "task0_before": 0.7}))
+    with pytest.raises(ValueError, match="different experiments"):
+        aggregate_runs([a, bio])
+    result = CliRunner().invoke(app, ["aggregate", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "neither a finished run directory" in result.stderr
+    ok = CliRunner().invoke(app, ["aggregate", str(a), str(b), "--out", str(tmp_path / "o")])
+    assert ok.exit_code == 0 and (tmp_path / "o" / "aggregate.md").is_file()
