@@ -24,7 +24,7 @@ def launch(ctx: typer.Context) -> None:
     """Several processes (torchrun): only the groups with a ``run`` that trains on several GPUs may start."""
     from forgetlab.train import distributed
 
-    if distributed.launched() and ctx.invoked_subcommand not in ("cit", "biography"):  # aggregate included
+    if distributed.launched() and ctx.invoked_subcommand not in ("cit", "biography"):
         refuse_under_launcher(ctx.invoked_subcommand)
 
 
