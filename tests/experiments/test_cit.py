@@ -415,7 +415,7 @@ def test_checkpoint_every_resumes_inside_a_task(icl_world_dir, tmp_path, monkeyp
 
 
 @pytest.mark.parametrize("architecture,targets", [("llama", ["q_proj", "v_proj"]), ("gpt2", ["c_attn"]),
-                                                  ("gpt_neox", ["query_key_value"])])
+                                                  ("gpt2_tied", ["c_attn"]), ("gpt_neox", ["query_key_value"])])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_merged_checkpoint_equals_peft_merge_and_unload(tmp_path, architecture, targets, dtype):
     """The per-task checkpoint of a LoRA model, saved without copying the model, holds exactly the weights of
@@ -428,7 +428,9 @@ def test_merged_checkpoint_equals_peft_merge_and_unload(tmp_path, architecture, 
     from forgetlab.experiments.cit import save_checkpoint
 
     torch.manual_seed(0)
-    model = get_peft_model(random_model(tiny_config(architecture, 50), dtype=dtype),
+    config = tiny_config(architecture.removesuffix("_tied"), 50)
+    config.tie_word_embeddings = architecture.endswith("_tied")  # GPT-2 as released: unembedding = embedding
+    model = get_peft_model(random_model(config, dtype=dtype),
                            LoraConfig(r=4, lora_alpha=8, target_modules=targets, task_type="CAUSAL_LM"))
     for name, p in model.named_parameters():
         if "lora_B" in name:  # B starts at zero; give the adapter a real delta

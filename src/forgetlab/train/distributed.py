@@ -4,8 +4,9 @@
 Every process runs the whole experiment: the same seeds, the same evaluation, the same decisions. Only
 the optimizer steps are shared: :func:`forgetlab.train.trainer.train_phase` wraps the model in
 ``DistributedDataParallel`` and gives each process its share of every micro-batch, so N processes train
-the model one process would, on N times the throughput. Only the main process writes files; the others
-read what it wrote (a resumed run) after :func:`main_first`.
+the model one process would, on N times the throughput. Evaluation by generation is shared the same way
+(:func:`share`, :func:`gather_shares`). Only the main process writes files; the others read what it wrote
+(a resumed run's state, a cached phase) after :func:`main_first` or :func:`barrier`.
 """
 
 from __future__ import annotations
@@ -104,5 +105,5 @@ def main_first(fn: Callable[[], T]) -> T | None:
     dist.broadcast_object_list(shared, src=0)
     if shared[0] is not None:
         kind, message = shared[0]
-        raise {"ValueError": ValueError, "FileNotFoundError": FileNotFoundError}.get(kind, PermissionError)(message)
+        raise {c.__name__: c for c in (ValueError, FileNotFoundError, PermissionError)}[kind](message)
     return result
