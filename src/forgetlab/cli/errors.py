@@ -10,22 +10,26 @@ from collections.abc import Callable
 import typer
 
 
+def _first_process() -> bool:
+    """Rank 0 of a launcher's processes (read from the environment: errors can come before the group is joined)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def user_errors(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except (ValueError, FileNotFoundError, PermissionError) as err:
-            if int(os.environ.get("RANK", "0")) == 0:  # one line, not one per process of a multi-GPU run
+            if _first_process():  # one line, not one per process of a multi-GPU run
                 print(f"forgetlab: error: {err}", file=sys.stderr)
             raise typer.Exit(code=2) from None
     return wrapper
 
 
-
 def refuse_under_launcher(command: str) -> None:
     """One line and exit 2 for a command that cannot run in several processes (printed once, by rank 0)."""
-    if int(os.environ.get("RANK", "0")) == 0:
+    if _first_process():
         print(f"forgetlab: error: `forgetlab {command}` runs in one process; only `forgetlab cit run` and `forgetlab "
               "biography run` train on several GPUs (start it without torchrun)", file=sys.stderr)
     raise typer.Exit(code=2)
