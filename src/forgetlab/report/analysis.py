@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from forgetlab.report.figures import save_figure  # noqa: E402
 
@@ -64,6 +65,7 @@ def plot_feature_shift(rows_by_pair: dict[str, list[dict]], path: Path) -> None:
     axes[1].set_ylabel("mean shift / RMS feature norm")
     for ax in axes:
         ax.set_xlabel("layer (0 = embedding)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
         ax.legend(fontsize=7)
     save_figure(fig, path)
 
