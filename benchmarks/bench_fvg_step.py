@@ -15,7 +15,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 from transformers import AutoTokenizer
 
 from forgetlab.analysis.recovery import encode_qa

@@ -11,7 +11,7 @@ import torch
 from forgetlab.models.build import ModelConfig, build_model
 from forgetlab.train import distributed
 from forgetlab.train.data import pack_texts, subset
-from forgetlab.train.trainer import EvalSchedule, PhaseConfig, train_phase
+from forgetlab.train.trainer import PhaseConfig, train_phase
 
 SETUP = '''
 import torch

@@ -335,8 +335,9 @@ def check_inputs(cfg: CITConfig) -> None:
         if fv_files:
             from forgetlab.models.adapter import adapt
 
+            adapter = adapt(model)
             for name, fv in saved_function_vectors(cfg.fvg_config.fv_dir, [t.name for t in tasks]).items():
-                fv.check_fits(adapt(model), f"the FV of {name} in fvg_config.fv_dir")
+                fv.check_fits(adapter, f"the FV of {name} in fvg_config.fv_dir")
 
 
 def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, progress: bool = True) -> dict:

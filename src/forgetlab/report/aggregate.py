@@ -34,19 +34,8 @@ def _results_file(path: Path) -> Path:
     return found
 
 
-def _numbers(results: dict, prefix: str = "") -> dict[str, float]:
-    """Every number of a results dict, nested keys joined with dots (lists, e.g. the score matrix, left out)."""
-    out = {}
-    for key, value in results.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_numbers(value, f"{name}."))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key != "seed":
-            out[name] = float(value)
-    return out
-
-
 def _flat(d: dict, prefix: str = "") -> dict:
+    """Nested dicts as one level, keys joined with dots (``train.lr``)."""
     out = {}
     for key, value in d.items():
         if isinstance(value, dict):
@@ -54,6 +43,12 @@ def _flat(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+def _numbers(results: dict) -> dict[str, float]:
+    """Every number of a results dict, nested keys joined with dots (lists, e.g. the score matrix, left out)."""
+    return {k: float(v) for k, v in _flat(results).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "seed"}
 
 
 def _setting(results_file: Path, results: dict) -> tuple[str, dict]:
