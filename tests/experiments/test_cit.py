@@ -111,6 +111,32 @@ def test_bad_configs_name_the_problem(icl_world_dir):
     assert not (icl_world_dir / "x").exists()
 
 
+def test_training_answers_end_where_generation_is_cut(icl_world_dir, tiny_llama_dir, tmp_path, monkeypatch):
+    """World answers end with the newline the world model stops at (an eos target taught a world model that
+    already did a task to run on past its answer: 100 -> 50); task-file answers end with eos."""
+    from transformers import AutoTokenizer
+
+    import forgetlab.experiments.cit as cit
+
+    world_tok = AutoTokenizer.from_pretrained(icl_world_dir / "model")
+    newline = world_tok.get_vocab()["\n"]
+    assert cit.answer_end_ids(small(icl_world_dir), world_tok) == [newline]
+    assert cit.answer_end_ids(small(icl_world_dir, answer_end="eos"), world_tok) == [world_tok.eos_token_id]
+    llama_tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    files = CITConfig(model=str(tiny_llama_dir), sequence="a.json")
+    assert cit.answer_end_ids(files, llama_tok) == [llama_tok.eos_token_id]
+    with pytest.raises(ValueError, match="answer_end='stop'"):
+        small(icl_world_dir, answer_end="stop").validate()
+
+    seen = []
+    real = cit.qa_dataset
+    monkeypatch.setattr(cit, "qa_dataset", lambda p, a, eos, pad: seen.append((a, eos)) or real(p, a, eos, pad))
+    cfg = small(icl_world_dir, method="seq", sequence="capitalize_first", save_checkpoints=False)
+    run_cit(replace(cfg, train=replace(cfg.train, max_steps=1)), tmp_path, log=lambda s: None, progress=False)
+    answers, eos = seen[0]
+    assert eos is None and answers and all(a[-1] == newline and newline not in a[:-1] for a in answers)
+
+
 def test_world_tasks_by_name_form_a_sequence(icl_world_dir):
     tasks, world = load_sequence(small(icl_world_dir, sequence="capitalize_first, reworded_reverse"))
     assert [t.name for t in tasks] == ["capitalize_first", "reworded_reverse"]

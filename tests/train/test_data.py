@@ -24,6 +24,12 @@ def test_qa_loss_only_on_answer_and_eos():
     assert ds.batch(torch.tensor([0, 1]))["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
 
 
+def test_qa_rows_without_eos_keep_the_answers_own_end():
+    ds = qa_dataset([[10, 11], [13]], [[20, 9], [21, 22, 9]], eos_id=None, pad_id=0)
+    assert ds.input_ids.tolist() == [[10, 11, 20, 9], [13, 21, 22, 9]]
+    assert ds.labels.tolist() == [[IGNORE, IGNORE, 20, 9], [IGNORE, 21, 22, 9]]
+
+
 def test_concat_pads_to_common_width():
     a = qa_dataset([[3]], [[4]], 1, 0)
     b = qa_dataset([[3, 3, 3]], [[4]], 1, 0)

@@ -45,6 +45,7 @@ from forgetlab.worlds.instructions import (InstructionTask, definition_of, from_
                                           question, world_sequence)
 
 METHODS = ("seq", "lora", "inclora", "replay", "ewc", "lwf", "olora", "multitask")
+ANSWER_ENDS = ("auto", "eos", "newline")
 FINETUNE_MODES = ("full", "lora", "inclora")  # inclora: merge the last adapter, start a new one per task
 DEFAULT_MODE = {"seq": "full", "replay": "full", "ewc": "full", "multitask": "full", "lora": "lora",
                 "inclora": "inclora", "lwf": "inclora", "olora": "inclora"}
@@ -63,6 +64,9 @@ class CITConfig:
                                                           "C1|M1 or task names a,b,c (in tasks_dir); task files a.json,b.jsonl"})
     tasks_dir: str = field(default="", metadata={"help": "natural-instructions tasks/ folder for NI sequences"})
     template: str = field(default="", metadata={"help": "prompt template with {definition} and {input}; default by source"})
+    answer_end: str = field(default="auto", metadata={"help": "what ends each training answer: eos | newline | auto "
+                                                             "(newline for ICL-world sequences, whose answers end with "
+                                                             "one and whose scoring cuts there; eos otherwise)"})
     n_train: int = 1000
     n_test: int = 100
     max_source_tokens: int = 512
@@ -116,6 +120,8 @@ class CITConfig:
                              "or --sequence a.json,b.json (task files)")
         if not self.world_dir and not self.model:
             raise ValueError("natural-instructions sequences need --model DIR")
+        if self.answer_end not in ANSWER_ENDS:
+            raise ValueError(f"answer_end={self.answer_end!r} is unknown; use one of {', '.join(ANSWER_ENDS)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is unknown; use one of {', '.join(DTYPES)}")
         for name in ("n_train", "n_test", "max_source_tokens", "max_target_tokens", "max_new_tokens", "lora_r"):
@@ -303,6 +309,22 @@ def _template(cfg: CITConfig, world) -> str:
     return cfg.template or (WORLD_TEMPLATE if world is not None else NI_TEMPLATE)
 
 
+def answer_end_ids(cfg: CITConfig, tokenizer) -> list[int]:
+    """The tokens that end every training answer.
+
+    They must be what the model emits to stop and what generation is cut at: an ICL-world model ends
+    each answer with a newline and never learned eos, so an eos target teaches it to run on past the
+    answer (a task it already did at 100 then scores 50).
+    """
+    end = cfg.answer_end if cfg.answer_end != "auto" else ("newline" if cfg.world_dir else "eos")
+    if end == "eos":
+        return [tokenizer.eos_token_id]
+    ids = tokenizer.encode("\n", add_special_tokens=False)
+    if not ids:
+        raise ValueError("answer_end=newline: this tokenizer has no token for a newline; use --set answer_end=eos")
+    return ids
+
+
 def _model_dir(cfg: CITConfig) -> str:
     model_dir = cfg.model or str(Path(cfg.world_dir) / "model")
     if not (Path(model_dir) / "config.json").is_file():
@@ -386,9 +408,11 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
             + "".join(f"  {k.upper()}={v:.1f}" for k, v in general.items()))
         return scores, general
 
+    end_ids = answer_end_ids(cfg, tokenizer)
+
     def task_data(task, train) -> object:
         prompts, answers = _truncate(*encode_qa(tokenizer, _rows(task, train, template)), cfg)
-        return qa_dataset(prompts, answers, tokenizer.eos_token_id, tokenizer.pad_token_id), prompts
+        return qa_dataset(prompts, [a + end_ids for a in answers], None, tokenizer.pad_token_id), prompts
 
     R, general = [], []
     sequential = [] if cfg.method == "multitask" else list(zip(tasks, splits))

@@ -54,18 +54,22 @@ def pack_texts(token_lists: Sequence[Sequence[int]], eos_id: int, block_size: in
     return TokenDataset(ids, ids.clone(), torch.ones_like(ids))
 
 
-def qa_dataset(prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], eos_id: int, pad_id: int) -> TokenDataset:
-    """Right-padded prompt+answer+eos rows with the loss on answer and eos only."""
+def qa_dataset(prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], eos_id: int | None, pad_id: int) -> TokenDataset:
+    """Right-padded prompt+answer+eos rows with the loss on answer and eos only.
+
+    ``eos_id=None`` appends nothing: for answers that already end with the model's own stop (a newline).
+    """
     if len(prompts) != len(answers) or not prompts:
         raise ValueError(f"qa_dataset needs as many answers as prompts (got {len(prompts)} and {len(answers)}), at least one")
-    width = max(len(p) + len(a) + 1 for p, a in zip(prompts, answers))
+    width = max(len(p) + len(a) + (eos_id is not None) for p, a in zip(prompts, answers))
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     labels = torch.full_like(ids, IGNORE)
     mask = torch.zeros_like(ids)
     for i, (p, a) in enumerate(zip(prompts, answers)):
-        row = list(p) + list(a) + [eos_id]
+        target = list(a) + ([] if eos_id is None else [eos_id])
+        row = list(p) + target
         ids[i, : len(row)] = torch.tensor(row)
-        labels[i, len(p) : len(row)] = torch.tensor(list(a) + [eos_id])
+        labels[i, len(p) : len(row)] = torch.tensor(target)
         mask[i, : len(row)] = 1
     return TokenDataset(ids, labels, mask)
 
