@@ -25,3 +25,6 @@ done
 for kl in 20 0; do
   run inclora_fvg_universal_kl$kl --method inclora --lr 2e-3 --fvg --set fvg_config.fv_source=initial --set fvg_config.heads=universal --set fvg_config.alpha_kl=$kl --set save_checkpoints=false
 done
+# reworded sequences 1 and 2: IncLoRA (from pooled/commands.sh) and IncLoRA + FVG at alpha_kl=1 (seq{1,2}_*.json)
+for s in 1 2; do forgetlab cit run --world $W --sequence $s --max-train 100 --epochs 10 --method inclora --lr 2e-3 --fvg \
+  --set fvg_config.alpha_kl=1 --set save_checkpoints=false --out $R/s$s-inclora-fvg-kl1 --overwrite --no-progress 2>&1 | grep -a "AP=\|rror"; done
