@@ -12,3 +12,10 @@ run replay --method replay --lr 5e-4
 run ewc --method ewc --lr 5e-4
 t=$(date +%s); forgetlab cit analyze $R/inclora $R/inclora_fvg $R/seq $R/lwf $R/olora $R/replay $R/ewc --out $R/pooled 2>&1 | grep -v "^\[cit analyze\] \|Loading"; echo "analyze took $(( $(date +%s) - t )) s"
 t=$(date +%s); forgetlab cit analyze $R/inclora 2>&1 | grep -v "^\[cit analyze\] \|Loading" | tail -4; echo "single analyze took $(( $(date +%s) - t )) s"
+# FVG weights on this sequence, seeds 0 and 1 (inclora_fvg_{kl1,kl0,fv01kl1}.json, seed1_*.json)
+for seed in 0 1; do p=""; [ $seed = 1 ] && p=seed1_
+  [ $seed = 1 ] && run ${p}inclora --method inclora --lr 2e-3 --seed 1 --set save_checkpoints=false
+  run ${p}inclora_fvg_kl1 --method inclora --lr 2e-3 --fvg --set fvg_config.alpha_kl=1 --seed $seed --set save_checkpoints=false
+  run ${p}inclora_fvg_kl0 --method inclora --lr 2e-3 --fvg --set fvg_config.alpha_kl=0 --seed $seed --set save_checkpoints=false
+  run ${p}inclora_fvg_fv01kl1 --method inclora --lr 2e-3 --fvg --set fvg_config.alpha_kl=1 --set fvg_config.alpha_fv=0.1 --seed $seed --set save_checkpoints=false
+done
