@@ -37,3 +37,6 @@ for seed in 0 1; do p=""; [ $seed = 1 ] && p=seed1_
       --set save_checkpoints=false --out $R/seq1_e40_$p$n --overwrite --no-progress 2>&1 | grep -a "AP=\|rror"
   done
 done
+# its FV drift and interventions (seq1_e40_analysis/): the same IncLoRA run with checkpoints, then cit analyze
+forgetlab cit run --world $W --sequence 1 --max-train 100 --epochs 40 --method inclora --lr 2e-3 --out $R/seq1_e40_ckpt --overwrite --no-progress
+forgetlab cit analyze $R/seq1_e40_ckpt
