@@ -204,3 +204,16 @@ def test_two_processes_under_torchrun(smoke_run, tmp_path):
     refused = subprocess.run([*torchrun, "biography", "generate", "--preset", "smoke", "--out", str(tmp_path / "w")],
                              env=env, capture_output=True, text=True, timeout=300)
     assert refused.returncode != 0 and refused.stderr.count("`forgetlab biography generate` runs in one process") == 1
+
+
+def test_phase_keys_name_the_number_of_processes(monkeypatch):
+    """A phase trained by several processes is cached apart from the one-process phase of the same config; one
+    process keeps the plain config hash, so existing caches stay valid."""
+    from forgetlab.experiments import biography
+    from forgetlab.utils.io import config_hash
+
+    assert biography.phase_key("task0", "abc", {"lr": 1e-3}) == config_hash("task0", "abc", {"lr": 1e-3})
+    monkeypatch.setattr(biography.distributed, "world_size", lambda: 2)
+    two = biography.phase_key("task0", "abc", {"lr": 1e-3})
+    monkeypatch.setattr(biography.distributed, "world_size", lambda: 8)
+    assert len({two, biography.phase_key("task0", "abc", {"lr": 1e-3}), config_hash("task0", "abc", {"lr": 1e-3})}) == 3

@@ -45,6 +45,13 @@ PHASE_CODE = code_fingerprint("forgetlab.experiments.biography", "forgetlab.trai
                               "forgetlab.eval.exact_match", "forgetlab.eval.recall")
 METHOD_CODE = code_fingerprint("forgetlab.methods.freeze", "forgetlab.methods.replay", "forgetlab.methods.regularizers")
 
+
+def phase_key(*parts) -> str:
+    """A cached phase's key: its config and code, and the number of processes that train it when more than
+    one (a phase trained data-parallel differs from a one-process one by rounding and per-shard token weighting)."""
+    n = distributed.world_size()
+    return config_hash(*parts, *((("processes", n),) if n > 1 else ()))
+
 SNAPSHOTS = "snapshots"  # inside a phase's cache folder: models saved at cfg.snapshot_steps
 
 
@@ -211,7 +218,7 @@ class BiographyExperiment:
 
     def pretrain(self):
         cfg = self.cfg
-        key = config_hash("pretrain", PHASE_CODE, cfg.world, cfg.model, cfg.block_size, cfg.pretrain, cfg.eval, cfg.seed)
+        key = phase_key("pretrain", PHASE_CODE, cfg.world, cfg.model, cfg.block_size, cfg.pretrain, cfg.eval, cfg.seed)
 
         def data() -> TokenDataset:
             entries = self.world.pretraining_corpus()
@@ -224,13 +231,13 @@ class BiographyExperiment:
         return self._phase("pretrain", key, start, data, cfg.pretrain, tasks=[]), key
 
     def task0(self, pre, pre_key: str):
-        key = config_hash("task0", pre_key, self.cfg.task0)
+        key = phase_key("task0", pre_key, self.cfg.task0)
         return self._phase("task0", key, lambda: load_model(pre.model_dir), lambda: self.train_set("task0_train"),
                            self.cfg.task0, tasks=["task0"]), key
 
     def new_task(self, k: int, prev, prev_key: str):
         cfg, method = self.cfg, self.cfg.method
-        key = config_hash(f"task{k}", prev_key, METHOD_CODE, cfg.task, method,
+        key = phase_key(f"task{k}", prev_key, METHOD_CODE, cfg.task, method,
                           *([cfg.snapshot_steps] if cfg.snapshot_steps else []))
 
         def data() -> TokenDataset:
@@ -265,7 +272,7 @@ class BiographyExperiment:
 
     def recovery(self, source, source_key: str, name: str = "recovery"):
         """One short re-alignment on task-0 QA of half its training people, scored on held-out people."""
-        key = config_hash("recovery", PHASE_CODE, source_key, self.cfg.recovery)
+        key = phase_key("recovery", PHASE_CODE, source_key, self.cfg.recovery)
         return self._phase(name, key, lambda: load_model(source.model_dir), lambda: self.train_set("recovery_train"),
                            self.cfg.recovery, tasks=["task0"])
 
