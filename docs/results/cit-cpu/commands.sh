@@ -28,11 +28,11 @@ done
 # reworded sequences 1 and 2: IncLoRA (from pooled/commands.sh) and IncLoRA + FVG at alpha_kl=1 (seq{1,2}_*.json)
 for s in 1 2; do forgetlab cit run --world $W --sequence $s --max-train 100 --epochs 10 --method inclora --lr 2e-3 --fvg \
   --set fvg_config.alpha_kl=1 --set save_checkpoints=false --out $R/s$s-inclora-fvg-kl1 --overwrite --no-progress 2>&1 | grep -a "AP=\|rror"; done
-# reworded sequence 1 trained longer (40 epochs), IncLoRA and FVG weights, seeds 0 and 1 (seq1_e40_*.json)
-for seed in 0 1; do p=""; [ $seed = 1 ] && p=seed1_
+# reworded sequence 1 trained longer (40 epochs), IncLoRA and FVG weights, seeds 0, 1 and 2 (seq1_e40_*.json)
+for seed in 0 1 2; do p=""; [ $seed != 0 ] && p=seed${seed}_
   for v in "inclora" "inclora_kl0.1 --fvg --set fvg_config.alpha_kl=0.1" "inclora_kl0 --fvg --set fvg_config.alpha_kl=0" \
            "inclora_kl1 --fvg --set fvg_config.alpha_kl=1" "inclora_fv01kl1 --fvg --set fvg_config.alpha_kl=1 --set fvg_config.alpha_fv=0.1"; do
-    set -- $v; n=$1; shift; [ $seed = 1 ] && [ $n = inclora_kl1 -o $n = inclora_fv01kl1 ] && continue
+    set -- $v; n=$1; shift; [ $seed != 0 ] && [ $n = inclora_kl1 -o $n = inclora_fv01kl1 ] && continue; [ $seed = 2 ] && [ $n = inclora_kl0 ] && continue
     forgetlab cit run --world $W --sequence 1 --max-train 100 --epochs 40 --method inclora --lr 2e-3 --seed $seed "$@" \
       --set save_checkpoints=false --out $R/seq1_e40_$p$n --overwrite --no-progress 2>&1 | grep -a "AP=\|rror"
   done
