@@ -44,6 +44,7 @@ PHASE_CODE = code_fingerprint("forgetlab.experiments.biography", "forgetlab.trai
                               "forgetlab.worlds.biography_templates", "forgetlab.worlds.names",
                               "forgetlab.eval.exact_match", "forgetlab.eval.recall")
 METHOD_CODE = code_fingerprint("forgetlab.methods.freeze", "forgetlab.methods.replay", "forgetlab.methods.regularizers")
+SNAPSHOTS = "snapshots"  # inside a phase's cache folder: models saved at cfg.snapshot_steps
 
 
 def phase_key(*parts) -> str:
@@ -51,8 +52,6 @@ def phase_key(*parts) -> str:
     one (a phase trained data-parallel differs from a one-process one by rounding and per-shard token weighting)."""
     n = distributed.world_size()
     return config_hash(*parts, *((("processes", n),) if n > 1 else ()))
-
-SNAPSHOTS = "snapshots"  # inside a phase's cache folder: models saved at cfg.snapshot_steps
 
 
 @dataclass
