@@ -144,6 +144,29 @@ def test_world_tasks_by_name_form_a_sequence(icl_world_dir):
     assert [x for x, _ in tasks[1].split()[1]] == [x for x, _ in test]
 
 
+def test_train_loss_records_each_methods_terms_per_task(icl_world_dir, tmp_path):
+    """results.json's ``train_loss``: per task its steps, the mean LM loss and each weighted method term. At a
+    zero learning rate nothing moves, so EWC's penalty (distance to its anchor) and FVG's consistency term
+    are 0, while the FV-guided KL is not (its teacher has the FV added); a resumed run keeps the list."""
+    from forgetlab.methods.fvg import FVGConfig
+    from forgetlab.worlds.icl import ICLWorld
+
+    two = ",".join(ICLWorld.read(icl_world_dir / "world.json").sequences[0][:2])
+    still = lambda cfg: replace(cfg, train=replace(cfg.train, lr=1e-12))  # noqa: E731
+    ewc = run_cit(still(small(icl_world_dir, method="ewc", sequence=two)), tmp_path / "ewc", log=lambda s: None,
+                  progress=False)
+    assert [sorted(t) for t in ewc["train_loss"]] == [["lm", "steps", "task"], ["ewc", "lm", "steps", "task"]]
+    assert [t["task"] for t in ewc["train_loss"]] == two.split(",")
+    assert ewc["train_loss"][1]["ewc"] == pytest.approx(0.0, abs=1e-12)
+    assert all(t["lm"] > 0 and t["steps"] == 3 for t in ewc["train_loss"])
+    assert json.loads((tmp_path / "ewc" / "results.json").read_text())["train_loss"] == ewc["train_loss"]
+    assert "| ewc |" in (tmp_path / "ewc" / "report.md").read_text()  # the loss table's header
+    fvg = still(replace(small(icl_world_dir, method="inclora", sequence=two), fvg=True,
+                        fvg_config=FVGConfig(n_prompts=4, shots=3, top_k=3)))
+    guided = run_cit(fvg, tmp_path / "fvg", log=lambda s: None, progress=False)["train_loss"]
+    assert all(t["fv"] == pytest.approx(0.0, abs=1e-9) and t["kl"] > 1e-5 for t in guided)
+
+
 @pytest.mark.slow
 def test_fvg_terms_change_training_only_when_weighted_and_only_trainable_weights(icl_world_dir, tmp_path):
     from forgetlab.methods.fvg import FVGConfig

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from forgetlab.models.build import ModelConfig, build_model
@@ -72,6 +73,7 @@ def test_resume_after_kill_is_bit_exact(tmp_path):
     for (name, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
     assert [r["value"] for r in out.rows] == [r["value"] for r in out_ref.rows]
+    assert out.loss_terms.keys() == {"lm"} and out.loss_terms == pytest.approx(out_ref.loss_terms, rel=1e-6)
 
 
 def test_only_trainable_parameters_change(tmp_path):
@@ -101,3 +103,25 @@ def test_drop_last_gives_full_batches_only():
     assert sizes == [4] * 6  # two full batches per epoch of 10 rows
     rows = torch.cat([micro_batch_rows(m, 10, 4, seed=0, drop_last=True) for m in range(2)])
     assert len(set(rows.tolist())) == 8
+
+
+def test_loss_terms_are_means_per_micro_batch(tmp_path):
+    """With every micro-batch holding all rows and a zero learning rate, ``lm`` is the loss of the whole
+    set each time; named terms are averaged as returned, a bare tensor is called ``extra``."""
+    model, data = _setup()
+    n = len(data)
+    cfg = PhaseConfig(lr=0.0, max_steps=3, batch_size=n, grad_accum=2, checkpoint_every=0)
+    calls = []
+
+    def named(rows, batch, run_forward):
+        calls.append(len(rows))
+        return {"half": 0.5 * run_forward().loss, "count": torch.tensor(2.0 * len(calls))}
+
+    out = train_phase(model, data, cfg, phase="p", state_dir=tmp_path / "a", seed=0, extra_loss=named, progress=False)
+    with torch.no_grad():
+        whole = model(**data.batch(torch.arange(n))).loss.item()
+    assert calls == [n] * 6
+    assert out.loss_terms == pytest.approx({"lm": whole, "half": whole / 2, "count": 7.0}, rel=1e-5)
+    bare = train_phase(model, data, cfg, phase="p", state_dir=tmp_path / "b", seed=0, progress=False,
+                       extra_loss=lambda rows, batch, run_forward: run_forward().loss * 0 + 1.5)
+    assert bare.loss_terms == pytest.approx({"lm": whole, "extra": 1.5}, rel=1e-5)

@@ -40,3 +40,5 @@ done
 # its FV drift and interventions (seq1_e40_analysis/): the same IncLoRA run with checkpoints, then cit analyze
 forgetlab cit run --world $W --sequence 1 --max-train 100 --epochs 40 --method inclora --lr 2e-3 --out $R/seq1_e40_ckpt --overwrite --no-progress
 forgetlab cit analyze $R/seq1_e40_ckpt
+# EWC strength sweep (ewc_sweep/ewc_<strength>.json; train_loss shows the penalty against the LM loss)
+for s in 1e3 1e4 1e5 1e6 1e7 1e8 1e9 1e10; do run ewc_sweep/ewc_$s --method ewc --lr 5e-4 --set save_checkpoints=false --set ewc_strength=$s; done

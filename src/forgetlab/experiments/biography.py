@@ -207,10 +207,11 @@ class BiographyExperiment:
             outcome = train_phase(model, data(), pcfg, phase=name, state_dir=state_dir, seed=self.cfg.seed,
                                   evaluate=lambda: evaluate(model), stop=stop, log=self.log, progress=self.progress,
                                   on_step=on_step if snapshots else None,
-                                  extra_loss=(lambda rows, batch, run_forward: (run_forward(), term())[1]) if term else None)
+                                  extra_loss=(lambda rows, batch, run_forward: (run_forward(), {"ewc": term()})[1]) if term else None)
             for p in model.parameters():
                 p.requires_grad_(True)
             info = {"steps": outcome.steps, "stopped_early": outcome.stopped_early, "seconds": outcome.seconds,
+                    "loss_terms": outcome.loss_terms,
                     "final": self.full_eval(model, self.all_tasks()), **extra}
             return model, outcome.rows, info
         return self.store.run(name, key, train, self.tokenizer)
@@ -337,6 +338,7 @@ def summarize(cfg: BiographyRunConfig, phases: dict, rows: list[dict], n_tasks: 
         "preset": cfg.preset, "seed": cfg.seed, "seconds": seconds,
         "task1_steps": phases["task1"].info["steps"],
         "task0_recall": {name: p.info["final"]["task0"].get("recall") for name, p in phases.items()},
+        "loss_terms": {name: p.info.get("loss_terms", {}) for name, p in phases.items()},
         "per_attribute_after_task1": {k: v for k, v in phases["task1"].info["final"]["task0"].items() if k.startswith("em_")},
         "score_matrix": {"rows": order, "tasks": tasks, "R": matrix, "metrics": cl_summary(matrix)},
     }

@@ -414,7 +414,7 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
         prompts, answers = _truncate(*encode_qa(tokenizer, _rows(task, train, template)), cfg)
         return qa_dataset(prompts, [a + end_ids for a in answers], None, tokenizer.pad_token_id), prompts
 
-    R, general = [], []
+    R, general, train_loss = [], [], []  # train_loss: per phase, the mean of each loss term
     sequential = [] if cfg.method == "multitask" else list(zip(tasks, splits))
     seen_data: list = []                 # earlier tasks' training rows (replay)
     fisher, anchor = None, None          # accumulated diagonal Fisher and the weights after the last task (ewc)
@@ -438,7 +438,7 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
     saved = load_between_phases(out / "state") if sequential else None
     if saved is not None:  # a killed run: the model and method state after its last finished task
         meta, weights, tensors = saved
-        first, R, general = meta["completed"], meta["R"], meta["general"]
+        first, R, general, train_loss = meta["completed"], meta["R"], meta["general"], meta.get("train_loss", [])
         start -= meta["seconds"]
         if cfg.mode != "full":
             model = _wrap_lora(model, cfg)  # the same modules as when it was saved; the weights come next
@@ -458,6 +458,7 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
         joint = concat([task_data(t, train)[0] for t, (train, _) in zip(tasks, splits)], tokenizer.pad_token_id)
         outcome = train_phase(model, joint, cfg.train, phase="multitask", state_dir=out / "state" / "multitask",
                               seed=cfg.seed, log=log, progress=progress)
+        train_loss.append({"task": "multitask", "steps": outcome.steps, **outcome.loss_terms})
         scores, gen = evaluate_all(f"after all tasks jointly ({outcome.steps} steps)")
         R += [scores] * len(tasks)
         general += [gen] * len(tasks)
@@ -477,16 +478,16 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
         task_rows = data
         if cfg.method == "replay" and seen_data:
             data = mix_replay(data, concat(seen_data, tokenizer.pad_token_id), cfg.replay, cfg.seed + k, tokenizer.pad_token_id)
-        penalties = []  # terms (batch, outputs) -> loss added after the ordinary forward pass
+        penalties = {}  # name -> term (batch, outputs) -> loss added after the ordinary forward pass
         if cfg.method == "ewc" and fisher is not None:
-            penalties.append(lambda batch, outputs, f=fisher, a=anchor: ewc_penalty(model, f, a, cfg.ewc_strength))
+            penalties["ewc"] = lambda batch, outputs, f=fisher, a=anchor: ewc_penalty(model, f, a, cfg.ewc_strength)
         if cfg.method == "lwf" and k > 0:
-            penalties.append(lambda batch, outputs: cfg.lwf_strength * lwf_loss(model, batch, outputs.logits,
-                                                                                cfg.lwf_temperature))
+            penalties["lwf"] = lambda batch, outputs: cfg.lwf_strength * lwf_loss(model, batch, outputs.logits,
+                                                                                  cfg.lwf_temperature)
         if cfg.method == "olora" and earlier_a:
             current = lora_a_matrices(model)
-            penalties.append(lambda batch, outputs, c=current: cfg.olora_strength * lora_orthogonality(
-                [torch.cat(earlier_a[n]) for n in c], list(c.values())))
+            penalties["olora"] = lambda batch, outputs, c=current: cfg.olora_strength * lora_orthogonality(
+                [torch.cat(earlier_a[n]) for n in c], list(c.values()))
         guide = adapter = None
         if cfg.fvg:  # the frozen side comes from the model before this task, computed once
             from forgetlab.models.adapter import adapt
@@ -497,17 +498,16 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
             model.train()
 
         def extra(rows, batch, run_forward, guide=guide, adapter=adapter, penalties=penalties):
-            total = guide.loss(adapter, rows, batch, run_forward) if guide is not None else 0.0
+            terms = guide.loss(adapter, rows, batch, run_forward) if guide is not None else {}
             outputs = run_forward()  # the ordinary forward pass, run once (FVG already ran it under its hooks)
-            for term in penalties:
-                total = total + term(batch, outputs)
-            return total
+            return {**terms, **{name: term(batch, outputs) for name, term in penalties.items()}}
 
         with guide.hooked(adapter) if guide is not None else contextlib.nullcontext():
             outcome = train_phase(model, data, cfg.train, phase=task.name, state_dir=out / "state" / task.name,
                                   seed=cfg.seed + k, log=log, progress=progress,
                                   extra_loss=extra if guide is not None or penalties else None)
         seen_data.append(task_rows)
+        train_loss.append({"task": task.name, "steps": outcome.steps, **outcome.loss_terms})
         if cfg.method == "ewc":
             size = cfg.train.batch_size
             batches = [{n: t.to(device) for n, t in task_rows.batch(torch.arange(i, min(len(task_rows), i + size))).items()}
@@ -523,10 +523,12 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
         if k + 1 < len(sequential) and writes:
             olora = {name: torch.cat(mats) for name, mats in earlier_a.items()}  # the penalty only reads them joined
             save_between_phases(out / "state", model, _pack({"fisher": fisher or {}, "anchor": anchor or {}, "olora": olora}),
-                                {"completed": k + 1, "R": R, "general": general, "seconds": time.perf_counter() - start})
+                                {"completed": k + 1, "R": R, "general": general, "train_loss": train_loss,
+                                 "seconds": time.perf_counter() - start})
     if cfg.mode != "full":
         model = model.merge_and_unload()
     results = summarize(cfg, tasks, R, general)
+    results["train_loss"] = train_loss
     results["seconds"] = time.perf_counter() - start
     if not writes:
         return results

@@ -248,8 +248,9 @@ class FVGuidance:
             finally:
                 self.hooks = None
 
-    def loss(self, adapter: ModelAdapter, rows: torch.Tensor, batch: dict, run_forward) -> torch.Tensor:
-        """α_FV · L_FV + α_KL · L_KL from the ordinary forward pass of the current model, read at the prompt end.
+    def loss(self, adapter: ModelAdapter, rows: torch.Tensor, batch: dict, run_forward) -> dict[str, torch.Tensor]:
+        """The weighted terms ``fv`` = α_FV · L_FV and ``kl`` = α_KL · L_KL (plus ``kl_all`` with the
+        all-position KL) from the ordinary forward pass of the current model, read at the prompt end.
 
         Rows past this task's own (earlier tasks' rows mixed in by replay) carry no FVG terms.
         """
@@ -264,15 +265,16 @@ class FVGuidance:
         else:
             with capture_heads(adapter, self.heads, positions) as got:
                 out = run_forward()
+        names = ("fv", "kl", "kl_all") if self.answers is not None else ("fv", "kl")
         if not mine.any():
-            return out.logits.new_zeros(())
+            return {name: out.logits.new_zeros(()) for name in names}
         logits = out.logits[torch.arange(len(rows), device=out.logits.device), positions.to(out.logits.device)]
         keep = mine.to(logits.device)
         l_fv, l_kl = fvg_terms(logits[keep], got["heads"][keep], self.cache, rows[mine], self.cfg.temperature)
-        total = self.cfg.alpha_fv * l_fv + self.cfg.alpha_kl * l_kl
+        terms = {"fv": self.cfg.alpha_fv * l_fv, "kl": self.cfg.alpha_kl * l_kl}
         if self.answers is not None:
-            total = total + self.cfg.alpha_kl_all * self.answer_kl(out.logits, batch["labels"], rows, mine)
-        return total
+            terms["kl_all"] = self.cfg.alpha_kl_all * self.answer_kl(out.logits, batch["labels"], rows, mine)
+        return terms
 
     def answer_kl(self, logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, mine: torch.Tensor) -> torch.Tensor:
         """KL to the cached FV-steered teacher over the answer tokens of this task's rows in the batch

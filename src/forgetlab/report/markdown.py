@@ -91,6 +91,12 @@ def cit_report(results: dict, out: Path) -> None:
     parts.append("\n## Score matrix R (rows: after each task; ROUGE-L or option accuracy ×100)\n\n")
     parts.append(table(["after", *labels], [(name, *(f"{v:.1f}" for v in row))
                                             for name, row in zip(["initial", *labels], r["R"])]))
+    if r.get("train_loss"):
+        names = sorted({k for t in r["train_loss"] for k in t} - {"task", "steps", "lm"})
+        parts.append("\n## Training loss per task (mean per micro-batch; method terms as weighted in the loss)\n\n")
+        parts.append(table(["task", "steps", "LM loss", *names],
+                           [(t["task"], t["steps"], f"{t['lm']:.4g}", *(f"{t[n]:.3g}" if n in t else "–" for n in names))
+                            for t in r["train_loss"]]))
     parts.append(f"\n![score matrix](scores.png)\n\nRun time {r['seconds']:.0f} s. Data: `results.json`; configuration: "
                  "`config.json`; the final model in `model/`.\n")
     atomic_write_text(out / "report.md", "".join(parts))

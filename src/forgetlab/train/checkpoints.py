@@ -19,7 +19,8 @@ STATE = "resume-state"
 
 
 def save_training_state(state_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, step: int,
-                        rows: list[dict], seconds: float, pending_losses: list[float]) -> None:
+                        rows: list[dict], seconds: float, pending_losses: list[float],
+                        loss_terms: dict[str, list[float]] | None = None) -> None:
     final = Path(state_dir) / STATE
     tmp = fresh_tmp_dir(final)
     weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -29,7 +30,7 @@ def save_training_state(state_dir: Path, model: torch.nn.Module, optimizer: torc
     torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, "rows": rows, "seconds": seconds,
-                                                  "pending_losses": pending_losses}))
+                                                  "pending_losses": pending_losses, "loss_terms": loss_terms or {}}))
     replace_dir(tmp, final)
 
 

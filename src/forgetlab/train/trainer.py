@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,6 +119,30 @@ class PhaseOutcome:
     rows: list[dict] = field(default_factory=list)  # curves rows: phase, step, task, metric, value
     stopped_early: bool = False
     seconds: float = 0.0
+    loss_terms: dict[str, float] = field(default_factory=dict)  # mean per micro-batch: "lm" and each extra term
+
+
+class TermSums:
+    """Running sums of named loss terms, kept on the device (no synchronisation per step) and read once.
+
+    A regulariser whose weight is too small to matter shows up as a term orders of magnitude below
+    ``lm`` (e.g. EWC at a strength its Fisher makes inert), which a final score alone cannot tell.
+    """
+
+    def __init__(self, saved: dict[str, list[float]] | None = None):
+        self.sums: dict[str, torch.Tensor | float] = {k: v[0] for k, v in (saved or {}).items()}
+        self.counts: dict[str, int] = {k: int(v[1]) for k, v in (saved or {}).items()}
+
+    def add(self, name: str, value: torch.Tensor | float) -> None:
+        value = value.detach().float() if isinstance(value, torch.Tensor) else float(value)
+        self.sums[name] = self.sums.get(name, 0.0) + value
+        self.counts[name] = self.counts.get(name, 0) + 1
+
+    def state(self) -> dict[str, list[float]]:
+        return {k: [float(v), self.counts[k]] for k, v in self.sums.items()}
+
+    def means(self) -> dict[str, float]:
+        return {k: float(v) / self.counts[k] for k, v in self.sums.items()}
 
 
 @contextmanager
@@ -150,7 +174,7 @@ def train_phase(
     log: Callable[[str], None] = print,
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
-    extra_loss: Callable[[torch.Tensor, dict, Callable[[], object]], torch.Tensor] | None = None,
+    extra_loss: Callable[[torch.Tensor, dict, Callable[[], object]], torch.Tensor | Mapping[str, torch.Tensor]] | None = None,
 ) -> PhaseOutcome:
     """Train ``model`` in place for one phase; resumes from ``state_dir`` if a state is there.
 
@@ -158,7 +182,8 @@ def train_phase(
     ``extra_loss(rows, batch, run_forward)`` lets a method add loss terms: it gets the micro-batch's row
     indices, the batch itself (on the device, with ``labels``) and a function that runs the usual
     forward pass (so hooks can be set around it) and returns the model outputs; it returns the terms
-    to add to ``outputs.loss``.
+    to add to ``outputs.loss``, one tensor or a dict of named ones. ``outcome.loss_terms`` holds the
+    mean of ``lm`` (``outputs.loss``) and of each named term (``extra`` for a bare tensor) per micro-batch.
 
     Launched on several processes (:mod:`forgetlab.train.distributed`), the model runs under
     ``DistributedDataParallel``: every micro-batch is the one a single process would draw (complete batches
@@ -179,6 +204,7 @@ def train_phase(
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     t0 = time.perf_counter() - outcome.seconds
     losses: list[float] = list(state["pending_losses"]) if state else []  # since the last evaluation
+    terms = TermSums(state.get("loss_terms") if state else None)
 
     def run_eval(step: int) -> bool:
         if evaluate is None:
@@ -222,12 +248,16 @@ def train_phase(
                 with sync:
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                         if extra_loss is None:
-                            loss = forward(**batch).loss / cfg.grad_accum
+                            lm, named = forward(**batch).loss, {}
                         else:
                             outputs = {}
                             extra = extra_loss(rows, batch, lambda: outputs.setdefault("out", forward(**batch)))
-                            loss = (outputs["out"].loss + extra) / cfg.grad_accum
+                            named = dict(extra) if isinstance(extra, Mapping) else {"extra": extra}
+                            lm = outputs["out"].loss
+                        loss = (lm + sum(named.values())) / cfg.grad_accum
                     loss.backward()
+                    for name, value in {"lm": lm, **named}.items():
+                        terms.add(name, value)
                 if evaluate is not None:
                     losses.append(loss.item() * cfg.grad_accum)
             if cfg.grad_clip > 0:
@@ -247,8 +277,9 @@ def train_phase(
             if (step < total and not stopped and cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0
                     and distributed.is_main()):
                 save_training_state(state_dir, model, optimizer, step=step, rows=outcome.rows, seconds=time.perf_counter() - t0,
-                                    pending_losses=losses)
+                                    pending_losses=losses, loss_terms=terms.state())
         bar.close()
     outcome.steps, outcome.stopped_early = step, bool(stopped)
     outcome.seconds = time.perf_counter() - t0
+    outcome.loss_terms = terms.means()
     return outcome
