@@ -147,6 +147,7 @@ def test_two_processes_under_torchrun_write_one_run(icl_world_dir, tmp_path):
     assert cit(*args[1:], "--out", tmp_path / "one").exit_code == 0
     one, two = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("one", "two"))
     assert np.array(two["R"]).shape == np.array(one["R"]).shape
+    assert two["initial"] == one["initial"]  # general tasks scored in shares by the two processes, gathered
     w_one, w_two = (load_file(tmp_path / name / "model" / "model.safetensors") for name in ("one", "two"))
     for key, value in w_one.items():
         torch.testing.assert_close(w_two[key], value, rtol=1e-4, atol=1e-5)

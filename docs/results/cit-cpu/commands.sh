@@ -42,3 +42,7 @@ forgetlab cit run --world $W --sequence 1 --max-train 100 --epochs 40 --method i
 forgetlab cit analyze $R/seq1_e40_ckpt
 # EWC strength sweep (ewc_sweep/ewc_<strength>.json; train_loss shows the penalty against the LM loss)
 for s in 1e3 1e4 1e5 1e6 1e7 1e8 1e9 1e10; do run ewc_sweep/ewc_$s --method ewc --lr 5e-4 --set save_checkpoints=false --set ewc_strength=$s; done
+# an 8-layer cpu world model (icl_cpu_8layer_eval.json, 38 min to build) and its 40-epoch sequence-1 IncLoRA run with drift (seq1_e40_8layer/)
+forgetlab icl-world build --preset cpu --set model.n_layers=8 --out runs/icl-cpu8 --no-progress
+forgetlab cit run --world runs/icl-cpu8 --sequence 1 --max-train 100 --epochs 40 --method inclora --lr 2e-3 --out runs/cit-cpu8/seq1_e40_ckpt --overwrite --no-progress
+forgetlab cit analyze runs/cit-cpu8/seq1_e40_ckpt

@@ -128,9 +128,13 @@ class BiographyExperiment:
         return sequences, spans
 
     def recall(self, model) -> float:
-        """Share of held-out task-0 attribute values the model still completes in its own biographies."""
+        """Share of held-out task-0 attribute values the model still completes in its own biographies (under
+        several processes each reads its share of the biographies)."""
         sequences, spans = self.recall_set
-        hits = span_recall(model, sequences, spans, pad_id=self.pad, batch_size=self.cfg.eval.batch_size)
+        mine = distributed.share(range(len(sequences)))
+        hits = span_recall(model, [sequences[i] for i in mine], [spans[i] for i in mine], pad_id=self.pad,
+                           batch_size=self.cfg.eval.batch_size)
+        hits = distributed.gather_shares(hits, len(sequences))
         flat = [h for row in hits for h in row]
         return sum(flat) / len(flat) if flat else float("nan")
 

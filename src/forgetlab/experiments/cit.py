@@ -77,7 +77,8 @@ class CITConfig:
     general: str = field(default="", metadata={"help": "general sets as task files a.json,b.jsonl (GP/IP); "
                                                        "default: the ICL world's general tasks"})
     replay: float = field(default=0.2, metadata={"help": "replay: earlier tasks' rows mixed in, as a fraction of the task"})
-    ewc_strength: float = field(default=1000.0, metadata={"help": "ewc: weight of the Fisher penalty"})
+    ewc_strength: float = field(default=1000.0, metadata={"help": "ewc: weight of the Fisher penalty (its useful size depends on the "
+                                                                  "model: compare results.json train_loss ewc with lm)"})
     ewc_batches: int = field(default=8, metadata={"help": "ewc: batches for each task's diagonal Fisher"})
     lwf_strength: float = field(default=1.0, metadata={"help": "lwf: weight of the KL to the previous model"})
     lwf_temperature: float = 2.0
@@ -192,18 +193,23 @@ def task_score(model, tokenizer, rows: list[dict], cfg: CITConfig) -> float:
 
 
 def general_abilities(model, tokenizer, world, cfg: CITConfig) -> dict[str, float]:
-    """GP: instructed zero-shot, IP: 5-shot in context, mean over the world's general tasks, ×100."""
+    """GP: instructed zero-shot, IP: 5-shot in context, mean over the world's general tasks, ×100.
+
+    Under several processes each scores its share of the tasks and all get every score back.
+    """
     from forgetlab.eval.icl import icl_scores
     from forgetlab.models.adapter import adapt
 
     adapter = adapt(model)
-    gp, ip = [], []
-    for task in world.role("general"):
+    general = world.role("general")
+    mine = []
+    for task in distributed.share(general):
         icl = task.as_icl_task()
-        gp.append(icl_scores(adapter, tokenizer, icl, cfg.general_prompts, 0, cfg.seed, world.config.seed,
-                             ("zero_shot_instruction",))["zero_shot_instruction"])
-        ip.append(icl_scores(adapter, tokenizer, icl, cfg.general_prompts, 5, cfg.seed, world.config.seed,
-                             ("ten_shot",))["ten_shot"])
+        mine.append((icl_scores(adapter, tokenizer, icl, cfg.general_prompts, 0, cfg.seed, world.config.seed,
+                                ("zero_shot_instruction",))["zero_shot_instruction"],
+                     icl_scores(adapter, tokenizer, icl, cfg.general_prompts, 5, cfg.seed, world.config.seed,
+                                ("ten_shot",))["ten_shot"]))
+    gp, ip = zip(*distributed.gather_shares(mine, len(general)))
     return {"gp": 100 * float(np.mean(gp)), "ip": 100 * float(np.mean(ip))}
 
 
