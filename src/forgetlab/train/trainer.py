@@ -125,8 +125,8 @@ class PhaseOutcome:
 class TermSums:
     """Running sums of named loss terms, kept on the device (no synchronisation per step) and read once.
 
-    A regulariser whose weight is too small to matter shows up as a term orders of magnitude below
-    ``lm`` (e.g. EWC at a strength its Fisher makes inert), which a final score alone cannot tell.
+    They show how much each regulariser weighs against ``lm``: one orders of magnitude below it whose run
+    scores like the run without it (e.g. EWC at a strength its Fisher makes inert) is doing nothing.
     """
 
     def __init__(self, saved: dict[str, list[float]] | None = None):
