@@ -146,8 +146,8 @@ def test_world_tasks_by_name_form_a_sequence(icl_world_dir):
 
 def test_train_loss_records_each_methods_terms_per_task(icl_world_dir, tmp_path):
     """results.json's ``train_loss``: per task its steps, the mean LM loss and each weighted method term. At a
-    zero learning rate nothing moves, so EWC's penalty (distance to its anchor) and FVG's consistency term
-    are 0, while the FV-guided KL is not (its teacher has the FV added); a resumed run keeps the list."""
+    learning rate of 1e-12 the weights barely move, so EWC's penalty (distance to its anchor) and FVG's
+    consistency term stay at 0, while the FV-guided KL does not (its teacher has the FV added)."""
     from forgetlab.methods.fvg import FVGConfig
     from forgetlab.worlds.icl import ICLWorld
 
@@ -420,6 +420,7 @@ def test_a_killed_run_resumes_after_its_last_task_with_the_same_result(icl_world
     resumed = run_cit(cfg, tmp_path / "killed", log=logs.append, progress=False)
     assert logs[0] == f"[cit] resuming after task 2/3 ({sequence[1]})"
     assert resumed["R"] == whole["R"] and resumed["general_after_each_task"] == whole["general_after_each_task"]
+    assert resumed["train_loss"] == whole["train_loss"]  # the finished tasks' entries come back with the state
     a, b = (load_file(tmp_path / run / "model" / "model.safetensors") for run in ("whole", "killed"))
     assert all((a[k] == b[k]).all() for k in a)
     assert not (tmp_path / "killed" / "state").exists()  # finished: the between-task state is gone
