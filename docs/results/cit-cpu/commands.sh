@@ -46,3 +46,10 @@ for s in 1e3 1e4 1e5 1e6 1e7 1e8 1e9 1e10; do run ewc_sweep/ewc_$s --method ewc 
 forgetlab icl-world build --preset cpu --set model.n_layers=8 --out runs/icl-cpu8 --no-progress
 forgetlab cit run --world runs/icl-cpu8 --sequence 1 --max-train 100 --epochs 40 --method inclora --lr 2e-3 --out runs/cit-cpu8/seq1_e40_ckpt --overwrite --no-progress
 forgetlab cit analyze runs/cit-cpu8/seq1_e40_ckpt
+# on the 8-layer model: FVG at alpha_KL 0.1 and 1, IncLoRA and FVG alpha_KL=0.1 on seed 1 (seq1_e40_8layer/*.json), drift pooled over four runs (pooled/)
+run8() { name=$1; shift; forgetlab cit run --world runs/icl-cpu8 --sequence 1 --max-train 100 --epochs 40 --method inclora --lr 2e-3 --out runs/cit-cpu8/$name --overwrite --no-progress "$@" 2>&1 | grep -a "AP=\|rror"; }
+run8 seq1_e40_kl0.1 --fvg --set fvg_config.alpha_kl=0.1
+run8 seq1_e40_kl1 --fvg --set fvg_config.alpha_kl=1
+run8 seq1_e40_seed1 --seed 1
+run8 seq1_e40_seed1_kl0.1 --seed 1 --fvg --set fvg_config.alpha_kl=0.1 --set save_checkpoints=false
+forgetlab cit analyze runs/cit-cpu8/seq1_e40_ckpt runs/cit-cpu8/seq1_e40_kl0.1 runs/cit-cpu8/seq1_e40_kl1 runs/cit-cpu8/seq1_e40_seed1 --out runs/cit-cpu8/pooled
