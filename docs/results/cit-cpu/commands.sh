@@ -53,3 +53,6 @@ run8 seq1_e40_kl1 --fvg --set fvg_config.alpha_kl=1
 run8 seq1_e40_seed1 --seed 1
 run8 seq1_e40_seed1_kl0.1 --seed 1 --fvg --set fvg_config.alpha_kl=0.1 --set save_checkpoints=false
 forgetlab cit analyze runs/cit-cpu8/seq1_e40_ckpt runs/cit-cpu8/seq1_e40_kl0.1 runs/cit-cpu8/seq1_e40_kl1 runs/cit-cpu8/seq1_e40_seed1 --out runs/cit-cpu8/pooled
+# FV drift and interventions of the seed-1 IncLoRA run (seq1_e40_seed1_analysis/)
+forgetlab cit run --world $W --sequence 1 --max-train 100 --epochs 40 --method inclora --lr 2e-3 --seed 1 --out $R/seq1_e40_seed1_ckpt --overwrite --no-progress
+forgetlab cit analyze $R/seq1_e40_seed1_ckpt
