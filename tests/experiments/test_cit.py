@@ -153,8 +153,10 @@ def test_train_loss_records_each_methods_terms_per_task(icl_world_dir, tmp_path)
 
     two = ",".join(ICLWorld.read(icl_world_dir / "world.json").sequences[0][:2])
     still = lambda cfg: replace(cfg, train=replace(cfg.train, lr=1e-12))  # noqa: E731
-    ewc = run_cit(still(small(icl_world_dir, method="ewc", sequence=two)), tmp_path / "ewc", log=lambda s: None,
+    logs = []
+    ewc = run_cit(still(small(icl_world_dir, method="ewc", sequence=two)), tmp_path / "ewc", log=logs.append,
                   progress=False)
+    assert any(line.startswith("[cit] after ") and "mean loss lm " in line and ", ewc " in line for line in logs)
     assert [sorted(t) for t in ewc["train_loss"]] == [["lm", "steps", "task"], ["ewc", "lm", "steps", "task"]]
     assert [t["task"] for t in ewc["train_loss"]] == two.split(",")
     assert ewc["train_loss"][1]["ewc"] == pytest.approx(0.0, abs=1e-12)

@@ -521,7 +521,8 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
             new = diagonal_fisher(model, batches)
             fisher = new if fisher is None else {n: fisher[n] + new[n] for n in new}
             anchor = {n: p.detach().clone() for n, p in model.named_parameters() if n in fisher}
-        scores, gen = evaluate_all(f"after {task.name} ({outcome.steps} steps)")
+        losses = ", ".join(f"{name} {value:.3g}" for name, value in outcome.loss_terms.items())
+        scores, gen = evaluate_all(f"after {task.name} ({outcome.steps} steps; mean loss {losses})")
         R.append(scores)
         general.append(gen)
         if cfg.save_checkpoints and writes:
