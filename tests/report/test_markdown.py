@@ -67,6 +67,19 @@ def test_cit_report_holds_the_results(tmp_path):
     assert matrix[0] == ["after", "1. a", "2. b"] and [row[1:] for row in matrix[1:]] == [["10.0", "0.0"], ["80.0", "5.0"],
                                                                                          ["50.0", "90.0"]]
     assert text.startswith("# Continual instruction tuning: `inclora` + FV-guided training, 2 tasks")
+    train_loss = [{"task": "a", "steps": 4, "lm": 0.5, "fv": 0.01, "kl": 0.25}, {"task": "b", "steps": 4, "lm": 0.125}]
+    cit_report({**results, "train_loss": train_loss}, tmp_path)
+    losses = parse_tables((tmp_path / "report.md").read_text())[-1]
+    assert losses == [["task", "steps", "LM loss", "fv", "kl"], ["a", "4", "0.5", "0.01", "0.25"], ["b", "4", "0.125", "–", "–"]]
+
+
+def test_biography_report_weighs_the_ewc_penalty_against_the_lm_loss(tmp_path):
+    terms = {"pretrain": {"lm": 2.0}, "task0": {"lm": 0.5}, "task1": {"lm": 0.25, "ewc": 1e-6}, "recovery": {}}
+    biography_report({**BIO, "loss_terms": terms}, tmp_path)
+    losses = parse_tables((tmp_path / "report.md").read_text())[-1]
+    assert losses == [["phase", "LM loss", "ewc"], ["pretrain", "2", "–"], ["task0", "0.5", "–"], ["task1", "0.25", "1e-06"]]
+    biography_report({**BIO, "loss_terms": {"task1": {"lm": 0.25}}}, tmp_path)  # no method term: no table
+    assert "Training loss" not in (tmp_path / "report.md").read_text()
 
 
 def fit(r2, slope=1.0):

@@ -65,9 +65,22 @@ def biography_report(results: dict, out: Path) -> None:
         parts.append(table(["after", *matrix["tasks"]], [(row, *map(float, values))
                                                          for row, values in zip(matrix["rows"], matrix["R"])]))
         parts.append("\n" + table(["metric", "value"], [(k, float(v)) for k, v in matrix["metrics"].items()]))
+    trained = [{"phase": name, **terms} for name, terms in r.get("loss_terms", {}).items() if terms]
+    if any(set(e) - {"phase", "lm"} for e in trained):  # a method term (EWC) to weigh against the LM loss
+        parts.append("\n## Training loss per phase (mean per micro-batch; method terms as weighted in the loss)\n\n")
+        parts.append(loss_table(trained, "phase"))
     parts.append(f"\n![task-0 and task-1 exact match along the run](curves.png)\n\nRun time {r['seconds']:.0f} s. "
                  "Data: `results.json`, `curves.csv`; configuration: `config.json`.\n")
     atomic_write_text(out / "report.md", "".join(parts))
+
+
+def loss_table(entries: Sequence[dict], label: str) -> str:
+    """Mean training loss terms per phase: ``lm`` and every method term any phase has (``–`` where it has none)."""
+    names = sorted({k for e in entries for k in e} - {label, "steps", "lm"})
+    steps = ["steps"] if any("steps" in e for e in entries) else []
+    return table([label, *steps, "LM loss", *names],
+                 [(e[label], *(e.get("steps", "–") for _ in steps), f"{e['lm']:.4g}",
+                   *(f"{e[n]:.3g}" if n in e else "–" for n in names)) for e in entries])
 
 
 def cit_report(results: dict, out: Path) -> None:
@@ -92,11 +105,8 @@ def cit_report(results: dict, out: Path) -> None:
     parts.append(table(["after", *labels], [(name, *(f"{v:.1f}" for v in row))
                                             for name, row in zip(["initial", *labels], r["R"])]))
     if r.get("train_loss"):
-        names = sorted({k for t in r["train_loss"] for k in t} - {"task", "steps", "lm"})
         parts.append("\n## Training loss per task (mean per micro-batch; method terms as weighted in the loss)\n\n")
-        parts.append(table(["task", "steps", "LM loss", *names],
-                           [(t["task"], t["steps"], f"{t['lm']:.4g}", *(f"{t[n]:.3g}" if n in t else "–" for n in names))
-                            for t in r["train_loss"]]))
+        parts.append(loss_table(r["train_loss"], "task"))
     parts.append(f"\n![score matrix](scores.png)\n\nRun time {r['seconds']:.0f} s. Data: `results.json`; configuration: "
                  "`config.json`; the final model in `model/`.\n")
     atomic_write_text(out / "report.md", "".join(parts))
