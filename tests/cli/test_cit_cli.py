@@ -125,26 +125,21 @@ def kill_processes_naming(text: str) -> None:
 
 
 @pytest.mark.slow
-def test_two_processes_under_torchrun_write_one_run(icl_world_dir, tmp_path):
+def test_two_processes_under_torchrun_write_one_run(icl_world_dir, tmp_path, torchrun):
     """``torchrun --nproc_per_node 2 -m forgetlab cit run`` (gloo on CPUs): one run directory, written once, whose
     model is the one a single process trains (LoRA dropout off, so both draw the same computation); killed and
     resumed, the same model bit for bit; an odd batch size is refused before anything is written; other commands
     refuse to run under the launcher."""
-    import os
     import subprocess
-    import sys
 
     from safetensors.torch import load_file
 
-    args = ["cit", "run", "--world", str(icl_world_dir), "--sequence", "0", "--method", "inclora", *SMALL,
-            "--set", "lora_dropout=0", "--set", "n_train=8"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "forgetlab"]
-    proc = subprocess.run([*torchrun, *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env,
-                          timeout=600)
+    args = ["-m", "forgetlab", "cit", "run", "--world", str(icl_world_dir), "--sequence", "0", "--method", "inclora",
+            *SMALL, "--set", "lora_dropout=0", "--set", "n_train=8"]
+    proc = torchrun(*args, "--out", tmp_path / "two")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("AP=") == 1  # the summary is printed once
-    assert cit(*args[1:], "--out", tmp_path / "one").exit_code == 0
+    assert cit(*args[3:], "--out", tmp_path / "one").exit_code == 0
     one, two = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("one", "two"))
     assert np.array(two["R"]).shape == np.array(one["R"]).shape
     assert two["initial"] == one["initial"]  # general tasks scored in shares by the two processes, gathered
@@ -155,8 +150,8 @@ def test_two_processes_under_torchrun_write_one_run(icl_world_dir, tmp_path):
     # killed after its second task and resumed, still on two processes: the same model as the uninterrupted run
     import time
 
-    killed = subprocess.Popen([*torchrun, *args, "--out", str(tmp_path / "killed")], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, env=env)
+    killed = subprocess.Popen([*torchrun.prefix, *args, "--out", str(tmp_path / "killed")], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env=torchrun.env())
     state = tmp_path / "killed" / "state" / "between-phases" / "state.json"
     deadline = time.time() + 300
     while time.time() < deadline and killed.poll() is None and not (state.is_file() and '"completed": 2' in state.read_text()):
@@ -165,15 +160,12 @@ def test_two_processes_under_torchrun_write_one_run(icl_world_dir, tmp_path):
     killed.wait()
     time.sleep(1)
     assert not (tmp_path / "killed" / "results.json").exists(), "the run finished before it could be killed"
-    resumed = subprocess.run([*torchrun, *args, "--out", str(tmp_path / "killed"), "--resume"], capture_output=True,
-                             text=True, env=env, timeout=600)
+    resumed = torchrun(*args, "--out", tmp_path / "killed", "--resume")
     assert resumed.returncode == 0 and "resuming after task 2/5" in resumed.stdout + resumed.stderr, resumed.stderr[-3000:]
     w_resumed = load_file(tmp_path / "killed" / "model" / "model.safetensors")
     assert all(torch.equal(w_resumed[k], w_two[k]) for k in w_two)
-    odd = subprocess.run([*torchrun, *args, "--set", "train.batch_size=3", "--out", str(tmp_path / "odd")],
-                         capture_output=True, text=True, env=env, timeout=300)
+    odd = torchrun(*args, "--set", "train.batch_size=3", "--out", tmp_path / "odd", timeout=300)
     assert odd.returncode != 0 and not (tmp_path / "odd").exists()
     assert odd.stderr.count("train.batch_size=3 does not split over 2 processes") == 1
-    refused = subprocess.run([*torchrun, "cit", "analyze", str(tmp_path / "two")], capture_output=True, text=True, env=env,
-                             timeout=300)
+    refused = torchrun("-m", "forgetlab", "cit", "analyze", tmp_path / "two", timeout=300)
     assert refused.returncode != 0 and "`forgetlab cit analyze` runs in one process" in refused.stderr

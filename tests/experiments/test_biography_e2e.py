@@ -182,14 +182,13 @@ def test_compiled_pretraining_is_reproducible(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_under_torchrun(smoke_run, tmp_path):
+def test_two_processes_under_torchrun(smoke_run, tmp_path, torchrun):
     """``torchrun --nproc_per_node 2 -m forgetlab biography run`` (gloo on CPUs): every phase trains data-parallel, the
     main process alone writes the run and the phase cache, the summary is printed once, and the numbers are valid;
     the other biography commands refuse to start under the launcher."""
-    env = {**os.environ, "FORGETLAB_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "forgetlab"]
-    proc = subprocess.run([*torchrun, "biography", "run", "--preset", "smoke", "--out", str(tmp_path / "run"),
-                           "--no-progress"], env=env, capture_output=True, text=True, timeout=900)
+    env = torchrun.env(FORGETLAB_CACHE=str(tmp_path / "cache"))
+    proc = torchrun("-m", "forgetlab", "biography", "run", "--preset", "smoke", "--out", tmp_path / "run", "--no-progress",
+                    env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("spurious share of the drop") == 1
     results = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -201,8 +200,8 @@ def test_two_processes_under_torchrun(smoke_run, tmp_path):
     # the same run trained by one process reaches the same task-0 extraction within a few questions
     single = json.loads((smoke_run[0] / "run" / "results.json").read_text())
     assert abs(results["task0_before"] - single["task0_before"]) < 0.1
-    refused = subprocess.run([*torchrun, "biography", "generate", "--preset", "smoke", "--out", str(tmp_path / "w")],
-                             env=env, capture_output=True, text=True, timeout=300)
+    refused = torchrun("-m", "forgetlab", "biography", "generate", "--preset", "smoke", "--out", tmp_path / "w", env=env,
+                       timeout=300)
     assert refused.returncode != 0 and refused.stderr.count("`forgetlab biography generate` runs in one process") == 1
 
 

@@ -561,13 +561,9 @@ def test_gradient_checkpointing_trains_the_same_model(icl_world_dir, tmp_path, m
 
 
 @pytest.mark.slow
-def test_generation_is_shared_between_processes(tiny_llama_dir, tmp_path):
+def test_generation_is_shared_between_processes(tiny_llama_dir, tmp_path, torchrun):
     """Under torchrun each process generates its share of the prompts; every process gets all the answers back,
     in order, equal to one process generating them all (greedy, same-length prompts: no padding differences)."""
-    import os
-    import subprocess
-    import sys
-
     from forgetlab.experiments.cit import generate
     from forgetlab.models.build import load_model
     from transformers import AutoTokenizer
@@ -584,9 +580,7 @@ def test_generation_is_shared_between_processes(tiny_llama_dir, tmp_path):
         "prompts = [[tok.bos_token_id, 5 + i, 9, 40 + i] for i in range(5)]\n"
         "texts = generate(load_model(sys.argv[1]), tok, prompts, max_new_tokens=4, batch_size=2)\n"
         f"open('{tmp_path}/gen' + str(distributed.rank()) + '.json', 'w').write(json.dumps(texts))\n")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), str(tiny_llama_dir)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = torchrun(script, tiny_llama_dir, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     alone = generate(load_model(tiny_llama_dir), tok, [[tok.bos_token_id, 5 + i, 9, 40 + i] for i in range(5)], 4, 2)

@@ -1,7 +1,5 @@
 """Data-parallel training (two gloo processes under torchrun) trains the model one process trains."""
 
-import os
-import subprocess
 import sys
 import textwrap
 
@@ -70,12 +68,11 @@ def _setup_module(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_train_what_one_process_trains(tmp_path):
+def test_two_processes_train_what_one_process_trains(tmp_path, torchrun):
     setup = _setup_module(tmp_path)
     (tmp_path / "worker.py").write_text(textwrap.dedent(WORKER))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(tmp_path / "worker.py"), str(tmp_path)], capture_output=True, text=True, timeout=300,
-                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"})
+    proc = torchrun(tmp_path / "worker.py", tmp_path, timeout=300, cwd=tmp_path,
+                    env=torchrun.env(PYTHONPATH=str(tmp_path)))
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2] and [r["steps"] for r in ranks] == [6, 6]
