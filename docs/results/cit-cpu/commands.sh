@@ -56,3 +56,13 @@ forgetlab cit analyze runs/cit-cpu8/seq1_e40_ckpt runs/cit-cpu8/seq1_e40_kl0.1 r
 # FV drift and interventions of the seed-1 IncLoRA run (seq1_e40_seed1_analysis/)
 forgetlab cit run --world $W --sequence 1 --max-train 100 --epochs 40 --method inclora --lr 2e-3 --seed 1 --out $R/seq1_e40_seed1_ckpt --overwrite --no-progress
 forgetlab cit analyze $R/seq1_e40_seed1_ckpt
+# every baseline on the 40-epoch sequence 1, alone and with FVG at alpha_KL=0.1 (seq1_e40_baselines/), $W = the 4-layer cpu world
+b() { name=$1; shift; forgetlab cit run --world $W --sequence 1 --max-train 100 --epochs 40 --seed 0 --set save_checkpoints=false \
+  --out $R/seq1_e40_baselines/$name --overwrite --no-progress "$@" 2>&1 | grep -a "AP=\|rror"; }
+for m in "seq --lr 5e-4" "lwf --lr 2e-3" "olora --lr 2e-3" "replay --lr 5e-4" "ewc --lr 5e-4 --set ewc_strength=1e8"; do
+  set -- $m; n=$1; [ $n = ewc ] && n=ewc1e8
+  b $n --method $m; b ${n}_fvg --method $m --fvg --set fvg_config.alpha_kl=0.1
+done
+b multitask --method multitask --lr 5e-4
+b seq_fvg_fv0.1 --method seq --lr 5e-4 --fvg --set fvg_config.alpha_kl=0.1 --set fvg_config.alpha_fv=0.1
+b seq_fvg_kl0 --method seq --lr 5e-4 --fvg --set fvg_config.alpha_kl=0
