@@ -66,3 +66,5 @@ done
 b multitask --method multitask --lr 5e-4
 b seq_fvg_fv0.1 --method seq --lr 5e-4 --fvg --set fvg_config.alpha_kl=0.1 --set fvg_config.alpha_fv=0.1
 b seq_fvg_kl0 --method seq --lr 5e-4 --fvg --set fvg_config.alpha_kl=0
+b seq_fvg_kl0.01 --method seq --lr 5e-4 --fvg --set fvg_config.alpha_kl=0.01
+b ewc1e8_fvg_kl0.01 --method ewc --lr 5e-4 --set ewc_strength=1e8 --fvg --set fvg_config.alpha_kl=0.01
