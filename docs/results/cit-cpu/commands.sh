@@ -68,3 +68,9 @@ b seq_fvg_fv0.1 --method seq --lr 5e-4 --fvg --set fvg_config.alpha_kl=0.1 --set
 b seq_fvg_kl0 --method seq --lr 5e-4 --fvg --set fvg_config.alpha_kl=0
 b seq_fvg_kl0.01 --method seq --lr 5e-4 --fvg --set fvg_config.alpha_kl=0.01
 b ewc1e8_fvg_kl0.01 --method ewc --lr 5e-4 --set ewc_strength=1e8 --fvg --set fvg_config.alpha_kl=0.01
+# replay on IncLoRA (alone and with FVG), LoRA with one adapter, EWC on that adapter at three strengths
+b replay_inclora --method replay --set finetune=inclora --lr 2e-3
+b replay_inclora_fvg --method replay --set finetune=inclora --lr 2e-3 --fvg --set fvg_config.alpha_kl=0.1
+b lora --method lora --lr 2e-3
+for s in 1e6 1e7 1e8; do b ewc_lora$s --method ewc --set finetune=lora --lr 2e-3 --set ewc_strength=$s; done
+b ewc_lora1e7_fvg --method ewc --set finetune=lora --lr 2e-3 --set ewc_strength=1e7 --fvg --set fvg_config.alpha_kl=0.1
