@@ -74,3 +74,6 @@ b replay_inclora_fvg --method replay --set finetune=inclora --lr 2e-3 --fvg --se
 b lora --method lora --lr 2e-3
 for s in 1e6 1e7 1e8; do b ewc_lora$s --method ewc --set finetune=lora --lr 2e-3 --set ewc_strength=$s; done
 b ewc_lora1e7_fvg --method ewc --set finetune=lora --lr 2e-3 --set ewc_strength=1e7 --fvg --set fvg_config.alpha_kl=0.1
+# SEQ at lr 1e-4, alone and with FVG
+b seq_lr1e-4 --method seq --lr 1e-4
+b seq_lr1e-4_fvg --method seq --lr 1e-4 --fvg --set fvg_config.alpha_kl=0.1
