@@ -77,3 +77,6 @@ b ewc_lora1e7_fvg --method ewc --set finetune=lora --lr 2e-3 --set ewc_strength=
 # SEQ at lr 1e-4, alone and with FVG
 b seq_lr1e-4 --method seq --lr 1e-4
 b seq_lr1e-4_fvg --method seq --lr 1e-4 --fvg --set fvg_config.alpha_kl=0.1
+# SEQ alone and with FVG on seed 1
+b seed1_seq --method seq --lr 5e-4 --seed 1
+b seed1_seq_fvg --method seq --lr 5e-4 --seed 1 --fvg --set fvg_config.alpha_kl=0.1
