@@ -80,3 +80,8 @@ b seq_lr1e-4_fvg --method seq --lr 1e-4 --fvg --set fvg_config.alpha_kl=0.1
 # SEQ alone and with FVG on seed 1
 b seed1_seq --method seq --lr 5e-4 --seed 1
 b seed1_seq_fvg --method seq --lr 5e-4 --seed 1 --fvg --set fvg_config.alpha_kl=0.1
+# LwF, O-LoRA and replay on IncLoRA, alone and with FVG, on seed 1
+for m in "lwf --lr 2e-3" "olora --lr 2e-3" "replay --set finetune=inclora --lr 2e-3"; do
+  set -- $m; n=$1; [ $n = replay ] && n=replay_inclora
+  b seed1_$n --method $m --seed 1; b seed1_${n}_fvg --method $m --seed 1 --fvg --set fvg_config.alpha_kl=0.1
+done
