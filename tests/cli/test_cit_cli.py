@@ -26,10 +26,15 @@ def one_error_line(result) -> str:
 
 
 @pytest.mark.slow
-def test_run_and_analyze_from_the_command_line(icl_world_dir, tmp_path):
+def test_run_and_analyze_from_the_command_line(icl_world_dir, tmp_path, monkeypatch):
+    from forgetlab.train import distributed
+
+    left = []  # a finished command takes the process group of a launched run down (a no-op in one process)
+    monkeypatch.setattr(distributed, "leave", lambda: left.append("leave"))
     out = tmp_path / "run"
     result = cit("run", "--world", icl_world_dir, "--sequence", "0", "--method", "inclora", *SMALL, "--out", out)
     assert result.exit_code == 0, result.output
+    assert left == ["leave"]
     results = json.loads((out / "results.json").read_text())
     assert {"method", "fvg", "initial", "final", "FP", "AP", "forget", "R"} <= set(results)
     assert results["method"] == "inclora" and results["fvg"] is False
@@ -79,7 +84,11 @@ def fv_of_another_model(out):
     ("fv_missing", "has no FV for task good"),
     ("fv_shape", "the FV of good in fvg_config.fv_dir was extracted from a model with 3 layers x 4 heads"),
 ])
-def test_bad_input_is_one_line_and_writes_nothing(case, message, tiny_llama_dir, tmp_path):
+def test_bad_input_is_one_line_and_writes_nothing(case, message, tiny_llama_dir, tmp_path, monkeypatch):
+    from forgetlab.train import distributed
+
+    left = []  # a failed run does not take the process group down: its peers may be stuck in a collective
+    monkeypatch.setattr(distributed, "leave", lambda: left.append("leave"))
     good = ni_file(tmp_path / "good.json", 120)
     args = {"--model": tiny_llama_dir, "--sequence": good, "--method": "seq"}
     extra = []
@@ -107,6 +116,7 @@ def test_bad_input_is_one_line_and_writes_nothing(case, message, tiny_llama_dir,
     line = one_error_line(cit("run", *[x for kv in args.items() for x in kv], *extra, "--no-progress", "--out", out))
     assert message in line
     assert not out.exists()  # nothing written: the corrected command can use the same --out
+    assert left == []
 
 
 def kill_processes_naming(text: str) -> None:

@@ -87,3 +87,16 @@ def test_output_under_a_file_is_unwritable(tmp_path):
     f.write_text("x")
     line = one_error_line(invoke("run", "--preset", "smoke", "--out", str(f / "run"), tmp_path=tmp_path))
     assert "cannot write to --out" in line
+
+
+def test_only_a_command_that_succeeds_leaves_the_process_group(tmp_path, monkeypatch):
+    """Under torchrun a finished ``biography`` command takes the process group down itself (left to the interpreter's
+    exit, gloo's threads can abort a finished run); a failed one does not (its peers may be stuck in a collective)."""
+    from forgetlab.train import distributed
+
+    calls = []
+    monkeypatch.setattr(distributed, "leave", lambda: calls.append("leave"))
+    one_error_line(invoke("run", "--preset", "huge", "--out", str(tmp_path / "run"), tmp_path=tmp_path))
+    assert calls == []
+    assert invoke("generate", "--preset", "smoke", "--out", str(tmp_path / "world"), tmp_path=tmp_path).exit_code == 0
+    assert calls == ["leave"]

@@ -579,7 +579,8 @@ def test_generation_is_shared_between_processes(tiny_llama_dir, tmp_path, torchr
         "tok = AutoTokenizer.from_pretrained(sys.argv[1])\n"
         "prompts = [[tok.bos_token_id, 5 + i, 9, 40 + i] for i in range(5)]\n"
         "texts = generate(load_model(sys.argv[1]), tok, prompts, max_new_tokens=4, batch_size=2)\n"
-        f"open('{tmp_path}/gen' + str(distributed.rank()) + '.json', 'w').write(json.dumps(texts))\n")
+        f"open('{tmp_path}/gen' + str(distributed.rank()) + '.json', 'w').write(json.dumps(texts))\n"
+        "distributed.leave()\n")
     proc = torchrun(script, tiny_llama_dir, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)

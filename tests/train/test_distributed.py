@@ -52,6 +52,8 @@ outcome = train_phase(model, data, cfg, phase="p", state_dir=out / "state", seed
 mine = distributed.share(list(range(5)))  # uneven shares: 3 and 2 items
 torch.save({"steps": outcome.steps, "weights": model.state_dict(), "world": distributed.world_size(), "share": mine,
             "gathered": distributed.gather_shares([10 * x for x in mine], 5)}, out / f"rank{rank}.pt")
+distributed.leave()
+assert not torch.distributed.is_initialized()
 '''
 
 

@@ -11,13 +11,14 @@ from tqdm.auto import tqdm
 from rich.console import Console
 from rich.table import Table
 
-from forgetlab.cli.errors import join_launched_run, user_errors
+from forgetlab.cli.errors import join_launched_run, leave_launched_run, user_errors
 from forgetlab.experiments.presets import PRESETS, preset_config
 from forgetlab.methods import MethodConfig
 from forgetlab.train import distributed
 from forgetlab.utils.io import apply_overrides
 
-app = typer.Typer(help="Spurious forgetting on a synthetic biography world (Zheng et al., ICLR 2025).", no_args_is_help=True)
+app = typer.Typer(help="Spurious forgetting on a synthetic biography world (Zheng et al., ICLR 2025).", no_args_is_help=True,
+                  result_callback=leave_launched_run)
 console = Console(stderr=False)
 
 Preset = Annotated[str, typer.Option(help=f"configuration: {' | '.join(PRESETS)}")]

@@ -9,10 +9,10 @@ import typer
 from rich.console import Console
 from tqdm.auto import tqdm
 
-from forgetlab.cli.errors import join_launched_run, user_errors
+from forgetlab.cli.errors import join_launched_run, leave_launched_run, user_errors
 
 app = typer.Typer(help="Continual instruction tuning: a task sequence, the score matrix, GP/IP/FP/AP.",
-                  no_args_is_help=True)
+                  no_args_is_help=True, result_callback=leave_launched_run)
 console = Console()
 
 

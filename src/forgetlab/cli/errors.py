@@ -44,3 +44,11 @@ def join_launched_run(ctx: typer.Context, group: str) -> None:
         if ctx.invoked_subcommand != "run":
             refuse_under_launcher(f"{group} {ctx.invoked_subcommand}")
         distributed.init_from_env()
+
+
+def leave_launched_run(*_) -> None:
+    """Result callback of a command group whose ``run`` may be launched: called only when the command succeeded, it
+    takes the process group down (:func:`forgetlab.train.distributed.leave`)."""
+    from forgetlab.train import distributed
+
+    distributed.leave()

@@ -40,6 +40,18 @@ def init_from_env() -> None:
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=datetime.timedelta(hours=1))
 
 
+def leave() -> None:
+    """Take the process group down at the end of a finished run.
+
+    Left to the interpreter's exit, gloo's worker threads can still be alive and abort the process ("terminate
+    called without an active exception", SIGABRT), which turns a finished run into a failed one. A process that
+    fails does not come here: taking the group down can then wait on peers stuck in a collective, while exiting
+    lets the launcher stop them.
+    """
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
