@@ -45,6 +45,17 @@ def test_landscape_features_and_recovery(setup):
     traj = [(p["alpha"], p["beta"]) for p in land["trajectory"]]
     assert traj[0] == pytest.approx((0, 0), abs=1e-6) and traj[1] == pytest.approx((1, 0), abs=1e-6)
     assert traj[2] == pytest.approx((1, 1), abs=1e-6)  # θ2 = θ0 + d1 + d2 by construction
+    assert land["grid_points_per_s"] == pytest.approx(6 / land["grid_seconds"])
+
+    # on the unit square the grid's corners are θ0, θ1 = θ0 + d1 and θ2 = θ0 + d1 + d2: the losses read
+    # off the plane must equal those of the checkpoints themselves, loaded and scored on their own
+    proc = run("landscape", "--theta0", c0, "--theta1", c1, "--theta2", c2, "--data", f"old={root / 'eval.jsonl'}",
+               "--grid", "2x2", "--alpha-range", "0,1", "--beta-range", "0,1", "--out", root / "unit", "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    unit = json.loads((root / "unit" / "landscape.json").read_text())
+    plane, path = unit["losses"]["old"], [p["losses"]["old"] for p in unit["trajectory"]]
+    assert path == pytest.approx([plane[0][0], plane[0][1], plane[1][1]], rel=1e-4)
+    assert len(set(round(v, 3) for v in path)) == 3  # three different models, not one loss repeated
 
     proc = run("features", "--checkpoint", c0, "--checkpoint", c1, "--prompts", root / "eval.jsonl", "--out", root / "feat")
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -127,18 +128,35 @@ def landscape(
     p0, p1, p2 = parameters_of(model), parameters_of(_load(theta1)), parameters_of(_load(theta2))
     d1, d2 = directions(p0, p1, p2, orthogonalize, filter_normalize)
     alphas, betas = np.linspace(a_lo, a_hi, n_a), np.linspace(b_lo, b_hi, n_b)
-    result = loss_grid(model, p0, d1, d2, alphas, betas,
-                       {name: (lambda m, d=d: dataset_loss(m, d)) for name, d in datasets.items()}, progress)
+    task_losses = {name: (lambda m, d=d: dataset_loss(m, d)) for name, d in datasets.items()}
+    started = time.perf_counter()
+    result = loss_grid(model, p0, d1, d2, alphas, betas, task_losses, progress)
+    seconds = time.perf_counter() - started
     points = list(trajectory) if trajectory else [theta0, theta1, theta2]  # drawn in the order given
-    coords = project(p0, d1, d2, [parameters_of(_load(p)) for p in points])
+    # each trajectory checkpoint's own losses: the exact values along the path, not read off the plane
+    params, path_losses = [], []
+    for point in points:
+        checkpoint = _load(point)
+        params.append(parameters_of(checkpoint))
+        path_losses.append({name: fn(checkpoint) for name, fn in task_losses.items()})
+        del checkpoint
+    coords = project(p0, d1, d2, params)
     labels = [p.name for p in points]
+    device = str(next(model.parameters()).device)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "landscape.json", {
         "theta0": str(theta0), "theta1": str(theta1), "theta2": str(theta2), "orthogonalize": orthogonalize,
         "filter_normalize": filter_normalize, "alphas": alphas.tolist(), "betas": betas.tolist(),
         "losses": {k: v.tolist() for k, v in result.losses.items()},
-        "trajectory": [{"checkpoint": str(p), "alpha": float(a), "beta": float(b)} for p, (a, b) in zip(points, coords)]})
+        "trajectory": [{"checkpoint": str(p), "alpha": float(a), "beta": float(b), "losses": losses}
+                       for p, (a, b), losses in zip(points, coords, path_losses)],
+        "examples": {name: len(d) for name, d in datasets.items()},
+        "device": device, "grid_seconds": seconds, "grid_points_per_s": n_a * n_b / seconds})
     plot_landscape(alphas, betas, result.losses, out / "landscape.png", coords, labels)
+    console.print(f"landscape: {n_a} x {n_b} grid x {len(datasets)} tasks in {seconds:.1f} s "
+                  f"({n_a * n_b / seconds:.2f} points/s) on {device}")
+    console.print("along the trajectory: " + "; ".join(
+        f"{label} " + ", ".join(f"{k} {v:.3f}" for k, v in losses.items()) for label, losses in zip(labels, path_losses)))
     console.print(f"wrote {out}/landscape.json, landscape.png")
 
 
