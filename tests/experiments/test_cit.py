@@ -167,6 +167,11 @@ def test_train_loss_records_each_methods_terms_per_task(icl_world_dir, tmp_path)
                         fvg_config=FVGConfig(n_prompts=4, shots=3, top_k=3)))
     guided = run_cit(fvg, tmp_path / "fvg", log=lambda s: None, progress=False)["train_loss"]
     assert all(t["fv"] == pytest.approx(0.0, abs=1e-9) and t["kl"] > 1e-5 for t in guided)
+    # how far the KL's target gives the label: rates and probabilities, per task, also in the report
+    for t in guided:
+        assert sorted(t["fvg_target"]) == ["frozen_fv_p_answer", "frozen_fv_top1", "frozen_p_answer", "frozen_top1"]
+        assert all(0 <= v <= 1 for v in t["fvg_target"].values())
+    assert "FVG's KL target against the labels" in (tmp_path / "fvg" / "report.md").read_text()
 
 
 @pytest.mark.slow

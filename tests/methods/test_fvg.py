@@ -66,6 +66,29 @@ def test_teacher_cache_equals_direct_frozen_passes(setup):
     assert not torch.allclose(plain, steered, atol=1e-3)
 
 
+def test_teacher_agreement_with_the_labels_row_by_row(setup):
+    from forgetlab.fv.prompts import PromptBatch
+
+    model, adapter, batch = setup
+    vector = torch.randn(adapter.hidden_size)
+    with torch.no_grad():
+        plain = model(**batch.model_inputs()).logits[:, -1]
+        with add_to_residual(adapter, vector, 1, 2.0):
+            steered = model(**batch.model_inputs()).logits[:, -1]
+    # rows 0 and 1 answer with the frozen model's top token, rows 2 and 3 with its least likely one
+    targets = torch.cat([plain[:2].argmax(-1), plain[2:].argmin(-1)])
+    cache = build_teacher_cache(adapter, [PromptBatch(batch.input_ids, batch.attention_mask, targets)], vector,
+                                layer=1, heads=HEADS, alpha=2.0)
+    assert cache.agreement["frozen_top1"] == 0.5
+    for name, logits in (("frozen", plain), ("frozen_fv", steered)):
+        top1 = sum(int(row.argmax()) == int(t) for row, t in zip(logits, targets)) / 4
+        p = sum(math.exp(float(row[t] - torch.logsumexp(row, 0))) for row, t in zip(logits, targets)) / 4
+        assert cache.agreement[f"{name}_top1"] == pytest.approx(top1)
+        assert cache.agreement[f"{name}_p_answer"] == pytest.approx(p, rel=1e-4)
+    unknown = PromptBatch(batch.input_ids, batch.attention_mask, torch.full((4,), -1))
+    assert build_teacher_cache(adapter, [unknown], vector, layer=1, heads=HEADS).agreement is None
+
+
 def test_losses_by_hand(setup):
     current = torch.tensor([[[1.0, 2.0], [0.0, 0.0]]])
     frozen = torch.tensor([[[1.0, 0.0], [1.0, 1.0]]])

@@ -513,7 +513,10 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
                                   seed=cfg.seed + k, log=log, progress=progress,
                                   extra_loss=extra if guide is not None or penalties else None)
         seen_data.append(task_rows)
-        train_loss.append({"task": task.name, "steps": outcome.steps, **outcome.loss_terms})
+        entry = {"task": task.name, "steps": outcome.steps, **outcome.loss_terms}
+        if guide is not None and guide.cache.agreement is not None:
+            entry["fvg_target"] = guide.cache.agreement  # does the KL's target give the label? (see FVG in the README)
+        train_loss.append(entry)
         if cfg.method == "ewc":
             size = cfg.train.batch_size
             batches = [{n: t.to(device) for n, t in task_rows.batch(torch.arange(i, min(len(task_rows), i + size))).items()}

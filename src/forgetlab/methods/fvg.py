@@ -66,6 +66,14 @@ class TeacherCache:
 
     logits: torch.Tensor   # (N, vocab) at the last prompt position, with the FV added
     heads: torch.Tensor    # (N, K, head_dim) FV-head outputs at the last prompt position, without the FV
+    # how well the KL's target agrees with the labels (when the prompts came with their first answer tokens):
+    # top-1 rate and mean probability of the first answer token, frozen model without and with the FV
+    agreement: dict[str, float] | None = None
+
+
+def answer_agreement(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of (N, vocab) logits: is the first answer token the top prediction, and its probability."""
+    return logits.argmax(-1) == targets, logits.float().softmax(-1).gather(1, targets[:, None])[:, 0]
 
 
 @torch.no_grad()
@@ -100,15 +108,24 @@ def build_teacher_cache(adapter: ModelAdapter, batches: Iterable[PromptBatch], v
     """
     was_training = adapter.model.training
     adapter.model.eval()
-    logits, acts = [], []
+    logits, acts, stats = [], [], []
     for batch in batches:
         with capture_heads(adapter, heads) as got:
-            adapter.model(**batch.model_inputs())
+            plain = adapter.model(**batch.model_inputs()).logits[:, -1]
         acts.append(got["heads"].float().cpu())
         with add_to_residual(adapter, vector.to(batch.input_ids.device), layer, alpha):
             logits.append(adapter.model(**batch.model_inputs()).logits[:, -1].float().cpu())
+        targets = batch.targets.to(plain.device)
+        if stats is not None and (targets >= 0).all():
+            stats.append((*answer_agreement(plain, targets), *answer_agreement(logits[-1], targets.cpu())))
+        else:
+            stats = None  # a batch without its answers: no agreement for the task
     adapter.model.train(was_training)
-    return TeacherCache(torch.cat(logits), torch.cat(acts))
+    agreement = None
+    if stats:
+        columns = [torch.cat([row[i].float().cpu() for row in stats]).mean().item() for i in range(4)]
+        agreement = dict(zip(("frozen_top1", "frozen_p_answer", "frozen_fv_top1", "frozen_fv_p_answer"), columns))
+    return TeacherCache(torch.cat(logits), torch.cat(acts), agreement)
 
 
 def fvg_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0,
@@ -225,12 +242,16 @@ class FVGuidance:
         self.heads = self.fv.top_heads
         pad = pad_id(tokenizer)
         device = next(adapter.model.parameters()).device
+        self.last = torch.tensor([len(p) - 1 for p in train_prompts])  # the last prompt token in a right-padded row
+        # the first answer token of each row (known when the rows come along), to score the KL's target
+        first = torch.full((len(train_prompts),), -1, dtype=torch.long)
+        if train_data is not None and len(train_data) == len(train_prompts):
+            first = train_data.input_ids[torch.arange(len(first)), self.last + 1]
         batches = []
         for start in range(0, len(train_prompts), 32):
             ids, mask = left_pad(train_prompts[start:start + 32], pad)
-            batches.append(PromptBatch(ids.to(device), mask.to(device), torch.zeros(len(ids), dtype=torch.long)))
+            batches.append(PromptBatch(ids.to(device), mask.to(device), first[start:start + 32]))
         self.cache = build_teacher_cache(adapter, batches, self.fv.vector, self.layer, self.heads, cfg.scale)
-        self.last = torch.tensor([len(p) - 1 for p in train_prompts])  # the last prompt token in a right-padded row
         self.answers = None
         self.hooks: dict | None = None
         if cfg.alpha_kl_all:

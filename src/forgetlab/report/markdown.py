@@ -76,7 +76,7 @@ def biography_report(results: dict, out: Path) -> None:
 
 def loss_table(entries: Sequence[dict], label: str) -> str:
     """Mean training loss terms per phase: ``lm`` and every method term any phase has (``–`` where it has none)."""
-    names = sorted({k for e in entries for k in e} - {label, "steps", "lm"})
+    names = sorted({k for e in entries for k, v in e.items() if isinstance(v, (int, float))} - {label, "steps", "lm"})
     steps = ["steps"] if any("steps" in e for e in entries) else []
     return table([label, *steps, "LM loss", *names],
                  [(e[label], *(e.get("steps", "–") for _ in steps), f"{e['lm']:.4g}",
@@ -107,6 +107,14 @@ def cit_report(results: dict, out: Path) -> None:
     if r.get("train_loss"):
         parts.append("\n## Training loss per task (mean per micro-batch; method terms as weighted in the loss)\n\n")
         parts.append(loss_table(r["train_loss"], "task"))
+        targets = [(e["task"], e["fvg_target"]) for e in r["train_loss"] if "fvg_target" in e]
+        if targets:
+            parts.append("\n## FVG's KL target against the labels (the frozen model before each task, at the prompt "
+                         "end, on the task's training rows)\n\n")
+            parts.append(table(["task", "frozen: top-1 is the answer", "frozen: p(answer)", "frozen + FV: top-1",
+                                "frozen + FV: p(answer)"],
+                               [(name, *(f"{t[k]:.2f}" for k in ("frozen_top1", "frozen_p_answer", "frozen_fv_top1",
+                                                                  "frozen_fv_p_answer"))) for name, t in targets]))
     parts.append(f"\n![score matrix](scores.png)\n\nRun time {r['seconds']:.0f} s. Data: `results.json`; configuration: "
                  "`config.json`; the final model in `model/`.\n")
     atomic_write_text(out / "report.md", "".join(parts))
