@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The GPU measurements issues 6 and 7 still lack, as one device call of at most 10 minutes (one H100 or H200):
+#   bio  the `gpu` biography run with task-1 snapshots, then the loss landscape on it, timed: the landscape
+#        finding on the gpu run (docs/diagnostics-results.md) and what a landscape grid point costs on a GPU;
+#   cit  the ICL-world `gpu` model, then the methods on a reworded sequence (SEQ=1 by default: the `gpu` model
+#        already does four of sequence 0's five tasks) with answers that end where scoring cuts, and
+#        `cit analyze` of the IncLoRA run: issue 7's gpu table (docs/cit-results.md).
+# The two jobs share the GPU. Neither starts a step past the deadline, and a step running then is stopped, so
+# the call ends in time with whatever finished. OUT gets results.tgz (no checkpoints), bio.log, cit.log.
+#
+# Once, here (the device image lacks these pure-Python packages and cannot fetch; .whl/ travels with `carry`):
+#   echo /.whl/ >> .git/info/exclude
+#   pip download --no-deps -d .whl nltk==3.9.1 && pip wheel --no-deps -w .whl rouge-score==0.1.2
+# The device call: command "bash benchmarks/gpu_open_items.sh", carry [".whl"], timeout_s 600.
+# The same steps at toy sizes on a CPU (a check of the script, not of any figure); JOBS=bio or JOBS=cit runs one job:
+#   SMOKE=1 bash benchmarks/gpu_open_items.sh /tmp/gpu-dry
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-${OUT:-runs/gpu-open-items}}
+WORK=${WORK:-/tmp/forgetlab-gpu}
+rm -rf "$WORK" && mkdir -p "$OUT" "$WORK"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD/src
+else
+  export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONUNBUFFERED=1
+
+if [ "${SMOKE:-0}" = 1 ]; then
+  BIO=smoke; SNAP=5,10,20,30; P0=10; P1=20; GRID=3x3; ROWS=40; ICL=smoke; CIT="--max-train 24 --max-test 4 --epochs 1"; DEADLINE=3000
+else
+  BIO=gpu; SNAP=50,100,150,300; P0=100; P1=150; GRID=21x31; ROWS=2000; ICL=gpu; CIT="--max-train 100 --epochs 10"; DEADLINE=${DEADLINE:-540}
+fi
+START=$(date +%s)
+left() { echo $(( DEADLINE - $(date +%s) + START )); }
+# one step: skipped past the deadline, stopped at it; prints how long it took
+step() {
+  local name=$1 t=$(date +%s); shift
+  if [ "$(left)" -le 20 ]; then echo "[$name] skipped: deadline"; return 1; fi
+  timeout "$(left)" python3 -m forgetlab "$@"; local rc=$?
+  echo "[$name] rc=$rc in $(( $(date +%s) - t )) s"; return $rc
+}
+
+bio() {
+  local run=$WORK/bio C=$WORK/bio/checkpoints
+  step bio-run biography run --preset $BIO --snapshot-steps $SNAP --out "$run" --no-progress || return
+  step bio-world biography generate --preset $BIO --out "$WORK/bio-world" || return
+  local traj=(--trajectory "$C/task0")
+  for s in ${SNAP//,/ }; do traj+=(--trajectory "$C/task1-step-$s"); done
+  # the plane of docs/diagnostics-results.md: through task-1 step 100, d1 = step 150 - step 100, d2 = end - step 150
+  step bio-landscape analyze landscape --theta0 "$C/task1-step-$P0" --theta1 "$C/task1-step-$P1" --theta2 "$C/task1" \
+    --data "task0=$WORK/bio-world/qa_task0_test.jsonl" --data "task1=$WORK/bio-world/qa_task1.jsonl" \
+    "${traj[@]}" --trajectory "$C/task1" --grid $GRID --max-examples $ROWS --out "$WORK/bio-landscape" --no-progress
+}
+
+cit() {
+  local W=$WORK/icl R=$WORK/cit
+  step icl-build icl-world build --preset $ICL --out "$W" --no-progress || return
+  run() { local name=$1; shift; step "cit-$name" cit run --world "$W" --sequence ${SEQ:-1} $CIT --out "$R/$name" --overwrite --no-progress "$@"; }
+  run inclora --method inclora --lr 2e-3
+  run inclora_fvg_kl1 --method inclora --lr 2e-3 --fvg --set fvg_config.alpha_kl=1 --set save_checkpoints=false
+  step cit-analyze cit analyze "$R/inclora"
+  run seq --method seq --lr 5e-4 --set save_checkpoints=false
+  run lwf --method lwf --lr 2e-3 --set save_checkpoints=false
+  run olora --method olora --lr 2e-3 --set save_checkpoints=false
+  run replay --method replay --lr 5e-4 --set save_checkpoints=false
+  run ewc1e8 --method ewc --lr 5e-4 --set ewc_strength=1e8 --set save_checkpoints=false
+  run multitask --method multitask --lr 5e-4 --set save_checkpoints=false
+  run inclora_fvg --method inclora --lr 2e-3 --fvg --set save_checkpoints=false
+}
+
+(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no GPU") > "$WORK/device.txt"
+for job in ${JOBS:-bio cit}; do $job > "$OUT/$job.log" 2>&1 & done
+wait
+tar czf "$OUT/results.tgz" -C "$WORK" --exclude=checkpoints --exclude=state --exclude=cache --exclude='*.safetensors' \
+  --exclude='*.pt' --exclude=pretrain.txt .
+grep -h "^\[\|AP=\|landscape:\|along the trajectory" "$OUT"/*.log
+echo "total $(( $(date +%s) - START )) s; results in $OUT/results.tgz ($(du -h "$OUT/results.tgz" | cut -f1))"
