@@ -48,6 +48,9 @@ def test_summary_of_a_hand_matrix():
     assert out["initial"] == {"GP": 70.0, "IP": 60.0} and out["final"] == {"GP": 40.0, "IP": 50.0}
     assert out["GP_drop"] == pytest.approx(30.0) and out["IP_drop"] == pytest.approx(10.0)
     assert out["bwt_gem"] == pytest.approx(-30.0)
+    assert out["known_at_start"] == []  # initial scores 10 and 0: both tasks are new
+    known = summarize(CITConfig(world_dir="x"), tasks, [[90.0, 89.9], [95.0, 90.0], [95.0, 90.0]], general)
+    assert known["known_at_start"] == ["a"]  # 90 counts as already done, 89.9 does not
 
 
 def test_ni_files_run_with_any_model(tmp_path, tiny_llama_dir):
