@@ -160,12 +160,27 @@ def test_train_loss_records_each_methods_terms_per_task(icl_world_dir, tmp_path)
     ewc = run_cit(still(small(icl_world_dir, method="ewc", sequence=two)), tmp_path / "ewc", log=logs.append,
                   progress=False)
     assert any(line.startswith("[cit] after ") and "mean loss lm " in line and ", ewc " in line for line in logs)
-    assert [sorted(t) for t in ewc["train_loss"]] == [["lm", "steps", "task"], ["ewc", "lm", "steps", "task"]]
+    assert [sorted(t) for t in ewc["train_loss"]] == [["lm", "steps", "task", "train_rows"],
+                                                      ["ewc", "lm", "steps", "task", "train_rows"]]
     assert [t["task"] for t in ewc["train_loss"]] == two.split(",")
+    # the last task's own training rows, scored again on the saved final model, give the recorded score
+    from transformers import AutoTokenizer
+
+    from forgetlab.experiments.cit import _rows, _template, task_score
+    from forgetlab.models.build import load_model
+
+    cfg = small(icl_world_dir, method="ewc", sequence=two)
+    tasks, world = load_sequence(cfg)
+    train, _ = tasks[1].split(cfg.n_train, cfg.n_test)
+    final = tmp_path / "ewc" / "model"
+    again = task_score(load_model(str(final)), AutoTokenizer.from_pretrained(final), _rows(tasks[1], train, _template(cfg, world)), cfg)
+    assert ewc["train_loss"][1]["train_rows"] == {"n": len(train), "score": again} and len(train) == 12
     assert ewc["train_loss"][1]["ewc"] == pytest.approx(0.0, abs=1e-12)
     assert all(t["lm"] > 0 and t["steps"] == 3 for t in ewc["train_loss"])
     assert json.loads((tmp_path / "ewc" / "results.json").read_text())["train_loss"] == ewc["train_loss"]
-    assert "| ewc |" in (tmp_path / "ewc" / "report.md").read_text()  # the loss table's header
+    report = (tmp_path / "ewc" / "report.md").read_text()
+    assert "| ewc |" in report and "| train_rows" not in report  # the loss table's header: loss terms only
+    assert "its own training rows against its test rows" in report
     fvg = still(replace(small(icl_world_dir, method="inclora", sequence=two), fvg=True,
                         fvg_config=FVGConfig(n_prompts=4, shots=3, top_k=3)))
     guided = run_cit(fvg, tmp_path / "fvg", log=lambda s: None, progress=False)["train_loss"]

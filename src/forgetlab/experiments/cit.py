@@ -95,6 +95,9 @@ class CITConfig:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward pass "
                                                                          "(a 7B model's long prompts fit in less memory)"})
     max_new_tokens: int = 16
+    score_train_rows: int = field(default=100, metadata={"help": "after each task, also score its first N training rows "
+                                                                 "(0: off): far above the test score = answers memorised, "
+                                                                 "not the task learned"})
     general_prompts: int = 20
     save_checkpoints: bool = field(default=True, metadata={"help": "keep the (LoRA-merged) model after every task "
                                                                     "in checkpoints/ (for `forgetlab cit analyze`)"})
@@ -519,6 +522,9 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
         entry = {"task": task.name, "steps": outcome.steps, **outcome.loss_terms}
         if guide is not None and guide.cache.agreement is not None:
             entry["fvg_target"] = guide.cache.agreement  # does the KL's target give the label? (see FVG in the README)
+        if cfg.score_train_rows > 0:
+            fitted = _rows(task, train[:cfg.score_train_rows], template)
+            entry["train_rows"] = {"n": len(fitted), "score": task_score(model, tokenizer, fitted, cfg)}
         train_loss.append(entry)
         if cfg.method == "ewc":
             size = cfg.train.batch_size

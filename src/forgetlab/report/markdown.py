@@ -107,6 +107,12 @@ def cit_report(results: dict, out: Path) -> None:
     if r.get("train_loss"):
         parts.append("\n## Training loss per task (mean per micro-batch; method terms as weighted in the loss)\n\n")
         parts.append(loss_table(r["train_loss"], "task"))
+        fitted = [(k, e) for k, e in enumerate(r["train_loss"]) if "train_rows" in e]
+        if fitted:
+            parts.append("\n## Each task right after training on it: its own training rows against its test rows\n\n")
+            parts.append(table(["task", "training rows", "score on them", "test score (R)"],
+                               [(e["task"], e["train_rows"]["n"], f"{e['train_rows']['score']:.1f}", f"{r['R'][k + 1][k]:.1f}")
+                                for k, e in fitted]))
         targets = [(e["task"], e["fvg_target"]) for e in r["train_loss"] if "fvg_target" in e]
         if targets:
             parts.append("\n## FVG's KL target against the labels (the frozen model before each task, at the prompt "
