@@ -85,3 +85,22 @@ for m in "lwf --lr 2e-3" "olora --lr 2e-3" "replay --set finetune=inclora --lr 2
   set -- $m; n=$1; [ $n = replay ] && n=replay_inclora
   b seed1_$n --method $m --seed 1; b seed1_${n}_fvg --method $m --seed 1 --fvg --set fvg_config.alpha_kl=0.1
 done
+# a fresh build of the cpu world (icl_cpu_eval_rebuild.json; same code and preset, torch 2.13.0, transformers 5.24.0) and,
+# on it, why FVG keeps full fine-tuning from learning: LoRA on q,v against LoRA on every linear layer or with lm_head,
+# full fine-tuning with FVG's terms one by one, seeds 0 and 1 (rebuild_seq1_e40/; train_loss[k].train_rows = score on
+# the task's own training rows, fvg_target = the KL target's agreement with the labels)
+forgetlab icl-world build --preset cpu --out runs/icl-cpu --no-progress
+c() { name=$1; shift; forgetlab cit run --world runs/icl-cpu --sequence 1 --max-train 100 --epochs 40 --set save_checkpoints=false \
+  --out runs/fvg-cap/$name --overwrite --no-progress "$@" 2>&1 | grep -a "AP=\|rror"; }
+ALL="[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
+for seed in 0 1; do p=""; [ $seed = 1 ] && p=seed1_
+  c ${p}inclora --seed $seed --method inclora --lr 2e-3
+  c ${p}inclora_fvg --seed $seed --method inclora --lr 2e-3 --fvg --set fvg_config.alpha_kl=0.1
+  c ${p}seq --seed $seed --method seq --lr 5e-4
+  c ${p}seq_fvg --seed $seed --method seq --lr 5e-4 --fvg --set fvg_config.alpha_kl=0.1
+  c ${p}inclora_all --seed $seed --method inclora --lr 2e-3 --set lora_targets=$ALL
+  c ${p}inclora_all_fvg --seed $seed --method inclora --lr 2e-3 --set lora_targets=$ALL --fvg --set fvg_config.alpha_kl=0.1
+done
+c inclora_head_fvg --seed 0 --method inclora --lr 2e-3 --set "lora_targets=[q_proj,v_proj,lm_head]" --fvg --set fvg_config.alpha_kl=0.1
+c seq_fvg_kl0 --seed 0 --method seq --lr 5e-4 --fvg --set fvg_config.alpha_kl=0
+c seq_fvg_kl0.01 --seed 0 --method seq --lr 5e-4 --fvg --set fvg_config.alpha_kl=0.01
