@@ -80,6 +80,10 @@ def test_smoke_build_end_to_end(tmp_path):
         for kind in KINDS:
             assert 0.0 <= scores[kind] <= 1.0
     assert (out / "fv" / general[0] / "fv.json").is_file()
+    new = results["new_tasks_zero_shot_instruction"]
+    assert sorted(new) == sorted(t["name"] for t in world["tasks"] if t["role"] == "new")
+    assert all(0.0 <= v <= 1.0 for v in new.values())
+    assert results["sequences_known"] == [[n for n in seq if new[n] >= 0.9] for seq in world["sequences"]]
     again = subprocess.run([sys.executable, "-m", "forgetlab.cli", "icl-world", "build", "--preset", "smoke", "--out", str(out)],
                            capture_output=True, text=True)
     assert again.returncode == 2 and "already exists" in again.stderr

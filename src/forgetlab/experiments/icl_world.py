@@ -207,7 +207,25 @@ def evaluate_world_model(model, tokenizer, world: ICLWorld, cfg: ICLBuildConfig,
     summary = summarize(per_task, world)
     m = summary["mean"]
     log("[eval] " + "  ".join(f"{k}={v:.3f}" if v is not None else f"{k}=-" for k, v in m.items()))
-    return {"tasks": per_task, **summary}
+    new = new_task_check(adapter, tokenizer, world, cfg)
+    if any(new["sequences_known"]):
+        log("[eval] new tasks this model already does from their instruction alone: "
+            + "; ".join(f"sequence {i}: {', '.join(known)}" for i, known in enumerate(new["sequences_known"]) if known))
+    return {"tasks": per_task, **summary, **new}
+
+
+KNOWN_ACCURACY = 0.9  # instructed zero-shot accuracy from which a new task counts as already done
+
+
+def new_task_check(adapter, tokenizer, world: ICLWorld, cfg: ICLBuildConfig) -> dict:
+    """Instructed zero-shot accuracy of every task reserved for continual tuning, and per sequence the tasks the
+    built model already does: whether a reworded instruction reaches a known ability untrained differs between
+    builds of one world, and a sequence of tasks already done measures keeping, not learning."""
+    scores = {t.name: icl_scores(adapter, tokenizer, t.as_icl_task(), cfg.eval_prompts, cfg.fv.shots, cfg.seed,
+                                 cfg.world.seed, kinds=("zero_shot_instruction",))["zero_shot_instruction"]
+              for t in world.role("new")}
+    known = [[name for name in sequence if scores[name] >= KNOWN_ACCURACY] for sequence in world.sequences]
+    return {"new_tasks_zero_shot_instruction": scores, "sequences_known": known}
 
 
 def build_icl_world(cfg: ICLBuildConfig, out: Path, *, log: Callable[[str], None] = print, progress: bool = True,
