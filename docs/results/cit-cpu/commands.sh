@@ -104,3 +104,6 @@ done
 c inclora_head_fvg --seed 0 --method inclora --lr 2e-3 --set "lora_targets=[q_proj,v_proj,lm_head]" --fvg --set fvg_config.alpha_kl=0.1
 c seq_fvg_kl0 --seed 0 --method seq --lr 5e-4 --fvg --set fvg_config.alpha_kl=0
 c seq_fvg_kl0.01 --seed 0 --method seq --lr 5e-4 --fvg --set fvg_config.alpha_kl=0.01
+# on the rebuild: FV drift and interventions of the seed-0 IncLoRA run (rebuild_seq1_e40/drift.*, interventions.json)
+forgetlab cit run --world runs/icl-cpu --sequence 1 --max-train 100 --epochs 40 --method inclora --lr 2e-3 --out runs/fvg-cap/inclora_ckpt --overwrite --no-progress
+forgetlab cit analyze runs/fvg-cap/inclora_ckpt
