@@ -107,3 +107,12 @@ c seq_fvg_kl0.01 --seed 0 --method seq --lr 5e-4 --fvg --set fvg_config.alpha_kl
 # on the rebuild: FV drift and interventions of the seed-0 IncLoRA run (rebuild_seq1_e40/drift.*, interventions.json)
 forgetlab cit run --world runs/icl-cpu --sequence 1 --max-train 100 --epochs 40 --method inclora --lr 2e-3 --out runs/fvg-cap/inclora_ckpt --overwrite --no-progress
 forgetlab cit analyze runs/fvg-cap/inclora_ckpt
+# on the rebuild: a sequence of the three reworded tasks it does not already do, IncLoRA and FVG (alpha_KL 0.1, 1), seeds 0 and 1, drift (rebuild_new3/)
+S=reworded_partner_red,reworded_translate_gold,reworded_partner_blue
+n3() { name=$1; shift; forgetlab cit run --world runs/icl-cpu --sequence $S --max-train 100 --epochs 40 --out runs/new3/$name --overwrite --no-progress "$@" 2>&1 | grep -a "AP=\|rror"; }
+for seed in 0 1; do p=""; [ $seed = 1 ] && p=seed1_
+  n3 ${p}inclora --seed $seed --method inclora --lr 2e-3
+  n3 ${p}inclora_fvg --seed $seed --method inclora --lr 2e-3 --fvg --set fvg_config.alpha_kl=0.1 --set save_checkpoints=false
+  n3 ${p}inclora_fvg_kl1 --seed $seed --method inclora --lr 2e-3 --fvg --set fvg_config.alpha_kl=1 --set save_checkpoints=false
+done
+forgetlab cit analyze runs/new3/inclora
