@@ -116,3 +116,5 @@ for seed in 0 1; do p=""; [ $seed = 1 ] && p=seed1_
   n3 ${p}inclora_fvg_kl1 --seed $seed --method inclora --lr 2e-3 --fvg --set fvg_config.alpha_kl=1 --set save_checkpoints=false
 done
 forgetlab cit analyze runs/new3/inclora
+forgetlab cit analyze runs/new3/seed1_inclora                                              # rebuild_new3/seed1/
+forgetlab cit analyze runs/new3/inclora runs/new3/seed1_inclora --out runs/new3/pooled      # rebuild_new3/pooled/
