@@ -2,9 +2,9 @@
 # The GPU measurements issues 6 and 7 still lack, as one device call of at most 10 minutes (one H100 or H200):
 #   bio  the `gpu` biography run with task-1 snapshots, then the loss landscape on it, timed: the landscape
 #        finding on the gpu run (docs/diagnostics-results.md) and what a landscape grid point costs on a GPU;
-#   cit  the ICL-world `gpu` model, then the methods on a reworded sequence (SEQ=1 by default: the `gpu` model
-#        already does four of sequence 0's five tasks) with answers that end where scoring cuts, and
-#        `cit analyze` of the IncLoRA run: issue 7's gpu table (docs/cit-results.md).
+#   cit  the ICL-world `gpu` model, then the methods on the reworded tasks that build does not already do (an earlier
+#        `gpu` build did four of sequence 0's five) with answers that end where scoring cuts, and `cit analyze` of
+#        the IncLoRA run: issue 7's gpu table (docs/cit-results.md).
 # The two jobs share the GPU. Neither starts a step past the deadline, and a step running then is stopped, so
 # the call ends in time with whatever finished. OUT gets results.tgz (no checkpoints), bio.log, cit.log.
 #
@@ -28,7 +28,7 @@ fi
 export PYTHONUNBUFFERED=1
 
 if [ "${SMOKE:-0}" = 1 ]; then
-  BIO=smoke; SNAP=5,10,20,30; P0=10; P1=20; GRID=3x3; ROWS=40; ICL=smoke; CIT="--max-train 24 --max-test 4 --epochs 1"; DEADLINE=3000
+  BIO=smoke; SNAP=5,10,20,30; P0=10; P1=20; GRID=3x3; ROWS=40; ICL=smoke; CIT="--max-train 24 --max-test 4 --epochs 1"; DEADLINE=${DEADLINE:-3000}
 else
   BIO=gpu; SNAP=50,100,150,300; P0=100; P1=150; GRID=21x31; ROWS=2000; ICL=gpu; CIT="--max-train 100 --epochs 10"; DEADLINE=${DEADLINE:-540}
 fi
@@ -57,7 +57,12 @@ bio() {
 cit() {
   local W=$WORK/icl R=$WORK/cit
   step icl-build icl-world build --preset $ICL --out "$W" --no-progress || return
-  run() { local name=$1; shift; step "cit-$name" cit run --world "$W" --sequence ${SEQ:-1} $CIT --out "$R/$name" --overwrite --no-progress "$@"; }
+  # the reworded tasks this build does not already do from their instruction (eval.json), as the sequence: which
+  # ones a build knows differs between builds; SEQ=N overrides with the world's sequence N
+  local seq=${SEQ:-$(python3 -c "import json,sys; e=json.load(open(sys.argv[1])); print(','.join(
+    [t for t, v in e['new_tasks_zero_shot_instruction'].items() if t.startswith('reworded_') and v < 0.9][:5]) or '1')" "$W/eval.json")}
+  echo "[cit] sequence: $seq"
+  run() { local name=$1; shift; step "cit-$name" cit run --world "$W" --sequence "$seq" $CIT --out "$R/$name" --overwrite --no-progress "$@"; }
   run inclora --method inclora --lr 2e-3
   run inclora_fvg_kl1 --method inclora --lr 2e-3 --fvg --set fvg_config.alpha_kl=1 --set save_checkpoints=false
   step cit-analyze cit analyze "$R/inclora"
