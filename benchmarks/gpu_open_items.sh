@@ -57,11 +57,9 @@ bio() {
 cit() {
   local W=$WORK/icl R=$WORK/cit
   step icl-build icl-world build --preset $ICL --out "$W" --no-progress || return
-  # the reworded tasks this build does not already do from their instruction (eval.json), as the sequence: which
-  # ones a build knows differs between builds; SEQ=N overrides with the world's sequence N
-  local seq=${SEQ:-$(python3 -c "import json,sys; e=json.load(open(sys.argv[1])); print(','.join(
-    [t for t, v in e['new_tasks_zero_shot_instruction'].items() if t.startswith('reworded_') and v < 0.9][:5]) or '1')" "$W/eval.json")}
-  echo "[cit] sequence: $seq"
+  # `new`: the sequences' tasks this build does not already do from their instruction (which ones a build knows
+  # differs between builds); SEQ=N takes the world's sequence N instead
+  local seq=${SEQ:-new}
   run() { local name=$1; shift; step "cit-$name" cit run --world "$W" --sequence "$seq" $CIT --out "$R/$name" --overwrite --no-progress "$@"; }
   run inclora --method inclora --lr 2e-3
   run inclora_fvg_kl1 --method inclora --lr 2e-3 --fvg --set fvg_config.alpha_kl=1 --set save_checkpoints=false

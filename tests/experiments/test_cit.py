@@ -39,6 +39,33 @@ def test_world_sequence_runs_and_lora_touches_only_its_targets(icl_world_dir, tm
         assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed)
 
 
+def test_sequence_new_takes_the_tasks_the_built_model_does_not_already_do(icl_world_dir, tmp_path):
+    """``--sequence new`` reads eval.json's instructed zero-shot scores: with the scores set by hand, the picked
+    tasks are those of the world's sequences below 0.9, in order, at most a sequence's length."""
+    import shutil
+
+    from forgetlab.worlds.icl import ICLWorld
+
+    world_dir = tmp_path / "world"
+    shutil.copytree(icl_world_dir, world_dir, ignore=shutil.ignore_patterns("model", "fv", "state"))
+    world = ICLWorld.read(world_dir / "world.json")
+    order = list(dict.fromkeys(n for seq in world.sequences for n in seq))
+    evaluation = json.loads((world_dir / "eval.json").read_text())
+    scores = {name: (1.0 if i % 2 == 0 else 0.5) for i, name in enumerate(order)}  # every other task known
+    scores[order[1]] = 0.9  # 0.9 counts as known
+    (world_dir / "eval.json").write_text(json.dumps({**evaluation, "new_tasks_zero_shot_instruction": scores}))
+    cfg = CITConfig(world_dir=str(world_dir), sequence="new")
+    tasks, _ = load_sequence(cfg)
+    expected = [n for i, n in enumerate(order) if i % 2 == 1 and i != 1][:world.config.sequence_length]
+    assert [t.name for t in tasks] == expected and expected
+    (world_dir / "eval.json").write_text(json.dumps({**evaluation, "new_tasks_zero_shot_instruction": dict.fromkeys(order, 1.0)}))
+    with pytest.raises(ValueError, match="already does every task"):
+        load_sequence(cfg)
+    (world_dir / "eval.json").write_text(json.dumps({k: v for k, v in evaluation.items() if k != "new_tasks_zero_shot_instruction"}))
+    with pytest.raises(ValueError, match="icl-world evaluate"):
+        load_sequence(cfg)
+
+
 def test_summary_of_a_hand_matrix():
     tasks = [InstructionTask("a", "d", ()), InstructionTask("b", "d", ())]
     R = [[10.0, 0.0], [80.0, 5.0], [50.0, 90.0]]

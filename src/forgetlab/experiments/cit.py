@@ -60,7 +60,7 @@ class CITConfig:
     seed: int = 0
     world_dir: str = field(default="", metadata={"help": "an icl-world build (model + world.json)"})
     model: str = field(default="", metadata={"help": "HF checkpoint; default: the world's model"})
-    sequence: str = field(default="0", metadata={"help": "world sequence index or world task names a,b,c; NI-Seq-G1|"
+    sequence: str = field(default="0", metadata={"help": "world sequence index, world task names a,b,c or new; NI-Seq-G1|"
                                                           "C1|M1 or task names a,b,c (in tasks_dir); task files a.json,b.jsonl"})
     tasks_dir: str = field(default="", metadata={"help": "natural-instructions tasks/ folder for NI sequences"})
     template: str = field(default="", metadata={"help": "prompt template with {definition} and {input}; default by source"})
@@ -149,6 +149,8 @@ def load_sequence(cfg: CITConfig) -> tuple[list[InstructionTask], object | None]
         world = ICLWorld.read(Path(cfg.world_dir) / "world.json")
         if cfg.sequence.isdigit():
             return world_sequence(world, int(cfg.sequence)), world
+        if cfg.sequence == "new":
+            return [from_world_task(world.task(n), world.config.seed) for n in new_to_model(Path(cfg.world_dir), world)], world
         names = [n.strip() for n in cfg.sequence.split(",") if n.strip()]
         unknown = [n for n in names if n not in {t.name for t in world.tasks}]
         if not names or unknown:
@@ -159,6 +161,26 @@ def load_sequence(cfg: CITConfig) -> tuple[list[InstructionTask], object | None]
     if parts and all(p.endswith((".json", ".jsonl")) for p in parts):
         return [load_task_file(p) for p in parts], None
     return ni_sequence(cfg.tasks_dir, cfg.sequence if cfg.sequence.startswith("NI-Seq-") else parts), None
+
+
+def new_to_model(world_dir: Path, world) -> list[str]:
+    """``--sequence new``: the tasks of the world's sequences that its built model does not already do from their
+    instruction alone (``eval.json``), in the sequences' order, as many as a sequence holds. Which reworded
+    instructions a model already follows differs between builds of one world."""
+    from forgetlab.experiments.icl_world import KNOWN_ACCURACY
+    from forgetlab.utils.io import read_json
+
+    path = world_dir / "eval.json"
+    scores = read_json(path).get("new_tasks_zero_shot_instruction") if path.is_file() else None
+    if scores is None:
+        raise ValueError(f"--sequence new: {path} has no new_tasks_zero_shot_instruction; score the build first with "
+                         f"`forgetlab icl-world evaluate --out {world_dir}`")
+    candidates = list(dict.fromkeys(name for sequence in world.sequences for name in sequence))
+    names = [n for n in candidates if scores.get(n, 1.0) < KNOWN_ACCURACY][:world.config.sequence_length]
+    if not names:
+        raise ValueError(f"--sequence new: the model in {world_dir} already does every task of the world's sequences "
+                         "from its instruction; name other world tasks with --sequence a,b,c")
+    return names
 
 
 def _rows(task: InstructionTask, instances, template: str) -> list[dict]:
