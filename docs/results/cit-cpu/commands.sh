@@ -118,3 +118,6 @@ done
 forgetlab cit analyze runs/new3/inclora
 forgetlab cit analyze runs/new3/seed1_inclora                                              # rebuild_new3/seed1/
 forgetlab cit analyze runs/new3/inclora runs/new3/seed1_inclora --out runs/new3/pooled      # rebuild_new3/pooled/
+for seed in 0 1; do p=""; [ $seed = 1 ] && p=seed1_; for kl in 0.03 0.3; do   # rebuild_new3/*inclora_fvg_kl0.03|0.3.json
+  n3 ${p}inclora_fvg_kl$kl --seed $seed --method inclora --lr 2e-3 --fvg --set fvg_config.alpha_kl=$kl --set save_checkpoints=false
+done; done
