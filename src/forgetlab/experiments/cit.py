@@ -482,8 +482,9 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
         scores, gen = evaluate_all("initial")
         R.append(scores)
         general.append(gen)
-        if known_at_start(tasks, scores):
-            log(f"[cit] note: the initial model already scores >= {KNOWN_SCORE:g} on {', '.join(known_at_start(tasks, scores))}: "
+        known = known_at_start(tasks, scores)
+        if known:
+            log(f"[cit] note: the initial model already scores >= {KNOWN_SCORE:g} on {', '.join(known)}: "
                 "training on them keeps a known task rather than learning a new one (results.json known_at_start)")
     if cfg.method == "multitask":  # one phase over every task's rows; R repeats the joint model's scores
         if cfg.mode != "full":
