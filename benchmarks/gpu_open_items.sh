@@ -12,7 +12,8 @@
 #   echo /.whl/ >> .git/info/exclude
 #   pip download --no-deps -d .whl nltk==3.9.1 && pip wheel --no-deps -w .whl rouge-score==0.1.2
 # The device call: command "bash benchmarks/gpu_open_items.sh", carry [".whl"], timeout_s 600.
-# The same steps at toy sizes on a CPU (a check of the script, not of any figure); JOBS=bio or JOBS=cit runs one job:
+# JOBS picks the jobs (default "bio cit"; JOBS=mem adds the 7B memory benchmark's GPU rows, e.g. as a second call).
+# The same steps at toy sizes on a CPU (a check of the script, not of any figure):
 #   SMOKE=1 bash benchmarks/gpu_open_items.sh /tmp/gpu-dry
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,9 +29,9 @@ fi
 export PYTHONUNBUFFERED=1
 
 if [ "${SMOKE:-0}" = 1 ]; then
-  BIO=smoke; SNAP=5,10,20,30; P0=10; P1=20; GRID=3x3; ROWS=40; ICL=smoke; CIT="--max-train 24 --max-test 4 --epochs 1"; DEADLINE=${DEADLINE:-3000}
+  BIO=smoke; SNAP=5,10,20,30; P0=10; P1=20; GRID=3x3; ROWS=40; ICL=smoke; CIT="--max-train 24 --max-test 4 --epochs 1"; MEM="--steps 1"; DEADLINE=${DEADLINE:-3000}
 else
-  BIO=gpu; SNAP=50,100,150,300; P0=100; P1=150; GRID=21x31; ROWS=2000; ICL=gpu; CIT="--max-train 100 --epochs 10"; DEADLINE=${DEADLINE:-540}
+  BIO=gpu; SNAP=50,100,150,300; P0=100; P1=150; GRID=21x31; ROWS=2000; ICL=gpu; CIT="--max-train 100 --epochs 10"; MEM="--shape llama-2-7b --seq 640 --batch 4"; DEADLINE=${DEADLINE:-540}
 fi
 START=$(date +%s)
 left() { echo $(( DEADLINE - $(date +%s) + START )); }
@@ -73,10 +74,17 @@ cit() {
   run inclora_fvg --method inclora --lr 2e-3 --fvg --set save_checkpoints=false
 }
 
+# opt-in (JOBS=mem): bench_cit_memory's GPU rows at a 7B shape, for a second call if device time remains
+mem() {
+  local t=$(date +%s)
+  timeout "$(left)" python3 benchmarks/bench_cit_memory.py $MEM > "$WORK/bench_cit_memory.txt" 2>&1
+  echo "[mem] rc=$? in $(( $(date +%s) - t )) s"; cat "$WORK/bench_cit_memory.txt"
+}
+
 (nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no GPU") > "$WORK/device.txt"
 for job in ${JOBS:-bio cit}; do $job > "$OUT/$job.log" 2>&1 & done
 wait
 tar czf "$OUT/results.tgz" -C "$WORK" --exclude=checkpoints --exclude=state --exclude=cache --exclude='*.safetensors' \
   --exclude='*.pt' --exclude=pretrain.txt .
-grep -h "^\[\|AP=\|landscape:\|along the trajectory" "$OUT"/*.log
+grep -h "^\[\|AP=\|landscape:\|along the trajectory\|peak\|GB" "$OUT"/*.log
 echo "total $(( $(date +%s) - START )) s; results in $OUT/results.tgz ($(du -h "$OUT/results.tgz" | cut -f1))"
