@@ -11,6 +11,9 @@ import re
 from collections.abc import Sequence
 from functools import lru_cache
 
+# a score (×100) from which a task counts as already done before any training: tasks a model already does measure
+# keeping, not learning (continual tuning, and the ICL world's new tasks on a given build)
+ALREADY_DONE = 90.0
 OPTION_LETTERS = "ABCDEFGH"
 _LETTER = re.compile(r"^\(?([A-H])\)?(?:[\s.:)]|$)")
 # "Answer"/"option" in any case, the letter itself a capital: "the answer is a dog" names no option

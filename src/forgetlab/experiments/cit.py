@@ -29,7 +29,7 @@ import torch
 
 from forgetlab.analysis.recovery import encode_qa
 from forgetlab.eval.exact_match import left_pad
-from forgetlab.eval.scoring import score
+from forgetlab.eval.scoring import ALREADY_DONE, score
 from forgetlab.methods.fvg import (FV_SOURCES, HEAD_SETS, FVGConfig, FVGuidance, over_universal_heads,
                                    saved_function_vectors, task_function_vector)
 from forgetlab.methods.regularizers import diagonal_fisher, distillation_kl, ewc_penalty, lora_orthogonality
@@ -167,7 +167,6 @@ def new_to_model(world_dir: Path, world) -> list[str]:
     """``--sequence new``: the tasks of the world's sequences that its built model does not already do from their
     instruction alone (``eval.json``), in the sequences' order, as many as a sequence holds. Which reworded
     instructions a model already follows differs between builds of one world."""
-    from forgetlab.experiments.icl_world import KNOWN_ACCURACY
     from forgetlab.utils.io import read_json
 
     path = world_dir / "eval.json"
@@ -176,7 +175,7 @@ def new_to_model(world_dir: Path, world) -> list[str]:
         raise ValueError(f"--sequence new: {path} has no new_tasks_zero_shot_instruction; score the build first with "
                          f"`forgetlab icl-world evaluate --out {world_dir}`")
     candidates = list(dict.fromkeys(name for sequence in world.sequences for name in sequence))
-    names = [n for n in candidates if scores.get(n, 1.0) < KNOWN_ACCURACY][:world.config.sequence_length]
+    names = [n for n in candidates if 100 * scores.get(n, 1.0) < ALREADY_DONE][:world.config.sequence_length]
     if not names:
         raise ValueError(f"--sequence new: the model in {world_dir} already does every task of the world's sequences "
                          "from its instruction; name other world tasks with --sequence a,b,c")
@@ -484,7 +483,7 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
         general.append(gen)
         known = known_at_start(tasks, scores)
         if known:
-            log(f"[cit] note: the initial model already scores >= {KNOWN_SCORE:g} on {', '.join(known)}: "
+            log(f"[cit] note: the initial model already scores >= {ALREADY_DONE:g} on {', '.join(known)}: "
                 "training on them keeps a known task rather than learning a new one (results.json known_at_start)")
     if cfg.method == "multitask":  # one phase over every task's rows; R repeats the joint model's scores
         if cfg.mode != "full":
@@ -586,13 +585,10 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
     return results
 
 
-KNOWN_SCORE = 90.0  # an initial score from which a task counts as already done before any training
-
-
 def known_at_start(tasks: Sequence[InstructionTask], initial_scores: Sequence[float]) -> list[str]:
     """The sequence's tasks that the initial model already does: AP and FP on them measure keeping, not learning,
     and whether a sequence's tasks are new can differ between builds of the same world model."""
-    return [t.name for t, score in zip(tasks, initial_scores) if score >= KNOWN_SCORE]
+    return [t.name for t, score in zip(tasks, initial_scores) if score >= ALREADY_DONE]
 
 
 def summarize(cfg: CITConfig, tasks: list[InstructionTask], R: list[list[float]], general: list[dict]) -> dict:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from forgetlab.eval.icl import accuracy, icl_prompts, icl_scores
+from forgetlab.eval.scoring import ALREADY_DONE
 from forgetlab.fv.evaluate import sweep_layers
 from forgetlab.fv.extract import FVSettings, extract_function_vector
 from forgetlab.fv.hooks import add_to_residual
@@ -214,9 +215,6 @@ def evaluate_world_model(model, tokenizer, world: ICLWorld, cfg: ICLBuildConfig,
     return {"tasks": per_task, **summary, **new}
 
 
-KNOWN_ACCURACY = 0.9  # instructed zero-shot accuracy from which a new task counts as already done
-
-
 def new_task_check(adapter, tokenizer, world: ICLWorld, cfg: ICLBuildConfig) -> dict:
     """Instructed zero-shot accuracy of every task reserved for continual tuning, and per sequence the tasks the
     built model already does: whether a reworded instruction reaches a known ability untrained differs between
@@ -224,7 +222,7 @@ def new_task_check(adapter, tokenizer, world: ICLWorld, cfg: ICLBuildConfig) -> 
     scores = {t.name: icl_scores(adapter, tokenizer, t.as_icl_task(), cfg.eval_prompts, cfg.fv.shots, cfg.seed,
                                  cfg.world.seed, kinds=("zero_shot_instruction",))["zero_shot_instruction"]
               for t in world.role("new")}
-    known = [[name for name in sequence if scores[name] >= KNOWN_ACCURACY] for sequence in world.sequences]
+    known = [[name for name in sequence if 100 * scores[name] >= ALREADY_DONE] for sequence in world.sequences]
     return {"new_tasks_zero_shot_instruction": scores, "sequences_known": known}
 
 

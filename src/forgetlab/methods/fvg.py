@@ -115,15 +115,15 @@ def build_teacher_cache(adapter: ModelAdapter, batches: Iterable[PromptBatch], v
         acts.append(got["heads"].float().cpu())
         with add_to_residual(adapter, vector.to(batch.input_ids.device), layer, alpha):
             logits.append(adapter.model(**batch.model_inputs()).logits[:, -1].float().cpu())
-        targets = batch.targets.to(plain.device)
-        if stats is not None and (targets >= 0).all():
-            stats.append((*answer_agreement(plain, targets), *answer_agreement(logits[-1], targets.cpu())))
+        if stats is not None and (batch.targets >= 0).all():
+            targets = batch.targets.cpu()
+            stats.append((*answer_agreement(plain.float().cpu(), targets), *answer_agreement(logits[-1], targets)))
         else:
             stats = None  # a batch without its answers: no agreement for the task
     adapter.model.train(was_training)
     agreement = None
     if stats:
-        columns = [torch.cat([row[i].float().cpu() for row in stats]).mean().item() for i in range(4)]
+        columns = [torch.cat([row[i] for row in stats]).float().mean().item() for i in range(4)]
         agreement = dict(zip(("frozen_top1", "frozen_p_answer", "frozen_fv_top1", "frozen_fv_p_answer"), columns))
     return TeacherCache(torch.cat(logits), torch.cat(acts), agreement)
 
