@@ -45,6 +45,7 @@ def test_run_and_analyze_from_the_command_line(icl_world_dir, tmp_path, monkeypa
     config = json.loads((out / "config.json").read_text())  # every option and --set reached the run
     assert (config["n_train"], config["train"]["epochs"], config["train"]["lr"], config["general_prompts"]) == (12, 1.0, 1e-3, 2)
     assert (out / "report.md").is_file() and (out / "scores.png").is_file()
+    assert len(json.loads((out / "environment.json").read_text())["runs"]) == 1  # one start, one entry
 
     analyzed = cit("analyze", out, "--prompts", "4", "--eval-prompts", "6")
     assert analyzed.exit_code == 0, analyzed.output

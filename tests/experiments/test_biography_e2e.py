@@ -53,6 +53,8 @@ def test_smoke_run_writes_the_contract(smoke_run):
     report = (run / "report.md").read_text()
     assert f"| spurious share of the drop | {results['spurious_share']:.3f} |" in report and "(curves.png)" in report
     assert json.loads((run / "config.json").read_text())["preset"] == "smoke"
+    environment = json.loads((run / "environment.json").read_text())["runs"]  # the libraries it was computed with
+    assert environment[0]["command"][:4] == ["forgetlab", "biography", "run", "--preset"] and environment[0]["packages"]["torch"]
     for phase in ("pretrain", "task0", "task1", "recovery"):
         assert (run / "checkpoints" / phase / "model.safetensors").is_file()
         assert (run / "checkpoints" / phase / "tokenizer.json").is_file()

@@ -62,7 +62,7 @@ def run(
                     train=replace(base.train, lr=lr, epochs=epochs))
     cfg = apply_overrides(cfg, set_ or [])
     check_inputs(cfg)  # bad input fails here, before --out is created
-    distributed.main_first(lambda: prepare_run_dir(out, cfg, resume=resume, overwrite=overwrite))
+    distributed.main_first(lambda: prepare_run_dir(out, cfg, resume=resume, overwrite=overwrite, log=tqdm.write))
     if not distributed.is_main():  # the other processes of a multi-GPU run compute in silence
         run_cit(cfg, out, log=lambda line: None, progress=False)
         return

@@ -35,7 +35,7 @@ def build(
 
     cfg = apply_overrides(preset_config(preset, seed), set_ or [])
     cfg.validate()
-    prepare_run_dir(out, cfg, resume=resume, overwrite=overwrite)
+    prepare_run_dir(out, cfg, resume=resume, overwrite=overwrite, log=tqdm.write)
     results = build_icl_world(cfg, out, log=tqdm.write, progress=progress)
     show(results, preset)
     console.print(f"wrote {out}/model/ (HF checkpoint + tokenizer + forgetlab_card.json), world.json, eval.json, fv/")

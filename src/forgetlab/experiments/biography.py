@@ -287,7 +287,7 @@ def run_biography(cfg: BiographyRunConfig, out: Path, *, cache_dir: Path | None 
     t0 = time.perf_counter()
     cfg.validate()
     out = Path(out)
-    distributed.main_first(lambda: prepare_run_dir(out, cfg, resume=resume, overwrite=overwrite))
+    distributed.main_first(lambda: prepare_run_dir(out, cfg, resume=resume, overwrite=overwrite, log=log))
     exp = BiographyExperiment(cfg, cache_dir, log, progress)
     pre, pre_key = exp.pretrain()
     t0_phase, key = exp.task0(pre, pre_key)

@@ -36,6 +36,7 @@ from forgetlab.methods.regularizers import diagonal_fisher, distillation_kl, ewc
 from forgetlab.methods.replay import mix_replay
 from forgetlab.metrics.cl import cl_summary
 from forgetlab.models.tokenizers import pad_id
+from forgetlab.experiments.rundir import record_api_run
 from forgetlab.train import distributed
 from forgetlab.train.checkpoints import load_between_phases, save_between_phases, save_model_dir
 from forgetlab.train.data import IGNORE, concat, qa_dataset
@@ -412,6 +413,8 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
         log(f"[cit] {out} is a finished run; nothing to resume")
         return read_json(out / "results.json")
     tasks, world = load_sequence(cfg)
+    if writes:
+        record_api_run(out, cfg)
     template = _template(cfg, world)
     model_dir = _model_dir(cfg)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

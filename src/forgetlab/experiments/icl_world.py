@@ -19,6 +19,7 @@ import torch
 
 from forgetlab.eval.icl import accuracy, icl_prompts, icl_scores
 from forgetlab.eval.scoring import ALREADY_DONE
+from forgetlab.experiments.rundir import record_api_run
 from forgetlab.fv.evaluate import sweep_layers
 from forgetlab.fv.extract import FVSettings, extract_function_vector
 from forgetlab.fv.hooks import add_to_residual
@@ -234,6 +235,7 @@ def build_icl_world(cfg: ICLBuildConfig, out: Path, *, log: Callable[[str], None
     start = time.perf_counter()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     world = generate_icl_world(cfg.world)
+    record_api_run(out, cfg)
     world.write(out / "world.json")
     tokenizer = world_tokenizer(world)
     rows = cfg.train.total_steps(1) * cfg.train.batch_size * cfg.train.grad_accum

@@ -1,7 +1,8 @@
 """The run directory every command writes: resolved config, curves, results, checkpoints, plots.
 
 Guards against losing work: an existing run is never overwritten without ``--overwrite``, and
-``--resume`` only continues a run whose saved configuration is identical.
+``--resume`` only continues a run whose saved configuration is identical. Each start and resume also
+records the environment (``environment.json``: library versions, devices, code commit, command).
 """
 
 from __future__ import annotations
@@ -9,15 +10,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
+from forgetlab.utils.environment import record_environment
 from forgetlab.utils.io import atomic_write_json, read_json, to_jsonable
 
 CONFIG = "config.json"
 
 
-def prepare_run_dir(out: Path, cfg, *, resume: bool, overwrite: bool) -> Path:
-    """Create or reopen ``out`` and write the resolved config there; raise ValueError on a conflict."""
+def prepare_run_dir(out: Path, cfg, *, resume: bool, overwrite: bool,
+                    log: Callable[[str], None] = print) -> Path:
+    """Create or reopen ``out``, write the resolved config and record the environment there; raise
+    ValueError on a conflict. A resume under other library versions, devices or code is logged."""
     out = Path(out)
     if resume and overwrite:
         raise ValueError("--resume and --overwrite contradict each other; pass only one")
@@ -32,6 +37,10 @@ def prepare_run_dir(out: Path, cfg, *, resume: bool, overwrite: bool) -> Path:
             diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
             raise ValueError(f"--resume: the run at {out} was made with a different config (differs in: {', '.join(diff)}); "
                              "use the same options or a new --out")
+        changed = record_environment(out, resumed=True)
+        if changed:
+            log(f"note: resuming {out} in another environment than it started in ({'; '.join(changed)}); "
+                "its results may differ from an uninterrupted run's (environment.json)")
         return out
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
@@ -45,7 +54,18 @@ def prepare_run_dir(out: Path, cfg, *, resume: bool, overwrite: bool) -> Path:
     except OSError as err:
         raise ValueError(f"cannot write to --out {out} ({err.strerror}); choose a writable directory") from None
     atomic_write_json(out / CONFIG, cfg)
+    record_environment(out)
     return out
+
+
+def record_api_run(out: Path, cfg) -> None:
+    """For runs started from Python rather than the CLI: write the resolved config and the environment
+    beside the results unless ``prepare_run_dir`` already did."""
+    out = Path(out)
+    if not (out / CONFIG).is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / CONFIG, cfg)
+        record_environment(out)
 
 
 def publish_checkpoint(src: Path, dst: Path) -> None:
