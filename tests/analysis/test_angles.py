@@ -45,6 +45,9 @@ def test_effective_rank_of_a_known_spectrum():
     # energies 100, 9, 1, 0.01 of 110.01; cumulative shares 0.909, 0.9908, 0.99991, 1
     assert [effective_rank(s, e) for e in (0.90, 0.99, 0.995, 0.99995)] == [1, 2, 3, 4]
     assert effective_rank(torch.zeros(5)) == 0
+    # energy 1.0 is the full rank, never one more, whatever the rounding of the running sum
+    spectra = [torch.rand(768, generator=torch.Generator().manual_seed(i)).sort(descending=True).values for i in range(20)]
+    assert all(effective_rank(s, 1.0) == 768 for s in spectra)
 
 
 @pytest.mark.parametrize("rank,dim", [(1, 4), (10, 128), (100, 128)])

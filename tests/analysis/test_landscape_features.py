@@ -65,6 +65,41 @@ def test_orthogonalized_direction_is_orthogonal_and_filter_norm_matches_rows():
     assert torch.count_nonzero(f1["b"]) == 0
 
 
+def test_filter_normalisation_rescales_output_units_also_of_gpt2_conv1d_and_orthogonalises_after():
+    from forgetlab.analysis.landscape import filter_axes
+    from forgetlab.models.zoo import random_model, tiny_config
+
+    model = random_model(tiny_config("gpt2", vocab_size=50), seed=0)
+    axes = filter_axes(model)
+    fc = "transformer.h.0.mlp.c_fc.weight"  # Conv1D: (in, out), its output units are columns
+    assert axes[fc] == 1 and model.transformer.h[0].mlp.c_fc.weight.shape[1] == model.transformer.h[0].mlp.c_fc.nf
+    assert "transformer.wte.weight" not in axes  # an embedding is indexed by token, its rows as they are
+    theta = parameters_of(model)
+    g = torch.Generator().manual_seed(3)
+    p1 = {n: t + torch.randn(t.shape, generator=g) for n, t in theta.items()}
+    p2 = {n: t + torch.randn(t.shape, generator=g) for n, t in p1.items()}
+    f1, f2 = directions(theta, p1, p2, filter_normalize=True, axes=axes)
+    assert torch.allclose(f1[fc].norm(dim=0), theta[fc].norm(dim=0), rtol=1e-4)  # each output unit, by hand
+    assert torch.allclose(f2[fc].norm(dim=0), theta[fc].norm(dim=0), rtol=1e-4)
+    linear = "lm_head.weight" if "lm_head.weight" in theta else "transformer.wte.weight"
+    assert torch.allclose(f1[linear].norm(dim=1), theta[linear].norm(dim=1), rtol=1e-4)
+    o1, o2 = directions(theta, p1, p2, orthogonalize=True, filter_normalize=True, axes=axes)
+    dot = sum(float((o1[n].double() * o2[n].double()).sum()) for n in o1)
+    assert abs(dot) <= 1e-6 * sum(float(o2[n].double().norm() ** 2) for n in o2)  # both options: still orthogonal
+    assert torch.equal(o1[fc], f1[fc])  # d1 is only normalised
+
+
+def test_a_degenerate_plane_is_refused_in_one_line():
+    t0 = {"w": torch.zeros(3)}
+    t1 = {"w": torch.ones(3)}
+    with pytest.raises(ValueError, match="parallel"):
+        directions(t0, t1, {"w": 3 * torch.ones(3)})
+    with pytest.raises(ValueError, match="theta1 - theta0 is zero"):
+        directions(t0, t0, t1)
+    with pytest.raises(ValueError, match="theta2 - theta1 is zero"):
+        directions(t0, t1, t1)
+
+
 def test_projection_recovers_known_coefficients_over_all_parameters():
     g = torch.Generator().manual_seed(2)
     shapes = {"a": (50, 20), "b": (300,)}
@@ -103,6 +138,8 @@ def test_pc_angle_is_sign_invariant_and_finds_a_rotation():
     assert rows[0]["mean_shift"] == pytest.approx(np.linalg.norm((x @ rot.T).mean(0) + [3, 0, 0] - x.mean(0)) / rms, rel=1e-6)
     constant = feature_shift(np.ones((1, 10, 3)), np.ones((1, 10, 3)) * 2)  # no variation: no principal component
     assert constant[0]["pc1_angle_deg"] is None and constant[0]["mean_shift"] == pytest.approx(1.0)
+    collapsed = feature_shift(x[None], np.ones((1, 500, 3)))  # the other checkpoint maps every prompt to one point
+    assert collapsed[0]["pc1_angle_deg"] is None and collapsed[0]["shift_vs_pc1_angle_deg"] is not None
     flipped = feature_shift(x[None], (-(x - x.mean(0)) + x.mean(0))[None])  # every component's sign flipped
     assert flipped[0]["pc1_angle_deg"] == pytest.approx(0.0, abs=1e-5)
 

@@ -20,7 +20,9 @@ def test_rouge_l_stems_and_takes_the_best_reference():
 
 @pytest.mark.parametrize("text,letter", [("B", "B"), ("(C) because it rains", "C"), ("D. Paris", "D"),
                                          ("A)", "A"), ("The answer is E.", "E"), ("I think so", None),
-                                         ("ANSWER: (F)", "F"), ("the answer is a dog", None), ("Option b", None)])
+                                         ("ANSWER: (F)", "F"), ("the answer is a dog", None), ("Option b", None),
+                                         ("The answer is: B", "B"), ("A, because it is", "A"), ("**B**", "B"),
+                                         ("Answer - C", "C"), ("A dog", None), ("A", "A"), ("B dog", "B")])
 def test_option_letter(text, letter):
     assert option_letter(text) == letter
 
@@ -32,3 +34,10 @@ def test_multiple_choice_is_accuracy_on_the_letter():
     assert score("the cat sat on the mat", ["the cat lay on the mat"]) == pytest.approx(500 / 6)
     with pytest.raises(ValueError):
         rouge_l("x", [])
+
+
+def test_a_reference_rouge_cannot_tokenize_is_exact_match():
+    # rouge-score keeps [a-z0-9] only: "+" and "東京" have no tokens and would score 0 against themselves
+    assert rouge_l("+", ["+"]) == 100.0 and rouge_l(" 東京 ", ["東京"]) == 100.0
+    assert rouge_l("-", ["+"]) == 0.0 and rouge_l("東", ["東京"]) == 0.0
+    assert rouge_l("plus", ["+", "plus"]) == 100.0  # the best reference still wins

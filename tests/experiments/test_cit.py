@@ -76,6 +76,7 @@ def test_summary_of_a_hand_matrix():
     assert out["GP_drop"] == pytest.approx(30.0) and out["IP_drop"] == pytest.approx(10.0)
     assert out["bwt_gem"] == pytest.approx(-30.0)
     assert out["known_at_start"] == []  # initial scores 10 and 0: both tasks are new
+    assert out["initial_tasks_mean"] == pytest.approx(5.0) and out["FP_gain"] == pytest.approx(65.0)
     known = summarize(CITConfig(world_dir="x"), tasks, [[90.0, 89.9], [95.0, 90.0], [95.0, 90.0]], general)
     assert known["known_at_start"] == ["a"]  # 90 counts as already done, 89.9 does not
 
@@ -165,6 +166,32 @@ def test_training_answers_end_where_generation_is_cut(icl_world_dir, tiny_llama_
     run_cit(replace(cfg, train=replace(cfg.train, max_steps=1)), tmp_path, log=lambda s: None, progress=False)
     answers, eos = seen[0]
     assert eos is None and answers and all(a[-1] == newline and newline not in a[:-1] for a in answers)
+
+
+def test_the_answer_is_the_first_line_and_an_eos_model_may_start_on_a_new_one():
+    from forgetlab.experiments.cit import answer_text
+
+    assert answer_text(" gold\nQ: next") == "gold"
+    assert answer_text("\nB\nbecause") == ""  # a newline-ending (ICL-world) model stopped before answering
+    assert answer_text("\n\n B \nbecause", skip_blank_lines=True) == "B"  # "Output:\nB" from a chat model
+    assert answer_text("", skip_blank_lines=True) == ""
+
+
+def test_generation_budget_follows_the_longest_reference(tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    from forgetlab.experiments.cit import new_token_budget
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    long_ref = " ".join(["word"] * 6)
+    n = len(tok.encode(" " + long_ref, add_special_tokens=False))
+    rows = [{"references": ["yes"]}, {"references": ["no", long_ref]}]
+    assert 16 < n < 127 and new_token_budget(tok, rows, CITConfig()) == n + 1  # the answer and its end
+    assert new_token_budget(tok, rows, CITConfig(max_target_tokens=n - 1)) == n - 1  # no longer than training shows
+    assert new_token_budget(tok, rows[:1], CITConfig()) == 16  # short answers keep room for "The answer is B"
+    assert new_token_budget(tok, rows, CITConfig(max_new_tokens=5)) == 5
+    with pytest.raises(ValueError, match="max_new_tokens=-1"):
+        CITConfig(world_dir="x", max_new_tokens=-1).validate()
 
 
 def test_world_tasks_by_name_form_a_sequence(icl_world_dir):

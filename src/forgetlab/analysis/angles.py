@@ -31,7 +31,9 @@ def effective_rank(singular_values: torch.Tensor, energy: float = 0.99) -> int:
     total = power.sum()
     if total <= 0:
         return 0
-    return int(torch.searchsorted(torch.cumsum(power, 0) / total, torch.tensor(energy, dtype=torch.float64, device=power.device)).item()) + 1
+    share = torch.cumsum(power, 0) / total
+    k = int(torch.searchsorted(share, torch.tensor(energy, dtype=torch.float64, device=power.device)).item()) + 1
+    return min(k, len(power))  # energy 1.0: rounding can leave the full sum a hair below 1
 
 
 def subspace_angles(delta_a: torch.Tensor, delta_b: torch.Tensor, energy: float = 0.99) -> tuple[int, int, torch.Tensor]:

@@ -3,7 +3,7 @@
 For a fixed prompt set, each checkpoint's features at every layer (the embedding output is layer 0)
 are reduced by PCA. Per layer and pair (reference, other): the angle between the first principal
 components (sign-invariant: a PC is a line, so arccos |cos|), the mean shift ‖μ_other − μ_ref‖
-relative to the reference features' spread, and the angle between the mean-shift direction and the
+relative to the reference features' RMS norm, and the angle between the mean-shift direction and the
 reference PC1 (also sign-invariant).
 """
 
@@ -49,20 +49,24 @@ def feature_shift(reference: np.ndarray, other: np.ndarray) -> list[dict]:
     """Per layer: pc1_angle_deg, mean_shift (relative to the reference features' RMS norm), shift_vs_pc1_angle_deg.
 
     Where the reference features do not vary (e.g. the embedding of a last token that every prompt
-    shares) there is no principal component: the angles are None.
+    shares) there is no principal component: the angles are None; so is the PC1 angle where only the
+    other checkpoint's features do not vary.
     """
     rows = []
     for layer, (ref, oth) in enumerate(zip(reference, other)):
         shift = oth.mean(0) - ref.mean(0)
         rms = float(np.sqrt((ref ** 2).sum(1).mean())) or 1e-30
-        spread = float(np.sqrt(((ref - ref.mean(0)) ** 2).sum(1).mean()))
-        varies = spread > 1e-5 * rms
+        varies, other_varies = (_spread(x) > 1e-5 * rms for x in (ref, oth))
         pc_ref = first_pc(ref) if varies else None
         rows.append({"layer": layer,
-                     "pc1_angle_deg": line_angle_deg(pc_ref, first_pc(oth)) if varies else None,
+                     "pc1_angle_deg": line_angle_deg(pc_ref, first_pc(oth)) if varies and other_varies else None,
                      "mean_shift": float(np.linalg.norm(shift)) / rms,
                      "shift_vs_pc1_angle_deg": line_angle_deg(shift, pc_ref) if varies and np.linalg.norm(shift) > 0 else None})
     return rows
+
+
+def _spread(x: np.ndarray) -> float:
+    return float(np.sqrt(((x - x.mean(0)) ** 2).sum(1).mean()))
 
 
 def pca_scatter(reference: np.ndarray, others: Sequence[np.ndarray]) -> list[np.ndarray]:

@@ -1,14 +1,14 @@
 """Loss landscape on the plane through θ0 spanned by d1 = θ1 − θ0 and d2 = θ2 − θ1 (SF paper's choice).
 
-Directions use *all* floating-point parameters. Options: orthogonalise d2 against d1 (Gram–Schmidt)
-and filter-normalise (Li et al. 2018: each row of each direction tensor rescaled to the norm of the
-same row of θ0). A trajectory is projected onto the plane by least squares over all parameters:
+Directions use *all* floating-point parameters. Options: filter-normalise (Li et al. 2018: each output
+unit's slice of each direction tensor rescaled to the norm of the same slice of θ0) and orthogonalise d2
+against d1 (Gram–Schmidt, after the normalisation). A trajectory is projected onto the plane by least squares over all parameters:
 c = argmin ‖θ_t − θ0 − [d1 d2] c‖, from the 2×2 Gram matrix accumulated tensor by tensor.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,28 +25,44 @@ def _dot(a: Params, b: Params) -> float:
     return float(sum((a[n].double() * b[n].double()).sum() for n in a))
 
 
+def filter_axes(model: torch.nn.Module) -> dict[str, int]:
+    """The axis of each weight that indexes its output units (Li et al.'s filters): 0 for ``nn.Linear``'s
+    (out, in), 1 for GPT-2's ``Conv1D``, which stores (in, out); parameters not listed use 0."""
+    return {f"{name}.weight" if name else "weight": 1 for name, module in model.named_modules()
+            if hasattr(module, "nf") and getattr(module, "weight", None) is not None}
+
+
 def directions(theta0: Params, theta1: Params, theta2: Params, orthogonalize: bool = False,
-               filter_normalize: bool = False) -> tuple[Params, Params]:
-    """d1 = θ1 − θ0, d2 = θ2 − θ1, optionally orthogonalised and filter-normalised."""
+               filter_normalize: bool = False, axes: Mapping[str, int] | None = None) -> tuple[Params, Params]:
+    """d1 = θ1 − θ0, d2 = θ2 − θ1, optionally filter-normalised (each output unit's slice of a direction
+    rescaled to the norm of the same slice of θ0; ``axes`` from :func:`filter_axes`) and then orthogonalised
+    (d2 minus its projection on d1, so the axes of the plane are orthogonal; d2's filters then keep their
+    normalisation only approximately). Raise ValueError when the two directions do not span a plane."""
     d1 = {n: theta1[n] - theta0[n] for n in theta0}
     d2 = {n: theta2[n] - theta1[n] for n in theta0}
+    if filter_normalize:
+        d1, d2 = (_filter_normalized(d, theta0, axes or {}) for d in (d1, d2))
     if orthogonalize:
         scale = _dot(d2, d1) / max(_dot(d1, d1), 1e-30)
         d2 = {n: d2[n] - scale * d1[n] for n in d2}
-    if filter_normalize:
-        d1, d2 = (_filter_normalized(d, theta0) for d in (d1, d2))
+    n1, n2, c = _dot(d1, d1), _dot(d2, d2), _dot(d1, d2)
+    if n1 == 0 or n2 == 0 or n1 * n2 - c * c <= 1e-12 * n1 * n2:
+        which = "theta1 - theta0 is zero" if n1 == 0 else "theta2 - theta1 is zero" if n2 == 0 else \
+            "theta2 - theta1 is parallel to theta1 - theta0"
+        raise ValueError(f"the landscape plane is degenerate: {which}; pick three checkpoints that are not on one line")
     return d1, d2
 
 
-def _filter_normalized(direction: Params, theta: Params) -> Params:
+def _filter_normalized(direction: Params, theta: Params, axes: Mapping[str, int]) -> Params:
     out = {}
     for n, d in direction.items():
         if d.dim() <= 1:
             out[n] = torch.zeros_like(d)  # biases and norms are left out, as in Li et al.
             continue
-        rows_d = d.reshape(d.shape[0], -1).norm(dim=1).clamp(min=1e-12)
-        rows_t = theta[n].reshape(d.shape[0], -1).norm(dim=1)
-        out[n] = d * (rows_t / rows_d).view(-1, *[1] * (d.dim() - 1))
+        d_units, t_units = (x.movedim(axes.get(n, 0), 0) for x in (d, theta[n]))
+        rows_d = d_units.reshape(d_units.shape[0], -1).norm(dim=1).clamp(min=1e-12)
+        rows_t = t_units.reshape(t_units.shape[0], -1).norm(dim=1)
+        out[n] = (d_units * (rows_t / rows_d).view(-1, *[1] * (d.dim() - 1))).movedim(0, axes.get(n, 0))
     return out
 
 

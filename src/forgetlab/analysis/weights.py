@@ -4,6 +4,8 @@ Fused projections are split the way the model itself splits them: GPT-NeoX's ``q
 interleaves q, k and v *per head* (rows are ``[h0: q k v, h1: q k v, ...]``), GPT-2's ``c_attn`` is a
 transposed Conv1D with ``[Q | K | V]`` column blocks. (Splitting NeoX as ``[Q; K; V]`` rows, as the
 spurious-forgetting reference code does, mixes heads and components.)
+The input embedding and the unembedding are both kept as stored, (vocab, hidden): their left singular
+vectors, and so their angles and chance levels, live in token space, for both matrices alike.
 """
 
 from __future__ import annotations

@@ -94,14 +94,15 @@ def landscape(
     alpha_range: Annotated[str, typer.Option(help="range along d1")] = "-1,7",
     beta_range: Annotated[str, typer.Option(help="range along d2")] = "-1,12",
     orthogonalize: Annotated[bool, typer.Option(help="make d2 orthogonal to d1")] = False,
-    filter_normalize: Annotated[bool, typer.Option(help="rescale directions row-wise to the weights (Li et al.)")] = False,
+    filter_normalize: Annotated[bool, typer.Option(help="rescale each output unit of the directions to the weights' "
+                                                        "(Li et al.; before --orthogonalize)")] = False,
     max_examples: Annotated[int, typer.Option(help="QA rows per task used for the loss")] = 2000,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
     """Task losses on the plane through theta0 spanned by (theta1 - theta0, theta2 - theta1), with a trajectory."""
     import numpy as np
 
-    from forgetlab.analysis.landscape import dataset_loss, directions, loss_grid, parameters_of, project
+    from forgetlab.analysis.landscape import dataset_loss, directions, filter_axes, loss_grid, parameters_of, project
     from forgetlab.analysis.recovery import encode_qa, read_qa_rows
     from forgetlab.report.analysis import plot_landscape
     from forgetlab.models.tokenizers import pad_id
@@ -126,7 +127,7 @@ def landscape(
     pad = pad_id(tok)
     datasets = {name: qa_dataset(*encode_qa(tok, rows), tok.eos_token_id, pad) for name, rows in tasks.items()}
     p0, p1, p2 = parameters_of(model), parameters_of(_load(theta1)), parameters_of(_load(theta2))
-    d1, d2 = directions(p0, p1, p2, orthogonalize, filter_normalize)
+    d1, d2 = directions(p0, p1, p2, orthogonalize, filter_normalize, filter_axes(model))
     alphas, betas = np.linspace(a_lo, a_hi, n_a), np.linspace(b_lo, b_hi, n_b)
     task_losses = {name: (lambda m, d=d: dataset_loss(m, d)) for name, d in datasets.items()}
     started = time.perf_counter()

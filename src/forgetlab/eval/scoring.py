@@ -15,9 +15,11 @@ from functools import lru_cache
 # keeping, not learning (continual tuning, and the ICL world's new tasks on a given build)
 ALREADY_DONE = 90.0
 OPTION_LETTERS = "ABCDEFGH"
-_LETTER = re.compile(r"^\(?([A-H])\)?(?:[\s.:)]|$)")
+# a leading letter alone or followed by punctuation or a space ("B", "(B)", "B.", "A, because"), but not the article
+# "A" before a lower-case word ("A dog")
+_LETTER = re.compile(r"^(?!A\s+[a-z])\(?([A-H])\)?(?:[\s.:),;]|$)")
 # "Answer"/"option" in any case, the letter itself a capital: "the answer is a dog" names no option
-_STATED = re.compile(r"(?i:answer|option)\s*(?i:is|:)?\s*\(?([A-H])\)?\b")
+_STATED = re.compile(r"(?i:answer|option)\s*(?i:is)?\s*[:\-]?\s*\(?([A-H])\)?\b")
 
 
 @lru_cache(maxsize=1)
@@ -28,16 +30,29 @@ def _scorer():
 
 
 def rouge_l(prediction: str, references: Sequence[str]) -> float:
-    """Max ROUGE-L F1 (stemmed) over the references, ×100."""
+    """Max ROUGE-L F1 (stemmed) over the references, ×100.
+
+    rouge-score's tokenizer keeps only lower-case Latin letters and digits, so a reference made of other
+    characters ("+", "東京") has no tokens and would score 0 against any prediction, itself included: such a
+    reference is scored by exact match of the stripped strings instead.
+    """
     if not references:
         raise ValueError("rouge_l needs at least one reference")
     scorer = _scorer()
-    return 100.0 * max(scorer.score(ref, prediction)["rougeL"].fmeasure for ref in references)
+    return 100.0 * max(scorer.score(ref, prediction)["rougeL"].fmeasure if _has_rouge_tokens(ref)
+                       else float(prediction.strip() == ref.strip()) for ref in references)
+
+
+def _has_rouge_tokens(text: str) -> bool:
+    from rouge_score import tokenize
+
+    return bool(tokenize.tokenize(text, None))
 
 
 def option_letter(text: str) -> str | None:
-    """The option a generation picks: a leading ``B``, ``(B)``, ``B.``/``B)``, or "answer is B"."""
-    text = text.strip()
+    """The option a generation picks: a leading ``B``, ``(B)``, ``B.``/``B)``/``B,``, ``**B**``, or "answer is B",
+    "Answer: B", "answer - B"."""
+    text = text.strip().strip("*").strip()
     match = _LETTER.match(text) or _STATED.search(text)
     return match.group(1).upper() if match else None
 

@@ -95,7 +95,9 @@ class CITConfig:
         eval=EvalSchedule(dense_every=0, every=0)))
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward pass "
                                                                          "(a 7B model's long prompts fit in less memory)"})
-    max_new_tokens: int = 16
+    max_new_tokens: int = field(default=0, metadata={"help": "generation budget when scoring; 0: per task, its longest "
+                                                              "reference in tokens + 1, at least 16 and at most "
+                                                              "max_target_tokens"})
     score_train_rows: int = field(default=100, metadata={"help": "after each task, also score its first N training rows "
                                                                  "(0: off): far above the test score = answers memorised, "
                                                                  "not the task learned"})
@@ -129,9 +131,12 @@ class CITConfig:
             raise ValueError(f"answer_end={self.answer_end!r} is unknown; use one of {', '.join(ANSWER_ENDS)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is unknown; use one of {', '.join(DTYPES)}")
-        for name in ("n_train", "n_test", "max_source_tokens", "max_target_tokens", "max_new_tokens", "lora_r"):
+        for name in ("n_train", "n_test", "max_source_tokens", "max_target_tokens", "lora_r"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be positive, or 0 for a budget from each task's "
+                             "longest reference")
         if self.fvg_config.fv_source not in FV_SOURCES:
             raise ValueError(f"fvg_config.fv_source={self.fvg_config.fv_source!r} is unknown; use one of {', '.join(FV_SOURCES)}")
         if self.fvg_config.heads not in HEAD_SETS:
@@ -194,9 +199,13 @@ def _truncate(prompts, answers, cfg: CITConfig):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 32) -> list[str]:
+def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 32, *,
+             skip_blank_lines: bool = False) -> list[str]:
     """Greedy continuations, batched with left padding, cut at the first newline.
 
+    With ``skip_blank_lines`` the answer is the first line that is not blank: a model trained to stop at eos
+    (a chat model on natural-instructions prompts) often starts its answer on a new line after "Output:",
+    while an ICL-world model ends every answer with a newline, so a leading one is its empty answer.
     Under several processes each generates its share of the prompts and all get every answer back.
     """
     model.eval()
@@ -208,12 +217,27 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
         texts += tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
-    return [t.split("\n")[0].strip() for t in distributed.gather_shares(texts, len(prompts))]
+    return [answer_text(t, skip_blank_lines) for t in distributed.gather_shares(texts, len(prompts))]
+
+
+def answer_text(generated: str, skip_blank_lines: bool = False) -> str:
+    """The answer in a generation: its first line (the first non-blank one with ``skip_blank_lines``), stripped."""
+    return (generated.lstrip() if skip_blank_lines else generated).split("\n")[0].strip()
+
+
+def new_token_budget(tokenizer, rows: list[dict], cfg: CITConfig) -> int:
+    """``max_new_tokens``, or with 0 the task's longest reference in tokens + 1 (its end), at least 16 (room for
+    "The answer is B") and at most ``max_target_tokens`` (what training shows of an answer)."""
+    if cfg.max_new_tokens:
+        return cfg.max_new_tokens
+    longest = max(len(tokenizer.encode(" " + ref, add_special_tokens=False)) for r in rows for ref in r["references"])
+    return min(cfg.max_target_tokens, max(16, longest + 1))
 
 
 def task_score(model, tokenizer, rows: list[dict], cfg: CITConfig) -> float:
     prompts, _ = _truncate(*encode_qa(tokenizer, rows), cfg)
-    predictions = generate(model, tokenizer, prompts, cfg.max_new_tokens)
+    predictions = generate(model, tokenizer, prompts, new_token_budget(tokenizer, rows, cfg),
+                           skip_blank_lines=answer_end(cfg) == "eos")
     return float(np.mean([score(p, r["references"]) for p, r in zip(predictions, rows)]))
 
 
@@ -340,6 +364,11 @@ def _template(cfg: CITConfig, world) -> str:
     return cfg.template or (WORLD_TEMPLATE if world is not None else NI_TEMPLATE)
 
 
+def answer_end(cfg: CITConfig) -> str:
+    """``eos`` or ``newline``: ``auto`` is newline for ICL-world sequences and eos otherwise."""
+    return cfg.answer_end if cfg.answer_end != "auto" else ("newline" if cfg.world_dir else "eos")
+
+
 def answer_end_ids(cfg: CITConfig, tokenizer) -> list[int]:
     """The tokens that end every training answer.
 
@@ -347,8 +376,7 @@ def answer_end_ids(cfg: CITConfig, tokenizer) -> list[int]:
     each answer with a newline and never learned eos, so an eos target teaches it to run on past the
     answer (a task it already did at 100 then scores 50).
     """
-    end = cfg.answer_end if cfg.answer_end != "auto" else ("newline" if cfg.world_dir else "eos")
-    if end == "eos":
+    if answer_end(cfg) == "eos":
         return [tokenizer.eos_token_id]
     ids = tokenizer.encode("\n", add_special_tokens=False)
     if not ids:
@@ -596,11 +624,13 @@ def known_at_start(tasks: Sequence[InstructionTask], initial_scores: Sequence[fl
 
 def summarize(cfg: CITConfig, tasks: list[InstructionTask], R: list[list[float]], general: list[dict]) -> dict:
     """The results.json contract (0–100 scale): method, fvg, initial/final GP and IP, AP, FP, forget, R,
-    plus the matrix metrics (ACC, BWT in GEM and TRACE variants, FWT, Chaudhry forgetting)."""
+    plus the matrix metrics (ACC, BWT in GEM and TRACE variants, FWT, Chaudhry forgetting) and FP against the
+    initial model's mean score on the same tasks (``initial_tasks_mean``, ``FP_gain``)."""
     metrics = cl_summary(np.array(R))
     out = {"preset": cfg.preset, "seed": cfg.seed, "method": cfg.method, "fvg": cfg.fvg, "tasks": [t.name for t in tasks],
            "R": R, "AP": metrics.pop("ap"), "FP": metrics.pop("fp"), "forget": metrics.pop("forget"), **metrics,
-           "known_at_start": known_at_start(tasks, R[0])}
+           "known_at_start": known_at_start(tasks, R[0]), "initial_tasks_mean": float(np.mean(R[0]))}
+    out["FP_gain"] = out["FP"] - out["initial_tasks_mean"]  # what the sequence taught, net of what it forgot
     if general and general[0]:
         out["initial"] = {"GP": general[0]["gp"], "IP": general[0]["ip"]}
         out["final"] = {"GP": general[-1]["gp"], "IP": general[-1]["ip"]}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -19,7 +20,7 @@ from typing import Any
 
 
 def to_jsonable(obj: Any) -> Any:
-    """Dataclasses, paths and tuples as plain JSON values."""
+    """Dataclasses, paths and tuples as plain JSON values; a non-finite float (an undefined metric) as null."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, Mapping):
@@ -28,6 +29,8 @@ def to_jsonable(obj: Any) -> Any:
         return [to_jsonable(v) for v in obj]
     if isinstance(obj, Path):
         return str(obj)
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None  # strict JSON has no NaN/Infinity (jq, JavaScript and most parsers refuse the bare tokens)
     return obj
 
 
