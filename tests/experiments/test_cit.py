@@ -66,6 +66,28 @@ def test_sequence_new_takes_the_tasks_the_built_model_does_not_already_do(icl_wo
         load_sequence(cfg)
 
 
+def test_sequence_coded_asks_a_sequences_abilities_by_code_also_from_an_older_world_json(icl_world_dir, tmp_path):
+    import shutil
+
+    from forgetlab.worlds.icl import ICLWorld
+
+    world = ICLWorld.read(icl_world_dir / "world.json")
+    tasks, _ = load_sequence(CITConfig(world_dir=str(icl_world_dir), sequence="coded:1"))
+    assert [t.name for t in tasks] == ["coded_" + n.removeprefix("reworded_") for n in world.sequences[1]]
+    for task in tasks:
+        source = world.task(task.name)
+        assert task.definition == source.instruction and world.task(task.name.replace("coded_", "")).pairs == source.pairs
+    old = tmp_path / "old"  # a build from before coded tasks existed: the same world.json without them
+    shutil.copytree(icl_world_dir, old, ignore=shutil.ignore_patterns("model", "fv", "state"))
+    data = json.loads((old / "world.json").read_text())
+    data["tasks"] = [t for t in data["tasks"] if not t["name"].startswith("coded_")]
+    (old / "world.json").write_text(json.dumps(data))
+    again, _ = load_sequence(CITConfig(world_dir=str(old), sequence="coded:1"))
+    assert again == tasks
+    with pytest.raises(ValueError, match="sequences 0..2, not 7"):
+        load_sequence(CITConfig(world_dir=str(icl_world_dir), sequence="coded:7"))
+
+
 def test_summary_of_a_hand_matrix():
     tasks = [InstructionTask("a", "d", ()), InstructionTask("b", "d", ())]
     R = [[10.0, 0.0], [80.0, 5.0], [50.0, 90.0]]

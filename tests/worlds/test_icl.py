@@ -1,5 +1,6 @@
 """The ICL task world: well-formed tasks, disjoint splits, roles, sequences, determinism."""
 
+import dataclasses
 from collections import Counter
 
 import pytest
@@ -88,6 +89,31 @@ def test_reworded_tasks_ask_for_a_known_ability_in_known_words(world):
     # the vocabulary (hence the tokenizer and any model built on the world) is that of the other tasks
     others = ICLWorld(world.config, [t for t in world.tasks if t not in reworded], [])
     assert others.words() == world.words()
+
+
+def test_coded_tasks_ask_for_the_reworded_abilities_in_words_that_name_nothing(world):
+    from forgetlab.worlds.icl import with_coded_tasks
+
+    coded = [t for t in world.tasks if t.name.startswith("coded_")]
+    reworded = [t for t in world.tasks if t.name.startswith("reworded_")]
+    assert [t.name.removeprefix("coded_") for t in coded] == [t.name.removeprefix("reworded_") for t in reworded]
+    lexicon = {x for t in world.tasks if t.name.startswith("partner_") for x, _ in t.pairs}
+    instruction_words = {w for t in world.tasks if not t.name.startswith("coded_") for w in t.instruction.split()}
+    for task in coded:
+        source = world.task(task.name.removeprefix("coded_"))
+        assert task.role == "new" and task.pairs == source.pairs and task.family == source.family
+        give, the, *code, dot = task.instruction.split()
+        assert (give, the, dot) == ("Give", "the", ".") and len(code) == 2 and set(code) <= lexicon - instruction_words
+    assert len({t.instruction for t in coded}) == len(coded)
+    # they add no word (tokenizer, model) and change neither the sequences nor the pretraining corpus' tasks
+    others = ICLWorld(world.config, [t for t in world.tasks if t not in coded], world.sequences)
+    assert others.words() == world.words() and others.role("general") == world.role("general")
+    # a world.json written before coded tasks existed is completed from its config, the same tasks
+    assert with_coded_tasks(others).to_json() == world.to_json()
+    changed = ICLWorld(world.config, [dataclasses.replace(others.tasks[0], instruction="Say it .")] + others.tasks[1:],
+                       world.sequences)
+    with pytest.raises(ValueError, match="another version of the world generator"):
+        with_coded_tasks(changed)
 
 
 def test_deterministic_and_round_trips(world, tmp_path):

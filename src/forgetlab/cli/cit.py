@@ -27,8 +27,9 @@ def run(
     out: Annotated[Path, typer.Option("--out", help="run directory")],
     world: Annotated[Optional[Path], typer.Option(help="an icl-world build (model + world.json)")] = None,
     model: Annotated[Optional[Path], typer.Option(help="HF checkpoint [default: the world's model]")] = None,
-    sequence: Annotated[str, typer.Option(help="world sequence index, world task names a,b,c, or `new` (the sequences' tasks its model does not "
-                                               "already do; with --world); "
+    sequence: Annotated[str, typer.Option(help="world sequence index, `coded:K` (sequence K's abilities asked by coded "
+                                               "instructions, which no build already does), world task names a,b,c, or "
+                                               "`new` (the sequences' tasks its model does not already do; with --world); "
                                                "NI-Seq-G1|C1|M1 or task names a,b,c (with --tasks-dir); task files "
                                                "a.json,b.jsonl (natural-instructions or instruction/input/output rows)")] = "0",
     tasks_dir: Annotated[Optional[Path], typer.Option(help="natural-instructions tasks/ folder")] = None,

@@ -42,8 +42,8 @@ from forgetlab.train.checkpoints import load_between_phases, save_between_phases
 from forgetlab.train.data import IGNORE, concat, qa_dataset
 from forgetlab.train.trainer import EvalSchedule, PhaseConfig, train_phase
 from forgetlab.utils.io import atomic_write_json
-from forgetlab.worlds.instructions import (InstructionTask, definition_of, from_world_task, load_task_file, ni_sequence,
-                                          question, world_sequence)
+from forgetlab.worlds.instructions import (InstructionTask, coded_sequence, definition_of, from_world_task, load_task_file,
+                                          ni_sequence, question, world_sequence)
 
 METHODS = ("seq", "lora", "inclora", "replay", "ewc", "lwf", "olora", "multitask")
 ANSWER_ENDS = ("auto", "eos", "newline")
@@ -155,13 +155,15 @@ def load_sequence(cfg: CITConfig) -> tuple[list[InstructionTask], object | None]
         world = ICLWorld.read(Path(cfg.world_dir) / "world.json")
         if cfg.sequence.isdigit():
             return world_sequence(world, int(cfg.sequence)), world
+        if cfg.sequence.startswith("coded:") and cfg.sequence[6:].isdigit():
+            return coded_sequence(world, int(cfg.sequence[6:])), world
         if cfg.sequence == "new":
             return [from_world_task(world.task(n), world.config.seed) for n in new_to_model(Path(cfg.world_dir), world)], world
         names = [n.strip() for n in cfg.sequence.split(",") if n.strip()]
         unknown = [n for n in names if n not in {t.name for t in world.tasks}]
         if not names or unknown:
-            raise ValueError(f"--sequence {cfg.sequence!r}: give a sequence number 0..{len(world.sequences) - 1} or "
-                             f"task names of the ICL world ({', '.join(unknown) or 'none given'} unknown; see world.json)")
+            raise ValueError(f"--sequence {cfg.sequence!r}: give a sequence number 0..{len(world.sequences) - 1}, coded:K, "
+                             f"new or task names of the ICL world ({', '.join(unknown) or 'none given'} unknown; see world.json)")
         return [from_world_task(world.task(n), world.config.seed) for n in names], world
     parts = [n.strip() for n in cfg.sequence.split(",") if n.strip()]
     if parts and all(p.endswith((".json", ".jsonl")) for p in parts):

@@ -25,7 +25,9 @@ lookups, capitalisation) and only through the input-output relation otherwise (`
 ``pick_*``, arithmetic), the harder case for a small model.
 **General** tasks are what pretraining teaches. **New** tasks are never seen in pretraining and are
 reserved for continual fine-tuning: reworded instructions for known abilities ("Give the word in gold ."
-for ``translate_gold``: learnable from their training pairs, so the sequences are made of them), and
+for ``translate_gold``: learnable from their training pairs, so the sequences are made of them), coded
+instructions for the same abilities (``coded_translate_gold``: "Give the <word> <word> ." with two lexicon
+words that name nothing, so that no build already does them, which a build may for a rewording), and
 harder ones — other offsets (``add_5``), compositions of general tasks (``first_letter_of_partner_red``)
 and new list rules — that the small models do not learn to generalise.
 Facts about atomic tokens (lexical, lookup, string, arithmetic modulo m) are all shown in
@@ -200,6 +202,12 @@ def _distinct_lists(rng: np.random.Generator, words: list[str], n: int, length,
     return out
 
 
+def reworded_sources(tasks: list[WorldTask]) -> list[WorldTask]:
+    """The general tasks that reworded (and coded) instructions ask for, in world order."""
+    names = {t.name.removeprefix("reworded_") for t in tasks if t.name.startswith("reworded_")}
+    return [t for t in tasks if t.name in names]
+
+
 def generate_icl_world(config: ICLWorldConfig = ICLWorldConfig()) -> ICLWorld:
     config.validate()
     rng = np.random.default_rng(config.seed)
@@ -303,6 +311,13 @@ def generate_icl_world(config: ICLWorldConfig = ICLWorldConfig()) -> ICLWorld:
     for colour in translations:
         add(f"reworded_translate_{colour}", "lexical", "new", f"Give the word in {colour} .", translations[colour].items())
     add("reworded_reverse", "string", "new", "Give the word backwards .", [(w, w[::-1]) for w in words])
+    # coded instructions: the same abilities asked for by two lexicon words that say nothing about them, so no
+    # build can already do them and fine-tuning must teach what the code means (drawn from a generator of their
+    # own: the other tasks, the vocabulary and the pretraining corpus stay as they were)
+    codes = np.random.default_rng(config.seed + 2000).choice(len(words), size=(len(reworded_sources(tasks)), 2),
+                                                              replace=False)
+    for source, (i, j) in zip(reworded_sources(tasks), codes):
+        add(f"coded_{source.name}", source.family, "new", f"Give the {words[i]} {words[j]} .", source.pairs)
 
     # sequences: reworded tasks, which the models learn from their training pairs (the compositions and new
     # rules above are not learned at these sizes; name them with ``forgetlab cit run --sequence a,b,c``)
@@ -314,3 +329,16 @@ def generate_icl_world(config: ICLWorldConfig = ICLWorldConfig()) -> ICLWorld:
     span = config.sequence_length
     sequences = [[reworded[order[(s * span + i) % len(reworded)]] for i in range(span)] for s in range(config.n_sequences)]
     return ICLWorld(config, tasks, sequences)
+
+
+def with_coded_tasks(world: ICLWorld) -> ICLWorld:
+    """``world`` with its ``coded_*`` tasks; a world.json written before they existed is completed from its config
+    (generation is deterministic and they change nothing else), and refused if its config no longer reproduces it."""
+    if any(t.name.startswith("coded_") for t in world.tasks):
+        return world
+    fresh = generate_icl_world(world.config)
+    same = {t.name: t for t in fresh.tasks}
+    if any(same.get(t.name) != t for t in world.tasks):
+        raise ValueError("this world.json was written by another version of the world generator and has no coded tasks; "
+                         "rebuild it with `forgetlab icl-world build`")
+    return ICLWorld(world.config, world.tasks + [t for t in fresh.tasks if t.name.startswith("coded_")], world.sequences)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from forgetlab.fv.tasks import ICLTask
-from forgetlab.worlds.icl import ICLWorld, WorldTask
+from forgetlab.worlds.icl import ICLWorld, WorldTask, with_coded_tasks
 
 # papers.md §2, upstream SuperNI file names, in training order.
 NI_SEQUENCES: dict[str, tuple[str, ...]] = {
@@ -93,6 +93,16 @@ def world_sequence(world: ICLWorld, index: int) -> list[InstructionTask]:
     if not 0 <= index < len(world.sequences):
         raise ValueError(f"the ICL world has sequences 0..{len(world.sequences) - 1}, not {index}")
     return [from_world_task(world.task(name), world.config.seed) for name in world.sequences[index]]
+
+
+def coded_sequence(world: ICLWorld, index: int) -> list[InstructionTask]:
+    """Sequence ``index`` with every reworded instruction replaced by its coded twin (the same ability asked for by
+    two lexicon words that name nothing): tasks no build of the world already does."""
+    if not 0 <= index < len(world.sequences):
+        raise ValueError(f"the ICL world has sequences 0..{len(world.sequences) - 1}, not {index}")
+    world = with_coded_tasks(world)
+    return [from_world_task(world.task("coded_" + name.removeprefix("reworded_")), world.config.seed)
+            for name in world.sequences[index]]
 
 
 def _require(data: dict, key: str, kind: type, path: Path):
