@@ -121,3 +121,22 @@ forgetlab cit analyze runs/new3/inclora runs/new3/seed1_inclora --out runs/new3/
 for seed in 0 1; do p=""; [ $seed = 1 ] && p=seed1_; for kl in 0.03 0.3; do   # rebuild_new3/*inclora_fvg_kl0.03|0.3.json
   n3 ${p}inclora_fvg_kl$kl --seed $seed --method inclora --lr 2e-3 --fvg --set fvg_config.alpha_kl=$kl --set save_checkpoints=false
 done; done
+# the rebuild again with the coded tasks (same model: eval.json's general figures identical; icl_cpu_eval_rebuild.json now
+# also scores the coded tasks), then sequence 1's abilities asked by coded instructions (rebuild_coded1/): IncLoRA and FVG at
+# alpha_KL 0.1 and 1 on seeds 0-2, drift of the seed-0 and seed-1 IncLoRA runs, the other baselines on seed 0 (baselines/)
+forgetlab icl-world build --preset cpu --out runs/icl-cpu --overwrite
+c() { name=$1; shift; forgetlab cit run --world runs/icl-cpu --sequence coded:1 --max-train 100 --epochs 40 \
+  --out runs/coded/$name --overwrite --no-progress "$@" 2>&1 | grep -a "AP=\|rror"; }
+for seed in 0 1 2; do p=""; [ $seed != 0 ] && p=seed${seed}_
+  c ${p}inclora --seed $seed --method inclora --lr 2e-3
+  c ${p}inclora_fvg --seed $seed --method inclora --lr 2e-3 --fvg --set fvg_config.alpha_kl=0.1 --set save_checkpoints=false
+  c ${p}inclora_fvg_kl1 --seed $seed --method inclora --lr 2e-3 --fvg --set fvg_config.alpha_kl=1 --set save_checkpoints=false
+done
+forgetlab cit analyze runs/coded/inclora
+forgetlab cit analyze runs/coded/seed1_inclora                                              # rebuild_coded1/seed1/
+for m in "lwf --lr 2e-3" "olora --lr 2e-3" "replay --set finetune=inclora --lr 2e-3" "seq --lr 5e-4"; do
+  set -- $m; n=$1; [ $n = replay ] && n=replay_inclora
+  c baselines/$n --method $m --set save_checkpoints=false
+  c baselines/${n}_fvg_kl1 --method $m --set save_checkpoints=false --fvg --set fvg_config.alpha_kl=1
+done
+c baselines/multitask --method multitask --set finetune=inclora --lr 2e-3 --set save_checkpoints=false
