@@ -1,9 +1,12 @@
 """report.md: every number in its tables is the one in results.json, and the sentences follow the numbers."""
 
+import json
+
 import pytest
 
 from forgetlab.experiments.cit import CITConfig, summarize
 from forgetlab.report.markdown import BIOGRAPHY_MEASURES, biography_report, cit_report, drift_report, table
+from forgetlab.utils.io import to_jsonable
 from forgetlab.worlds.instructions import InstructionTask
 
 
@@ -62,7 +65,8 @@ def test_cit_report_holds_the_results(tmp_path):
     text = (tmp_path / "report.md").read_text()
     general_table, sequence, metrics, matrix = parse_tables(text)
     assert general_table[1] == ["GP (zero-shot)", "70.0", "40.0", "-30.0"] and general_table[2][1:] == ["60.0", "50.0", "-10.0"]
-    assert [row[1] for row in sequence[1:]] == ["85.0", "70.0", "15.0"]  # AP = (80 + 90) / 2, FP = (50 + 90) / 2
+    # AP = (80 + 90) / 2, FP = (50 + 90) / 2, the initial row's mean (10 + 0) / 2 and FP's gain over it
+    assert [row[1] for row in sequence[1:]] == ["85.0", "70.0", "15.0", "5.0", "+65.0"]
     assert dict(metrics[1:])["bwt_gem"] == "-30.0"
     assert matrix[0] == ["after", "1. a", "2. b"] and [row[1:] for row in matrix[1:]] == [["10.0", "0.0"], ["80.0", "5.0"],
                                                                                          ["50.0", "90.0"]]
@@ -71,6 +75,9 @@ def test_cit_report_holds_the_results(tmp_path):
     cit_report({**results, "train_loss": train_loss}, tmp_path)
     losses = parse_tables((tmp_path / "report.md").read_text())[-1]
     assert losses == [["task", "steps", "LM loss", "fv", "kl"], ["a", "4", "0.5", "0.01", "0.25"], ["b", "4", "0.125", "–", "–"]]
+    one = summarize(CITConfig(world_dir="x"), tasks[:1], [[10.0], [80.0]], general[:2])  # one task: no BWT, FWT, forgetting
+    cit_report({**json.loads(json.dumps(to_jsonable(one))), "seconds": 1.0}, tmp_path)  # as read back from results.json
+    assert dict(parse_tables((tmp_path / "report.md").read_text())[2][1:])["bwt_gem"] == "–"
 
 
 def test_biography_report_weighs_the_ewc_penalty_against_the_lm_loss(tmp_path):

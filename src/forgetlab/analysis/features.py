@@ -1,7 +1,8 @@
 """Feature shift: how the hidden state at the last prompt token moves between checkpoints, per layer.
 
-For a fixed prompt set, each checkpoint's features at every layer (the embedding output is layer 0)
-are reduced by PCA. Per layer and pair (reference, other): the angle between the first principal
+For a fixed prompt set, each checkpoint's features at every layer (the embedding output is layer 0; the last
+layer's, as Hugging Face returns it, is after the final norm, so its scale and per-dimension gain are not those
+of the layers below) are reduced by PCA. Per layer and pair (reference, other): the angle between the first principal
 components (sign-invariant: a PC is a line, so arccos |cos|), the mean shift ‖μ_other − μ_ref‖
 relative to the reference features' RMS norm, and the angle between the mean-shift direction and the
 reference PC1 (also sign-invariant).

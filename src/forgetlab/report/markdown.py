@@ -83,6 +83,11 @@ def loss_table(entries: Sequence[dict], label: str) -> str:
                    *(f"{e[n]:.3g}" if n in e else "–" for n in names)) for e in entries])
 
 
+def _number(value) -> str:
+    """A metric that is undefined for the run (nan, or null once read back from JSON) as a dash."""
+    return "–" if value is None or value != value else f"{value:.1f}"
+
+
 def cit_report(results: dict, out: Path) -> None:
     """``report.md`` of a continual instruction-tuning run (scores ×100, as in ``results.json``)."""
     r = results
@@ -96,8 +101,10 @@ def cit_report(results: dict, out: Path) -> None:
                                    for k, name in (("GP", "GP (zero-shot)"), ("IP", "IP (5-shot in context)"))]))
     parts.append("\n" + table(["sequence", "value"], [
         ("AP (each task right after it was trained)", f"{r['AP']:.1f}"), ("FP (every task at the end)", f"{r['FP']:.1f}"),
-        ("forget = AP − FP", f"{r['forget']:.1f}")]))
-    extra = [(k, f"{r[k]:.1f}") for k in ("acc", "bwt_gem", "bwt_trace", "fwt", "forgetting") if k in r]
+        ("forget = AP − FP", f"{r['forget']:.1f}"),
+        *((("the initial model on these tasks (mean of R's first row)", f"{r['initial_tasks_mean']:.1f}"),
+           ("FP gain over the initial model", f"{r['FP_gain']:+.1f}")) if "FP_gain" in r else ())]))
+    extra = [(k, _number(r[k])) for k in ("acc", "bwt_gem", "bwt_trace", "fwt", "forgetting") if k in r]
     if extra:
         parts.append("\n" + table(["metric", "value"], extra))
     labels = [f"{k + 1}. {t}" for k, t in enumerate(tasks)]
@@ -122,7 +129,7 @@ def cit_report(results: dict, out: Path) -> None:
                                [(name, *(f"{t[k]:.2f}" for k in ("frozen_top1", "frozen_p_answer", "frozen_fv_top1",
                                                                   "frozen_fv_p_answer"))) for name, t in targets]))
     parts.append(f"\n![score matrix](scores.png)\n\nRun time {r['seconds']:.0f} s. Data: `results.json`; configuration: "
-                 "`config.json`; the final model in `model/`.\n")
+                 "`config.json`; library versions and devices: `environment.json`; the final model in `model/`.\n")
     atomic_write_text(out / "report.md", "".join(parts))
 
 
