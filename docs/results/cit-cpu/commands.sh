@@ -140,3 +140,10 @@ for m in "lwf --lr 2e-3" "olora --lr 2e-3" "replay --set finetune=inclora --lr 2
   c baselines/${n}_fvg_kl1 --method $m --set save_checkpoints=false --fvg --set fvg_config.alpha_kl=1
 done
 c baselines/multitask --method multitask --set finetune=inclora --lr 2e-3 --set save_checkpoints=false
+# coded sequences 0 and 2, seeds 0 and 1: IncLoRA and FVG at alpha_KL 1 (rebuild_coded1/other_sequences/)
+o() { name=$1; shift; forgetlab cit run --world runs/icl-cpu --max-train 100 --epochs 40 --set save_checkpoints=false \
+  --out runs/coded/other_sequences/$name --overwrite --no-progress "$@" 2>&1 | grep -a "AP=\|rror"; }
+for k in 0 2; do for seed in 0 1; do
+  o seq${k}_s${seed}_inclora --sequence coded:$k --seed $seed --method inclora --lr 2e-3
+  o seq${k}_s${seed}_inclora_fvg_kl1 --sequence coded:$k --seed $seed --method inclora --lr 2e-3 --fvg --set fvg_config.alpha_kl=1
+done; done
