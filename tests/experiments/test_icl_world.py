@@ -87,10 +87,15 @@ def test_smoke_build_end_to_end(tmp_path):
     again = subprocess.run([sys.executable, "-m", "forgetlab.cli", "icl-world", "build", "--preset", "smoke", "--out", str(out)],
                            capture_output=True, text=True)
     assert again.returncode == 2 and "already exists" in again.stderr
+    older = {**world, "tasks": [t for t in world["tasks"] if not t["name"].startswith("coded_")]}
+    (out / "world.json").write_text(json.dumps(older))  # as a build from before the coded tasks wrote it
     rescored = subprocess.run([sys.executable, "-m", "forgetlab.cli", "icl-world", "evaluate", "--out", str(out), "--no-progress"],
                               capture_output=True, text=True)
     assert rescored.returncode == 0, rescored.stderr[-2000:]
+    n_coded = len(world["tasks"]) - len(older["tasks"])
+    assert json.loads((out / "world.json").read_text()) == world and f"added {n_coded} coded tasks" in rescored.stdout
     second = json.loads((out / "eval.json").read_text())
+    assert second["new_tasks_zero_shot_instruction"] == new  # the coded tasks scored again, the same
     assert second["mean"] == results["mean"] and second["preset"] == "smoke"  # deterministic on the same machine
     task = next(iter(second["tasks"].values()))
     assert task["fv_zero_shot_alpha"] in (1.0, 2.0, 4.0, 8.0) and 0 <= task["fv_zero_shot_layer"] < 2

@@ -32,7 +32,7 @@ from forgetlab.train.checkpoints import save_model_dir
 from forgetlab.train.data import IGNORE, TokenDataset
 from forgetlab.train.trainer import EvalSchedule, PhaseConfig, train_phase
 from forgetlab.utils.io import atomic_write_json
-from forgetlab.worlds.icl import ICLWorld, ICLWorldConfig, WorldTask, generate_icl_world
+from forgetlab.worlds.icl import ICLWorld, ICLWorldConfig, WorldTask, generate_icl_world, with_coded_tasks
 
 PRESETS = ("smoke", "cpu", "gpu")
 
@@ -269,7 +269,8 @@ def build_icl_world(cfg: ICLBuildConfig, out: Path, *, log: Callable[[str], None
 
 
 def reevaluate(out: Path, *, log: Callable[[str], None] = print, progress: bool = True) -> dict:
-    """Score an existing build again (e.g. after changing the evaluation), rewriting ``eval.json``."""
+    """Score an existing build again (e.g. after changing the evaluation), rewriting ``eval.json``; a world.json
+    from before the coded tasks gains them (its model is the same either way)."""
     from transformers import AutoTokenizer
 
     from forgetlab.experiments.rundir import CONFIG
@@ -281,6 +282,11 @@ def reevaluate(out: Path, *, log: Callable[[str], None] = print, progress: bool 
         raise FileNotFoundError(f"{out} is not an icl-world build (no {CONFIG} or model/); run `forgetlab icl-world build` first")
     cfg = from_jsonable(ICLBuildConfig, read_json(out / CONFIG))
     world = ICLWorld.read(out / "world.json")
+    completed = with_coded_tasks(world)
+    if completed is not world:  # a build from before coded tasks: they join its world.json and are scored too
+        completed.write(out / "world.json")
+        log(f"[icl-world] added {len(completed.tasks) - len(world.tasks)} coded tasks to {out / 'world.json'}")
+        world = completed
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(out / "model").to(device).eval()
     results = evaluate_world_model(model, AutoTokenizer.from_pretrained(str(out / "model")), world, cfg,
