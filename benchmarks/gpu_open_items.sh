@@ -59,7 +59,8 @@ cit() {
   local W=$WORK/icl R=$WORK/cit
   step icl-build icl-world build --preset $ICL --out "$W" --no-progress || return
   # `new`: the sequences' tasks this build does not already do from their instruction (which ones a build knows
-  # differs between builds); SEQ=N takes the world's sequence N instead
+  # differs between builds); SEQ=N takes the world's sequence N instead, SEQ=coded:N its abilities asked by coded
+  # instructions, which no build already does
   local seq=${SEQ:-new}
   run() { local name=$1; shift; step "cit-$name" cit run --world "$W" --sequence "$seq" $CIT --out "$R/$name" --overwrite --no-progress "$@"; }
   run inclora --method inclora --lr 2e-3
