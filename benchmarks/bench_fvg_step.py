@@ -18,7 +18,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from forgetlab.analysis.recovery import encode_qa
-from forgetlab.experiments.cit import WORLD_TEMPLATE, CITConfig, _rows, _wrap_lora
+from forgetlab.experiments.cit import WORLD_TEMPLATE, CITConfig, _rows, _wrap_lora, step_terms
 from forgetlab.methods.fvg import FVGuidance
 from forgetlab.models.adapter import adapt
 from forgetlab.models.build import load_model
@@ -51,7 +51,7 @@ def main() -> None:
             start = time.perf_counter()
             guide = FVGuidance(adapter, tokenizer, task.name, [(x, r[0]) for x, r in train], prompts)
             cache_seconds = time.perf_counter() - start
-            extra = lambda rows, batch, run_forward: guide.loss(adapter, rows, batch, run_forward)  # noqa: E731
+            extra = step_terms(guide, adapter, {})  # what `cit run --fvg` hands the trainer
         with tempfile.TemporaryDirectory() as state:
             outcome = train_phase(model, data, cfg, phase=label, state_dir=Path(state), seed=0, log=lambda s: None,
                                   progress=False, extra_loss=extra)

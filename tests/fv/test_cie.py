@@ -151,6 +151,31 @@ def test_attribution_ranks_heads_like_naive_on_a_trained_model(trained_llama, sp
     assert rho >= 0.7, rho
 
 
+def test_mean_head_activations_leave_dropout_out(make_adapter, bpe_tokenizer, upper_task):
+    a = make_adapter("gpt2", vocab=len(bpe_tokenizer))
+    a.model.config.attn_pdrop = a.model.config.resid_pdrop = 0.5
+    for module in a.model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.5
+    clean, _, _, _ = clean_and_counterfactual(upper_task, bpe_tokenizer)
+    a.model.eval()
+    want = mean_head_activations(a, clean)
+    a.model.train()
+    torch.manual_seed(1)
+    assert torch.equal(mean_head_activations(a, clean), want) and a.model.training  # and handed back as found
+
+
+def test_exact_engine_refuses_a_sliding_window_shorter_than_the_prompts(make_adapter, bpe_tokenizer, upper_task):
+    a = make_adapter("mistral", vocab=len(bpe_tokenizer))
+    a.model.config.sliding_window = 4
+    clean, cf, _, _ = clean_and_counterfactual(upper_task, bpe_tokenizer)
+    mean = mean_head_activations(a, clean)
+    assert cf[0].input_ids.shape[1] > 4
+    with pytest.raises(ValueError, match="keeps 3 of .* sliding attention window .* engine='naive'"):
+        causal_indirect_effect(a, cf, mean, engine="exact")
+    assert causal_indirect_effect(a, cf, mean, engine="naive").shape == (4, a.n_layers, a.n_heads)
+
+
 def test_bad_engine_and_bad_mean_shape(make_adapter, bpe_tokenizer, upper_task):
     a = make_adapter("llama", vocab=len(bpe_tokenizer))
     clean, cf, _, _ = clean_and_counterfactual(upper_task, bpe_tokenizer)

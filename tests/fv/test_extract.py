@@ -8,8 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 from forgetlab.fv.cie import causal_indirect_effect, mean_head_activations
-from forgetlab.fv.evaluate import FVEvalSettings, evaluate_function_vector
+from forgetlab.fv.evaluate import FVEvalSettings, evaluate_function_vector, first_token_correct
 from forgetlab.fv.extract import FunctionVectorResult, FVSettings, extract_function_vector
+from forgetlab.fv.hooks import add_to_residual
 from forgetlab.fv.prompts import batches
 from forgetlab.fv.tasks import ICLTask, PromptFormat, counterfactuals, sample_prompts
 from forgetlab.fv.vectors import function_vector
@@ -110,9 +111,14 @@ def test_too_small_a_task(make_adapter, bpe_tokenizer):
 EVAL = FVEvalSettings(n_prompts=5, shots=3, batch_size=4, max_new_tokens=3)
 
 
-def test_evaluate(extracted, bpe_tokenizer, upper_task):
+def test_evaluate(extracted, bpe_tokenizer, upper_task, monkeypatch):
+    import forgetlab.fv.evaluate as fv_evaluate
+
     a, r = extracted
     a.model.train()
+    swept = []
+    real_sweep = fv_evaluate.sweep_layers
+    monkeypatch.setattr(fv_evaluate, "sweep_layers", lambda ad, bl, *args: swept.append(bl) or real_sweep(ad, bl, *args))
     result = evaluate_function_vector(a, bpe_tokenizer, upper_task, r.vector, EVAL)
     assert a.model.training  # evaluation put the model back as it found it
     a.model.eval()
@@ -122,13 +128,26 @@ def test_evaluate(extracted, bpe_tokenizer, upper_task):
     for key in ("zero_shot", "zero_shot_fv", "few_shot", "shuffled", "shuffled_fv"):
         assert set(result[key]) == {"top1", "string_match"}
         assert all(0.0 <= result[key][m] <= 1.0 for m in ("top1", "string_match")), key
-    # the sweep and the single-layer edit agree on the same prompts
-    assert result["zero_shot_fv"]["top1"] == pytest.approx(by_layer[result["edit_layer"]])
+    # the layer is chosen on valid queries, the scores are on test queries: each sweep equals single-layer edits
+    splits = upper_task.splits(EVAL.seed)
+    test = [p.zero_shot() for p in sample_prompts(splits, EVAL.n_prompts, EVAL.shots, EVAL.seed + 2, query_split="test")]
+    valid = [p.zero_shot() for p in sample_prompts(splits, EVAL.n_prompts, EVAL.shots, EVAL.seed + 3, query_split="valid")]
+    assert not {p.query for p in test} & {p.query for p in valid}
+    ids = lambda batch_list: [row.tolist() for b in batch_list for row in b.input_ids]  # noqa: E731
+    assert ids(swept[0]) == ids(batches(bpe_tokenizer, valid, EVAL.prompt_format, EVAL.batch_size))  # valid, not test
+
+    def edited_top1(prompts, layer):
+        with add_to_residual(a, r.vector, layer, EVAL.alpha):
+            return torch.cat([first_token_correct(a, b) for b in batches(bpe_tokenizer, prompts, EVAL.prompt_format, 4)]
+                             ).float().mean().item()
+
+    assert by_layer == pytest.approx([edited_top1(valid, layer) for layer in range(3)])
+    assert result["zero_shot_fv"]["top1"] == pytest.approx(edited_top1(test, result["edit_layer"]))
     json.dumps(result)  # the CLI writes it as JSON
 
     fixed = evaluate_function_vector(a, bpe_tokenizer, upper_task, r.vector, replace(EVAL, layer=2), layers=[0, 2])
     assert fixed["edit_layer"] == 2 and fixed["layers"] == [0, 2] and len(fixed["zero_shot_fv_top1_by_layer"]) == 2
-    assert fixed["zero_shot_fv"]["top1"] == pytest.approx(fixed["zero_shot_fv_top1_by_layer"][1])
+    assert fixed["zero_shot_fv"]["top1"] == pytest.approx(edited_top1(test, 2))
     assert fixed["zero_shot"] == result["zero_shot"]  # no vector, same prompts, same scores
 
 

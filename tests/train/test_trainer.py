@@ -125,3 +125,21 @@ def test_loss_terms_are_means_per_micro_batch(tmp_path):
     bare = train_phase(model, data, cfg, phase="p", state_dir=tmp_path / "b", seed=0, progress=False,
                        extra_loss=lambda rows, batch, run_forward: run_forward().loss * 0 + 1.5)
     assert bare.loss_terms == pytest.approx({"lm": whole, "extra": 1.5}, rel=1e-5)
+
+
+def test_run_forward_runs_the_model_once_per_micro_batch_however_often_it_is_asked(tmp_path):
+    """A method that reads the outputs (FVG's hooks) and another that reads them again (a penalty) share one pass:
+    a second pass would cost a step its time, hold a second graph, and draw dropout masks the run then lacks."""
+    model, data = _setup()
+    passes = []
+    handle = model.register_forward_hook(lambda module, args, output: passes.append(1))
+    cfg = PhaseConfig(lr=1e-3, max_steps=2, batch_size=2, grad_accum=3, checkpoint_every=0)
+
+    def twice(rows, batch, run_forward):
+        first = run_forward()
+        assert run_forward() is first
+        return {"zero": 0.0 * first.loss}
+
+    train_phase(model, data, cfg, phase="p", state_dir=tmp_path / "a", seed=0, extra_loss=twice, progress=False)
+    handle.remove()
+    assert len(passes) == 2 * 3

@@ -125,7 +125,7 @@ def evaluate(
     result["fv"] = str(fv)
     atomic_write_json(out / "fv_eval.json", result)
     plot_layer_sweep(result["zero_shot_fv_top1_by_layer"], result["zero_shot"]["top1"], out / "fv_layer_sweep.png",
-                     title=f"{icl_task.name}: zero-shot + FV")
+                     title=f"{icl_task.name}: zero-shot + FV (valid queries)")
     table = Table(title=f"{icl_task.name}: function vector at layer {result['edit_layer']} (alpha {alpha})")
     for col in ("prompt", "top-1 first token", "generated match"):
         table.add_column(col, justify="right" if col != "prompt" else "left")

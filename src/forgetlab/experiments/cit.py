@@ -423,6 +423,17 @@ def check_inputs(cfg: CITConfig) -> None:
                 fv.check_fits(adapter, f"the FV of {name} in fvg_config.fv_dir")
 
 
+def step_terms(guide, adapter, penalties: dict) -> Callable:
+    """The trainer's ``extra_loss`` of a ``cit`` task: FVG's terms (read through its hooks) and the method's penalties,
+    all from the micro-batch's one forward pass (``run_forward`` runs the model the first time it is asked only)."""
+    def extra(rows, batch, run_forward):
+        terms = guide.loss(adapter, rows, batch, run_forward) if guide is not None else {}
+        outputs = run_forward()
+        return {**terms, **{name: term(batch, outputs) for name, term in penalties.items()}}
+
+    return extra
+
+
 def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, progress: bool = True) -> dict:
     """Train the sequence; write ``results.json`` (R, metrics, GP/IP), ``scores.png`` and the final ``model/``.
 
@@ -564,15 +575,10 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
                                train_data=task_rows, fv=initial_fvs.get(task.name))
             model.train()
 
-        def extra(rows, batch, run_forward, guide=guide, adapter=adapter, penalties=penalties):
-            terms = guide.loss(adapter, rows, batch, run_forward) if guide is not None else {}
-            outputs = run_forward()  # the ordinary forward pass, run once (FVG already ran it under its hooks)
-            return {**terms, **{name: term(batch, outputs) for name, term in penalties.items()}}
-
         with guide.hooked(adapter) if guide is not None else contextlib.nullcontext():
             outcome = train_phase(model, data, cfg.train, phase=task.name, state_dir=out / "state" / task.name,
                                   seed=cfg.seed + k, log=log, progress=progress,
-                                  extra_loss=extra if guide is not None or penalties else None)
+                                  extra_loss=step_terms(guide, adapter, penalties) if guide is not None or penalties else None)
         seen_data.append(task_rows)
         entry = {"task": task.name, "steps": outcome.steps, **outcome.loss_terms}
         if guide is not None and guide.cache.agreement is not None:

@@ -40,10 +40,15 @@ def mean_head_activations(adapter: ModelAdapter, batches: Iterable[PromptBatch],
     def read(layer: int, x: torch.Tensor) -> None:
         total[layer] += x[:, -1].double().sum(0).cpu()
 
-    with edit_head_inputs(adapter, read):
-        for batch in tqdm(list(batches), desc="mean activations", disable=not progress, leave=False):
-            adapter.model(**batch.model_inputs())
-            count += len(batch)
+    was_training = adapter.model.training
+    adapter.model.eval()  # no dropout in ā (a model handed over in training mode, e.g. with LoRA dropout)
+    try:
+        with edit_head_inputs(adapter, read):
+            for batch in tqdm(list(batches), desc="mean activations", disable=not progress, leave=False):
+                adapter.model(**batch.model_inputs())
+                count += len(batch)
+    finally:
+        adapter.model.train(was_training)
     if count == 0:
         raise ValueError("no prompts to average head activations over")
     return (total / count).float().view(adapter.n_layers, adapter.n_heads, adapter.head_dim)
@@ -108,7 +113,13 @@ def _counterfactual_prefix(adapter: ModelAdapter, batch: PromptBatch) -> tuple[t
     result = adapter.model(**batch.model_inputs(), use_cache=True)
     base = _target_probs(result.logits[:, -1], batch.targets)
     cache = getattr(result, "cache", None) or getattr(result, "past_key_values", None)
-    return base, [cached_key_values(cache, layer) for layer in range(adapter.n_layers)]
+    kv = [cached_key_values(cache, layer) for layer in range(adapter.n_layers)]
+    kept = min(k.shape[2] for k, _ in kv)
+    if kept < batch.input_ids.shape[1]:  # a sliding-window layer caches only the window's last positions
+        raise ValueError(f"the exact CIE engine needs every prompt position cached, but this model keeps {kept} of "
+                         f"{batch.input_ids.shape[1]} (a sliding attention window shorter than the prompts); use "
+                         "engine='naive' (--engine naive) or shorter prompts")
+    return base, kv
 
 
 def _prefix_for(adapter: ModelAdapter, batch: PromptBatch, kv: list, prompts: slice) -> SharedPrefix:

@@ -99,13 +99,17 @@ def evaluate_function_vector(adapter: ModelAdapter, tokenizer, task: ICLTask, ve
     zero = [p.zero_shot() for p in few]
     shuffled = counterfactuals(few, settings.seed + 2)
     device = next(adapter.model.parameters()).device
-    zero_batches = list(batches(tokenizer, zero, settings.prompt_format, settings.batch_size, device))
-    by_layer = sweep_layers(adapter, zero_batches, vector, layers, settings.alpha)
+    # the edit layer is chosen on valid queries, so the scores on the test queries are not a maximum over layers
+    valid = [p.zero_shot() for p in sample_prompts(splits, settings.n_prompts, settings.shots, settings.seed + 3,
+                                                   query_split="valid", task_name=task.name)]
+    valid_batches = list(batches(tokenizer, valid, settings.prompt_format, settings.batch_size, device))
+    by_layer = sweep_layers(adapter, valid_batches, vector, layers, settings.alpha)
     best = layers[max(range(len(layers)), key=lambda i: by_layer[i])]
     edit = best if settings.layer is None else settings.layer
     result = {
         "task": task.name, "n_prompts": settings.n_prompts, "shots": settings.shots, "alpha": settings.alpha,
-        "layers": layers, "zero_shot_fv_top1_by_layer": by_layer, "best_layer": best, "edit_layer": edit,
+        "layers": layers, "zero_shot_fv_top1_by_layer": by_layer, "layer_chosen_on": "valid", "best_layer": best,
+        "edit_layer": edit,
         "zero_shot": _score(adapter, tokenizer, zero, settings),
         "zero_shot_fv": _score(adapter, tokenizer, zero, settings, vector, edit),
         "few_shot": _score(adapter, tokenizer, few, settings),

@@ -251,9 +251,15 @@ def train_phase(
                             lm, named = forward(**batch).loss, {}
                         else:
                             outputs = {}
-                            extra = extra_loss(rows, batch, lambda: outputs.setdefault("out", forward(**batch)))
+
+                            def run_forward(batch=batch, outputs=outputs):  # the one forward pass, whoever asks first
+                                if "out" not in outputs:
+                                    outputs["out"] = forward(**batch)
+                                return outputs["out"]
+
+                            extra = extra_loss(rows, batch, run_forward)
                             named = dict(extra) if isinstance(extra, Mapping) else {"extra": extra}
-                            lm = outputs["out"].loss
+                            lm = run_forward().loss
                         loss = (lm + sum(named.values())) / cfg.grad_accum
                     loss.backward()
                     for name, value in {"lm": lm, **named}.items():
