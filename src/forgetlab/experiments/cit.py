@@ -30,13 +30,13 @@ import torch
 from forgetlab.analysis.recovery import encode_qa
 from forgetlab.eval.exact_match import left_pad
 from forgetlab.eval.scoring import ALREADY_DONE, score
+from forgetlab.experiments.rundir import record_api_run
 from forgetlab.methods.fvg import (FV_SOURCES, HEAD_SETS, FVGConfig, FVGuidance, over_universal_heads,
                                    saved_function_vectors, task_function_vector)
 from forgetlab.methods.regularizers import diagonal_fisher, distillation_kl, ewc_penalty, lora_orthogonality
 from forgetlab.methods.replay import mix_replay
 from forgetlab.metrics.cl import cl_summary
 from forgetlab.models.tokenizers import pad_id
-from forgetlab.experiments.rundir import record_api_run
 from forgetlab.train import distributed
 from forgetlab.train.checkpoints import load_between_phases, save_between_phases, save_model_dir
 from forgetlab.train.data import IGNORE, concat, qa_dataset
