@@ -19,7 +19,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-${OUT:-runs/gpu-open-items}}
 WORK=${WORK:-/tmp/forgetlab-gpu}
-rm -rf "$WORK" && mkdir -p "$OUT" "$WORK"
+rm -rf "$WORK" && mkdir -p "$OUT" "$WORK" && rm -f "$OUT"/*.log "$OUT/results.tgz"  # no stale logs in the summary
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD/src
