@@ -314,9 +314,9 @@ def generate_icl_world(config: ICLWorldConfig = ICLWorldConfig()) -> ICLWorld:
     # coded instructions: the same abilities asked for by two lexicon words that say nothing about them, so no
     # build can already do them and fine-tuning must teach what the code means (drawn from a generator of their
     # own: the other tasks, the vocabulary and the pretraining corpus stay as they were)
-    codes = np.random.default_rng(config.seed + 2000).choice(len(words), size=(len(reworded_sources(tasks)), 2),
-                                                              replace=False)
-    for source, (i, j) in zip(reworded_sources(tasks), codes):
+    sources = reworded_sources(tasks)
+    codes = np.random.default_rng(config.seed + 2000).choice(len(words), size=(len(sources), 2), replace=False)
+    for source, (i, j) in zip(sources, codes):
         add(f"coded_{source.name}", source.family, "new", f"Give the {words[i]} {words[j]} .", source.pairs)
 
     # sequences: reworded tasks, which the models learn from their training pairs (the compositions and new
