@@ -94,6 +94,13 @@ def test_components_and_layers_of_a_llama():
     assert mats[(0, "k")].shape[0] == mats[(0, "q")].shape[0] // 2  # GQA: half the key heads
 
 
+def test_a_learned_position_embedding_is_an_embedding_layer_matrix():
+    model = random_model(tiny_config("gpt2", 50, n_layers=1, n_heads=4, d_model=32))
+    mats = weight_matrices(model)
+    assert {c for (l, c) in mats if l == -1} == {"embedding", "position_embedding", "unembedding"}
+    assert torch.equal(mats[(-1, "position_embedding")], model.transformer.wpe.weight)
+
+
 def test_update_angles_of_models_rank_the_same_update_at_zero():
     a1 = random_model(tiny_config("llama", 50, n_layers=1), seed=0)
     a2 = random_model(tiny_config("llama", 50, n_layers=1), seed=1)

@@ -5,7 +5,9 @@ interleaves q, k and v *per head* (rows are ``[h0: q k v, h1: q k v, ...]``), GP
 transposed Conv1D with ``[Q | K | V]`` column blocks. (Splitting NeoX as ``[Q; K; V]`` rows, as the
 spurious-forgetting reference code does, mixes heads and components.)
 The input embedding and the unembedding are both kept as stored, (vocab, hidden): their left singular
-vectors, and so their angles and chance levels, live in token space, for both matrices alike.
+vectors, and so their angles and chance levels, live in token space, for both matrices alike. A learned
+position embedding (GPT-2's ``wpe``, OPT's ``embed_positions``) is part of the embedding layer that the
+paper's analysis singles out, so it is kept too, as stored (positions, hidden).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ COMPONENTS = {
     "dense_h_to_4h": "mlp_in", "dense_4h_to_h": "mlp_out", "c_fc": "mlp_in", "fc_in": "mlp_in", "fc_out": "mlp_out",
 }
 FUSED_QKV = ("query_key_value", "c_attn")
+POSITION_EMBEDDINGS = ("wpe", "embed_positions", "position_embeddings")
 
 
 def _oriented(module: torch.nn.Module) -> torch.Tensor:
@@ -44,6 +47,9 @@ def weight_matrices(model: PreTrainedModel) -> dict[tuple[int, str], torch.Tenso
     """``{(layer, component): W}``; ``layer`` is -1 for the input embedding and the unembedding."""
     adapter = adapt(model)
     out: dict[tuple[int, str], torch.Tensor] = {(EMBEDDING_LAYER, "embedding"): model.get_input_embeddings().weight.detach()}
+    for path, module in model.named_modules():
+        if isinstance(module, torch.nn.Embedding) and path.rsplit(".", 1)[-1] in POSITION_EMBEDDINGS:
+            out[(EMBEDDING_LAYER, "position_embedding")] = module.weight.detach()
     for index, layer in enumerate(adapter.layers):
         for path, module in layer.named_modules():
             leaf = path.rsplit(".", 1)[-1]
