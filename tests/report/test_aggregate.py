@@ -53,3 +53,27 @@ def test_a_setting_that_differs_is_named_and_bad_input_is_refused(tmp_path):
     assert result.exit_code == 2 and "neither a finished run directory" in result.stderr
     ok = CliRunner().invoke(app, ["aggregate", str(a), str(b), "--out", str(tmp_path / "o")])
     assert ok.exit_code == 0 and (tmp_path / "o" / "aggregate.md").is_file()
+
+
+def fake_biography_run(path, seed, world_seed, spurious_share):
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"seed": seed, "preset": "cpu-demo", "world": {"seed": world_seed}}))
+    (path / "results.json").write_text(json.dumps({"seed": seed, "method": "seq", "task0_before": 0.8,
+                                                   "spurious_share": spurious_share}))
+    return path
+
+
+def test_biography_seeds_pool_with_their_world_seed_and_undefined_values_stay_aligned(tmp_path):
+    # `biography run --seed S` seeds the world with S too: those runs are one setting
+    runs = [fake_biography_run(tmp_path / f"s{s}", s, s, share) for s, share in ((0, 0.75), (1, None), (2, 0.25))]
+    (group,) = aggregate_runs(runs)["groups"]
+    assert group["n"] == 3 and group["seeds"] == [0, 1, 2] and "world.seed" not in group["setting"]
+    share = group["metrics"]["spurious_share"]
+    assert share["values"] == [0.75, None, 0.25] and share["n"] == 2
+    assert share["mean"] == pytest.approx(0.5) and share["sd"] == pytest.approx(np.std([0.75, 0.25], ddof=1))
+    write_aggregate(aggregate_runs(runs), tmp_path / "agg")
+    assert "0.500 ± 0.354 (n=2)" in (tmp_path / "agg" / "aggregate.md").read_text()
+    # a world seed held fixed while the training seed varies is part of the setting
+    fixed = [fake_biography_run(tmp_path / f"f{s}", s, 0, 0.5) for s in (0, 1)]
+    groups = aggregate_runs(fixed + [fake_biography_run(tmp_path / "g", 0, 1, 0.5)])["groups"]
+    assert [(g["setting"]["world.seed"], g["n"]) for g in groups] == [(0, 2), (1, 1)]

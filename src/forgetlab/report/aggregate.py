@@ -45,21 +45,28 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _numbers(results: dict) -> dict[str, float]:
-    """Every number of a results dict, nested keys joined with dots (lists, e.g. the score matrix, left out)."""
-    return {k: float(v) for k, v in _flat(results).items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "seed"}
+def _numbers(results: dict) -> dict[str, float | None]:
+    """Every number of a results dict, nested keys joined with dots (lists, e.g. the score matrix, left out);
+    None where a run left a metric undefined (null), so that values stay aligned with the runs."""
+    return {k: None if v is None else float(v) for k, v in _flat(results).items()
+            if (v is None or isinstance(v, (int, float)) and not isinstance(v, bool)) and k != "seed"}
 
 
-def _setting(results_file: Path, results: dict) -> tuple[str, dict]:
-    """What a run was, but for its seed: its ``config.json`` when it has one beside the results, otherwise the
-    results' own labels (method, preset, FVG, tasks)."""
+def _setting(results_file: Path, results: dict) -> dict:
+    """What a run was: its ``config.json`` when it has one beside the results, otherwise the results' own labels
+    (method, preset, FVG, tasks)."""
     config = results_file.parent / "config.json"
     if config.is_file():
-        setting = {k: v for k, v in _flat(read_json(config)).items() if k != "seed"}
-    else:
-        setting = {k: v for k, v in results.items() if isinstance(v, (str, bool)) or k == "tasks"}
-    return repr(sorted(setting.items())), setting
+        return _flat(read_json(config))
+    return {k: v for k, v in results.items() if isinstance(v, (str, bool)) or k == "tasks"}
+
+
+def _seed_keys(runs: list[tuple[dict, dict]]) -> set[str]:
+    """The setting keys that are the seed: ``seed`` itself and every nested ``*.seed`` that equals the run's seed in
+    all runs (``biography run --seed`` also seeds the world with it). A nested seed held fixed while ``seed`` varies
+    stays part of the setting."""
+    keys = {k for setting, _ in runs for k in setting if k == "seed" or k.endswith(".seed")}
+    return {k for k in keys if k == "seed" or all(setting.get(k) == results.get("seed") for setting, results in runs)}
 
 
 def _label(setting: dict, varying: set[str]) -> str:
@@ -72,35 +79,42 @@ def _label(setting: dict, varying: set[str]) -> str:
 
 
 def aggregate_runs(paths: Sequence[Path]) -> dict:
-    """``{"experiment", "groups": [{"label", "setting", "runs", "seeds", "n", "metrics": {name: {mean, sd, values}}}]}``;
-    sd is the sample standard deviation (n − 1), None for a single run."""
+    """``{"experiment", "groups": [{"label", "setting", "runs", "seeds", "n", "metrics": {name: {mean, sd, n, values}}}]}``;
+    ``values`` follow ``runs`` (None where a run left the metric undefined); mean and sd are over the defined
+    values, whose count is the metric's ``n``; sd is the sample standard deviation (n − 1), None below two."""
     if not paths:
         raise ValueError("aggregate needs at least one run directory or results.json")
-    groups: dict[str, dict] = {}
-    kinds = set()
+    runs, kinds = [], set()
     for path in paths:
         found = _results_file(path)
         results = read_json(found)
         kinds.add("cit" if "R" in results and "AP" in results else "biography" if "task0_before" in results else "other")
-        key, setting = _setting(found, results)
-        group = groups.setdefault(key, {"setting": setting, "runs": [], "seeds": [], "values": {}})
-        group["runs"].append(str(path))
-        group["seeds"].append(results.get("seed"))
-        for name, value in _numbers(results).items():
-            group["values"].setdefault(name, []).append(value)
+        runs.append((_setting(found, results), results))
     if len(kinds) > 1:
         raise ValueError(f"aggregate: the runs come from different experiments ({', '.join(sorted(kinds))}); "
                          "aggregate one experiment at a time")
+    seed_keys = _seed_keys(runs)
+    groups: dict[str, dict] = {}
+    for path, (full_setting, results) in zip(paths, runs):
+        setting = {k: v for k, v in full_setting.items() if k not in seed_keys}
+        group = groups.setdefault(repr(sorted(setting.items())), {"setting": setting, "runs": [], "seeds": [], "values": {}})
+        group["runs"].append(str(path))
+        group["seeds"].append(results.get("seed"))
+        for name, value in _numbers(results).items():
+            group["values"].setdefault(name, [None] * (len(group["runs"]) - 1)).append(value)
+        for values in group["values"].values():  # a metric this run lacks is None for it
+            values.extend([None] * (len(group["runs"]) - len(values)))
     settings = [g["setting"] for g in groups.values()]
     varying = {k for s in settings for k in s if any(o.get(k) != s.get(k) for o in settings)}
     out = []
     for group in groups.values():
         metrics = {}
         for name, values in group["values"].items():
-            n = len(values)
-            mean = sum(values) / n
-            sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
-            metrics[name] = {"mean": mean, "sd": sd, "values": values}
+            defined = [v for v in values if v is not None and not math.isnan(v)]
+            n = len(defined)
+            mean = sum(defined) / n if n else None
+            sd = math.sqrt(sum((v - mean) ** 2 for v in defined) / (n - 1)) if n > 1 else None
+            metrics[name] = {"mean": mean, "sd": sd, "n": n, "values": values}
         out.append({"label": _label(group["setting"], varying), "setting": group["setting"], "runs": group["runs"],
                     "seeds": group["seeds"], "n": len(group["runs"]), "metrics": metrics})
     return {"experiment": kinds.pop(), "groups": out}
@@ -114,13 +128,14 @@ def write_aggregate(summary: dict, out: Path) -> None:
     headlines = HEADLINES.get(summary["experiment"], ())
     digits = 1 if summary["experiment"] == "cit" else 3
 
-    def cell(metrics: dict, name: str) -> str:
-        if name not in metrics:
+    def cell(group: dict, name: str) -> str:
+        m = group["metrics"].get(name)
+        if m is None or m["mean"] is None:
             return "-"
-        m = metrics[name]
-        return f"{m['mean']:.{digits}f}" + (f" ± {m['sd']:.{digits}f}" if m["sd"] is not None else "")
+        text = f"{m['mean']:.{digits}f}" + (f" ± {m['sd']:.{digits}f}" if m["sd"] is not None else "")
+        return text + (f" (n={m['n']})" if m["n"] < group["n"] else "")  # some runs left it undefined
 
-    rows = [(g["label"], g["n"], ", ".join(str(s) for s in g["seeds"]), *(cell(g["metrics"], k) for k, _ in headlines))
+    rows = [(g["label"], g["n"], ", ".join(str(s) for s in g["seeds"]), *(cell(g, k) for k, _ in headlines))
             for g in summary["groups"]]
     text = (f"# {summary['experiment']} runs: mean ± sample standard deviation over seeds\n\n"
             + table(["setting", "runs", "seeds", *(label for _, label in headlines)], rows)
