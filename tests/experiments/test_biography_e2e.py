@@ -13,7 +13,7 @@ import pytest
 import torch
 
 KEYS = ["task0_before", "task0_min_during_task1", "task0_after_task1", "task1_after", "task0_recovered",
-        "task0_recovery_control", "spurious_share"]
+        "task0_recovery_control", "spurious_share", "task0_final"]
 
 
 def forgetlab(*args, cache, **kw):

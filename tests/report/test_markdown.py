@@ -56,6 +56,21 @@ def test_biography_report_says_when_recovery_does_not_beat_the_control_or_nothin
     assert "moved task 0 from 0.766 to 0.800" in text and "no drop to explain" in text and "(no knowledge lost)" in text
 
 
+def test_biography_report_with_two_new_tasks_names_the_drop_recovery_explains(tmp_path):
+    # before 0.8, after task 1 0.6, after task 2 0.4, recovered 0.7: 75% of the drop to the final model came back
+    two = {**BIO, "task0_before": 0.8, "task0_after_task1": 0.6, "task0_final": 0.4, "task0_recovered": 0.7,
+           "spurious_share": 0.75, "task0_recall": {"task0": 0.9, "task1": 0.8, "task2": 0.7},
+           "score_matrix": {**BIO["score_matrix"], "rows": ["pretrain", "task0", "task1", "task2"],
+                            "tasks": ["task0", "task1", "task2"], "R": [[0, 0, 0], [0.8, 0, 0], [0.6, 0.9, 0], [0.4, 0.8, 0.9]]}}
+    biography_report(two, tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    assert "Tasks 1 to 2 took task 0 from 0.800 to 0.400 (after task 1 0.600" in text
+    assert "75% of the drop came back" in text and "0.900 before task 1, 0.700 after task 2 (0.200 of knowledge" in text
+    biography_report({**BIO, "spurious_share": float("nan")}, tmp_path)
+    measures = parse_tables((tmp_path / "report.md").read_text())[0]
+    assert measures[-1] == ["spurious share of the drop", "–"]
+
+
 def test_cit_report_holds_the_results(tmp_path):
     tasks = [InstructionTask("a", "d", ()), InstructionTask("b", "d", ())]
     R = [[10.0, 0.0], [80.0, 5.0], [50.0, 90.0]]

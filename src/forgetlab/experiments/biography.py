@@ -333,6 +333,7 @@ def summarize(cfg: BiographyRunConfig, phases: dict, rows: list[dict], n_tasks: 
         "task0_before": before,
         "task0_min_during_task1": min(during) if during else phases["task1"].info["final"]["task0"]["em"],
         "task0_after_task1": phases["task1"].info["final"]["task0"]["em"],
+        "task0_final": final["task0"]["em"],  # after the last new task: where recovery starts
         "task1_after": phases["task1"].info["final"]["task1"]["em"],
         "task0_recovered": recovered,
         "task0_recovery_control": phases["recovery_control"].info["final"]["task0"]["em"],

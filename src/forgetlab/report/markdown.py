@@ -5,6 +5,7 @@ report can never disagree with the file that scripts read.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,8 +13,11 @@ from forgetlab.utils.io import atomic_write_text
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A GitHub-flavoured markdown table; floats with 3 decimals (fractions) unless already formatted."""
+    """A GitHub-flavoured markdown table; floats with 3 decimals (fractions) unless already formatted, a dash for
+    an undefined number (None or NaN)."""
     def cell(value: object) -> str:
+        if value is None or isinstance(value, float) and math.isnan(value):
+            return "–"
         return f"{value:.3f}" if isinstance(value, float) else str(value)
 
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
@@ -39,10 +43,20 @@ def biography_report(results: dict, out: Path) -> None:
                                                      ("replay", "replay"), ("early_stop", "early stop at")) if r.get(key)]
     parts = [f"# Spurious forgetting on synthetic biographies: preset `{r['preset']}`, method `{r['method']}`"
              f"{' (' + ', '.join(settings) + ')' if settings else ''}, seed {r['seed']}\n\n",
-             table(["measure", "exact match"], [(label, float(r[key])) for key, label in BIOGRAPHY_MEASURES])]
-    drop = r["task0_before"] - r["task0_after_task1"]
-    lines = [f"Task 1 {'took' if drop > 0 else 'moved'} task 0 from {r['task0_before']:.3f} to {r['task0_after_task1']:.3f} "
-             f"(lowest {r['task0_min_during_task1']:.3f}) while task 1 reached {r['task1_after']:.3f}."]
+             table(["measure", "exact match"], [(label, None if r[key] is None else float(r[key]))
+                                                for key, label in BIOGRAPHY_MEASURES])]
+    # recovery starts from the model after the last new task, so the drop it explains ends there
+    rows = (r.get("score_matrix") or {}).get("rows") or ["task1"]
+    last = rows[-1]
+    final = r.get("task0_final", r["task0_after_task1"])
+    drop = r["task0_before"] - final
+    if last == "task1":
+        lines = [f"Task 1 {'took' if drop > 0 else 'moved'} task 0 from {r['task0_before']:.3f} to {final:.3f} "
+                 f"(lowest {r['task0_min_during_task1']:.3f}) while task 1 reached {r['task1_after']:.3f}."]
+    else:
+        lines = [f"Tasks 1 to {last.removeprefix('task')} {'took' if drop > 0 else 'moved'} task 0 from "
+                 f"{r['task0_before']:.3f} to {final:.3f} (after task 1 {r['task0_after_task1']:.3f}, lowest during it "
+                 f"{r['task0_min_during_task1']:.3f}); task 1 reached {r['task1_after']:.3f}."]
     if drop > 0:
         lines.append(f"One epoch of re-alignment on task 0 brought it back to {r['task0_recovered']:.3f}: "
                      f"{r['spurious_share']:.0%} of the drop came back, the part that was lost alignment rather than "
@@ -53,10 +67,10 @@ def biography_report(results: dict, out: Path) -> None:
     lines.append(f"The same re-alignment from the pretrained-only model reaches {r['task0_recovery_control']:.3f}, so "
                  f"recovery {'beats' if margin > 0 else 'does not beat'} the control ({margin:+.3f}).")
     recall = r.get("task0_recall", {})
-    if recall.get("task0") is not None and recall.get("task1") is not None:
-        lost = recall["task0"] - recall["task1"]
+    if recall.get("task0") is not None and recall.get(last) is not None:
+        lost = recall["task0"] - recall[last]
         lines.append(f"Held-out people's values the model still completes in its own biographies: {recall['task0']:.3f} "
-                     f"before task 1, {recall['task1']:.3f} after it"
+                     f"before task 1, {recall[last]:.3f} after {'it' if last == 'task1' else 'task ' + last.removeprefix('task')}"
                      + (f" ({lost:.3f} of knowledge itself lost)." if lost > 0 else " (no knowledge lost)."))
     parts.append("\n" + " ".join(lines) + "\n")
     matrix = r.get("score_matrix")
