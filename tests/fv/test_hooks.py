@@ -184,4 +184,8 @@ def test_layer_out_of_range(layer, make_adapter):
     with pytest.raises(ValueError, match="out of range"):
         with function_vector_sweep(a, torch.zeros(a.hidden_size), [0, layer], batch_rows=1):
             pass
+    with pytest.raises(ValueError, match="out of range"):
+        with edit_head_inputs(a, lambda l, x: None, layers=[0, layer]):
+            pass
     assert all(not layer._forward_hooks for layer in a.layers)
+    assert all(not p._forward_pre_hooks for p in a.o_projs)  # layer 0's hook did not stay behind

@@ -108,8 +108,8 @@ def test_head_outputs_to_residual_is_w_o_times_x(arch):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def _lora(model, targets, **kw):
-    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, init_lora_weights=False, **kw)
+def _lora(model, targets, dropout=0.0, **kw):
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets, init_lora_weights=False, **kw)
     return peft.get_peft_model(model, config)
 
 
@@ -143,6 +143,18 @@ def test_lora_wrapped_projection(arch, targets, extra):
     wrapped.merge_adapter()
     for layer in range(a.n_layers):
         torch.testing.assert_close(a.head_outputs_to_residual(layer, x), before[layer], rtol=1e-5, atol=1e-5)
+
+
+def test_w_o_of_a_lora_projection_ignores_its_dropout_in_training_mode():
+    wrapped = _lora(model_of("llama"), ["o_proj"], dropout=0.5)
+    wrapped.train()
+    a = adapt(wrapped)
+    x = torch.randn(3, a.n_heads * a.head_dim, generator=torch.Generator().manual_seed(4))
+    proj = a.o_projs[0]
+    want = manual_w_o(proj.base_layer, x) + _lora_delta(proj, x)
+    for _ in range(2):
+        torch.testing.assert_close(a.head_outputs_to_residual(0, x), want, rtol=1e-5, atol=1e-5)
+    assert proj.training and wrapped.training  # the caller's mode is given back
 
 
 def test_lora_and_gradient_checkpointing_keep_cie_exact():

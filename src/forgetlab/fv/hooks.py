@@ -25,12 +25,15 @@ def edit_head_inputs(adapter: ModelAdapter, edit: HeadInputEdit, layers: Sequenc
     ``edit`` returns a replacement tensor or ``None`` (only read). Hooks are removed on exit.
     """
     handles = []
-    for layer in range(adapter.n_layers) if layers is None else layers:
-        def hook(module, args, kwargs, layer=layer):
-            new = edit(layer, args[0])
-            return None if new is None else ((new, *args[1:]), kwargs)
-        handles.append(adapter.o_projs[layer].register_forward_pre_hook(hook, with_kwargs=True))
-    try:
+    try:  # registering inside: a bad layer index leaves no hook of the layers before it behind
+        for layer in range(adapter.n_layers) if layers is None else layers:
+            if not 0 <= layer < adapter.n_layers:
+                raise ValueError(f"layer {layer} is out of range; the model has layers 0..{adapter.n_layers - 1}")
+
+            def hook(module, args, kwargs, layer=layer):
+                new = edit(layer, args[0])
+                return None if new is None else ((new, *args[1:]), kwargs)
+            handles.append(adapter.o_projs[layer].register_forward_pre_hook(hook, with_kwargs=True))
         yield
     finally:
         for h in handles:

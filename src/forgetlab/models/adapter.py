@@ -61,11 +61,17 @@ class ModelAdapter:
         """W_O · x for rows x of concatenated head outputs (no bias), through the real module.
 
         Calling the module (minus its value at zero) handles Linear, Conv1D and merged-or-not LoRA
-        alike, so the function vector uses exactly the weights the forward pass uses.
+        alike, so the function vector uses exactly the weights the forward pass uses. The module runs in eval
+        mode: a LoRA adapter's dropout on this projection would otherwise make the vector random.
         """
         proj = self.o_projs[layer]
         x = head_inputs.to(next(proj.parameters()).dtype)
-        return proj(x) - proj(torch.zeros_like(x))
+        was_training = proj.training
+        proj.eval()
+        try:
+            return proj(x) - proj(torch.zeros_like(x))
+        finally:
+            proj.train(was_training)
 
 
 def adapt(model: PreTrainedModel) -> ModelAdapter:
