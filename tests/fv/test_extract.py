@@ -142,6 +142,8 @@ def test_evaluate(extracted, bpe_tokenizer, upper_task, monkeypatch):
                              ).float().mean().item()
 
     assert by_layer == pytest.approx([edited_top1(valid, layer) for layer in range(3)])
+    plain_valid = torch.cat([first_token_correct(a, b) for b in batches(bpe_tokenizer, valid, EVAL.prompt_format, 4)])
+    assert result["zero_shot_valid_top1"] == pytest.approx(plain_valid.float().mean().item())  # the sweep's baseline
     assert result["zero_shot_fv"]["top1"] == pytest.approx(edited_top1(test, result["edit_layer"]))
     json.dumps(result)  # the CLI writes it as JSON
 

@@ -124,7 +124,7 @@ def evaluate(
     result = evaluate_function_vector(adapter, tokenizer, icl_task, saved.vector, settings)
     result["fv"] = str(fv)
     atomic_write_json(out / "fv_eval.json", result)
-    plot_layer_sweep(result["zero_shot_fv_top1_by_layer"], result["zero_shot"]["top1"], out / "fv_layer_sweep.png",
+    plot_layer_sweep(result["zero_shot_fv_top1_by_layer"], result["zero_shot_valid_top1"], out / "fv_layer_sweep.png",
                      title=f"{icl_task.name}: zero-shot + FV (valid queries)")
     table = Table(title=f"{icl_task.name}: function vector at layer {result['edit_layer']} (alpha {alpha})")
     for col in ("prompt", "top-1 first token", "generated match"):

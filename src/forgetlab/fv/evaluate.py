@@ -109,7 +109,8 @@ def evaluate_function_vector(adapter: ModelAdapter, tokenizer, task: ICLTask, ve
     result = {
         "task": task.name, "n_prompts": settings.n_prompts, "shots": settings.shots, "alpha": settings.alpha,
         "layers": layers, "zero_shot_fv_top1_by_layer": by_layer, "layer_chosen_on": "valid", "best_layer": best,
-        "edit_layer": edit,
+        "edit_layer": edit,  # the sweep's baseline, on the same valid queries
+        "zero_shot_valid_top1": torch.cat([first_token_correct(adapter, b) for b in valid_batches]).float().mean().item(),
         "zero_shot": _score(adapter, tokenizer, zero, settings),
         "zero_shot_fv": _score(adapter, tokenizer, zero, settings, vector, edit),
         "few_shot": _score(adapter, tokenizer, few, settings),
