@@ -13,7 +13,7 @@ import pytest
 import torch
 
 KEYS = ["task0_before", "task0_min_during_task1", "task0_after_task1", "task1_after", "task0_recovered",
-        "task0_recovery_control", "spurious_share", "task0_final"]
+        "task0_recovery_control", "task0_final", "spurious_share"]  # spurious_share last: not a fraction
 
 
 def forgetlab(*args, cache, **kw):
@@ -36,7 +36,11 @@ def test_smoke_run_writes_the_contract(smoke_run):
     results = json.loads((run / "results.json").read_text())
     for key in KEYS[:-1]:
         assert 0.0 <= results[key] <= 1.0, (key, results[key])
-    assert math.isfinite(results["spurious_share"])
+    from forgetlab.metrics.cl import spurious_share  # defined only where task 0 dropped (not always so in smoke)
+
+    share = spurious_share(results["task0_before"], results["task0_final"], results["task0_recovered"])
+    assert results["spurious_share"] == (None if math.isnan(share) else pytest.approx(share))
+    assert results["task0_final"] == results["task0_after_task1"]  # one new task
     assert results["method"] == "seq" and results["preset"] == "smoke" and results["seed"] == 0
     assert results["seconds"] > 0
     for phase in ("pretrain", "task0", "task1", "recovery", "recovery_control"):
@@ -51,7 +55,8 @@ def test_smoke_run_writes_the_contract(smoke_run):
     assert math.isclose(min(during), results["task0_min_during_task1"], rel_tol=1e-5)
     assert (run / "curves.png").stat().st_size > 10_000
     report = (run / "report.md").read_text()
-    assert f"| spurious share of the drop | {results['spurious_share']:.3f} |" in report and "(curves.png)" in report
+    share_cell = "–" if results["spurious_share"] is None else f"{results['spurious_share']:.3f}"
+    assert f"| spurious share of the drop | {share_cell} |" in report and "(curves.png)" in report
     assert json.loads((run / "config.json").read_text())["preset"] == "smoke"
     environment = json.loads((run / "environment.json").read_text())["runs"]  # the libraries it was computed with
     assert environment[0]["command"][:4] == ["forgetlab", "biography", "run", "--preset"] and environment[0]["packages"]["torch"]

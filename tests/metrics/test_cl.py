@@ -147,3 +147,5 @@ def test_spurious_share():
     assert spurious_share(0.8, 0.4, 0.3) == pytest.approx(-0.25)  # not clipped below 0
     assert math.isnan(spurious_share(0.5, 0.5, 0.7))             # zero drop
     assert math.isnan(spurious_share(0.5, 0.5 + 1e-12, 0.7))     # ~zero drop
+    assert math.isnan(spurious_share(0.50, 0.52, 0.40))           # a gain, not a drop: +6.0 would read "recovered"
+    assert math.isnan(spurious_share(0.10, 0.11, 0.12))           # and -2.0 "got worse", both backwards

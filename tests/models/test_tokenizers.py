@@ -15,3 +15,21 @@ def test_word_tokenizer_round_trip(tmp_path):
                                                  "\n", "Answer", ":", "Velmor"]
     assert loaded.unk_token_id not in ids
     assert loaded("Zzz", add_special_tokens=False)["input_ids"] == [loaded.unk_token_id]
+
+
+def test_special_prefix_is_what_the_tokenizer_itself_adds():
+    from tokenizers.processors import TemplateProcessing
+
+    from forgetlab.analysis.recovery import encode_qa
+    from forgetlab.models.tokenizers import special_prefix
+
+    tok = build_word_tokenizer(split_words("What is the birth city of Ana ?\nAnswer: Velmor"))
+    assert tok.bos_token_id is not None and special_prefix(tok) == []  # defines <bos>, never adds it
+    rows = [{"prompt": "What is the birth city of Ana ?\nAnswer:", "answer": " Velmor"}]
+    prompts, answers = encode_qa(tok, rows)
+    assert prompts == [tok(rows[0]["prompt"], add_special_tokens=False)["input_ids"]]  # as the world's models train
+    assert tok.convert_ids_to_tokens(answers[0]) == ["Velmor"]
+    bos = tok.bos_token_id  # a Llama-like tokenizer that puts BOS first itself
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
+    assert special_prefix(tok) == [bos]
+    assert encode_qa(tok, rows)[0] == [[bos] + prompts[0]]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from forgetlab.eval.exact_match import greedy_exact_match
 from forgetlab.metrics.cl import spurious_share
-from forgetlab.models.tokenizers import pad_id, split_in_context
+from forgetlab.models.tokenizers import pad_id, special_prefix, split_in_context
 from forgetlab.train.data import qa_dataset
 from forgetlab.train.trainer import EvalSchedule, PhaseConfig, train_phase
 
@@ -47,10 +47,12 @@ def read_qa_rows(path: str | Path) -> list[dict]:
 
 
 def encode_qa(tokenizer, rows: list[dict]) -> tuple[list[list[int]], list[list[int]]]:
-    """Prompt ids (after BOS) and answer ids, the answer tokenized in context (as the prompt continues)."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    """Prompt ids (after the tokenizer's own prefix, e.g. Llama's BOS) and answer ids, the answer tokenized in
+    context (as the prompt continues). A BOS that the tokenizer defines but does not add (the biography world's)
+    is left out: its models never saw one."""
+    prefix = special_prefix(tokenizer)
     pairs = [split_in_context(tokenizer, row["prompt"], row["answer"]) for row in rows]
-    return [bos + p for p, _ in pairs], [a for _, a in pairs]
+    return [prefix + p for p, _ in pairs], [a for _, a in pairs]
 
 
 def recover(model, tokenizer, fit_rows: list[dict], eval_rows: list[dict], cfg: PhaseConfig = DEFAULT_RECOVERY,

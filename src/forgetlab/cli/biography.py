@@ -97,7 +97,8 @@ def show_results(results: dict) -> None:
         ("spurious_share", "spurious share of the drop"),
     ]
     for key, label in labels:
-        table.add_row(label, f"{results[key]:.3f}")
+        value = results[key]
+        table.add_row(label, "–" if value is None or value != value else f"{value:.3f}")  # no drop: no share
     recall = results.get("task0_recall", {})
     for phase, label in (("task0", "before task 1"), ("task1", "after task 1"), ("recovery", "after recovery")):
         if recall.get(phase) is not None:

@@ -208,6 +208,9 @@ class BiographyExperiment:
                 if step in snapshots and distributed.is_main():
                     save_model_dir(model, self.tokenizer, state_dir.parent / SNAPSHOTS / f"step-{step}")
 
+            # the phase's own random stream (dropout), so a run resumed at a phase boundary in a fresh process draws
+            # what the uninterrupted one drew; a resume inside the phase restores the saved stream instead
+            torch.manual_seed(zlib.crc32(f"{self.cfg.seed}:{name}".encode()))
             outcome = train_phase(model, data(), pcfg, phase=name, state_dir=state_dir, seed=self.cfg.seed,
                                   evaluate=lambda: evaluate(model), stop=stop, log=self.log, progress=self.progress,
                                   on_step=on_step if snapshots else None,

@@ -171,9 +171,10 @@ def spurious_share(before: float, current: float, recovered: float) -> float:
 
     1 = the drop was fully "spurious" (recovered), 0 = none recovered.  Not
     clipped: can exceed 1 (recovery overshoots) or be negative (it got worse).
-    Returns nan when |before - current| < 1e-9 (no drop to explain)."""
+    Returns nan when there is no drop to explain (current within 1e-9 of before, or
+    above it: a share of a gain has no meaning, and its sign would read backwards)."""
     drop = float(before) - float(current)
-    if abs(drop) < 1e-9:
+    if drop < 1e-9:
         return math.nan
     return (float(recovered) - float(current)) / drop
 

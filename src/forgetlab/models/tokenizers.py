@@ -64,3 +64,14 @@ def split_in_context(tokenizer, text: str, continuation: str) -> tuple[list[int]
         raise ValueError(f"the tokenizer does not split {text[-40:]!r} + {continuation!r} at the end of the first part; "
                          "make the prompt end where tokens end (e.g. the answer starts with a space)")
     return ids, full[len(ids):]
+
+
+def special_prefix(tokenizer) -> list[int]:
+    """The ids the tokenizer itself puts before a text (Llama's BOS; nothing for GPT-2 or forgetlab's word
+    tokenizers, whose worlds train without one): what a model trained through this tokenizer has seen."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return full[:start]
+    return []

@@ -42,7 +42,9 @@ def plot_curves(rows: list[dict], results: dict, path: Path) -> None:
     ax.set_xlabel("training step (task 0, then task 1, ...)")
     ax.set_ylabel("exact match")
     ax.set_ylim(-0.02, 1.08)
-    ax.set_title(f"biography world - method {results['method']} - spurious share {results['spurious_share']:.2f}")
+    share = results["spurious_share"]
+    share = "undefined (no drop)" if share is None or share != share else f"{share:.2f}"
+    ax.set_title(f"biography world - method {results['method']} - spurious share {share}")
     ax.legend(loc="best", fontsize=8)
     ax.grid(alpha=0.3)
     save_figure(fig, Path(path))
