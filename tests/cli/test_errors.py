@@ -31,6 +31,13 @@ def one_error_line(result) -> str:
     (["--resume", "--overwrite"], "contradict"),
     (["--set", "task.lr=fast"], "--set task.lr: expected a value like"),
     (["--set", "world.n_pretrain_people=-5"], "n_pretrain_people=-5"),
+    (["--method", "ewc", "--freeze-layers", "1"], "--freeze-layers 1 needs --method freeze (method ewc freezes nothing)"),
+    (["--set", "task.min_lr_ratio=-1"], "task.min_lr_ratio=-1.0 must be in [0, 1]"),
+    (["--set", "pretrain.weight_decay=-0.1"], "pretrain.weight_decay=-0.1 must not be negative"),
+    (["--set", "task.grad_clip=-1"], "task.grad_clip=-1.0 must not be negative"),
+    (["--set", "world.n_new_tasks=0"], "world.n_new_tasks=0: a run learns at least one new task"),
+    (["--set", "world.n_pretrain_people=3", "--set", "world.task0_train_fraction=0.34"],
+     "task 0 has 1 training person; recovery re-aligns on half of them"),
 ])
 def test_bad_options(args, message, tmp_path):
     preset = [] if "--preset" in args else ["--preset", "smoke"]

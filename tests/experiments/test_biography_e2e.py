@@ -154,6 +154,23 @@ def test_recover_any_checkpoint(smoke_run):
     assert rec["current"] == results["task0_after_task1"]
     assert rec["recovered"] == results["task0_recovered"]
     assert rec["before"] == results["task0_before"]
+    assert rec["spurious_share"] == results["spurious_share"] or rec["spurious_share"] == pytest.approx(results["spurious_share"])
+
+
+def test_recover_refuses_a_checkpoint_of_another_vocabulary(smoke_run, tmp_path):
+    from forgetlab.models.tokenizers import build_word_tokenizer
+    from forgetlab.models.zoo import random_model, tiny_config
+
+    root, _, _ = smoke_run
+    tok = build_word_tokenizer(["other", "words", "entirely"])
+    model = random_model(tiny_config("llama", len(tok) + 400, n_layers=1))  # larger: it would not fail on an index
+    model.save_pretrained(tmp_path / "other")
+    tok.save_pretrained(tmp_path / "other")
+    proc = forgetlab("biography", "recover", "--model", str(tmp_path / "other"), "--run", str(root / "run"),
+                     "--out", str(tmp_path / "rec"), cache=root / "cache")
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "does not share the vocabulary of the run" in lines[0], proc.stderr
+    assert not (tmp_path / "rec" / "recovery.json").exists()
 
 
 def test_generate_writes_the_world(tmp_path):

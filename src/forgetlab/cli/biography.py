@@ -44,7 +44,8 @@ def run(
     preset: Preset = "cpu-demo",
     out: Out = Path("runs/biography"),
     method: Annotated[str, typer.Option(help="seq | freeze | ewc")] = "seq",
-    freeze_layers: Annotated[int, typer.Option(help="freeze: bottom decoder layers frozen (with the embedding)")] = 0,
+    freeze_layers: Annotated[Optional[int], typer.Option(help="freeze: bottom decoder layers frozen with the embedding "
+                                                              "(0: the embedding alone) [default with --method freeze: 2]")] = None,
     replay: Annotated[float, typer.Option(help="old-task rows mixed into each new task, as a fraction of its rows")] = 0.0,
     early_stop: Annotated[float, typer.Option(help="stop a task once its exact match reaches this (0 = off)")] = 0.0,
     ewc_strength: Annotated[float, typer.Option(help="ewc: λ of the Fisher penalty λ/2 Σ F (θ − θ*)² "
@@ -61,8 +62,8 @@ def run(
     """Pretrain, learn task 0 then task 1 with the chosen method, and measure recovery."""
     from forgetlab.experiments.biography import run_biography
 
-    if method == "freeze" and freeze_layers == 0:
-        freeze_layers = 2
+    if freeze_layers is None:
+        freeze_layers = 2 if method == "freeze" else 0
     if method == "ewc" and ewc_strength == 0:
         ewc_strength = 1e4
     cfg = preset_config(preset, seed, MethodConfig(name=method, freeze_layers=freeze_layers, replay=replay,

@@ -37,6 +37,12 @@ class BiographyRunConfig:
 
     def validate(self) -> None:
         self.world.validate()
+        if self.world.n_new_tasks < 1:
+            raise ValueError(f"world.n_new_tasks={self.world.n_new_tasks}: a run learns at least one new task after task 0; "
+                             "use 1 or more (`biography generate` writes a world without new tasks)")
+        if self.world.n_task0_train < 2:
+            raise ValueError(f"task 0 has {self.world.n_task0_train} training person; recovery re-aligns on half of them, so "
+                             "it needs at least 2: raise world.n_pretrain_people or world.task0_train_fraction")
         self.model.validate()
         if not self.model.checkpoint and not 8 <= self.block_size <= self.model.max_positions:
             raise ValueError(f"block_size={self.block_size} must be in 8..model.max_positions={self.model.max_positions}")

@@ -21,6 +21,20 @@ def load_run_config(run_dir: Path) -> BiographyRunConfig:
     return from_jsonable(BiographyRunConfig, read_json(path))
 
 
+def check_same_vocabulary(model_dir: Path, model, tokenizer, run_dir: Path) -> None:
+    """Refuse a checkpoint of another world: its token ids would not mean the run's words (a smaller vocabulary
+    fails on an index, a larger one scores garbage without a word)."""
+    from transformers import AutoTokenizer
+
+    if any((model_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        same = AutoTokenizer.from_pretrained(str(model_dir)).get_vocab() == tokenizer.get_vocab()
+    else:
+        same = model.get_input_embeddings().num_embeddings >= len(tokenizer)
+    if not same:
+        raise ValueError(f"--model {model_dir} does not share the vocabulary of the run in {run_dir}; recover a "
+                         "checkpoint of that run (or of a run of the same world and seed)")
+
+
 def recover_checkpoint(model_dir: Path, run_dir: Path, *, out: Path | None = None, cache_dir: Path | None = None,
                        log: Callable[[str], None] = print) -> dict:
     """Score ``model_dir`` on held-out task-0 people, re-align it briefly, score again; write recovery.json."""
@@ -28,10 +42,14 @@ def recover_checkpoint(model_dir: Path, run_dir: Path, *, out: Path | None = Non
         raise ValueError(f"--model {model_dir} is not a Hugging Face checkpoint directory (no config.json)")
     cfg = load_run_config(run_dir)
     exp = BiographyExperiment(cfg, cache_dir, log, progress=True)
-    current = exp.full_eval(load_model(model_dir), ["task0"])["task0"]["em"]
+    model = load_model(model_dir)
+    check_same_vocabulary(Path(model_dir), model, exp.tokenizer, run_dir)
+    current = exp.full_eval(model, ["task0"])["task0"]["em"]
     weights = sorted(Path(model_dir).glob("*.safetensors"))
     stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights]
-    phase = exp.recovery(SimpleNamespace(model_dir=Path(model_dir)), config_hash(str(Path(model_dir).resolve()), stamp))
+    # the run's whole config is in the key: the same checkpoint re-aligned on another run's world is another phase
+    key = config_hash(str(Path(model_dir).resolve()), stamp, cfg)
+    phase = exp.recovery(SimpleNamespace(model_dir=Path(model_dir)), key)
     recovered = phase.info["final"]["task0"]["em"]
     results_path = Path(run_dir) / "results.json"
     before = read_json(results_path)["task0_before"] if results_path.is_file() else None

@@ -26,8 +26,8 @@ class MethodConfig:
             raise ValueError(f"--freeze-layers {self.freeze_layers} is outside 0..{n_layers} (the model has {n_layers} layers)")
         if self.name == "freeze" and self.freeze_layers == 0 and not self.freeze_embedding:
             raise ValueError("method=freeze with --freeze-layers 0 and no embedding freezes nothing; set --freeze-layers K")
-        if self.name == "seq" and self.freeze_layers:
-            raise ValueError(f"--freeze-layers {self.freeze_layers} needs --method freeze")
+        if self.name != "freeze" and self.freeze_layers:
+            raise ValueError(f"--freeze-layers {self.freeze_layers} needs --method freeze (method {self.name} freezes nothing)")
         if not 0 <= self.replay <= 1:
             raise ValueError(f"--replay {self.replay} must be a fraction in [0, 1]")
         if self.name == "ewc" and self.ewc_strength <= 0:

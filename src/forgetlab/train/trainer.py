@@ -69,6 +69,11 @@ class PhaseConfig:
         for name in ("batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{where}.{name}={getattr(self, name)} must be at least 1")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"{where}.min_lr_ratio={self.min_lr_ratio} must be in [0, 1] (the floor as a share of lr)")
+        for name in ("weight_decay", "grad_clip", "warmup_steps", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{where}.{name}={getattr(self, name)} must not be negative (0 turns it off)")
         if self.max_steps < 0 or self.epochs < 0 or (self.max_steps == 0 and self.epochs == 0):
             raise ValueError(f"{where}: set a positive epochs or max_steps (got epochs={self.epochs}, max_steps={self.max_steps})")
 
