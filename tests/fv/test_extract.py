@@ -91,7 +91,8 @@ def test_load_from_an_empty_directory(tmp_path):
     ({"n_prompts": 0}, "n_prompts=0 must be positive"),
     ({"n_cie_prompts": -1}, "n_cie_prompts=-1 must be positive"),
     ({"max_rows": 0}, "max_rows=0 must be positive"),
-    ({"shots": -1}, "shots=-1 must be >= 0"),
+    ({"shots": -1}, "shots=-1: the CIE shuffles the demonstrations' answers"),
+    ({"shots": 1}, "takes at least 2 demonstrations per prompt"),
     ({"shots": 22}, "fewer than the 22 shots"),
 ])
 def test_bad_settings(change, message, make_adapter, bpe_tokenizer, upper_task):

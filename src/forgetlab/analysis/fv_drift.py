@@ -45,7 +45,7 @@ class DriftSettings:
 
     def shots_for(self, task: ICLTask) -> int:
         """``shots``, or fewer for a task with fewer training pairs (its demonstrations come from them)."""
-        return max(1, min(self.shots, len(task.splits(self.seed).train) - 1))
+        return max(2, min(self.shots, len(task.splits(self.seed).train) - 1))  # the CIE needs 2 to shuffle
 
     def extraction(self, adapter: ModelAdapter, shots: int | None = None) -> FVSettings:
         """The FV extraction these settings imply for a model (top-k capped by its heads)."""

@@ -41,8 +41,9 @@ class FVSettings:
         for name in ("n_prompts", "n_cie_prompts", "batch_size", "max_rows"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
-        if self.shots < 0:
-            raise ValueError(f"shots={self.shots} must be >= 0")
+        if self.shots < 2:
+            raise ValueError(f"shots={self.shots}: the CIE shuffles the demonstrations' answers, which takes at least 2 "
+                             "demonstrations per prompt; use --shots 2 or more (10 is the papers')")
         total = adapter.n_layers * adapter.n_heads
         if not 1 <= self.top_k <= total:
             raise ValueError(f"top-k={self.top_k} is out of range: the model has {total} heads "

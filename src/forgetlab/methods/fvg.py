@@ -216,7 +216,7 @@ def task_function_vector(adapter: ModelAdapter, tokenizer, task_name: str, pairs
     from forgetlab.fv.tasks import ICLTask
 
     task = ICLTask.from_pairs(task_name, pairs)
-    shots = max(1, min(cfg.shots, len(task.splits(0).train)))
+    shots = max(2, min(cfg.shots, len(task.splits(0).train)))  # below 2 the extraction refuses: nothing to shuffle
     top_k = min(cfg.top_k, adapter.n_layers * adapter.n_heads)
     settings = FVSettings(n_prompts=cfg.n_prompts, n_cie_prompts=max(1, cfg.n_prompts // 2), shots=shots, top_k=top_k)
     return extract_function_vector(adapter, tokenizer, task, settings)
