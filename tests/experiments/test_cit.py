@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from forgetlab.experiments.cit import CITConfig, load_sequence, run_cit, summarize
+from forgetlab.methods.fvg import FVGConfig
 from forgetlab.models.zoo import random_model, tiny_config
 from forgetlab.worlds.instructions import InstructionTask
 
@@ -159,6 +160,15 @@ def test_bad_configs_name_the_problem(icl_world_dir):
         small(icl_world_dir, method="ewc", finetune="inclora").validate()
     with pytest.raises(ValueError, match="--world"):
         CITConfig().validate()
+    for bad, message in (({"replay": -0.5}, r"replay=-0.5 must be a fraction in \[0, 1\]"),
+                         ({"lwf_temperature": 0}, "lwf_temperature=0 must be positive"),
+                         ({"ewc_strength": -1.0}, "ewc_strength=-1.0 must not be negative"),
+                         ({"general_prompts": 0}, "general_prompts=0 must be positive"),
+                         ({"ewc_batches": 0}, "ewc_batches=0 must be positive"),
+                         ({"fvg_config": FVGConfig(temperature=0)}, "fvg_config.temperature=0 must be positive"),
+                         ({"fvg_config": FVGConfig(shots=1)}, "shuffles at least 2 demonstrations")):
+        with pytest.raises(ValueError, match=message):
+            small(icl_world_dir, **bad).validate()
     with pytest.raises(ValueError, match="NI-Seq-G1 unknown"):
         run_cit(small(icl_world_dir, sequence="NI-Seq-G1"), icl_world_dir / "x", log=lambda s: None)
     assert not (icl_world_dir / "x").exists()

@@ -1,4 +1,5 @@
-"""Data-parallel training (two gloo processes under torchrun) trains the model one process trains."""
+"""Data-parallel training (two gloo processes under torchrun) trains the model one process trains, also when the
+processes' shares hold different numbers of labelled tokens."""
 
 import sys
 import textwrap
@@ -14,21 +15,25 @@ from forgetlab.train.trainer import PhaseConfig, train_phase
 SETUP = '''
 import torch
 from forgetlab.models.build import ModelConfig, build_model
-from forgetlab.train.data import pack_texts, subset
+from forgetlab.train.data import qa_dataset
 from forgetlab.train.trainer import EvalSchedule, PhaseConfig
 
 
 def setup():
     model = build_model(ModelConfig(d_model=32, n_layers=2, n_heads=2, max_positions=32), 30, 0, 1, 2, seed=0)
     g = torch.Generator().manual_seed(1)
-    data = pack_texts([torch.randint(3, 30, (9,), generator=g).tolist() for _ in range(40)], eos_id=1, block_size=16)
+    # padded rows whose answers hold 1 to 8 tokens: the processes' shares hold different numbers of labelled tokens
+    prompts = [torch.randint(3, 30, (4,), generator=g).tolist() for _ in range(24)]
+    answers = [torch.randint(3, 30, (1 + (5 * i) % 8,), generator=g).tolist() for i in range(24)]
     cfg = PhaseConfig(lr=1e-2, warmup_steps=2, max_steps=6, batch_size=4, grad_accum=2, checkpoint_every=3,
                       eval=EvalSchedule(dense_every=2, dense_until=6))
-    return model, subset(data, torch.arange(24)), cfg  # 24 full rows: whole batches on one process or two
+    return model, qa_dataset(prompts, answers, eos_id=1, pad_id=0), cfg  # 24 rows: whole batches on one process or two
 
 
 def extra(rows, batch, run_forward):  # a term that depends on the process's rows, as FVG's and LwF's do
-    return 0.01 * run_forward().logits.float().pow(2).mean()
+    # a mean over rows (each process has half of them); a mean over positions would weigh rows by the width of the
+    # share they fall in, since a batch is only as wide as its longest row
+    return 0.01 * run_forward().logits[:, 0].float().pow(2).mean()
 '''
 
 WORKER = '''

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from forgetlab.models.build import ModelConfig, build_model
-from forgetlab.train.data import pack_texts
+from forgetlab.train.data import pack_texts, qa_dataset
 from forgetlab.train.trainer import EvalSchedule, PhaseConfig, lr_at, micro_batch_rows, train_phase
 
 
@@ -143,3 +143,62 @@ def test_run_forward_runs_the_model_once_per_micro_batch_however_often_it_is_ask
     train_phase(model, data, cfg, phase="p", state_dir=tmp_path / "a", seed=0, extra_loss=twice, progress=False)
     handle.remove()
     assert len(passes) == 2 * 3
+
+
+def _qa_setup(seed=0, n=8):
+    """Padded question-answer rows whose answers hold 1 to 8 tokens: micro-batches differ in labelled tokens."""
+    model, _ = _setup(seed)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 30, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
+    answers = [torch.randint(3, 30, (1 + (7 * i) % 8,), generator=g).tolist() for i in range(n)]
+    return model, qa_dataset(prompts, answers, eos_id=1, pad_id=0)
+
+
+def test_accumulated_micro_batches_give_the_gradient_of_the_whole_batch(tmp_path, monkeypatch):
+    """One step over 4 padded rows as 1 x 4, 2 x 2 and 4 x 1 micro-batches: each gives the gradient of the mean loss
+    over all 4 rows' answer tokens, computed here in one pass (averaging the micro-batches' own token means would
+    weigh a short answer's tokens more)."""
+    import forgetlab.train.trainer as trainer
+
+    grads = []
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def capture(params, max_norm):
+        params = list(params)
+        grads.append(torch.cat([p.grad.flatten() for p in params]).clone())
+        return real_clip(params, max_norm)
+
+    monkeypatch.setattr(trainer.torch.nn.utils, "clip_grad_norm_", capture)
+    for batch_size, accum in ((4, 1), (2, 2), (1, 4)):
+        model, data = _qa_setup(n=4)
+        cfg = PhaseConfig(lr=1e-2, max_steps=1, batch_size=batch_size, grad_accum=accum, grad_clip=1e9, checkpoint_every=0)
+        train_phase(model, data, cfg, phase="p", state_dir=tmp_path / f"{batch_size}", seed=0, progress=False)
+    model, data = _qa_setup(n=4)
+    model.train()
+    model(**data.batch(torch.arange(4))).loss.backward()  # HF: the mean over the 4 rows' labelled tokens
+    reference = torch.cat([p.grad.flatten() for p in model.parameters()])
+    for got in grads:
+        torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-6)
+    halves = [model(**data.batch(torch.tensor(rows))).loss.item() for rows in ([0, 1], [2, 3])]
+    assert abs(halves[0] - halves[1]) > 1e-2  # the halves' own means differ: the weighting is what the test checks
+
+
+def test_an_epoch_ends_where_its_rows_end(tmp_path):
+    """33 rows, micro-batches of 8, windows of 4, one epoch: 5 micro-batches (the last of 1 row) in 2 steps, every
+    row trained exactly once (the last step takes only what is left of the epoch)."""
+    model, data = _qa_setup(n=33)
+    cfg = PhaseConfig(lr=0.0, epochs=1, batch_size=8, grad_accum=4, checkpoint_every=0)
+    seen = []
+    out = train_phase(model, data, cfg, phase="p", state_dir=tmp_path, seed=0, progress=False,
+                      extra_loss=lambda rows, batch, run_forward: seen.append(rows.tolist()) or run_forward().loss * 0)
+    assert out.steps == cfg.total_steps(33) == 2 and [len(r) for r in seen] == [8, 8, 8, 8, 1]
+    assert sorted(sum(seen, [])) == list(range(33))
+    assert PhaseConfig(epochs=1, batch_size=8, grad_accum=4).total_steps(33, drop_last=True) == 1  # 4 full batches
+
+
+def test_a_loss_that_is_not_finite_stops_the_phase_with_one_clear_line(tmp_path):
+    model, data = _setup()
+    cfg = PhaseConfig(lr=1e-3, max_steps=3, batch_size=4, checkpoint_every=0)
+    with pytest.raises(ValueError, match=r"\[p\] the training loss became nan at step 1; lower the learning rate"):
+        train_phase(model, data, cfg, phase="p", state_dir=tmp_path, seed=0, progress=False,
+                    extra_loss=lambda rows, batch, run_forward: run_forward().loss * float("nan"))

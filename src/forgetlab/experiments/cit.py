@@ -131,12 +131,31 @@ class CITConfig:
             raise ValueError(f"answer_end={self.answer_end!r} is unknown; use one of {', '.join(ANSWER_ENDS)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is unknown; use one of {', '.join(DTYPES)}")
-        for name in ("n_train", "n_test", "max_source_tokens", "max_target_tokens", "lora_r"):
+        for name in ("n_train", "n_test", "max_source_tokens", "max_target_tokens", "lora_r", "ewc_batches", "general_prompts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        if not 0 <= self.replay <= 1:
+            raise ValueError(f"replay={self.replay} must be a fraction in [0, 1] of the task's rows")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout={self.lora_dropout} must be in [0, 1)")
+        for name in ("ewc_strength", "lwf_strength", "olora_strength", "score_train_rows"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must not be negative")
+        if not self.lwf_temperature > 0:
+            raise ValueError(f"lwf_temperature={self.lwf_temperature} must be positive (the paper's is 2)")
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens={self.max_new_tokens} must be positive, or 0 for a budget from each task's "
                              "longest reference")
+        fvg = self.fvg_config
+        for name in ("alpha_fv", "alpha_kl", "alpha_kl_all"):
+            if getattr(fvg, name) < 0:
+                raise ValueError(f"fvg_config.{name}={getattr(fvg, name)} must not be negative")
+        if not fvg.temperature > 0:
+            raise ValueError(f"fvg_config.temperature={fvg.temperature} must be positive (the paper's is 2)")
+        for name in ("top_k", "shots", "n_prompts"):
+            if getattr(fvg, name) < (2 if name == "shots" else 1):
+                raise ValueError(f"fvg_config.{name}={getattr(fvg, name)} is too small"
+                                 + (" (the CIE shuffles at least 2 demonstrations)" if name == "shots" else "; use 1 or more"))
         if self.fvg_config.fv_source not in FV_SOURCES:
             raise ValueError(f"fvg_config.fv_source={self.fvg_config.fv_source!r} is unknown; use one of {', '.join(FV_SOURCES)}")
         if self.fvg_config.heads not in HEAD_SETS:

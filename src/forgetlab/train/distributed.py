@@ -71,6 +71,16 @@ def check_batch_split(batch_size: int, setting: str = "train.batch_size") -> Non
                          f"use a multiple of {world_size()} (--set {setting}=...)")
 
 
+def total(value: float) -> float:
+    """The sum of ``value`` over the processes (itself on one)."""
+    if world_size() == 1:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64,
+                     device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return float(t.item())
+
+
 def agree(flag: bool) -> bool:
     """The main process's ``flag`` on every process (an early stop must stop all of them at the same step)."""
     if world_size() == 1:

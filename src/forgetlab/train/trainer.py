@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from forgetlab.train import distributed
 from forgetlab.train.checkpoints import load_training_state, save_training_state
-from forgetlab.train.data import TokenDataset
+from forgetlab.train.data import IGNORE, TokenDataset
 
 Scores = dict[str, dict[str, float]]  # task -> metric -> value
 
@@ -77,11 +77,15 @@ class PhaseConfig:
         if self.max_steps < 0 or self.epochs < 0 or (self.max_steps == 0 and self.epochs == 0):
             raise ValueError(f"{where}: set a positive epochs or max_steps (got epochs={self.epochs}, max_steps={self.max_steps})")
 
-    def total_steps(self, n_rows: int) -> int:
+    def total_micro_batches(self, n_rows: int, drop_last: bool = False) -> int:
+        """Micro-batches the phase draws: ``max_steps`` whole windows, or ``epochs`` passes over the rows (the last
+        optimizer step then takes only the micro-batches left, so no row of an extra epoch is trained)."""
         if self.max_steps > 0:
-            return self.max_steps
-        micro = math.ceil(self.epochs * math.ceil(n_rows / self.batch_size))
-        return max(1, math.ceil(micro / self.grad_accum))
+            return self.max_steps * self.grad_accum
+        return max(1, math.ceil(self.epochs * micro_batches_per_epoch(n_rows, self.batch_size, drop_last)))
+
+    def total_steps(self, n_rows: int, drop_last: bool = False) -> int:
+        return math.ceil(self.total_micro_batches(n_rows, drop_last) / self.grad_accum)
 
 
 def lr_at(step: int, total: int, cfg: PhaseConfig) -> float:
@@ -96,15 +100,24 @@ def lr_at(step: int, total: int, cfg: PhaseConfig) -> float:
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
 
 
+def micro_batches_per_epoch(n_rows: int, batch_size: int, drop_last: bool = False) -> int:
+    """``drop_last`` skips an epoch's incomplete last batch (unless the rows fill none)."""
+    return n_rows // batch_size if drop_last and n_rows >= batch_size else math.ceil(n_rows / batch_size)
+
+
 def micro_batch_rows(micro: int, n_rows: int, batch_size: int, seed: int, drop_last: bool = False) -> torch.Tensor:
     """Rows of micro-batch ``micro``: a fresh seeded permutation per epoch, no row twice in an epoch.
 
     ``drop_last`` skips an epoch's incomplete last batch, so every batch has the same shape.
     """
-    per_epoch = n_rows // batch_size if drop_last and n_rows >= batch_size else math.ceil(n_rows / batch_size)
-    epoch, pos = divmod(micro, per_epoch)
+    epoch, pos = divmod(micro, micro_batches_per_epoch(n_rows, batch_size, drop_last))
     perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     return perm[pos * batch_size : (pos + 1) * batch_size]
+
+
+def labelled_tokens(batch: Mapping[str, torch.Tensor]) -> int:
+    """Tokens a causal LM's loss averages over: the labels after the shift, not IGNORE."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
 def make_optimizer(model: torch.nn.Module, cfg: PhaseConfig) -> torch.optim.AdamW:
@@ -190,6 +203,10 @@ def train_phase(
     to add to ``outputs.loss``, one tensor or a dict of named ones. ``outcome.loss_terms`` holds the
     mean of ``lm`` (``outputs.loss``) and of each named term (``extra`` for a bare tensor) per micro-batch.
 
+    The LM loss of an optimizer step is the mean over all labelled tokens of its micro-batches (on all
+    processes), so accumulation gives the gradient one batch of the same rows would; method terms are
+    averaged over the step's micro-batches. A loss that is not finite stops the phase with one line.
+
     Launched on several processes (:mod:`forgetlab.train.distributed`), the model runs under
     ``DistributedDataParallel``: every micro-batch is the one a single process would draw (complete batches
     only), each process takes its interleaved share of its rows, and the gradients are averaged; only the
@@ -198,7 +215,8 @@ def train_phase(
     device = next(model.parameters()).device
     world, rank = distributed.world_size(), distributed.rank()
     distributed.check_batch_split(cfg.batch_size)
-    total = cfg.total_steps(len(data))
+    drop_last = cfg.compile or world > 1
+    total, micro_total = cfg.total_steps(len(data), drop_last), cfg.total_micro_batches(len(data), drop_last)
     optimizer = make_optimizer(model, cfg)
     outcome = PhaseOutcome(steps=0)
     start = 0
@@ -244,12 +262,18 @@ def train_phase(
         while step < total and not stopped:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total, cfg)
-            for k in range(cfg.grad_accum):
-                rows = micro_batch_rows(step * cfg.grad_accum + k, len(data), cfg.batch_size, seed,
-                                        drop_last=cfg.compile or world > 1)[rank::world]
-                batch = {name: t.to(device) for name, t in data.batch(rows).items()}
+            window = range(step * cfg.grad_accum, min((step + 1) * cfg.grad_accum, micro_total))
+            shares = [micro_batch_rows(m, len(data), cfg.batch_size, seed, drop_last=drop_last)[rank::world] for m in window]
+            micro_batches = [data.batch(rows) for rows in shares]
+            # the LM loss is the mean over every labelled token of the step (all its micro-batches, all processes), as
+            # one batch of that size would give: a micro-batch's token mean weighs by its share of those tokens
+            counts = [labelled_tokens(b) for b in micro_batches]
+            step_tokens = distributed.total(sum(counts))
+            step_loss = torch.zeros((), device=device)
+            for k, (rows, cpu_batch, count) in enumerate(zip(shares, micro_batches, counts)):
+                batch = {name: t.to(device) for name, t in cpu_batch.items()}
                 # several processes: gradients are averaged once per step, at its last micro-batch
-                sync = parallel.no_sync() if parallel is not None and k + 1 < cfg.grad_accum else contextlib.nullcontext()
+                sync = parallel.no_sync() if parallel is not None and k + 1 < len(window) else contextlib.nullcontext()
                 with sync:
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                         if extra_loss is None:
@@ -265,12 +289,20 @@ def train_phase(
                             extra = extra_loss(rows, batch, run_forward)
                             named = dict(extra) if isinstance(extra, Mapping) else {"extra": extra}
                             lm = run_forward().loss
-                        loss = (lm + sum(named.values())) / cfg.grad_accum
+                        # DDP averages gradients over processes, hence the factor world
+                        weighted_lm = lm * (count * world / step_tokens) if count else lm.new_zeros(())
+                        loss = weighted_lm + sum(named.values()) / len(window)  # method terms: mean per micro-batch
                     loss.backward()
-                    for name, value in {"lm": lm, **named}.items():
+                    step_loss += loss.detach()
+                    if count:
+                        terms.add("lm", lm)
+                    for name, value in named.items():
                         terms.add(name, value)
                 if evaluate is not None:
-                    losses.append(loss.item() * cfg.grad_accum)
+                    losses.append(float((lm.detach() if count else 0.0) + sum(v.detach() for v in named.values())))
+            if not torch.isfinite(step_loss):
+                raise ValueError(f"[{phase}] the training loss became {step_loss.item()} at step {step + 1}; lower the "
+                                 "learning rate or check the method's settings (the run can --resume from its last saved step)")
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
             optimizer.step()
