@@ -202,3 +202,22 @@ def test_a_loss_that_is_not_finite_stops_the_phase_with_one_clear_line(tmp_path)
     with pytest.raises(ValueError, match=r"\[p\] the training loss became nan at step 1; lower the learning rate"):
         train_phase(model, data, cfg, phase="p", state_dir=tmp_path, seed=0, progress=False,
                     extra_loss=lambda rows, batch, run_forward: run_forward().loss * float("nan"))
+
+
+def test_a_kill_between_the_two_renames_of_a_state_swap_resumes_from_the_older_state(tmp_path):
+    """replace_dir moves the state to .old, then the new one in; killed in between, only .old holds a state."""
+    import os
+
+    from forgetlab.train.checkpoints import STATE, load_training_state, save_training_state
+    from forgetlab.train.trainer import make_optimizer
+
+    model, _ = _setup()
+    optimizer = make_optimizer(model, PhaseConfig())
+    save_training_state(tmp_path, model, optimizer, step=5, rows=[], seconds=1.0, pending_losses=[])
+    os.replace(tmp_path / STATE, tmp_path / f"{STATE}.old")  # the first rename done, the second not
+    (tmp_path / f"{STATE}.tmp").mkdir()                        # the new state, unfinished
+    fresh, _ = _setup(seed=9)
+    state = load_training_state(tmp_path, fresh, make_optimizer(fresh, PhaseConfig()))
+    assert state is not None and state["step"] == 5
+    for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
+        assert torch.equal(a, b)

@@ -113,12 +113,15 @@ def show_results(results: dict) -> None:
 def generate(preset: Preset = "cpu-demo", out: Out = Path("runs/biography-world"), seed: Seed = 0) -> None:
     """Write the world: people, pretraining text, QA files and the tokenizer."""
     from forgetlab.models.tokenizers import build_word_tokenizer
+    from forgetlab.utils.io import fresh_tmp_dir, replace_dir
     from forgetlab.worlds.biography import generate_world, write_world
 
     cfg = preset_config(preset, seed)
     world = generate_world(cfg.world)
     paths = write_world(world, out)
-    build_word_tokenizer(world.word_list()).save_pretrained(str(Path(out) / "tokenizer"))
+    tmp = fresh_tmp_dir(Path(out) / "tokenizer")
+    build_word_tokenizer(world.word_list()).save_pretrained(str(tmp))
+    replace_dir(tmp, Path(out) / "tokenizer")
     console.print(f"{len(world.people)} people; wrote {', '.join(sorted(p.name for p in paths.values()))} and tokenizer/ to {out}")
 
 

@@ -154,7 +154,7 @@ def universal(
     from forgetlab.fv.extract import FunctionVectorResult
     from forgetlab.fv.vectors import function_vector, universal_heads
     from forgetlab.report.fv import plot_cie_heatmap
-    from forgetlab.utils.io import atomic_write_json
+    from forgetlab.utils.io import atomic_path, atomic_write_json
 
     results = [FunctionVectorResult.load(d) for d in fv_dirs]
     shapes = {(r.n_layers, r.n_heads, r.head_dim) for r in results}
@@ -175,7 +175,8 @@ def universal(
         adapter = adapt(lm)
         results[0].check_fits(adapter, f"the FV in {fv_dirs[0]}")
         vectors = {r.task: function_vector(adapter, r.mean_activations, heads).cpu().contiguous() for r in results}
-        save_file(vectors, str(out / "universal_fvs.safetensors"))
+        with atomic_path(out / "universal_fvs.safetensors") as tmp:
+            save_file(vectors, str(tmp))
         written.append("universal_fvs.safetensors")
     atomic_write_json(out / "universal.json", {"tasks": [r.task for r in results], "fv_dirs": [str(d) for d in fv_dirs],
                                                "top_k": top_k, "heads": [list(h) for h in heads],

@@ -35,9 +35,10 @@ def save_training_state(state_dir: Path, model: torch.nn.Module, optimizer: torc
 
 
 def load_training_state(state_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
-    """Restore model and optimizer from ``state_dir`` if a state is there; return step/rows/seconds."""
-    final = Path(state_dir) / STATE
-    if not (final / "state.json").is_file():
+    """Restore model and optimizer from ``state_dir`` if a state is there; return step/rows/seconds. A kill in the
+    middle of the swap leaves the previous state as ``.old``, which is read then."""
+    final = swapped_in(Path(state_dir) / STATE)
+    if final is None:
         return None
     device = next(model.parameters()).device
     model.load_state_dict({k: v.to(device) for k, v in load_file(str(final / "model.safetensors")).items()})
@@ -67,10 +68,19 @@ def save_between_phases(state_dir: Path, model: torch.nn.Module, tensors: dict[s
 def load_between_phases(state_dir: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
     """``(meta, model weights, tensors)`` saved by :func:`save_between_phases`, or None. A kill in the middle
     of the swap leaves the previous state as ``.old``, which is read then."""
-    for final in (Path(state_dir) / BETWEEN, Path(state_dir) / f"{BETWEEN}.old"):
-        if (final / "state.json").is_file():
-            return (json.loads((final / "state.json").read_text()), load_file(str(final / "model.safetensors")),
-                    load_file(str(final / "tensors.safetensors")))
+    final = swapped_in(Path(state_dir) / BETWEEN)
+    if final is None:
+        return None
+    return (json.loads((final / "state.json").read_text()), load_file(str(final / "model.safetensors")),
+            load_file(str(final / "tensors.safetensors")))
+
+
+def swapped_in(final: Path) -> Path | None:
+    """The state directory :func:`replace_dir` left: ``final``, or ``final.old`` when a kill came between its two
+    renames; None when neither holds a finished state (``state.json`` is written last)."""
+    for candidate in (final, final.with_name(final.name + ".old")):
+        if (candidate / "state.json").is_file():
+            return candidate
     return None
 
 
