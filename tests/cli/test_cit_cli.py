@@ -81,6 +81,8 @@ def fv_of_another_model(out):
     ("general", "the 5-shot prompts need 5"),
     ("lora", "lora_targets ['c_attn'] are not modules of this LlamaForCausalLM"),
     ("model", "is not a Hugging Face checkpoint directory"),
+    ("weights", "has no weights (model.safetensors or pytorch_model.bin)"),
+    ("config", "config.json cannot be read"),
     ("method", "method"),
     ("fv_missing", "has no FV for task good"),
     ("fv_shape", "the FV of good in fvg_config.fv_dir was extracted from a model with 3 layers x 4 heads"),
@@ -106,6 +108,15 @@ def test_bad_input_is_one_line_and_writes_nothing(case, message, tiny_llama_dir,
         args["--method"], extra = "lora", ["--set", "lora_targets=[c_attn]"]
     elif case == "model":
         args["--model"] = tmp_path / "no-model"
+    elif case in ("weights", "config"):  # a half-copied checkpoint: config but no weights, or a config that is not JSON
+        import shutil
+
+        args["--model"] = shutil.copytree(tiny_llama_dir, tmp_path / "broken")
+        if case == "weights":
+            for weights in args["--model"].glob("*.safetensors"):
+                weights.unlink()
+        else:
+            (args["--model"] / "config.json").write_text("{not json")
     elif case == "method":
         args["--method"] = "qlora"
     elif case.startswith("fv_"):  # FVs from files: a task's FV absent, or extracted from another model's shape

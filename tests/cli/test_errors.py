@@ -107,3 +107,65 @@ def test_only_a_command_that_succeeds_leaves_the_process_group(tmp_path, monkeyp
     assert calls == []
     assert invoke("generate", "--preset", "smoke", "--out", str(tmp_path / "world"), tmp_path=tmp_path).exit_code == 0
     assert calls == ["leave"]
+
+
+def any_command(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_every_command_refuses_an_out_that_is_a_file_before_any_work(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    for args in (["fv", "extract", "--model", tmp_path / "none", "--task", "t", "--out", f],
+                 ["analyze", "angles", "--a1", tmp_path, "--a2", tmp_path, "--b1", tmp_path, "--b2", tmp_path, "--out", f],
+                 ["aggregate", tmp_path, "--out", f],
+                 ["biography", "generate", "--preset", "smoke", "--out", f]):
+        assert "--out " + str(f) + " is a file; give a directory" in one_error_line(any_command(*args)), args
+    assert f.read_text() == "x"
+
+
+def test_broken_checkpoints_get_one_line_before_anything_is_written(tiny_llama_dir, tmp_path):
+    import shutil
+
+    no_weights, bad_config = tmp_path / "no_weights", tmp_path / "bad_config"
+    for broken in (no_weights, bad_config):
+        shutil.copytree(tiny_llama_dir, broken)
+    for weights in no_weights.glob("*.safetensors"):
+        weights.unlink()
+    (bad_config / "config.json").write_text("{not json")
+    task = tmp_path / "antonym.json"
+    task.write_text(json.dumps([{"input": f"w{i}", "output": f"v{i}"} for i in range(30)]))
+    for args, message in (
+            (["analyze", "features", "--checkpoint", tmp_path / "empty", "--checkpoint", no_weights, "--prompts",
+              tmp_path / "p.jsonl", "--out", tmp_path / "f"], "is not a Hugging Face checkpoint directory"),
+            (["analyze", "angles", "--a1", no_weights, "--a2", no_weights, "--b1", no_weights, "--b2", no_weights,
+              "--out", tmp_path / "a"], f"checkpoint {no_weights} has no weights"),
+            (["fv", "extract", "--model", bad_config, "--task", task, "--out", tmp_path / "x"],
+             f"--model {bad_config}: config.json cannot be read"),
+            (["fv", "extract", "--model", tiny_llama_dir, "--task", task, "--device", "bogus", "--out", tmp_path / "x"],
+             "--device bogus is unknown"),
+            (["fv", "extract", "--model", tiny_llama_dir, "--task", task, "--device", "cuda:5", "--out", tmp_path / "x"],
+             "--device cuda:5: this machine has")):
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        assert message in one_error_line(any_command(*args)), args
+    for name in ("f", "a", "x"):
+        assert not (tmp_path / name).exists(), name
+
+
+def test_a_corrupt_results_file_is_named(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.json").write_text("{oops")
+    line = one_error_line(any_command("aggregate", tmp_path / "run", "--out", tmp_path / "agg"))
+    assert f"{tmp_path / 'run' / 'results.json'} is not valid JSON" in line
+
+
+def test_settings_that_cannot_work_are_refused():
+    from forgetlab.analysis.fv_drift import DriftSettings
+    from forgetlab.fv.evaluate import FVEvalSettings
+
+    for bad, message in (({"n_prompts": 0}, "n_prompts=0 must be at least 1"), ({"batch_size": 0}, "batch_size=0"),
+                         ({"shots": -1}, "shots=-1 must be at least 1")):
+        with pytest.raises(ValueError, match=message):
+            FVEvalSettings(**bad).validate()
+    with pytest.raises(ValueError, match="eval_prompts=-1 must be at least 1"):
+        DriftSettings(eval_prompts=-1).validate()

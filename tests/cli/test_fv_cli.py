@@ -136,7 +136,7 @@ def test_unknown_engine(files):
 
 def test_missing_model_directory(files):
     line = one_error_line(*invoke("extract", *_extract_args(files, **{"--model": files / "no_model"})))
-    assert "no_model has no config.json" in line
+    assert "no_model is not a Hugging Face checkpoint directory (no config.json)" in line
 
 
 def test_model_without_tokenizer(files):

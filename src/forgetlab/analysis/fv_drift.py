@@ -43,6 +43,15 @@ class DriftSettings:
     min_drop: float = field(default=0.05, metadata={"help": "a task counts as forgotten when its score fell this much"})
     seed: int = 0
 
+    def validate(self) -> None:
+        for name in ("n_prompts", "eval_prompts", "top_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.shots < 2:
+            raise ValueError(f"shots={self.shots}: the CIE shuffles at least 2 demonstrations")
+        if not self.alphas:
+            raise ValueError("alphas: give at least one FV scale for the interventions")
+
     def shots_for(self, task: ICLTask) -> int:
         """``shots``, or fewer for a task with fewer training pairs (its demonstrations come from them)."""
         return max(2, min(self.shots, len(task.splits(self.seed).train) - 1))  # the CIE needs 2 to shuffle

@@ -21,17 +21,29 @@ Checkpoints = Annotated[list[Path], typer.Option("--checkpoint", help="HF checkp
 def _load(path: Path):
     import torch
 
-    from forgetlab.models.build import load_model
+    from forgetlab.models.build import check_checkpoint, load_model
 
-    if not (Path(path) / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint directory (no config.json)")
+    check_checkpoint(path, "checkpoint")
     return load_model(path).to("cuda" if torch.cuda.is_available() else "cpu").eval()
 
 
 def _tokenizer(path: Path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path))
+    from forgetlab.models.build import check_checkpoint
+
+    check_checkpoint(path, "checkpoint")
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as err:
+        detail = " ".join(str(err).split())[:200]  # transformers' messages span lines; the CLI reports one
+        raise ValueError(f"checkpoint {path} has no loadable tokenizer ({detail}); save the tokenizer beside the model") from None
+
+
+def _positive(value: int, option: str) -> int:
+    if value < 1:
+        raise ValueError(f"{option} {value} must be at least 1")
+    return value
 
 
 def _parse_range(text: str, name: str) -> tuple[float, float]:
@@ -121,7 +133,7 @@ def landscape(
         if "=" not in item:
             raise ValueError(f"--data {item!r}: expected NAME=FILE, e.g. --data task0=qa_task0_test.jsonl")
         name, path = item.split("=", 1)
-        tasks[name] = read_qa_rows(path)[:max_examples]
+        tasks[name] = read_qa_rows(path)[:_positive(max_examples, "--max-examples")]
     model = _load(theta0)
     tok = _tokenizer(theta0)
     pad = pad_id(tok)
@@ -180,7 +192,7 @@ def features(
     if len(checkpoint) < 2:
         raise ValueError("--checkpoint: give at least two checkpoints (the first is the reference)")
     tok = _tokenizer(checkpoint[0])
-    ids, _ = encode_qa(tok, read_qa_rows(prompts)[:max_prompts])
+    ids, _ = encode_qa(tok, read_qa_rows(prompts)[:_positive(max_prompts, "--max-prompts")])
     pad = pad_id(tok)
     feats = [last_token_features(_load(c), ids, pad) for c in checkpoint]
     if not 0 <= scatter_layer < feats[0].shape[0]:
@@ -225,6 +237,8 @@ def recovery(
     overlap = {r["prompt"] for r in fit_rows} & {r["prompt"] for r in eval_rows}
     if overlap:
         raise ValueError(f"--fit and --eval share {len(overlap)} prompts; recovery must be scored on held-out rows")
+    if before is not None and not 0 <= before <= 1:
+        raise ValueError(f"--before {before} must be an exact-match fraction in [0, 1]")
     if before is None and before_checkpoint is not None:
         tok = _tokenizer(before_checkpoint)
         pad = pad_id(tok)

@@ -6,6 +6,7 @@ import functools
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import typer
 
@@ -16,13 +17,19 @@ def _first_process() -> bool:
 
 
 def user_errors(fn: Callable) -> Callable:
+    """Bad input (ValueError) and what the file system refuses (a missing file, a file where a directory goes,
+    no permission: OSError) end the command with one line and exit code 2. An ``--out`` that is an existing file
+    is refused before the command does any work."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            out = kwargs.get("out")
+            if isinstance(out, Path) and out.exists() and not out.is_dir():
+                raise ValueError(f"--out {out} is a file; give a directory (it is created if missing)")
             return fn(*args, **kwargs)
-        except (ValueError, FileNotFoundError, PermissionError) as err:
+        except (ValueError, OSError) as err:
             if _first_process():  # one line, not one per process of a multi-GPU run
-                print(f"forgetlab: error: {err}", file=sys.stderr)
+                print(f"forgetlab: error: {' '.join(str(err).split())}", file=sys.stderr)
             raise typer.Exit(code=2) from None
     return wrapper
 

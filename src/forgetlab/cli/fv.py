@@ -25,15 +25,33 @@ BatchSize = Annotated[int, typer.Option(help="prompts per forward pass")]
 Progress = Annotated[bool, typer.Option(help="show progress bars")]
 
 
+def check_device(device: str) -> None:
+    """``cpu``, or a CUDA device this machine has."""
+    import re
+
+    import torch
+
+    if device == "cpu":
+        return
+    match = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if match is None:
+        raise ValueError(f"--device {device} is unknown; use auto, cpu, cuda or cuda:N")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if int(match.group(1) or 0) >= count:
+        raise ValueError(f"--device {device}: this machine has {count} CUDA device(s); use --device cpu or auto")
+
+
 def load_for_fv(model_dir: Path, device: str, dtype: str):
     """Model (eval mode) and tokenizer from one local directory; one clear error if it is not one."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"--model {model_dir} has no config.json; pass a Hugging Face checkpoint directory")
+    from forgetlab.models.build import check_checkpoint
+
+    check_checkpoint(model_dir)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_device(device)
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"

@@ -406,9 +406,10 @@ def answer_end_ids(cfg: CITConfig, tokenizer) -> list[int]:
 
 
 def _model_dir(cfg: CITConfig) -> str:
+    from forgetlab.models.build import check_checkpoint
+
     model_dir = cfg.model or str(Path(cfg.world_dir) / "model")
-    if not (Path(model_dir) / "config.json").is_file():
-        raise FileNotFoundError(f"model {model_dir} is not a Hugging Face checkpoint directory (no config.json)")
+    check_checkpoint(model_dir, "model")
     return model_dir
 
 
@@ -705,6 +706,7 @@ def analyze_runs(runs: Sequence[Path], out: Path | None = None, settings=None, *
     from forgetlab.utils.io import atomic_write_text
 
     settings = settings or DriftSettings()
+    settings.validate()
     runs = [Path(r) for r in runs]
     if not runs:
         raise ValueError("cit analyze needs at least one run directory")

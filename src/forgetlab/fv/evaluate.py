@@ -32,6 +32,11 @@ class FVEvalSettings:
     max_new_tokens: int = field(default=8, metadata={"help": "generation length for the string match"})
     prompt_format: PromptFormat = field(default_factory=PromptFormat)
 
+    def validate(self) -> None:
+        for name in ("n_prompts", "shots", "batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+
 
 @torch.no_grad()
 def first_token_correct(adapter: ModelAdapter, batch: PromptBatch) -> torch.Tensor:
@@ -85,6 +90,7 @@ def _score(adapter, tokenizer, prompts: list[ICLPrompt], settings: FVEvalSetting
 def evaluate_function_vector(adapter: ModelAdapter, tokenizer, task: ICLTask, vector: torch.Tensor,
                              settings: FVEvalSettings = FVEvalSettings(), layers: Sequence[int] | None = None) -> dict:
     """Zero-shot, few-shot and shuffled few-shot scores, plus zero-shot and shuffled with the vector added."""
+    settings.validate()
     if vector.shape != (adapter.hidden_size,):
         raise ValueError(f"function vector has shape {tuple(vector.shape)}; this model needs ({adapter.hidden_size},)")
     layers = list(range(adapter.n_layers)) if layers is None else list(layers)

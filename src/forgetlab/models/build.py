@@ -14,6 +14,25 @@ import torch
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, PreTrainedModel
 
 ARCHITECTURES = ("gpt_neox", "llama")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check_checkpoint(path: str | Path, what: str = "--model") -> None:
+    """One line before any work if ``path`` is not a loadable local checkpoint: no config.json, one that does not
+    parse, or no weight file (a half-copied download)."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{what} {path} is not a Hugging Face checkpoint directory (no config.json)")
+    try:
+        AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError) as err:
+        detail = " ".join(str(err).split())[:200]
+        raise ValueError(f"{what} {path}: config.json cannot be read ({detail})") from None
+    if not any((path / name).is_file() for name in WEIGHT_FILES) and not any(path.glob("*.safetensors")):
+        raise FileNotFoundError(f"{what} {path} has no weights (model.safetensors or pytorch_model.bin); "
+                                "copy the whole checkpoint directory")
 
 
 @dataclass(frozen=True)
