@@ -15,7 +15,10 @@ from forgetlab.models.build import decoder_layers
 
 
 def freeze_parameters(model: torch.nn.Module, layers: Iterable[int], embedding: bool = True) -> list[str]:
-    """Set ``requires_grad=False`` on the given decoder layers (and the input embedding); return frozen names."""
+    """Set ``requires_grad=False`` on the given decoder layers (and the input embedding); return frozen names.
+
+    A checkpoint that ties its unembedding to the input embedding (GPT-2, many small models) has one tensor for
+    both, so freezing the embedding freezes the output head too; forgetlab's own models are untied."""
     stack = decoder_layers(model)
     layers = sorted(set(layers))
     bad = [i for i in layers if not 0 <= i < len(stack)]
