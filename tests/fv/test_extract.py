@@ -1,6 +1,7 @@
 """The extract / evaluate API: each output recomputed independently, the saved files, bad settings."""
 
 import json
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -77,6 +78,23 @@ def test_save_and_load_round_trip(extracted, tmp_path):
     # saving again over the same directory works and leaves no temporary files
     back.save(out)
     assert {p.name for p in out.iterdir()} == {"fv.json", "fv.safetensors", "cie_heatmap.png"}
+
+
+def test_a_save_interrupted_between_its_two_files_is_caught_on_load(extracted, tmp_path):
+    """fv.json names the tensors it was written with: new tensors beside an old fv.json (a kill between the two
+    writes) are refused, while a file saved before the digest was recorded still loads."""
+    from dataclasses import replace
+
+    _, r = extracted
+    r.save(tmp_path / "a")
+    replace(r, vector=r.vector + 1).save(tmp_path / "b")
+    shutil.copy(tmp_path / "b" / "fv.safetensors", tmp_path / "a" / "fv.safetensors")
+    with pytest.raises(ValueError, match="is not the file .*fv.json was saved with"):
+        FunctionVectorResult.load(tmp_path / "a")
+    meta = json.loads((tmp_path / "b" / "fv.json").read_text())
+    del meta["tensors_sha256"]
+    (tmp_path / "b" / "fv.json").write_text(json.dumps(meta))
+    assert torch.equal(FunctionVectorResult.load(tmp_path / "b").vector, r.vector + 1)
 
 
 def test_load_from_an_empty_directory(tmp_path):

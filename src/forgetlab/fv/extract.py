@@ -6,6 +6,7 @@ is what it writes (``fv.json`` + ``fv.safetensors`` + ``cie_heatmap.png``) and r
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -77,7 +78,10 @@ class FunctionVectorResult:
                    "cie_per_prompt": self.cie_per_prompt.contiguous()}
         with atomic_path(out / "fv.safetensors") as tmp:
             save_file(tensors, str(tmp))
+            digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+        # fv.json goes last and names the tensors it belongs with: a kill between the two files is caught on load
         atomic_write_json(out / "fv.json", {
+            "tensors_sha256": digest,
             "task": self.task, "model": self.model, "engine": self.settings.engine, "n_layers": self.n_layers,
             "n_heads": self.n_heads, "head_dim": self.head_dim, "cie": self.cie.tolist(),
             "top_heads": [list(h) for h in self.top_heads], "seconds": self.seconds, "settings": asdict(self.settings)})
@@ -98,7 +102,12 @@ class FunctionVectorResult:
         out = Path(out)
         if not (out / "fv.json").is_file() or not (out / "fv.safetensors").is_file():
             raise FileNotFoundError(f"{out} holds no fv.json and fv.safetensors; run `forgetlab fv extract --out {out}` first")
-        meta, tensors = read_json(out / "fv.json"), load_file(str(out / "fv.safetensors"))
+        meta = read_json(out / "fv.json")
+        digest = meta.get("tensors_sha256")  # absent in files saved before it was recorded
+        if digest is not None and hashlib.sha256((out / "fv.safetensors").read_bytes()).hexdigest() != digest:
+            raise ValueError(f"{out}/fv.safetensors is not the file {out}/fv.json was saved with (a save was interrupted); "
+                             f"run `forgetlab fv extract --out {out}` again")
+        tensors = load_file(str(out / "fv.safetensors"))
         settings = dict(meta["settings"])
         settings["prompt_format"] = PromptFormat(**settings["prompt_format"])
         return cls(task=meta["task"], settings=FVSettings(**settings), n_layers=meta["n_layers"], n_heads=meta["n_heads"],
