@@ -219,3 +219,17 @@ def test_universal_heads_average_the_tasks_and_rebuild_each_fv(extracted, tmp_pa
     meta = json.loads((tmp_path / "other" / "fv.json").read_text())
     (tmp_path / "other" / "fv.json").write_text(json.dumps({**meta, "n_layers": 3}))  # as if from a deeper model
     assert "different shapes" in one_error_line(*invoke("universal", files / "out", tmp_path / "other", "--out", tmp_path / "x"))
+
+
+def test_extract_does_not_replace_another_tasks_fv_without_overwrite(extracted):
+    root, _ = extracted
+    other = root / "other_task.json"
+    other.write_text((root / "task.json").read_text())
+    before = (root / "out" / "fv.json").read_text()
+    line = one_error_line(*invoke("extract", *_extract_args(root, **{"--task": other, "--out": root / "out"})))
+    assert "holds the FV of task task from" in line and "pass --overwrite to replace it" in line
+    assert (root / "out" / "fv.json").read_text() == before
+    result = CliRunner().invoke(app, ["fv", "extract", *map(str, _extract_args(root, **{"--task": other, "--out": root / "out_other"}))])
+    assert result.exit_code == 0, result.output
+    again = CliRunner().invoke(app, ["fv", "extract", *map(str, _extract_args(root, **{"--task": other, "--out": root / "out_other"}))])
+    assert again.exit_code == 0, again.output  # the same task and model again refreshes it

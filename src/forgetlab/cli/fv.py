@@ -87,13 +87,20 @@ def extract(
     device: Device = "auto",
     dtype: Dtype = "auto",
     progress: Progress = True,
+    overwrite: Annotated[bool, typer.Option(help="replace an FV of another task or model already in --out")] = False,
 ) -> None:
     """Compute the CIE of every head, the top heads and the task's function vector."""
     from forgetlab.fv.extract import FVSettings, extract_function_vector
     from forgetlab.fv.tasks import load_task
     from forgetlab.models.adapter import adapt
+    from forgetlab.utils.io import read_json
 
     icl_task = load_task(task)
+    if (out / "fv.json").is_file() and not overwrite:  # the same task and model again just refreshes it
+        held = read_json(out / "fv.json")
+        if (held.get("task"), held.get("model")) != (icl_task.name, str(model)):
+            raise ValueError(f"--out {out} holds the FV of task {held.get('task')} from {held.get('model')}; pass "
+                             "--overwrite to replace it, or give another --out")
     settings = FVSettings(engine=engine, n_prompts=n_prompts, n_cie_prompts=n_cie_prompts, shots=shots, top_k=top_k,
                           seed=seed, batch_size=batch_size, max_rows=max_rows)
     lm, tokenizer = load_for_fv(model, device, dtype)
