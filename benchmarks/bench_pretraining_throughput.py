@@ -11,8 +11,10 @@ own loop earns its keep: it measures *useful* tokens per second (non-padding tok
   ``DataCollatorForLanguageModeling(mlm=False)``, report_to="none", no evaluation, no saving,
 
 on the same model shape (a fresh model built with the same seed for each), the same biography corpus,
-the same rows per optimizer step, the same AdamW betas/weight decay/clipping and the same warmup +
-cosine-to-min-lr schedule, on the same device and precision (fp32 on CPU, bf16 autocast on CUDA).
+about the same useful tokens per optimizer step (HF takes as many entries as fill ours' packed rows: a larger
+batch alone would raise tokens/s), the same AdamW betas/weight decay/clipping and the same warmup +
+cosine-to-min-lr schedule, on the same device and precision (fp32 on CPU, bf16 autocast on CUDA), both
+eager or both under ``torch.compile`` (``--compile``; HF's ``torch_compile``).
 Both runs take ``--warmup`` untimed steps, then ``--steps`` timed ones; the clock is read after an
 optimizer step (a global optimizer step hook) and useful tokens are the attention-mask sums of the
 timed forward passes (a model forward pre-hook), so both contenders are measured the same way.
@@ -133,6 +135,7 @@ class Documents(torch.utils.data.Dataset):
 
 
 def run_hf(model, tokenizer, token_lists, eos_id, args, pcfg: PhaseConfig, device, seed: int) -> tuple[float, int]:
+    """``pcfg.batch_size`` is HF's own: entries per step, chosen by the caller to match ours' tokens per step."""
     from transformers import DataCollatorForLanguageModeling, PrinterCallback, Trainer, TrainingArguments
 
     dataset = Documents(token_lists, eos_id, args.block_size)
@@ -145,7 +148,7 @@ def run_hf(model, tokenizer, token_lists, eos_id, args, pcfg: PhaseConfig, devic
             lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": pcfg.min_lr_ratio},
             weight_decay=pcfg.weight_decay, adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=pcfg.grad_clip,
             bf16=device.type == "cuda" and torch.cuda.is_bf16_supported(), use_cpu=device.type != "cuda",
-            seed=seed, dataloader_num_workers=0,
+            seed=seed, dataloader_num_workers=0, torch_compile=pcfg.compile,
         )
         trainer = Trainer(model=model, args=targs, train_dataset=dataset, data_collator=collator)
         trainer.remove_callback(PrinterCallback)  # no end-of-training metrics dict on stdout
@@ -165,6 +168,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=0, help="rows per optimizer step (0 = the preset's)")
     parser.add_argument("--block-size", type=int, default=0, help="packed block length for ours (0 = the preset's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compile", action="store_true", help="both loops under torch.compile (default: both eager)")
     args = parser.parse_args()
     if args.steps < 1 or args.warmup < 1:
         parser.error("--steps and --warmup must be at least 1")
@@ -181,7 +185,7 @@ def main() -> None:
         parser.error(f"--block-size {args.block_size} exceeds the model's max_positions={cfg.model.max_positions}")
     # The preset's pretraining optimisation (lr, warmup, cosine floor, AdamW, clipping), cut to the run length.
     pcfg = replace(cfg.pretrain, max_steps=args.warmup + args.steps, batch_size=args.batch_size, grad_accum=1,
-                   checkpoint_every=0)
+                   checkpoint_every=0, compile=args.compile)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     world = generate_world(cfg.world)
@@ -190,6 +194,7 @@ def main() -> None:
     token_lists = tokenizer(entries, add_special_tokens=False)["input_ids"]
     eos, pad, bos = tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id
     lengths = [len(t) + 1 for t in token_lists]
+    hf_batch = max(1, round(args.batch_size * args.block_size / (sum(lengths) / len(lengths))))  # same tokens per step
 
     def fresh_model():
         return build_model(cfg.model, len(tokenizer), pad, eos, bos, args.seed).to(device)
@@ -198,16 +203,18 @@ def main() -> None:
     print(f"device: {device_name(device)}  [{device.type}, {precision}, torch threads={torch.get_num_threads()}]")
     print(f"preset={args.preset}  model={cfg.model.architecture} d={cfg.model.d_model} L={cfg.model.n_layers}  "
           f"entries={len(entries)} (tokens+eos: mean {sum(lengths) / len(lengths):.1f}, max {max(lengths)})  "
-          f"batch={args.batch_size} rows  block={args.block_size}  steps={args.steps} after {args.warmup} warmup  "
+          f"ours: {args.batch_size} rows of {args.block_size} per step; HF: {hf_batch} entries per step  "
+          f"steps={args.steps} after {args.warmup} warmup  {'compiled' if args.compile else 'eager'}  "
           f"lr={pcfg.lr} warmup_steps={pcfg.warmup_steps} cosine->x{pcfg.min_lr_ratio}")
 
     ours_s, ours_tok = run_ours(fresh_model(), token_lists, eos, args, pcfg, device, args.seed)
-    hf_s, hf_tok = run_hf(fresh_model(), tokenizer, token_lists, eos, args, pcfg, device, args.seed)
+    hf_s, hf_tok = run_hf(fresh_model(), tokenizer, token_lists, eos, args, replace(pcfg, batch_size=hf_batch), device,
+                          args.seed)
 
     rows = [("ours (train_phase, packed)", ours_s, ours_tok), ("HF Trainer (padded docs)", hf_s, hf_tok)]
-    print(f"{'loop':<28}{'seconds':>10}{'useful tokens':>16}{'tokens/s':>12}")
+    print(f"{'loop':<28}{'seconds':>10}{'useful tokens':>16}{'per step':>10}{'tokens/s':>12}")
     for name, s, tok in rows:
-        print(f"{name:<28}{s:>10.2f}{tok:>16,}{tok / s:>12,.0f}")
+        print(f"{name:<28}{s:>10.2f}{tok:>16,}{tok / args.steps:>10,.0f}{tok / s:>12,.0f}")
     ratio = (ours_tok / ours_s) / (hf_tok / hf_s)
     print(f"ratio ours/HF = {ratio:.2f}  (goal >= {GOAL}: {'met' if ratio >= GOAL else 'NOT met'})")
     if hasattr(os, "getloadavg"):
