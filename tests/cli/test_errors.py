@@ -169,3 +169,22 @@ def test_settings_that_cannot_work_are_refused():
             FVEvalSettings(**bad).validate()
     with pytest.raises(ValueError, match="eval_prompts=-1 must be at least 1"):
         DriftSettings(eval_prompts=-1).validate()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["fv", "universal", "--out", "x"], "Missing argument 'fv_dirs'. (see `forgetlab fv universal --help`)"),
+    (["biography", "run", "--bogus"], "No such option: --bogus"),
+    (["fv", "extract", "--model", "m", "--task", "t", "--out", "o", "--top-k", "abc"], "Invalid value for '--top-k'"),
+    (["nonsense"], "No such command 'nonsense'"),
+])
+def test_usage_errors_of_the_console_command_are_one_line(args, message):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "forgetlab", *args], capture_output=True, text=True)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("forgetlab: error: "), proc.stderr
+    assert message in lines[0]
+    if args == ["nonsense"]:  # help still shows as usual
+        help_ = subprocess.run([sys.executable, "-m", "forgetlab", "fv", "--help"], capture_output=True, text=True)
+        assert help_.returncode == 0 and "extract" in help_.stdout

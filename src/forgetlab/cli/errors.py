@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 
 
-def _first_process() -> bool:
+def first_process() -> bool:
     """Rank 0 of a launcher's processes (read from the environment: errors can come before the group is joined)."""
     return int(os.environ.get("RANK", "0")) == 0
 
@@ -28,7 +28,7 @@ def user_errors(fn: Callable) -> Callable:
                 raise ValueError(f"--out {out} is a file; give a directory (it is created if missing)")
             return fn(*args, **kwargs)
         except (ValueError, OSError) as err:
-            if _first_process():  # one line, not one per process of a multi-GPU run
+            if first_process():  # one line, not one per process of a multi-GPU run
                 print(f"forgetlab: error: {' '.join(str(err).split())}", file=sys.stderr)
             raise typer.Exit(code=2) from None
     return wrapper
@@ -36,7 +36,7 @@ def user_errors(fn: Callable) -> Callable:
 
 def refuse_under_launcher(command: str) -> None:
     """One line and exit 2 for a command that cannot run in several processes (printed once, by rank 0)."""
-    if _first_process():
+    if first_process():
         print(f"forgetlab: error: `forgetlab {command}` runs in one process; only `forgetlab cit run` and `forgetlab "
               "biography run` train on several GPUs (start it without torchrun)", file=sys.stderr)
     raise typer.Exit(code=2)

@@ -29,4 +29,25 @@ def launch(ctx: typer.Context) -> None:
 
 
 def main() -> None:
-    app()
+    """The console script. A usage error (a missing or unknown option, a value of the wrong type) is one line on
+    stderr with exit code 2, like every other bad input, instead of a usage box; help is shown as usual."""
+    import sys
+
+    from forgetlab.cli.errors import first_process
+
+    # the click that typer runs on (recent typer versions carry their own copy), reached through public names
+    click_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+    try:
+        code = typer.main.get_command(app).main(prog_name="forgetlab", standalone_mode=False)
+    except click_error as err:
+        if type(err).__name__ == "NoArgsIsHelpError":  # a bare group: its help
+            err.show()
+        elif first_process():
+            ctx = getattr(err, "ctx", None)
+            where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            print(f"forgetlab: error: {' '.join(err.format_message().split())}{where}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except typer.Abort:
+        print("forgetlab: aborted", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
