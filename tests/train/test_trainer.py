@@ -221,3 +221,15 @@ def test_a_kill_between_the_two_renames_of_a_state_swap_resumes_from_the_older_s
     assert state is not None and state["step"] == 5
     for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_a_micro_batch_with_nothing_to_learn_is_refused(tmp_path):
+    from forgetlab.train.data import IGNORE, TokenDataset
+
+    model, data = _setup()
+    labels = data.labels.clone()
+    labels[:] = IGNORE
+    empty = TokenDataset(data.input_ids, labels, data.attention_mask)
+    with pytest.raises(ValueError, match="has no token to learn"):
+        train_phase(model, empty, PhaseConfig(max_steps=1, batch_size=4, checkpoint_every=0), phase="p",
+                    state_dir=tmp_path, seed=0, progress=False)

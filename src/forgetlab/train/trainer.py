@@ -268,6 +268,9 @@ def train_phase(
             # the LM loss is the mean over every labelled token of the step (all its micro-batches, all processes), as
             # one batch of that size would give: a micro-batch's token mean weighs by its share of those tokens
             counts = [labelled_tokens(b) for b in micro_batches]
+            if 0 in counts:
+                raise ValueError(f"[{phase}] a micro-batch of step {step + 1} has no token to learn (every row's labels "
+                                 "are ignored): give every training row an answer")
             step_tokens = distributed.total(sum(counts))
             step_loss = torch.zeros((), device=device)
             for k, (rows, cpu_batch, count) in enumerate(zip(shares, micro_batches, counts)):
@@ -290,16 +293,13 @@ def train_phase(
                             named = dict(extra) if isinstance(extra, Mapping) else {"extra": extra}
                             lm = run_forward().loss
                         # DDP averages gradients over processes, hence the factor world
-                        weighted_lm = lm * (count * world / step_tokens) if count else lm.new_zeros(())
-                        loss = weighted_lm + sum(named.values()) / len(window)  # method terms: mean per micro-batch
+                        loss = lm * (count * world / step_tokens) + sum(named.values()) / len(window)  # terms: per micro-batch
                     loss.backward()
                     step_loss += loss.detach()
-                    if count:
-                        terms.add("lm", lm)
-                    for name, value in named.items():
+                    for name, value in {"lm": lm, **named}.items():
                         terms.add(name, value)
                 if evaluate is not None:
-                    losses.append(float((lm.detach() if count else 0.0) + sum(v.detach() for v in named.values())))
+                    losses.append(float(lm.detach() + sum(v.detach() for v in named.values())))
             if not torch.isfinite(step_loss):
                 raise ValueError(f"[{phase}] the training loss became {step_loss.item()} at step {step + 1}; lower the "
                                  "learning rate or check the method's settings (the run can --resume from its last saved step)")
