@@ -7,8 +7,10 @@ side on the same random model of a real shape (no download), the same rows and t
 - float32 weights (the default), bfloat16 weights, and bfloat16 with activation checkpointing;
 - the checkpoint of a LoRA model, merged tensor by tensor on the CPU (ours) or as a merged deep copy.
 
-The peak is torch's allocator peak on a GPU, and the resident set (sampled every 5 ms) on a CPU; a save is
-measured by how much memory it adds. Each setting runs in a fresh process.
+The peak is torch's allocator peak on a GPU, and the resident set (sampled every 5 ms) on a CPU, where it holds the
+interpreter and libraries too; so the rise above the memory held before the timed steps (gradients, optimizer
+state, activations) is printed beside it. A save is measured by how much memory it adds, and the two checkpoints
+are compared tensor by tensor. Each setting runs in a fresh process.
 
     python benchmarks/bench_cit_memory.py                                   # CPU: a 12-layer d=768 Llama
     python benchmarks/bench_cit_memory.py --shape llama-2-7b --seq 640 --batch 4    # one GPU
@@ -123,10 +125,28 @@ def one(args) -> dict:
                 with Peak(device) as copied:
                     copy.deepcopy(model).merge_and_unload().save_pretrained(Path(tmp) / "copy")
                 saves["deepcopy_save_extra_gb"] = copied.extra / 1e9
+                ours_dir = next((Path(tmp) / "ours").rglob("model.safetensors")).parent  # checkpoints/task-NN-name/
+                saves["save_max_abs_diff"] = checkpoint_difference(ours_dir, Path(tmp) / "copy")
             except torch.cuda.OutOfMemoryError:
                 saves["deepcopy_save_extra_gb"] = float("inf")  # the copy does not fit beside the model
     return {"setting": args.one, "step_seconds": outcome.seconds / args.steps, "train_peak_gb": train_peak.bytes / 1e9,
-            **saves}
+            "train_rise_gb": train_peak.extra / 1e9, **saves}
+
+
+def checkpoint_difference(ours: Path, theirs: Path) -> float:
+    """Largest |difference| between two saved checkpoints' tensors (they must hold the same names)."""
+    from safetensors.torch import load_file
+
+    def tensors(path: Path) -> dict:
+        out = {}
+        for f in sorted(path.glob("*.safetensors")):
+            out.update(load_file(str(f)))
+        return out
+
+    a, b = tensors(ours), tensors(theirs)
+    if set(a) != set(b):
+        raise SystemExit(f"the checkpoints hold different tensors: {sorted(set(a) ^ set(b))[:5]}")
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
 def main() -> None:
@@ -134,7 +154,7 @@ def main() -> None:
     parser.add_argument("--shape", default="small", help="small | llama-2-7b | llama-3-8b")
     parser.add_argument("--seq", type=int, default=256, help="tokens per row (prompt + 16 answer tokens)")
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--one", choices=list(SETTINGS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -148,17 +168,19 @@ def main() -> None:
         rows.append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:]))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"{args.shape}, {args.batch} rows x {args.seq} tokens, LoRA r=8 on q,v; {device}")
-    print(f"{'setting':<26} {'step s':>8} {'training peak GB':>17} {'checkpoint save adds GB':>24} {'(deep copy)':>12}")
+    print(f"{'setting':<26} {'step s':>8} {'training peak GB':>17} {'rise GB':>8} {'checkpoint save adds GB':>24} "
+          f"{'(deep copy)':>12}")
     for r in rows:
         saves = "".join(f" {r[k]:>{w}.2f}" if k in r else f" {'-':>{w}}"
                         for k, w in (("save_extra_gb", 24), ("deepcopy_save_extra_gb", 12)))
-        print(f"{r['setting']:<26} {r['step_seconds']:>8.3f} {r['train_peak_gb']:>17.2f}{saves}")
+        print(f"{r['setting']:<26} {r['step_seconds']:>8.3f} {r['train_peak_gb']:>17.2f} {r['train_rise_gb']:>8.2f}{saves}")
     base, lean = rows[0], rows[-1]
     print(f"training peak, bfloat16 + checkpointing vs float32: {lean['train_peak_gb'] / base['train_peak_gb']:.2f}x "
           f"(step time {lean['step_seconds'] / base['step_seconds']:.2f}x)")
     if "save_extra_gb" in base:
         print(f"GPU memory a float32 checkpoint save adds, ours vs a merged deep copy: {base['save_extra_gb']:.2f} vs "
-              f"{base['deepcopy_save_extra_gb']:.2f} GB")
+              f"{base['deepcopy_save_extra_gb']:.2f} GB; largest difference between the two checkpoints: "
+              f"{base.get('save_max_abs_diff', float('nan')):.1e}")
 
 
 if __name__ == "__main__":
