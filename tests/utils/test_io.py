@@ -74,3 +74,18 @@ def test_code_fingerprint_follows_the_source(tmp_path, monkeypatch):
     assert code_fingerprint("fp_a", "fp_b") != first
     with pytest.raises(ModuleNotFoundError, match="no_such_module"):
         code_fingerprint("no_such_module")
+
+
+def test_text_settings_take_the_text_as_written_and_numpy_scalars_become_json():
+    import numpy as np
+
+    from forgetlab.experiments.cit import CITConfig
+
+    cit = CITConfig()
+    assert apply_overrides(cit, ["sequence=1"]).sequence == "1"  # a world sequence index is text
+    assert apply_overrides(cit, ["template=true", 'answer_end="eos"']).template == "true"
+    assert apply_overrides(cit, ['answer_end="eos"']).answer_end == "eos"
+    with pytest.raises(ValueError, match="single setting, not a group"):
+        apply_overrides(cit, ["seed.x=1"])
+    values = to_jsonable({"a": np.float32(1.5), "b": np.float32("nan"), "c": np.int64(3)})
+    assert json.loads(json.dumps(values)) == {"a": 1.5, "b": None, "c": 3}

@@ -29,6 +29,8 @@ def test_ni_file_is_read_with_all_references_and_last_hundred_for_test(tmp_path)
     assert [x for x, _ in train] == [f"review {i}" for i in range(30)]
     with pytest.raises(ValueError, match="not more than the 200"):
         task.split(n_test=200)
+    with pytest.raises(ValueError, match="hold out at least 1"):  # [-0:] would be the whole task
+        task.split(n_test=0)
 
 
 def test_named_sequence_reads_the_upstream_files_in_order(tmp_path):
@@ -56,6 +58,16 @@ def test_missing_or_malformed_files_name_the_problem(tmp_path):
     (tmp_path / "empty.json").write_text(json.dumps({"Definition": ["x"], "Instances": []}))
     with pytest.raises(ValueError, match="empty.json has no instances"):
         load_ni_task(tmp_path / "empty.json")
+    # references and definitions that are not text: refused with the file's name, not coerced or a TypeError
+    for name, data, message in (
+            ("numbers", {"Definition": ["x"], "Instances": [{"input": "a", "output": [1, None]}]}, "instance 0"),
+            ("mapping", {"Definition": ["x"], "Instances": [{"input": "a", "output": {"k": "v"}}]}, "instance 0"),
+            ("scalar", {"Definition": ["x"], "Instances": [{"input": "a", "output": 5}]}, "instance 0"),
+            ("numdef", {"Definition": [1], "Instances": [{"input": "a", "output": ["b"]}]}, "non-empty list of strings"),
+            ("nodefs", {"Definition": [], "Instances": [{"input": "a", "output": ["b"]}]}, "non-empty list of strings")):
+        (tmp_path / f"{name}.json").write_text(json.dumps(data))
+        with pytest.raises(ValueError, match=f"{name}.json: .*{message}"):
+            load_ni_task(tmp_path / f"{name}.json")
 
 
 def test_jsonl_rows_with_one_instruction_make_a_task_with_that_definition(tmp_path):
@@ -92,6 +104,7 @@ def test_jsonl_rows_keep_their_own_instructions_when_they_differ(tmp_path):
     ('{"instruction": "a", "output": "c"}\n{"instruction": "a", "output": []}', "line 2: needs"),
     ('{"instruction": "a", "output": "c"}\n[1, 2]', "line 2: expected an object"),
     ('{"instruction": "a", "output": "c"}\n{oops', "line 2 is not valid JSON"),
+    ('{"instruction": "a", "output": {"k": "v"}}', "line 1: needs"),
 ])
 def test_bad_jsonl_files_name_the_line_and_the_problem(tmp_path, text, message):
     (tmp_path / "bad.jsonl").write_text(text)

@@ -29,6 +29,8 @@ def to_jsonable(obj: Any) -> Any:
         return [to_jsonable(v) for v in obj]
     if isinstance(obj, Path):
         return str(obj)
+    if hasattr(obj, "item") and hasattr(obj, "dtype") and getattr(obj, "shape", None) == ():  # numpy/torch scalars
+        obj = obj.item()
     if isinstance(obj, float) and not math.isfinite(obj):
         return None  # strict JSON has no NaN/Infinity (jq, JavaScript and most parsers refuse the bare tokens)
     return obj
@@ -155,13 +157,14 @@ def apply_overrides(cfg: Any, assignments: Iterable[str]) -> Any:
     """``["world.full_name=false", "task.lr=1e-4"]`` -> a new config (frozen dataclasses, nested by dots).
 
     Values are parsed as JSON where possible (numbers, true/false, lists), else kept as strings, and
-    must match the type of the field they replace; a list setting also takes ``[a,b]`` or ``a,b``.
+    must match the type of the field they replace; a text setting takes the text as written (``sequence=1``), a
+    list setting also takes ``[a,b]`` or ``a,b``.
     """
     for item in assignments:
         if "=" not in item:
             raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. --set task.lr=1e-4")
         key, raw = item.split("=", 1)
-        cfg = _replace_path(cfg, key.strip().split("."), _scalar(raw), key)
+        cfg = _replace_path(cfg, key.strip().split("."), raw, key)
     return cfg
 
 
@@ -186,13 +189,18 @@ def _scalar(text: str) -> Any:
         return text
 
 
-def _replace_path(obj: Any, path: list[str], value: Any, full: str) -> Any:
+def _replace_path(obj: Any, path: list[str], raw: str, full: str) -> Any:
     names = [f.name for f in dataclasses.fields(obj)] if dataclasses.is_dataclass(obj) else []
+    if not names:
+        raise ValueError(f"--set {full}: {full.rsplit('.', len(path))[0]!r} is a single setting, not a group")
     if path[0] not in names:
         raise ValueError(f"--set {full}: no setting {path[0]!r} here; choose one of: {', '.join(names)}")
     current = getattr(obj, path[0])
     if len(path) > 1:
-        return dataclasses.replace(obj, **{path[0]: _replace_path(current, path[1:], value, full)})
+        return dataclasses.replace(obj, **{path[0]: _replace_path(current, path[1:], raw, full)})
+    value = _scalar(raw)
+    if isinstance(current, str) and not isinstance(value, str):  # text as written: sequence=1, template=true
+        value = raw
     if dataclasses.is_dataclass(current):
         raise ValueError(f"--set {full}: {path[0]!r} is a group of settings; set one of its fields")
     if isinstance(current, (tuple, list)):

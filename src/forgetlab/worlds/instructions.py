@@ -75,6 +75,8 @@ class InstructionTask:
     def split(self, n_train: int = 1000, n_test: int = 100) -> tuple[list, list]:
         """The last ``n_test`` instances are the test set (papers.md §2); training takes the first ``n_train``."""
         n_test = self.test_size if self.test_size is not None else n_test
+        if n_test < 1:
+            raise ValueError(f"task {self.name!r}: a test split of {n_test} instances; hold out at least 1")
         if len(self.instances) <= n_test:
             raise ValueError(f"task {self.name!r} has {len(self.instances)} instances, not more than the {n_test} held out "
                              "for test; lower the test size or use a bigger task")
@@ -105,6 +107,11 @@ def coded_sequence(world: ICLWorld, index: int) -> list[InstructionTask]:
             for name in world.sequences[index]]
 
 
+def _strings(value) -> bool:
+    """A non-empty list of strings (what a task's reference outputs must be)."""
+    return isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
+
+
 def _require(data: dict, key: str, kind: type, path: Path):
     if key not in data or not isinstance(data[key], kind):
         raise ValueError(f"{path}: natural-instructions task files need a {kind.__name__} field {key!r}")
@@ -123,14 +130,17 @@ def load_ni_task(path: str | Path) -> InstructionTask:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a natural-instructions task file is one JSON object, not a {type(data).__name__}")
     definition = _require(data, "Definition", list, path)
+    if not definition or not all(isinstance(d, str) for d in definition):
+        raise ValueError(f"{path}: 'Definition' must be a non-empty list of strings")
     instances = []
     for i, inst in enumerate(_require(data, "Instances", list, path)):
         outputs = inst.get("output") if isinstance(inst, dict) else None
         if isinstance(outputs, str):
             outputs = [outputs]
-        if not isinstance(inst, dict) or not isinstance(inst.get("input"), str) or not outputs:
-            raise ValueError(f"{path}: instance {i} needs an 'input' string and a non-empty 'output' list")
-        instances.append((inst["input"], tuple(str(o) for o in outputs)))
+        if not isinstance(inst, dict) or not isinstance(inst.get("input"), str) or not _strings(outputs):
+            raise ValueError(f"{path}: instance {i} needs an 'input' string and an 'output' string or non-empty list of "
+                             "strings")
+        instances.append((inst["input"], tuple(outputs)))
     if not instances:
         raise ValueError(f"{path} has no instances; a natural-instructions task file lists them under 'Instances'")
     examples = tuple((e["input"], e["output"]) for e in data.get("Positive Examples", [])
@@ -163,8 +173,7 @@ def load_jsonl_task(path: str | Path) -> InstructionTask:
             raise ValueError(f"{path} line {number}: unknown field(s) {', '.join(map(repr, unknown))}; a row holds "
                              f"{', '.join(JSONL_FIELDS)}")
         outputs = [row.get("output")] if isinstance(row.get("output"), str) else row.get("output")
-        if not isinstance(row.get("instruction"), str) or not isinstance(row.get("input", ""), str) or not outputs \
-                or not all(isinstance(o, str) for o in outputs):
+        if not isinstance(row.get("instruction"), str) or not isinstance(row.get("input", ""), str) or not _strings(outputs):
             raise ValueError(f"{path} line {number}: needs an 'instruction' string, an 'input' string (may be empty) "
                              "and an 'output' string or non-empty list of strings")
         rows.append((row["instruction"].strip(), row.get("input", ""), tuple(outputs)))
