@@ -114,7 +114,7 @@ def main() -> None:
                                 ("attribution", "attribution", args.prompts, args.batch_size),
                                 ("naive", "naive", args.naive_prompts, 1)):
         cie[name], seconds = timed(device, lambda: run(engine, shuffled[:n], bs))
-        rows[name] = {"prompts": n, "batch_size": bs, "seconds_per_prompt": seconds / n}
+        rows[name] = {"prompts": n, "batch_size": min(bs, n), "seconds_per_prompt": seconds / n}
     k = min(10, adapter.n_layers * adapter.n_heads)
     n_naive = args.naive_prompts
     ref = cie["naive"]

@@ -12,7 +12,8 @@
 #   echo /.whl/ >> .git/info/exclude
 #   pip download --no-deps -d .whl nltk==3.9.1 && pip wheel --no-deps -w .whl rouge-score==0.1.2
 # The device call: command "bash benchmarks/gpu_open_items.sh", carry [".whl"], timeout_s 600.
-# JOBS picks the jobs (default "bio cit"; JOBS=mem adds the 7B memory benchmark's GPU rows, e.g. as a second call).
+# JOBS picks the jobs, which run side by side (default "bio cit"). Opt-in, each a call of its own if device time
+# remains (both hold a 7B model): JOBS=mem, the memory benchmark's GPU rows; JOBS=cie, the CIE table's missing figures.
 # The same steps at toy sizes on a CPU (a check of the script, not of any figure):
 #   SMOKE=1 bash benchmarks/gpu_open_items.sh /tmp/gpu-dry
 set -uo pipefail
@@ -29,9 +30,11 @@ fi
 export PYTHONUNBUFFERED=1
 
 if [ "${SMOKE:-0}" = 1 ]; then
-  BIO=smoke; SNAP=5,10,20,30; P0=10; P1=20; GRID=3x3; ROWS=40; ICL=smoke; CIT="--max-train 24 --max-test 4 --epochs 1"; MEM="--steps 1"; DEADLINE=${DEADLINE:-3000}
+  BIO=smoke; SNAP=5,10,20,30; P0=10; P1=20; GRID=3x3; ROWS=40; ICL=smoke; CIT="--max-train 24 --max-test 4 --epochs 1"; MEM="--steps 1"
+  CIE="--device cpu --prompts 4 --naive-prompts 1"; CIE_SHAPES=cpu-12l; DEADLINE=${DEADLINE:-3000}
 else
-  BIO=gpu; SNAP=50,100,150,300; P0=100; P1=150; GRID=21x31; ROWS=2000; ICL=gpu; CIT="--max-train 100 --epochs 10"; MEM="--shape llama-2-7b --seq 640 --batch 4"; DEADLINE=${DEADLINE:-540}
+  BIO=gpu; SNAP=50,100,150,300; P0=100; P1=150; GRID=21x31; ROWS=2000; ICL=gpu; CIT="--max-train 100 --epochs 10"; MEM="--shape llama-2-7b --seq 640 --batch 4"
+  CIE="--device cuda --dtype bfloat16 --prompts 25 --naive-prompts 1"; CIE_SHAPES="llama-2-7b llama-3-8b"; DEADLINE=${DEADLINE:-540}
 fi
 START=$(date +%s)
 left() { echo $(( DEADLINE - $(date +%s) + START )); }
@@ -82,10 +85,20 @@ mem() {
   echo "[mem] rc=$? in $(( $(date +%s) - t )) s"; cat "$WORK/bench_cit_memory.txt"
 }
 
+# opt-in (JOBS=cie): the CIE engines at 7B shapes again, now with the exact engine one prompt at a time beside the
+# batched one and the float32 agreement check of both shapes (README's GPU table lacks these)
+cie() {
+  for shape in $CIE_SHAPES; do
+    local t=$(date +%s)
+    timeout "$(left)" python3 benchmarks/bench_cie_engines.py $CIE --shape "$shape" --json "$WORK/cie_$shape.json"
+    echo "[cie-$shape] rc=$? in $(( $(date +%s) - t )) s"
+  done
+}
+
 (nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no GPU") > "$WORK/device.txt"
 for job in ${JOBS:-bio cit}; do $job > "$OUT/$job.log" 2>&1 & done
 wait
 tar czf "$OUT/results.tgz" -C "$WORK" --exclude=checkpoints --exclude=state --exclude=cache --exclude='*.safetensors' \
   --exclude='*.pt' --exclude=pretrain.txt .
-grep -h "^\[\|AP=\|landscape:\|along the trajectory\|peak\|GB" "$OUT"/*.log
+grep -h "^\[\|AP=\|landscape:\|along the trajectory\|peak\|GB\|^exact\|^naive\|^attribution\|^check in\|disagree" "$OUT"/*.log
 echo "total $(( $(date +%s) - START )) s; results in $OUT/results.tgz ($(du -h "$OUT/results.tgz" | cut -f1))"
