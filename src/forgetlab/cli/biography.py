@@ -14,6 +14,7 @@ from rich.table import Table
 from forgetlab.cli.errors import join_launched_run, leave_launched_run, user_errors
 from forgetlab.experiments.presets import PRESETS, preset_config
 from forgetlab.methods import MethodConfig
+from forgetlab.report.markdown import undefined
 from forgetlab.train import distributed
 from forgetlab.utils.io import apply_overrides
 
@@ -98,8 +99,7 @@ def show_results(results: dict) -> None:
         ("spurious_share", "spurious share of the drop"),
     ]
     for key, label in labels:
-        value = results[key]
-        table.add_row(label, "–" if value is None or value != value else f"{value:.3f}")  # no drop: no share
+        table.add_row(label, "–" if undefined(results[key]) else f"{results[key]:.3f}")  # no drop: no share
     recall = results.get("task0_recall", {})
     for phase, label in (("task0", "before task 1"), ("task1", "after task 1"), ("recovery", "after recovery")):
         if recall.get(phase) is not None:

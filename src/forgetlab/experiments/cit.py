@@ -31,8 +31,8 @@ from forgetlab.analysis.recovery import encode_qa
 from forgetlab.eval.exact_match import left_pad
 from forgetlab.eval.scoring import ALREADY_DONE, score
 from forgetlab.experiments.rundir import record_api_run
-from forgetlab.methods.fvg import (FV_SOURCES, HEAD_SETS, FVGConfig, FVGuidance, over_universal_heads,
-                                   saved_function_vectors, task_function_vector)
+from forgetlab.methods.fvg import (FVGConfig, FVGuidance, over_universal_heads, saved_function_vectors,
+                                   task_function_vector)
 from forgetlab.methods.regularizers import diagonal_fisher, distillation_kl, ewc_penalty, lora_orthogonality
 from forgetlab.methods.replay import mix_replay
 from forgetlab.metrics.cl import cl_summary
@@ -146,23 +146,7 @@ class CITConfig:
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens={self.max_new_tokens} must be positive, or 0 for a budget from each task's "
                              "longest reference")
-        fvg = self.fvg_config
-        for name in ("alpha_fv", "alpha_kl", "alpha_kl_all"):
-            if getattr(fvg, name) < 0:
-                raise ValueError(f"fvg_config.{name}={getattr(fvg, name)} must not be negative")
-        if not fvg.temperature > 0:
-            raise ValueError(f"fvg_config.temperature={fvg.temperature} must be positive (the paper's is 2)")
-        for name in ("top_k", "shots", "n_prompts"):
-            if getattr(fvg, name) < (2 if name == "shots" else 1):
-                raise ValueError(f"fvg_config.{name}={getattr(fvg, name)} is too small"
-                                 + (" (the CIE shuffles at least 2 demonstrations)" if name == "shots" else "; use 1 or more"))
-        if self.fvg_config.fv_source not in FV_SOURCES:
-            raise ValueError(f"fvg_config.fv_source={self.fvg_config.fv_source!r} is unknown; use one of {', '.join(FV_SOURCES)}")
-        if self.fvg_config.heads not in HEAD_SETS:
-            raise ValueError(f"fvg_config.heads={self.fvg_config.heads!r} is unknown; use one of {', '.join(HEAD_SETS)}")
-        if self.fvg_config.heads == "universal" and self.fvg_config.fv_source != "initial" and not self.fvg_config.fv_dir:
-            raise ValueError("fvg_config.heads=universal ranks heads over every task of the sequence on the initial model; "
-                             "add --set fvg_config.fv_source=initial")
+        self.fvg_config.validate()
         self.train.validate("train")
 
 

@@ -10,7 +10,7 @@ from forgetlab.experiments.biography import BiographyExperiment
 from forgetlab.experiments.config import BiographyRunConfig
 from forgetlab.experiments.rundir import CONFIG
 from forgetlab.metrics.cl import spurious_share
-from forgetlab.models.build import load_model
+from forgetlab.models.build import check_checkpoint, load_model
 from forgetlab.utils.io import atomic_write_json, config_hash, from_jsonable, read_json
 
 
@@ -38,8 +38,7 @@ def check_same_vocabulary(model_dir: Path, model, tokenizer, run_dir: Path) -> N
 def recover_checkpoint(model_dir: Path, run_dir: Path, *, out: Path | None = None, cache_dir: Path | None = None,
                        log: Callable[[str], None] = print) -> dict:
     """Score ``model_dir`` on held-out task-0 people, re-align it briefly, score again; write recovery.json."""
-    if not (Path(model_dir) / "config.json").is_file():
-        raise ValueError(f"--model {model_dir} is not a Hugging Face checkpoint directory (no config.json)")
+    check_checkpoint(model_dir)
     cfg = load_run_config(run_dir)
     exp = BiographyExperiment(cfg, cache_dir, log, progress=True)
     model = load_model(model_dir)

@@ -177,6 +177,26 @@ class FVGConfig:
     # run with fv_source="initial" (the paper extracts them once and reuses them); it overrides fv_source
     fv_dir: str = ""
 
+    def validate(self) -> None:
+        """One line for a setting FVG cannot run with (``--set fvg_config.NAME=...``)."""
+        for name in ("alpha_fv", "alpha_kl", "alpha_kl_all"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"fvg_config.{name}={getattr(self, name)} must not be negative")
+        if not self.temperature > 0:
+            raise ValueError(f"fvg_config.temperature={self.temperature} must be positive (the paper's is 2)")
+        for name in ("top_k", "n_prompts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"fvg_config.{name}={getattr(self, name)} is too small; use 1 or more")
+        if self.shots < 2:
+            raise ValueError(f"fvg_config.shots={self.shots} is too small (the CIE shuffles at least 2 demonstrations)")
+        if self.fv_source not in FV_SOURCES:
+            raise ValueError(f"fvg_config.fv_source={self.fv_source!r} is unknown; use one of {', '.join(FV_SOURCES)}")
+        if self.heads not in HEAD_SETS:
+            raise ValueError(f"fvg_config.heads={self.heads!r} is unknown; use one of {', '.join(HEAD_SETS)}")
+        if self.heads == "universal" and self.fv_source != "initial" and not self.fv_dir:
+            raise ValueError("fvg_config.heads=universal ranks heads over every task of the sequence on the initial model; "
+                             "add --set fvg_config.fv_source=initial")
+
 
 FV_SOURCES = ("previous", "initial")
 HEAD_SETS = ("task", "universal")

@@ -14,6 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from forgetlab.report.figures import save_figure  # noqa: E402
+from forgetlab.report.markdown import undefined  # noqa: E402
 
 COLORS = {"task0": "tab:blue", "task1": "tab:orange", "task2": "tab:green", "task3": "tab:red"}
 
@@ -42,8 +43,7 @@ def plot_curves(rows: list[dict], results: dict, path: Path) -> None:
     ax.set_xlabel("training step (task 0, then task 1, ...)")
     ax.set_ylabel("exact match")
     ax.set_ylim(-0.02, 1.08)
-    share = results["spurious_share"]
-    share = "undefined (no drop)" if share is None or share != share else f"{share:.2f}"
+    share = "undefined (no drop)" if undefined(results["spurious_share"]) else f"{results['spurious_share']:.2f}"
     ax.set_title(f"biography world - method {results['method']} - spurious share {share}")
     ax.legend(loc="best", fontsize=8)
     ax.grid(alpha=0.3)

@@ -12,11 +12,16 @@ from pathlib import Path
 from forgetlab.utils.io import atomic_write_text
 
 
+def undefined(value: object) -> bool:
+    """A metric the run leaves undefined: NaN in memory, null once read back from JSON."""
+    return value is None or isinstance(value, float) and math.isnan(value)
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A GitHub-flavoured markdown table; floats with 3 decimals (fractions) unless already formatted, a dash for
     an undefined number (None or NaN)."""
     def cell(value: object) -> str:
-        if value is None or isinstance(value, float) and math.isnan(value):
+        if undefined(value):
             return "–"
         return f"{value:.3f}" if isinstance(value, float) else str(value)
 
@@ -43,7 +48,7 @@ def biography_report(results: dict, out: Path) -> None:
                                                      ("replay", "replay"), ("early_stop", "early stop at")) if r.get(key)]
     parts = [f"# Spurious forgetting on synthetic biographies: preset `{r['preset']}`, method `{r['method']}`"
              f"{' (' + ', '.join(settings) + ')' if settings else ''}, seed {r['seed']}\n\n",
-             table(["measure", "exact match"], [(label, None if r[key] is None else float(r[key]))
+             table(["measure", "exact match"], [(label, r[key] if undefined(r[key]) else float(r[key]))
                                                 for key, label in BIOGRAPHY_MEASURES])]
     # recovery starts from the model after the last new task, so the drop it explains ends there
     rows = (r.get("score_matrix") or {}).get("rows") or ["task1"]
@@ -98,8 +103,7 @@ def loss_table(entries: Sequence[dict], label: str) -> str:
 
 
 def _number(value) -> str:
-    """A metric that is undefined for the run (nan, or null once read back from JSON) as a dash."""
-    return "–" if value is None or value != value else f"{value:.1f}"
+    return "–" if undefined(value) else f"{value:.1f}"
 
 
 def cit_report(results: dict, out: Path) -> None:
