@@ -128,7 +128,7 @@ def test_broken_checkpoints_get_one_line_before_anything_is_written(tiny_llama_d
     import shutil
 
     no_weights, bad_config = tmp_path / "no_weights", tmp_path / "bad_config"
-    for broken in (no_weights, bad_config):
+    for broken in (no_weights, bad_config, tmp_path / "swapped.old"):  # swapped: a save killed between renames
         shutil.copytree(tiny_llama_dir, broken)
     for weights in no_weights.glob("*.safetensors"):
         weights.unlink()
@@ -142,6 +142,8 @@ def test_broken_checkpoints_get_one_line_before_anything_is_written(tiny_llama_d
               "--out", tmp_path / "a"], f"checkpoint {no_weights} has no weights"),
             (["fv", "extract", "--model", bad_config, "--task", task, "--out", tmp_path / "x"],
              f"--model {bad_config}: config.json cannot be read"),
+            (["fv", "extract", "--model", tmp_path / "swapped", "--task", task, "--out", tmp_path / "x"],
+             f"a save killed while replacing it left the previous copy in {tmp_path / 'swapped.old'}"),
             (["fv", "extract", "--model", tiny_llama_dir, "--task", task, "--device", "bogus", "--out", tmp_path / "x"],
              "--device bogus is unknown"),
             (["fv", "extract", "--model", tiny_llama_dir, "--task", task, "--device", "cuda:5", "--out", tmp_path / "x"],

@@ -232,3 +232,25 @@ def test_a_micro_batch_with_nothing_to_learn_is_refused(tmp_path):
     with pytest.raises(ValueError, match="has no token to learn"):
         train_phase(model, empty, PhaseConfig(max_steps=1, batch_size=4, checkpoint_every=0), phase="p",
                     state_dir=tmp_path, seed=0, progress=False)
+
+
+def test_a_new_swap_after_a_killed_one_keeps_the_older_state_until_the_new_one_is_in(tmp_path, monkeypatch):
+    """After a kill between the renames only ``.old`` holds a state; the next swap must not delete it first."""
+    from forgetlab.utils import io
+
+    final, old, tmp = tmp_path / "state", tmp_path / "state.old", tmp_path / "state.tmp"
+    old.mkdir()
+    (old / "state.json").write_text("{}")
+    tmp.mkdir()
+    (tmp / "state.json").write_text('{"new": 1}')
+
+    def killed(src, dst):
+        raise OSError("killed before the new state moved in")
+
+    monkeypatch.setattr(io.os, "replace", killed)
+    with pytest.raises(OSError, match="killed"):
+        io.replace_dir(tmp, final)
+    assert (old / "state.json").is_file()
+    monkeypatch.undo()
+    io.replace_dir(tmp, final)
+    assert (final / "state.json").read_text() == '{"new": 1}' and not old.exists()

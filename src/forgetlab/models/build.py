@@ -24,6 +24,10 @@ def check_checkpoint(path: str | Path, what: str = "--model") -> None:
 
     path = Path(path)
     if not (path / "config.json").is_file():
+        older = path.with_name(path.name + ".old")
+        if not path.exists() and (older / "config.json").is_file():  # replace_dir was killed between its renames
+            raise FileNotFoundError(f"{what} {path} is missing, but a save killed while replacing it left the "
+                                    f"previous copy in {older}; pass that, or rerun the job that writes it")
         raise FileNotFoundError(f"{what} {path} is not a Hugging Face checkpoint directory (no config.json)")
     try:
         AutoConfig.from_pretrained(str(path))

@@ -110,12 +110,16 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 
 def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
-    """Move a fully written directory into place, replacing an older one (near-atomic)."""
+    """Move a fully written directory into place, replacing an older one (near-atomic).
+
+    At every moment ``final_dir`` or ``final_dir.old`` holds a finished copy: a ``.old`` is deleted only while
+    ``final_dir`` exists, so a kill between the two renames of an earlier swap leaves ``.old`` readable until
+    the new directory is in place."""
     final_dir = Path(final_dir)
     old = final_dir.with_name(final_dir.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
     if final_dir.exists():
+        if old.exists():
+            shutil.rmtree(old)
         os.replace(final_dir, old)
     os.replace(tmp_dir, final_dir)
     if old.exists():
