@@ -29,6 +29,8 @@ def test_option_letter(text, letter):
 
 def test_multiple_choice_is_accuracy_on_the_letter():
     assert is_multiple_choice(["B"]) and is_multiple_choice(["(C)"]) and not is_multiple_choice(["Paris"])
+    assert is_multiple_choice(["B", "(C)"]) and not is_multiple_choice(["B", "Paris"])  # every reference a letter
+    assert score("Paris", ["B", "Paris"]) == 100.0  # so ROUGE-L against the best reference, not the letter
     assert score("(B) the second one", ["B"]) == 100.0
     assert score("A", ["B"]) == 0.0
     assert score("the cat sat on the mat", ["the cat lay on the mat"]) == pytest.approx(500 / 6)

@@ -100,9 +100,10 @@ def test_losses_by_hand(setup):
     rows = torch.tensor([2, 0])
     logits = torch.randn(2, 60)
     heads = torch.randn(2, 3, adapter.head_dim)
-    l_fv, l_kl = fvg_terms(logits, heads, cache, rows, temperature=2.0)
-    assert l_fv.item() == pytest.approx(fv_consistency(heads, cache.heads[rows]).item())
-    assert l_kl.item() == pytest.approx(fvg_kl(logits, cache.logits[rows], 2.0).item())
+    for temperature in (2.0, 1.0):
+        l_fv, l_kl = fvg_terms(logits, heads, cache, rows, temperature=temperature)
+        assert l_fv.item() == pytest.approx(fv_consistency(heads, cache.heads[rows]).item())
+        assert l_kl.item() == pytest.approx(fvg_kl(logits, cache.logits[rows], temperature).item())
 
 
 def test_fvg_kl_is_the_papers_kl():
@@ -159,17 +160,25 @@ def test_answer_logits_cache_steers_at_the_prompt_end_and_keeps_answer_tokens_on
         assert torch.allclose(cached[0].float(), at_p, atol=3e-2)  # bf16 storage
 
 
-def test_guidance_steers_its_teacher_with_the_configured_scale():
-    from forgetlab.eval.exact_match import left_pad
-    from forgetlab.fv.prompts import PromptBatch
-    from forgetlab.methods.fvg import FVGConfig, FVGuidance
-    from forgetlab.models.tokenizers import build_word_tokenizer, pad_id
+def _shift_task():
+    """A word-shift task on a tiny random Llama: tokenizer, adapter, the task's pairs, six training prompts."""
+    from forgetlab.models.tokenizers import build_word_tokenizer
 
     words = [f"w{i}" for i in range(24)]
     tok = build_word_tokenizer(words + ["Q", "A", ":"])
     adapter = adapt(random_model(tiny_config("llama", len(tok), n_layers=3), seed=1))
     pairs = [(words[i], words[(i + 1) % 24]) for i in range(24)]
     prompts = [tok(f"Q: {x}\nA:")["input_ids"] for x, _ in pairs[:6]]
+    return tok, adapter, pairs, prompts
+
+
+def test_guidance_steers_its_teacher_with_the_configured_scale():
+    from forgetlab.eval.exact_match import left_pad
+    from forgetlab.fv.prompts import PromptBatch
+    from forgetlab.methods.fvg import FVGConfig, FVGuidance
+    from forgetlab.models.tokenizers import pad_id
+
+    tok, adapter, pairs, prompts = _shift_task()
     cfg = FVGConfig(layer=1, scale=3.0, top_k=4, shots=3, n_prompts=4)
     guide = FVGuidance(adapter, tok, "shift", pairs, prompts, cfg)
     ids, mask = left_pad(prompts, pad_id(tok))
@@ -178,3 +187,49 @@ def test_guidance_steers_its_teacher_with_the_configured_scale():
     assert torch.allclose(guide.cache.logits, by_hand.logits, atol=1e-5)
     once = build_teacher_cache(adapter, [batch], guide.fv.vector, 1, guide.heads, alpha=1.0)
     assert not torch.allclose(guide.cache.logits, once.logits, atol=1e-4)
+
+
+def test_guidance_loss_reads_each_row_at_its_prompt_end_and_skips_replayed_rows():
+    """The terms of a training batch, by hand: heads read by an own hook on W_O's input and logits taken at each
+    row's last prompt token (rows are right-padded, prompts of different lengths); a replayed row adds nothing."""
+    from forgetlab.methods.fvg import FVGConfig, FVGuidance
+    from forgetlab.models.tokenizers import pad_id
+    from forgetlab.train.data import qa_dataset
+
+    tok, adapter, pairs, prompts = _shift_task()
+    prompts[2] = prompts[2] + tok("w5 w6")["input_ids"][-2:]  # a longer prompt, so the rows' prompt ends differ
+    answers = [tok(y)["input_ids"][-1:] for _, y in pairs[:6]]
+    data = qa_dataset(prompts, answers, eos_id=tok.eos_token_id, pad_id=pad_id(tok))
+    cfg = FVGConfig(layer=1, alpha_fv=0.5, alpha_kl=3.0, temperature=1.5, top_k=4, shots=3, n_prompts=4)
+    guide = FVGuidance(adapter, tok, "shift", pairs, prompts, cfg, train_data=data)
+    model, d = adapter.model, adapter.head_dim
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # as if trained for a while: the student now differs from the frozen teacher
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=g))
+    pick = [2, 0, 1]                   # the batch: task rows 2 and 0, and row 1's text replayed as an old task's row
+    rows = torch.tensor([2, 0, len(prompts)])
+    batch = {"input_ids": data.input_ids[pick], "attention_mask": data.attention_mask[pick], "labels": data.labels[pick]}
+
+    def forward():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+
+    terms = guide.loss(adapter, rows, batch, forward)
+    seen = {}
+    hooks = [adapter.o_projs[l].register_forward_pre_hook(lambda m, a, l=l: seen.__setitem__(l, a[0].detach()))
+             for l in range(adapter.n_layers)]
+    with torch.no_grad():
+        logits = forward().logits
+    for h in hooks:
+        h.remove()
+    ends = [len(prompts[2]) - 1, len(prompts[0]) - 1]
+    heads = torch.stack([torch.stack([seen[l][i, p, h * d:(h + 1) * d] for l, h in guide.heads])
+                         for i, p in enumerate(ends)])
+    at_end = torch.stack([logits[i, p] for i, p in enumerate(ends)])
+    task_rows = torch.tensor([2, 0])
+    assert terms["fv"].item() > 1e-4 and terms["kl"].item() > 1e-4
+    assert terms["fv"].item() == pytest.approx(0.5 * fv_consistency(heads, guide.cache.heads[task_rows]).item(), rel=1e-4)
+    assert terms["kl"].item() == pytest.approx(3.0 * fvg_kl(at_end, guide.cache.logits[task_rows], 1.5).item(), rel=1e-4)
+    only_replayed = guide.loss(adapter, torch.tensor([len(prompts)]), {k: v[2:] for k, v in batch.items()},
+                               lambda: model(input_ids=batch["input_ids"][2:]))
+    assert only_replayed["fv"].item() == 0.0 and only_replayed["kl"].item() == 0.0

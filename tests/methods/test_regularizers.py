@@ -36,13 +36,19 @@ def test_fisher_is_the_mean_squared_gradient():
 
 
 def test_ewc_penalty_by_hand():
-    model = Linear1()
+    model = Linear1()  # θ = (0.5, −1)
     fisher = {"w": torch.tensor([2.0, 0.5])}
     anchor = {"w": torch.tensor([0.0, 0.0])}
     # 0.5 * 3 * (2*0.25 + 0.5*1) = 1.5
     assert ewc_penalty(model, fisher, anchor, strength=3.0).item() == pytest.approx(1.5)
     ewc_penalty(model, fisher, anchor, 1.0).backward()
     assert torch.allclose(model.w.grad, fisher["w"] * model.w.detach())  # d/dθ = F (θ − θ*)
+    # a nonzero anchor θ* = (1, 1): θ − θ* = (−0.5, −2), so 0.5 * 3 * (2*0.25 + 0.5*4) = 3.75
+    anchor = {"w": torch.tensor([1.0, 1.0])}
+    assert ewc_penalty(model, fisher, anchor, strength=3.0).item() == pytest.approx(3.75)
+    model.w.grad = None
+    ewc_penalty(model, fisher, anchor, 1.0).backward()
+    assert torch.allclose(model.w.grad, torch.tensor([2.0 * -0.5, 0.5 * -2.0]))
 
 
 def test_distillation_kl_by_hand_and_masking():
@@ -53,8 +59,9 @@ def test_distillation_kl_by_hand_and_masking():
     mask = torch.tensor([[True], [False]])
     assert distillation_kl(student, teacher, mask, temperature=1.0).item() == pytest.approx(kl_first)
     assert distillation_kl(teacher, teacher, temperature=2.0).item() == pytest.approx(0.0, abs=1e-7)
-    # temperature scales logits and multiplies by T²
+    # temperature scales logits and multiplies by T², with a mask as without one
     assert distillation_kl(student, teacher * 2, temperature=2.0).item() == pytest.approx(4 * kl_first / 2, rel=1e-6)
+    assert distillation_kl(student, teacher * 2, mask, temperature=2.0).item() == pytest.approx(4 * kl_first, rel=1e-6)
 
 
 def test_lora_orthogonality_is_zero_for_orthogonal_subspaces():

@@ -13,7 +13,17 @@ def test_replay_samples_old_rows_without_replacement():
     assert len(set(replayed)) == 5 and all(6 <= r < 26 for r in replayed)
     again = mix_replay(current, old, fraction=0.5, seed=0, pad_id=0)
     assert torch.equal(mixed.input_ids, again.input_ids)
+    # As many old rows as new ones: each old row exactly once, in some order (with replacement, repeats).
+    few_old = qa_dataset([[5, i] for i in range(6, 16)], [[7]] * 10, eos_id=1, pad_id=0)
+    full = mix_replay(current, few_old, fraction=1.0, seed=1, pad_id=0)
+    assert sorted(r[1] for r in full.input_ids[10:].tolist()) == list(range(6, 16))
     # Asking for more than exists takes all old rows once.
-    full = mix_replay(current, old, fraction=1.0, seed=1, pad_id=0)
-    assert sorted(r[1] for r in full.input_ids[10:].tolist()) == list(range(6, 16)) or len(full) == 20
+    assert sorted(r[1] for r in mix_replay(current, few_old, 3.0, 0, 0).input_ids[10:].tolist()) == list(range(6, 16))
     assert mix_replay(current, old, 0.0, 0, 0) is current
+
+
+def test_replay_count_rounds_to_the_nearest_row():
+    current = qa_dataset([[3]] * 10, [[4]] * 10, eos_id=1, pad_id=0)
+    old = qa_dataset([[5, i] for i in range(6, 26)], [[7]] * 20, eos_id=1, pad_id=0)
+    assert len(mix_replay(current, old, fraction=0.36, seed=0, pad_id=0)) == 10 + 4  # 3.6 rows -> 4
+    assert len(mix_replay(current, old, fraction=0.34, seed=0, pad_id=0)) == 10 + 3
