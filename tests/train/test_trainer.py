@@ -183,6 +183,91 @@ def test_accumulated_micro_batches_give_the_gradient_of_the_whole_batch(tmp_path
     assert abs(halves[0] - halves[1]) > 1e-2  # the halves' own means differ: the weighting is what the test checks
 
 
+def test_a_method_term_is_averaged_over_the_micro_batches_of_a_step(tmp_path, monkeypatch):
+    """A method term of known gradient, ½‖θ‖² per micro-batch, adds exactly θ to the step's gradient whether the
+    step is 1 x 4, 2 x 2 or 4 x 1 micro-batches (summing it over micro-batches would multiply it by their count)."""
+    import forgetlab.train.trainer as trainer
+
+    grads = []
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def capture(params, max_norm):
+        params = list(params)
+        grads.append(torch.cat([p.grad.flatten() for p in params]).clone())
+        return real_clip(params, max_norm)
+
+    def half_square(model):
+        return lambda rows, batch, run_forward: 0.5 * sum(p.pow(2).sum() for p in model.parameters())
+
+    monkeypatch.setattr(trainer.torch.nn.utils, "clip_grad_norm_", capture)
+    for batch_size, accum in ((4, 1), (2, 2), (1, 4)):
+        model, data = _qa_setup(n=4)
+        cfg = PhaseConfig(lr=1e-2, max_steps=1, batch_size=batch_size, grad_accum=accum, grad_clip=1e9, checkpoint_every=0)
+        train_phase(model, data, cfg, phase="p", state_dir=tmp_path / f"{batch_size}", seed=0, progress=False,
+                    extra_loss=half_square(model))
+    model, data = _qa_setup(n=4)
+    model.train()
+    model(**data.batch(torch.arange(4))).loss.backward()
+    reference = torch.cat([(p.grad + p.detach()).flatten() for p in model.parameters()])  # d(½‖θ‖²)/dθ = θ
+    for got in grads:
+        torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-6)
+
+
+def _optimizer_steps(model, data, cfg, state_dir):
+    """What the optimizer sees at each of its steps in ``train_phase``: learning rates and the gradient's norm."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    seen = []
+
+    def record(optimizer, args, kwargs):
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        seen.append({"lr": [group["lr"] for group in optimizer.param_groups],
+                     "norm": float(torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in params])))})
+
+    handle = register_optimizer_step_pre_hook(record)
+    try:
+        train_phase(model, data, cfg, phase="p", state_dir=state_dir, seed=0, progress=False)
+    finally:
+        handle.remove()
+    return seen
+
+
+def test_each_optimizer_step_gets_the_learning_rate_of_its_own_step(tmp_path):
+    model, data = _setup()
+    cfg = PhaseConfig(lr=1e-2, warmup_steps=3, max_steps=8, min_lr_ratio=0.1, batch_size=4, checkpoint_every=0)
+    seen = _optimizer_steps(model, data, cfg, tmp_path)
+    # by hand: warmup 1/3, 2/3, 3/3 of the peak, then cosine over the 5 steps left down to a tenth
+    hand = [1e-2 * (s + 1) / 3 for s in range(3)] + [
+        1e-3 + 0.5 * (1e-2 - 1e-3) * (1 + math.cos(math.pi * (s - 3) / 5)) for s in range(3, 8)]
+    for step, expected in zip(seen, hand, strict=True):
+        assert step["lr"] == pytest.approx([expected, expected])
+
+
+def test_gradients_are_clipped_to_the_configured_norm(tmp_path):
+    free = _optimizer_steps(*_setup(), PhaseConfig(lr=1e-2, max_steps=2, batch_size=4, grad_clip=0.0,
+                                                   checkpoint_every=0), tmp_path / "free")
+    assert free[0]["norm"] > 0.5  # the unclipped gradient of the first step, for scale
+    clipped = _optimizer_steps(*_setup(), PhaseConfig(lr=1e-2, max_steps=2, batch_size=4, grad_clip=0.5,
+                                                      checkpoint_every=0), tmp_path / "clipped")
+    assert [step["norm"] for step in clipped] == pytest.approx([0.5, 0.5], rel=1e-5)
+    loose = _optimizer_steps(*_setup(), PhaseConfig(lr=1e-2, max_steps=1, batch_size=4, grad_clip=1e6,
+                                                    checkpoint_every=0), tmp_path / "loose")
+    assert loose[0]["norm"] == pytest.approx(free[0]["norm"], rel=1e-6)  # a bound above the norm changes nothing
+
+
+def test_weight_decay_skips_norms_and_biases():
+    from forgetlab.models.zoo import random_model, tiny_config
+    from forgetlab.train.trainer import make_optimizer
+
+    model = random_model(tiny_config("gpt2", 40))  # GPT-2: biases and LayerNorm weights and biases
+    optimizer = make_optimizer(model, PhaseConfig(weight_decay=0.1))
+    decay_of = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    for name, param in model.named_parameters():
+        vector = name.endswith(".bias") or ".ln_" in name or name.startswith("transformer.ln_f")
+        assert decay_of[id(param)] == (0.0 if vector else 0.1), name
+    assert sum(decay_of.values()) > 0 and 0.0 in decay_of.values()
+
+
 def test_an_epoch_ends_where_its_rows_end(tmp_path):
     """33 rows, micro-batches of 8, windows of 4, one epoch: 5 micro-batches (the last of 1 row) in 2 steps, every
     row trained exactly once (the last step takes only what is left of the epoch)."""
