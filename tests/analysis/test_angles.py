@@ -130,3 +130,66 @@ def test_angles_cli_writes_the_contract(tmp_path):
                           "--a2", str(paths[1]), "--b1", str(paths[2]), "--b2", str(paths[3]), "--out", str(out)],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "config.json" in bad.stderr
+
+
+def test_angles_are_one_per_vector_of_b_in_b_singular_order():
+    """Angles are of ΔB's top vectors (one each, in σ order) to span(ΔA), not the other way round."""
+    e = torch.eye(6, dtype=torch.float64)
+    v = orthonormal(5, seed=4)
+    delta_a = torch.outer(e[:, 0], v[:, 0])                                      # span(A) = e1
+    delta_b = 2 * torch.outer(e[:, 1], v[:, 1]) + torch.outer(e[:, 0], v[:, 2])  # top e2 (σ=2), then e1 (σ=1)
+    # σ_B² = 4, 1: 80% of the energy after one vector, so both count. e2 ⟂ e1 → 90°, e1 ∈ span(A) → 0°
+    r_a, r_b, angles = subspace_angles(delta_a, delta_b)
+    assert (r_a, r_b) == (1, 2)
+    assert angles.tolist() == pytest.approx([90.0, 0.0], abs=1e-6)
+    # reverse: B's only vector e1 lies in span(e2, e1) → a single 0°
+    r_a, r_b, angles = subspace_angles(delta_b, delta_a)
+    assert (r_a, r_b) == (2, 1)
+    assert angles.tolist() == pytest.approx([0.0], abs=1e-6)
+
+
+def test_effective_rank_with_tied_singular_values_takes_the_first_k_reaching_the_energy():
+    """Ties put the cumulative share exactly on the threshold: '≥' means the first k that reaches it."""
+    # σ² = 1,1,1,1: shares 0.25, 0.5, 0.75, 1 → 0.5 is reached at k=2, 0.75 at k=3
+    assert effective_rank(torch.ones(4), 0.5) == 2
+    assert effective_rank(torch.ones(4), 0.75) == 3
+    # energy is on σ², not σ: σ = 2,1,1,1,1 → σ² = 4,1,1,1,1 of 8, shares 0.5, 0.625, 0.75, ...
+    # (on σ it would be 2/6 = 0.33 and give 2)
+    s = torch.tensor([2.0, 1.0, 1.0, 1.0, 1.0])
+    assert [effective_rank(s, e) for e in (0.5, 0.625, 0.75)] == [1, 2, 3]
+
+
+def test_update_angles_of_four_different_models_use_each_phase_own_update():
+    """ΔA = a2 − a1 and ΔB = b2 − b1 with four different models, known low-rank updates of different ranks,
+    and non-square matrices: catches a mixed-up or swapped delta and a chance level on the wrong axis."""
+    cfg = tiny_config("llama", 50, n_layers=1)
+    a1, a2, b1, b2 = (random_model(cfg, seed=s) for s in (10, 11, 12, 13))
+    w_a1, w_a2, w_b1, w_b2 = (weight_matrices(m) for m in (a1, a2, b1, b2))
+    # rows of each (out, in) matrix: the space the left singular vectors live in
+    rows_of = {"embedding": 50, "unembedding": 50, "q": 64, "k": 64, "v": 64, "attn_out": 64,
+               "mlp_gate": 128, "mlp_up": 128, "mlp_down": 64}
+    with torch.no_grad():
+        for key in w_a1:
+            m, n = w_a1[key].shape
+            assert m == rows_of[key[1]]
+            e = torch.eye(m)
+            v = orthonormal(n, seed=5)[:, :5].float()
+            # A: 3·e1 v1ᵀ + 2·e2 v2ᵀ   (σ² 9, 4: rank 2 at 99%, ‖ΔA‖ = √13)
+            w_a2[key].copy_(w_a1[key] + 3 * torch.outer(e[0], v[:, 0]) + 2 * torch.outer(e[1], v[:, 1]))
+            # B: 3·e1 + 2·e3 + 1·(e2+e4)/√2  (σ² 9, 4, 1: 13/14 < 99%, rank 3, ‖ΔB‖ = √14)
+            u3 = (e[1] + e[3]) / math.sqrt(2)
+            w_b2[key].copy_(w_b1[key] + 3 * torch.outer(e[0], v[:, 2]) + 2 * torch.outer(e[2], v[:, 3])
+                            + torch.outer(u3, v[:, 4]))
+    rows = update_angles(a1, a2, b1, b2, device="cpu")
+    assert {(r.layer, r.component) for r in rows} == set(w_a1)
+    assert any(rows_of[r.component] != w_a1[(r.layer, r.component)].shape[1] for r in rows)  # non-square present
+    for r in rows:
+        # B's vectors to span(e1, e2): e1 → 0°, e3 → 90°, (e2+e4)/√2 → arccos(1/√2) = 45°
+        assert (r.rank_a, r.rank_b) == (2, 3), r
+        assert r.min_angle_deg == pytest.approx(0.0, abs=1e-3)
+        assert r.max_angle_deg == pytest.approx(90.0, abs=1e-3)
+        assert r.mean_angle_deg == pytest.approx(45.0, abs=1e-3)
+        assert r.norm_a == pytest.approx(math.sqrt(13), rel=1e-5)
+        assert r.norm_b == pytest.approx(math.sqrt(14), rel=1e-5)
+        # chance: a random unit vector of R^rows against the rank-2 span of A
+        assert r.chance_angle_deg == pytest.approx(math.degrees(math.acos(math.sqrt(2 / rows_of[r.component]))), abs=1e-6)

@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from forgetlab.analysis.fv_drift import (MEASURES, DriftSettings, drift_fits, drift_measurements, fv_with_heads,
-                                         linear_fit, parameter_distance, zero_shot_prompts, zero_shot_readings)
+from forgetlab.analysis import fv_drift
+from forgetlab.analysis.fv_drift import (MEASURES, DriftSettings, drift_fits, drift_measurements, fv_interventions,
+                                         fv_with_heads, linear_fit, parameter_distance, zero_shot_prompts,
+                                         zero_shot_readings)
 from forgetlab.fv.extract import FVSettings, extract_function_vector
 from forgetlab.fv.prompts import batches
 from forgetlab.fv.tasks import PromptFormat
@@ -127,3 +129,41 @@ def test_checkpoint_mean_fit_averages_each_model_over_its_tasks():
     assert fit["n"] == 3 and fit["slope"] == pytest.approx(np.polyfit(x, y, 1)[0])
     assert fit["r2"] == pytest.approx(np.corrcoef(x, y)[0, 1] ** 2)
     assert drift_fits(rows)["param_distance"]["checkpoint_mean"]["n"] == 3
+
+
+def test_intervention_recovered_share_is_of_the_drop(setup, monkeypatch):
+    """recovered = (edited − final) / (initial − final): 0 = no help, 1 = back to the initial score.
+    Scores, edit choice and the edit itself are stubbed so the shares are worked out by hand."""
+    import contextlib
+    from types import SimpleNamespace
+
+    tok, tasks = setup
+    model = random_model(tiny_config("llama", len(tok), n_layers=2), seed=0)
+    edit = {"alpha": 0.0}
+    # per task: test score with no edit (final), with the original FV added, with the last task's FV subtracted
+    scores = {"shift": {0: 0.30, 1: 0.55, -1: 0.425}, "mirror": {0: 0.20, 1: 0.50, -1: 0.10}}
+
+    @contextlib.contextmanager
+    def fake_add(adapter, vector, layer, alpha):
+        edit["alpha"] = alpha
+        yield
+        edit["alpha"] = 0.0
+
+    monkeypatch.setattr(fv_drift, "zero_shot_prompts", lambda task, settings, split="test": (task.name, split))
+    monkeypatch.setattr(fv_drift, "accuracy", lambda adapter, tokenizer, prompts:
+                        scores[prompts[0]][int(np.sign(edit["alpha"]))] if prompts[1] == "test" else None)
+    monkeypatch.setattr(fv_drift, "_best_edit", lambda adapter, tokenizer, vector, prompts, alphas: (1, alphas[-1]))
+    monkeypatch.setattr(fv_drift, "add_to_residual", fake_add)
+    monkeypatch.setattr(fv_drift, "extract_function_vector", lambda *a, **k: SimpleNamespace(vector=torch.ones(64)))
+    initial = {"shift": {"score": 0.80, "fv": torch.ones(64)}, "mirror": {"score": 0.60, "fv": torch.ones(64)}}
+    out = fv_interventions(model, tok, tasks, initial, tasks[0], DriftSettings(alphas=(1.0, 2.0), min_drop=0.05))
+    shift, mirror = out["tasks"]["shift"], out["tasks"]["mirror"]
+    # shift: drop 0.8 − 0.3 = 0.5; add (0.55 − 0.3)/0.5 = 0.5; subtract (0.425 − 0.3)/0.5 = 0.25
+    assert shift["forgotten"] and shift["add_recovered"] == pytest.approx(0.5)
+    assert shift["subtract_recovered"] == pytest.approx(0.25)
+    # mirror: drop 0.6 − 0.2 = 0.4; add (0.5 − 0.2)/0.4 = 0.75; subtract (0.1 − 0.2)/0.4 = −0.25 (made it worse)
+    assert mirror["add_recovered"] == pytest.approx(0.75)
+    assert mirror["subtract_recovered"] == pytest.approx(-0.25)
+    assert (shift["add_alpha"], shift["subtract_alpha"]) == (2.0, -2.0)
+    assert out["summary"] == {"forgotten_tasks": 2, "mean_add_recovered": pytest.approx(0.625),
+                              "mean_subtract_recovered": pytest.approx(0.0)}

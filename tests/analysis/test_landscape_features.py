@@ -144,6 +144,20 @@ def test_pc_angle_is_sign_invariant_and_finds_a_rotation():
     assert flipped[0]["pc1_angle_deg"] == pytest.approx(0.0, abs=1e-5)
 
 
+def test_shift_angle_is_measured_against_the_reference_pc1():
+    """The mean-shift direction is compared with the reference's PC1, not the other checkpoint's."""
+    # reference: zero mean, spread 4 along x and 1 along y → PC1 = x exactly
+    ref = np.array([[4.0, 0, 0], [-4.0, 0, 0], [0, 1.0, 0], [0, -1.0, 0]])
+    # other: the reference turned by 90° in the xy-plane (PC1 = y), then moved by 2·(cos 60°, sin 60°, 0)
+    shift = np.array([1.0, np.sqrt(3.0), 0.0])
+    other = np.array([[0, 4.0, 0], [0, -4.0, 0], [-1.0, 0, 0], [1.0, 0, 0]]) + shift
+    row = feature_shift(ref[None], other[None])[0]
+    assert row["shift_vs_pc1_angle_deg"] == pytest.approx(60.0, abs=1e-6)  # to x; to the other's PC1 (y) it is 30°
+    assert row["pc1_angle_deg"] == pytest.approx(90.0, abs=1e-6)
+    # |shift| = 2; RMS norm of the reference = √((16 + 16 + 1 + 1) / 4) = √8.5
+    assert row["mean_shift"] == pytest.approx(2.0 / np.sqrt(8.5), rel=1e-9)
+
+
 @pytest.mark.parametrize("architecture", ["gpt_neox", "llama", "gpt2"])
 def test_dataset_loss_equals_the_models_own_label_loss(architecture):
     """Unembedding only the labelled positions gives Hugging Face's mean answer-token loss."""

@@ -187,3 +187,85 @@ def test_bad_engine_and_bad_mean_shape(make_adapter, bpe_tokenizer, upper_task):
             causal_indirect_effect(a, cf, wrong, engine="exact")
     with pytest.raises(ValueError, match="no prompts"):
         mean_head_activations(a, [])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_cie_equals_a_hand_patched_target_probability_difference(arch, make_adapter, bpe_tokenizer, upper_task,
+                                                                  no_fallback):
+    """CIE_{l,j} = P(y | cf prompt, head (l,j)'s last-token input to the output projection := clean mean)
+    − P(y | cf prompt), as probabilities: computed here one unpadded prompt at a time with a plain hook on
+    the model's own attention output projection, so the engines are not only compared with each other.
+    The attribution engine is checked against the autograd slope of that same probability."""
+    a = make_adapter(arch, init_range=0.2, vocab=len(bpe_tokenizer))
+    model, d = a.model, a.head_dim
+    out_proj = ([blk.self_attn.o_proj for blk in model.model.layers] if arch == "llama"
+                else [blk.attn.c_proj for blk in model.transformer.h])
+    splits = upper_task.splits(0)
+    clean = [encode_prompt(bpe_tokenizer, p, FMT)[0] for p in sample_prompts(splits, 6, shots=3, seed=0)]
+    cf_prompts = counterfactuals(sample_prompts(splits, 4, shots=3, seed=1))
+    cf = [encode_prompt(bpe_tokenizer, p, FMT)[0] for p in cf_prompts]
+
+    state = {"read": {}, "patch": None}
+
+    def hook(layer):
+        def pre(module, args):
+            state["read"][layer] = args[0][0, -1].clone()
+            if state["patch"] is not None and state["patch"][0] == layer:
+                _, head, value = state["patch"]
+                x = args[0].clone()
+                x[0, -1, head * d:(head + 1) * d] = value
+                return (x,)
+        return pre
+
+    def run(ids):
+        return model(input_ids=torch.tensor([ids])).logits[0, -1].double()
+
+    handles = [m.register_forward_pre_hook(hook(l)) for l, m in enumerate(out_proj)]
+    try:
+        with torch.no_grad():
+            total = torch.zeros(a.n_layers, a.n_heads * d, dtype=torch.float64)
+            for ids in clean:  # clean mean of each head's last-token output
+                run(ids)
+                total += torch.stack([state["read"][l] for l in range(a.n_layers)]).double()
+            mean = (total / len(clean)).float().view(a.n_layers, a.n_heads, d)
+            targets = torch.stack([run(ids).argmax() for ids in cf])  # the model's own top token: a real effect
+            want = torch.zeros(len(cf), a.n_layers, a.n_heads, dtype=torch.float64)
+            for i, ids in enumerate(cf):
+                base = torch.softmax(run(ids), -1)[targets[i]]
+                for layer in range(a.n_layers):
+                    for head in range(a.n_heads):
+                        state["patch"] = (layer, head, mean[layer, head])
+                        want[i, layer, head] = torch.softmax(run(ids), -1)[targets[i]] - base
+                        state["patch"] = None
+    finally:
+        for h in handles:
+            h.remove()
+    assert want.abs().max() > 1e-2, "the comparison needs heads with a real effect"
+    batch = next(batches(bpe_tokenizer, cf_prompts, FMT, 4))  # one left-padded batch
+    assert (batch.attention_mask == 0).any()
+    batch.targets[:] = targets
+    for engine in ("naive", "exact"):
+        got = causal_indirect_effect(a, [batch], mean, engine=engine)
+        assert (got.double() - want).abs().max() <= 1e-5, (engine, (got.double() - want).abs().max())
+
+    # attribution: d/dt P(y) at t = 0 for each head's last-token input set to z + t·(mean − z), by autograd
+    t = torch.zeros(a.n_layers, a.n_heads, requires_grad=True)
+
+    def blend(layer):
+        def pre(module, args):
+            x = args[0]
+            z = x[0, -1].view(a.n_heads, d).detach()
+            last = x[0, -1].view(a.n_heads, d) + t[layer][:, None] * (mean[layer] - z)
+            return (torch.cat([x[:, :-1], last.reshape(1, 1, -1)], dim=1),)
+        return pre
+
+    handles = [m.register_forward_pre_hook(blend(l)) for l, m in enumerate(out_proj)]
+    try:
+        slopes = torch.stack([torch.autograd.grad(torch.softmax(run(ids), -1)[targets[i]], t)[0]
+                              for i, ids in enumerate(cf)])
+    finally:
+        for h in handles:
+            h.remove()
+    got = causal_indirect_effect(a, [batch], mean, engine="attribution")
+    assert slopes.abs().max() > 1e-2
+    assert (got - slopes).abs().max() <= 1e-5, (got - slopes).abs().max()

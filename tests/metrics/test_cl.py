@@ -87,6 +87,22 @@ def test_forgetting_chaudhry():
     assert forgetting(R3) == pytest.approx(0.275)
 
 
+def test_forgetting_not_clipped_when_task_improves_later():
+    """A task that ends higher than right after learning it gives negative
+    forgetting (the docstring says it is not clipped at 0), so the max must not
+    include the final row."""
+    R = [
+        [0.10, 0.00, 0.20],
+        [0.40, 0.10, 0.30],  # task1 learned: 0.40
+        [0.50, 0.60, 0.30],  # task2 learned: 0.60
+        [0.70, 0.90, 0.80],  # final: both earlier tasks improved further
+    ]
+    # task1: max(R[1,0]=0.40, R[2,0]=0.50) - R[3,0]=0.70 = -0.20
+    # task2: R[2,1]=0.60 - R[3,1]=0.90 = -0.30
+    # (-0.20 - 0.30) / 2 = -0.25
+    assert forgetting(R) == pytest.approx(-0.25)
+
+
 def test_ap_fp_forget():
     # AP = (0.80 + 0.90 + 0.90) / 3 = 2.6/3 ; FP = 0.7 ; forget = 2.6/3 - 0.7
     assert ap(R3) == pytest.approx(2.6 / 3)
