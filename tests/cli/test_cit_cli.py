@@ -86,6 +86,8 @@ def fv_of_another_model(out):
     ("method", "method"),
     ("fv_missing", "has no FV for task good"),
     ("fv_shape", "the FV of good in fvg_config.fv_dir was extracted from a model with 3 layers x 4 heads"),
+    ("fvg_rows", "--fvg cannot extract a function vector from 8 training rows of task 'good'"),
+    ("fvg_layer", "fvg_config.layer=2 is out of range: the model has 2 layers"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(case, message, tiny_llama_dir, tmp_path, monkeypatch):
     from forgetlab.train import distributed
@@ -124,6 +126,10 @@ def test_bad_input_is_one_line_and_writes_nothing(case, message, tiny_llama_dir,
         if case == "fv_shape":
             fv_of_another_model(tmp_path / "fvs" / "good")
         extra = ["--fvg", "--set", f"fvg_config.fv_dir={tmp_path / 'fvs'}"]
+    elif case == "fvg_rows":  # too few training rows to split into demonstrations and queries for the FV
+        extra = ["--fvg", "--max-train", "8"]
+    elif case == "fvg_layer":
+        extra = ["--fvg", "--set", "fvg_config.layer=2"]
     out = tmp_path / "run"
     line = one_error_line(cit("run", *[x for kv in args.items() for x in kv], *extra, "--no-progress", "--out", out))
     assert message in line

@@ -545,6 +545,12 @@ def test_resume_refuses_another_config(icl_world_dir, tmp_path):
     prepare_run_dir(tmp_path / "run", small(icl_world_dir, method="inclora"), resume=False, overwrite=False)
     with pytest.raises(ValueError, match="different config.*method"):
         prepare_run_dir(tmp_path / "run", small(icl_world_dir, method="seq"), resume=True, overwrite=False)
+    # from Python too: run_cit on a directory holding another config's run refuses before any work
+    (tmp_path / "run" / "results.json").write_text('{"method": "inclora"}')  # as if finished
+    (tmp_path / "run" / "model").mkdir()
+    (tmp_path / "run" / "model" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="different config.*method"):
+        run_cit(small(icl_world_dir, method="seq"), tmp_path / "run", log=lambda s: None, progress=False)
 
 
 def test_checkpoint_every_resumes_inside_a_task(icl_world_dir, tmp_path, monkeypatch):

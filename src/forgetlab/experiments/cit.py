@@ -413,18 +413,39 @@ def check_inputs(cfg: CITConfig) -> None:
     for task in general_files(cfg):
         general_rows(task, cfg, template)
     model_dir = _model_dir(cfg)
-    fv_files = cfg.fvg and cfg.fvg_config.fv_dir and cfg.method != "multitask"
-    if cfg.mode != "full" or fv_files:
+    fvg = cfg.fvg and cfg.method != "multitask"
+    if fvg and not cfg.fvg_config.fv_dir:
+        for task in tasks:
+            _check_fv_extractable(task, cfg)
+    if cfg.mode != "full" or fvg:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
         if cfg.mode != "full":
             _check_lora_targets(model, cfg)
-        if fv_files:
+        if fvg:
             from forgetlab.models.adapter import adapt
 
             adapter = adapt(model)
-            for name, fv in saved_function_vectors(cfg.fvg_config.fv_dir, [t.name for t in tasks]).items():
-                fv.check_fits(adapter, f"the FV of {name} in fvg_config.fv_dir")
+            if cfg.fvg_config.layer >= adapter.n_layers:
+                raise ValueError(f"fvg_config.layer={cfg.fvg_config.layer} is out of range: the model has "
+                                 f"{adapter.n_layers} layers (0..{adapter.n_layers - 1}; -1 picks n_layers // 3)")
+            if cfg.fvg_config.fv_dir:
+                for name, fv in saved_function_vectors(cfg.fvg_config.fv_dir, [t.name for t in tasks]).items():
+                    fv.check_fits(adapter, f"the FV of {name} in fvg_config.fv_dir")
+
+
+def _check_fv_extractable(task, cfg: CITConfig) -> None:
+    """FVG extracts each task's FV from its training rows (split 70/21/9 into demonstrations, test and queries, as
+    :func:`forgetlab.fvg.task_function_vector` does): too few rows is refused here, before any work."""
+    from forgetlab.fv.tasks import ICLTask, sample_prompts
+
+    train, _ = task.split(cfg.n_train, cfg.n_test)
+    splits = ICLTask.from_pairs(task.name, [(x, refs[0]) for x, refs in train]).splits(0)
+    try:
+        sample_prompts(splits, 1, max(2, min(cfg.fvg_config.shots, len(splits.train))), task_name=task.name)
+    except ValueError as err:
+        raise ValueError(f"--fvg cannot extract a function vector from {len(train)} training rows of task "
+                         f"{task.name!r} ({err}); raise --max-train") from None
 
 
 def step_terms(guide, adapter, penalties: dict) -> Callable:
@@ -454,12 +475,12 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
     start = time.perf_counter()
     out = Path(out)
     writes = distributed.is_main()  # several processes (torchrun): all compute, the main one writes
+    if writes:
+        record_api_run(out, cfg)  # refuses a directory that holds a run of another config
     if (out / "results.json").is_file() and (out / "model" / "config.json").is_file():
         log(f"[cit] {out} is a finished run; nothing to resume")
         return read_json(out / "results.json")
     tasks, world = load_sequence(cfg)
-    if writes:
-        record_api_run(out, cfg)
     template = _template(cfg, world)
     model_dir = _model_dir(cfg)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

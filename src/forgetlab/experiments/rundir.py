@@ -31,12 +31,7 @@ def prepare_run_dir(out: Path, cfg, *, resume: bool, overwrite: bool,
     if resume:
         if not (out / CONFIG).is_file():
             raise ValueError(f"--resume: no run to resume at {out} (no {CONFIG}); drop --resume to start one")
-        saved = read_json(out / CONFIG)
-        wanted = json.loads(json.dumps(to_jsonable(cfg)))
-        if saved != wanted:
-            diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
-            raise ValueError(f"--resume: the run at {out} was made with a different config (differs in: {', '.join(diff)}); "
-                             "use the same options or a new --out")
+        check_same_config(out, cfg, "--resume: ")
         changed = record_environment(out, resumed=True)
         if changed:
             log(f"note: resuming {out} in another environment than it started in ({'; '.join(changed)}); "
@@ -58,11 +53,23 @@ def prepare_run_dir(out: Path, cfg, *, resume: bool, overwrite: bool,
     return out
 
 
+def check_same_config(out: Path, cfg, context: str = "") -> None:
+    """Refuse to go on with the run in ``out`` under another config than the one it was made with."""
+    saved = read_json(Path(out) / CONFIG)
+    wanted = json.loads(json.dumps(to_jsonable(cfg)))
+    if saved != wanted:
+        diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+        raise ValueError(f"{context}the run at {out} was made with a different config (differs in: {', '.join(diff)}); "
+                         "use the same options or a new --out")
+
+
 def record_api_run(out: Path, cfg) -> None:
     """For runs started from Python rather than the CLI: write the resolved config and the environment
-    beside the results unless ``prepare_run_dir`` already did."""
+    beside the results unless ``prepare_run_dir`` already did; a run of another config there is refused."""
     out = Path(out)
-    if not (out / CONFIG).is_file():
+    if (out / CONFIG).is_file():
+        check_same_config(out, cfg)
+    else:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / CONFIG, cfg)
         record_environment(out)
