@@ -66,6 +66,7 @@ def test_landscape_features_and_recovery(setup):
                "--before", "0.9", "--out", root / "rec", "--epochs", "2")
     assert proc.returncode == 0, proc.stderr[-2000:]
     rec = json.loads((root / "rec" / "recovery.json").read_text())
+    assert (root / "rec" / "recovery.png").stat().st_size > 0
     row = rec["rows"][0]
     assert 0 <= row["current"] <= 1 and 0 <= row["recovered"] <= 1 and row["steps"] == 2
     if row["spurious_share"] is not None:

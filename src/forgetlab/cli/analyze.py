@@ -231,6 +231,7 @@ def recovery(
     from forgetlab.analysis.recovery import DEFAULT_RECOVERY, encode_qa, read_qa_rows, recovery_table
     from forgetlab.eval.exact_match import greedy_exact_match
     from forgetlab.models.tokenizers import pad_id
+    from forgetlab.report.analysis import plot_recovery
     from forgetlab.utils.io import atomic_write_json
 
     fit_rows, eval_rows = read_qa_rows(fit), read_qa_rows(eval_)
@@ -248,7 +249,8 @@ def recovery(
     rows = recovery_table(checkpoint, fit_rows, eval_rows, before, cfg, seed)
     atomic_write_json(out / "recovery.json", {"fit": str(fit), "eval": str(eval_), "before": before, "lr": lr,
                                               "epochs": epochs, "rows": rows})
+    plot_recovery(rows, out / "recovery.png")
     for r in rows:
         share = "-" if r["spurious_share"] is None else f"{r['spurious_share']:.2f}"
         console.print(f"{r['checkpoint']}: current {r['current']:.3f}  recovered {r['recovered']:.3f}  spurious share {share}")
-    console.print(f"wrote {out}/recovery.json")
+    console.print(f"wrote {out}/recovery.json, recovery.png")

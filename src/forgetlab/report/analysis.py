@@ -1,4 +1,4 @@
-"""Figures of the forgetting diagnostics: update-angle heatmap, loss landscape, feature shift."""
+"""Figures of the forgetting diagnostics: update-angle heatmap, loss landscape, feature shift, recovery."""
 
 from __future__ import annotations
 
@@ -77,5 +77,26 @@ def plot_feature_scatter(points: list[np.ndarray], labels: Sequence[str], path: 
     ax.set_xlabel("PC1 of the reference")
     ax.set_ylabel("PC2 of the reference")
     ax.set_title(title)
+    ax.legend(fontsize=7)
+    save_figure(fig, path)
+
+
+def plot_recovery(rows: Sequence[dict], path: Path) -> None:
+    """Old-task exact match of each checkpoint now and after the brief re-alignment, against the level before the
+    forgetting (dashed): how much of each drop was lost alignment (the spurious share, printed above the bars)."""
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(rows), 3.8))
+    x = np.arange(len(rows))
+    ax.bar(x - 0.2, [r["current"] for r in rows], 0.4, label="current", color="tab:red")
+    ax.bar(x + 0.2, [r["recovered"] for r in rows], 0.4, label="recovered", color="tab:green")
+    before = rows[0].get("before") if rows else None
+    if before is not None:
+        ax.axhline(before, ls="--", color="black", lw=1, label="before")
+    for i, r in enumerate(rows):
+        if r.get("spurious_share") is not None:
+            ax.text(i, max(r["current"], r["recovered"]) + 0.03, f"{r['spurious_share']:.2f}", ha="center", fontsize=8)
+    ax.set_xticks(x, [Path(r["checkpoint"]).name for r in rows], rotation=20, ha="right")
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("old-task exact match")
+    ax.set_title("recovery (numbers: spurious share)", fontsize=9)
     ax.legend(fontsize=7)
     save_figure(fig, path)
