@@ -82,3 +82,16 @@ def test_bad_inputs_get_one_line(setup):
     assert grid.returncode == 2 and "--grid" in grid.stderr
     one = run("features", "--checkpoint", c0, "--prompts", root / "eval.jsonl", "--out", root / "x")
     assert one.returncode == 2 and "at least two" in one.stderr
+    # a checkpoint of another model (3 layers, not 2): one line naming it, not a broadcasting error
+    tok = build_word_tokenizer(WORDS + ["Q", "A", ":"])
+    other = root / "other"
+    random_model(tiny_config("llama", len(tok), n_layers=3)).save_pretrained(other)
+    tok.save_pretrained(other)
+    for args in (("landscape", "--theta0", c0, "--theta1", c1, "--theta2", other, "--data", f"a={root / 'fit.jsonl'}",
+                  "--grid", "2x2", "--no-progress"), ("features", "--checkpoint", c0, "--checkpoint", other,
+                                                       "--prompts", root / "eval.jsonl")):
+        proc = run(*args, "--out", root / "x")
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+        assert f"checkpoint {other} is not a checkpoint of the same model as the first" in lines[0]
+    assert not (root / "x").exists()

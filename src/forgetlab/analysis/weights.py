@@ -28,6 +28,18 @@ FUSED_QKV = ("query_key_value", "c_attn")
 POSITION_EMBEDDINGS = ("wpe", "embed_positions", "position_embeddings")
 
 
+def check_same_model(reference: torch.nn.Module, other: torch.nn.Module, what: str) -> None:
+    """One line when ``other`` has other parameter names or shapes than ``reference``: the diagnostics compare
+    checkpoints of one model, and a mismatch would otherwise surface as a broadcasting error deep inside."""
+    ref = {n: tuple(p.shape) for n, p in reference.named_parameters()}
+    got = {n: tuple(p.shape) for n, p in other.named_parameters()}
+    if ref != got:
+        name = next((n for n in ref if got.get(n) != ref[n]), None) or next(n for n in got if n not in ref)
+        raise ValueError(f"{what} is not a checkpoint of the same model as the first: {name} is "
+                         f"{got.get(name, 'absent')} there and {ref.get(name, 'absent')} in the first; compare "
+                         "checkpoints of one model")
+
+
 def _oriented(module: torch.nn.Module) -> torch.Tensor:
     weight = module.weight.detach()
     return weight.t() if hasattr(module, "nf") else weight  # Conv1D stores (in, out)

@@ -18,13 +18,19 @@ Out = Annotated[Path, typer.Option("--out", help="output directory (data + PNG)"
 Checkpoints = Annotated[list[Path], typer.Option("--checkpoint", help="HF checkpoint directory (repeat, in order)")]
 
 
-def _load(path: Path):
+def _load(path: Path, like=None):
+    """The checkpoint at ``path``, on the GPU when there is one; with ``like`` (a model), refused in one line unless
+    it has the same parameters."""
     import torch
 
+    from forgetlab.analysis.weights import check_same_model
     from forgetlab.models.build import check_checkpoint, load_model
 
     check_checkpoint(path, "checkpoint")
-    return load_model(path).to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    model = load_model(path).to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    if like is not None:
+        check_same_model(like, model, f"checkpoint {path}")
+    return model
 
 
 def _tokenizer(path: Path):
@@ -138,7 +144,7 @@ def landscape(
     tok = _tokenizer(theta0)
     pad = pad_id(tok)
     datasets = {name: qa_dataset(*encode_qa(tok, rows), tok.eos_token_id, pad) for name, rows in tasks.items()}
-    p0, p1, p2 = parameters_of(model), parameters_of(_load(theta1)), parameters_of(_load(theta2))
+    p0, p1, p2 = parameters_of(model), parameters_of(_load(theta1, model)), parameters_of(_load(theta2, model))
     d1, d2 = directions(p0, p1, p2, orthogonalize, filter_normalize, filter_axes(model))
     alphas, betas = np.linspace(a_lo, a_hi, n_a), np.linspace(b_lo, b_hi, n_b)
     task_losses = {name: (lambda m, d=d: dataset_loss(m, d)) for name, d in datasets.items()}
@@ -149,7 +155,7 @@ def landscape(
     # each trajectory checkpoint's own losses: the exact values along the path, not read off the plane
     params, path_losses = [], []
     for point in points:
-        checkpoint = _load(point)
+        checkpoint = _load(point, model)
         params.append(parameters_of(checkpoint))
         path_losses.append({name: fn(checkpoint) for name, fn in task_losses.items()})
         del checkpoint
@@ -194,7 +200,9 @@ def features(
     tok = _tokenizer(checkpoint[0])
     ids, _ = encode_qa(tok, read_qa_rows(prompts)[:_positive(max_prompts, "--max-prompts")])
     pad = pad_id(tok)
-    feats = [last_token_features(_load(c), ids, pad) for c in checkpoint]
+    first = _load(checkpoint[0])
+    feats = [last_token_features(first, ids, pad)]
+    feats += [last_token_features(_load(c, first), ids, pad) for c in checkpoint[1:]]
     if not 0 <= scatter_layer < feats[0].shape[0]:
         raise ValueError(f"--scatter-layer {scatter_layer} is out of range; the models have layers 0..{feats[0].shape[0] - 1}")
     pairs = {f"{checkpoint[0].name}→{c.name}": feature_shift(feats[0], f) for c, f in zip(checkpoint[1:], feats[1:])}
