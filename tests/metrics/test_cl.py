@@ -22,6 +22,7 @@ from forgetlab.metrics.cl import (
     fp,
     fwt,
     general_ability_delta,
+    share_or_none,
     spurious_share,
 )
 
@@ -165,3 +166,6 @@ def test_spurious_share():
     assert math.isnan(spurious_share(0.5, 0.5 + 1e-12, 0.7))     # ~zero drop
     assert math.isnan(spurious_share(0.50, 0.52, 0.40))           # a gain, not a drop: +6.0 would read "recovered"
     assert math.isnan(spurious_share(0.10, 0.11, 0.12))           # and -2.0 "got worse", both backwards
+    # what run results hold: None (JSON null) instead of NaN, and None without a level before
+    assert share_or_none(0.8, 0.4, 0.5) == pytest.approx(0.25)
+    assert share_or_none(0.5, 0.52, 0.4) is None and share_or_none(None, 0.4, 0.5) is None

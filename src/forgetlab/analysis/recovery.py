@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from forgetlab.eval.exact_match import greedy_exact_match
-from forgetlab.metrics.cl import spurious_share
+from forgetlab.metrics.cl import share_or_none
 from forgetlab.models.tokenizers import pad_id, special_prefix, split_in_context
 from forgetlab.train.data import qa_dataset
 from forgetlab.train.trainer import EvalSchedule, PhaseConfig, train_phase
@@ -88,8 +88,7 @@ def recovery_table(checkpoints: list[str | Path], fit_rows: list[dict], eval_row
             raise FileNotFoundError(f"checkpoint {ckpt} has no config.json; pass Hugging Face checkpoint directories")
         model = load_model(ckpt).to(device).eval()
         result = recover(model, AutoTokenizer.from_pretrained(str(ckpt)), fit_rows, eval_rows, cfg, seed, progress, log)
-        share = spurious_share(before, result["current"], result["recovered"]) if before is not None else None
         rows.append({"checkpoint": str(ckpt), "before": before, **result,
-                     "spurious_share": None if share is None or share != share else share})
+                     "spurious_share": share_or_none(before, result["current"], result["recovered"])})
         log(f"[recovery] {ckpt}: current {result['current']:.3f} -> recovered {result['recovered']:.3f}")
     return rows

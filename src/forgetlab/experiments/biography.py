@@ -27,7 +27,7 @@ from forgetlab.experiments.rundir import prepare_run_dir, publish_checkpoint
 from forgetlab.methods import freeze_parameters, mix_replay
 from forgetlab.methods.freeze import bottom_layers
 from forgetlab.methods.regularizers import diagonal_fisher, ewc_penalty
-from forgetlab.metrics.cl import cl_summary, spurious_share
+from forgetlab.metrics.cl import cl_summary, share_or_none
 from forgetlab.models.build import build_model, load_model
 from forgetlab.models.tokenizers import build_word_tokenizer
 from forgetlab.train import distributed
@@ -341,7 +341,7 @@ def summarize(cfg: BiographyRunConfig, phases: dict, rows: list[dict], n_tasks: 
         "task1_after": phases["task1"].info["final"]["task1"]["em"],
         "task0_recovered": recovered,
         "task0_recovery_control": phases["recovery_control"].info["final"]["task0"]["em"],
-        "spurious_share": spurious_share(before, final["task0"]["em"], recovered),
+        "spurious_share": share_or_none(before, final["task0"]["em"], recovered),
         "method": m.name, "freeze_layers": m.freeze_layers, "replay": m.replay, "early_stop": m.early_stop,
         "ewc_strength": m.ewc_strength,
         "preset": cfg.preset, "seed": cfg.seed, "seconds": seconds,

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 from forgetlab.experiments.biography import BiographyExperiment
 from forgetlab.experiments.config import BiographyRunConfig
 from forgetlab.experiments.rundir import CONFIG
-from forgetlab.metrics.cl import spurious_share
+from forgetlab.metrics.cl import share_or_none
 from forgetlab.models.build import check_checkpoint, load_model
 from forgetlab.utils.io import atomic_write_json, config_hash, from_jsonable, read_json
 
@@ -53,7 +53,7 @@ def recover_checkpoint(model_dir: Path, run_dir: Path, *, out: Path | None = Non
     results_path = Path(run_dir) / "results.json"
     before = read_json(results_path)["task0_before"] if results_path.is_file() else None
     result = {"model": str(model_dir), "before": before, "current": current, "recovered": recovered,
-              "spurious_share": spurious_share(before, current, recovered) if before is not None else None,
+              "spurious_share": share_or_none(before, current, recovered),
               "recovery_steps": phase.info["steps"]}
     atomic_write_json(Path(out or run_dir) / "recovery.json", result)
     return result

@@ -179,6 +179,13 @@ def spurious_share(before: float, current: float, recovered: float) -> float:
     return (float(recovered) - float(current)) / drop
 
 
+def share_or_none(before: float | None, current: float, recovered: float) -> float | None:
+    """:func:`spurious_share` as run results hold it: None (JSON null) when undefined, no ``before`` or no drop, so
+    the dict a Python call returns reads the same as the ``results.json`` it writes."""
+    share = spurious_share(before, current, recovered) if before is not None else math.nan
+    return None if math.isnan(share) else share
+
+
 def cl_summary(R: ArrayLike) -> dict[str, float]:
     """All matrix metrics in one dict (fwt uses the initial-model baseline R[0])."""
     R = as_score_matrix(R)
