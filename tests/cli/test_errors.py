@@ -25,6 +25,7 @@ def one_error_line(result) -> str:
     (["--preset", "huge"], "unknown preset 'huge'; choose one of: smoke, cpu-demo, gpu, paper"),
     (["--method", "lamol"], "method='lamol' is unknown"),
     (["--method", "ewc", "--ewc-strength", "-1"], "method=ewc needs --ewc-strength > 0"),
+    (["--method", "ewc", "--ewc-strength", "0"], "method=ewc needs --ewc-strength > 0"),  # an explicit 0 is not 1e4
     (["--method", "freeze", "--freeze-layers", "9"], "--freeze-layers 9 is outside 0..2"),
     (["--replay", "-0.5"], "--replay -0.5 must be a fraction"),
     (["--early-stop", "3"], "--early-stop 3.0 must be an accuracy"),
@@ -190,3 +191,21 @@ def test_usage_errors_of_the_console_command_are_one_line(args, message):
     if args == ["nonsense"]:  # help still shows as usual
         help_ = subprocess.run([sys.executable, "-m", "forgetlab", "fv", "--help"], capture_output=True, text=True)
         assert help_.returncode == 0 and "extract" in help_.stdout
+
+
+@pytest.mark.parametrize("command, shown", [
+    (["cit", "run"], ["[default: the world's model]", "[default: the ICL world's general tasks]"]),
+    (["biography", "run"], ["[default: $FORGETLAB_CACHE or ~/.cache/forgetlab]", "(default with --method ewc: 1e4)",
+                            "default with --method freeze: 2)"]),
+    (["biography", "recover"], ["[default: the model dir's run]"]),
+    (["analyze", "landscape"], ["[default: theta0, theta1, theta2]"]),
+    (["fv", "evaluate"], ["[default: best of the sweep]"]),
+])
+def test_help_shows_the_defaults_written_in_brackets(command, shown, monkeypatch):
+    """Rich markup reads "[...]" as a style tag and drops it unless escaped: every such default must reach the screen."""
+    monkeypatch.setenv("COLUMNS", "400")  # one line per option, so no default is cut by wrapping
+    result = CliRunner().invoke(app, [*command, "--help"])
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    for default in shown:
+        assert default in text, default

@@ -107,7 +107,7 @@ def landscape(
     data: Annotated[list[str], typer.Option(help="NAME=FILE of QA JSONL rows {prompt, answer} (repeat per task)")],
     out: Out,
     trajectory: Annotated[Optional[list[Path]], typer.Option(help="checkpoints to project onto the plane, in training "
-                                                                   "order (repeat) [default: theta0, theta1, theta2]")] = None,
+                                                                   "order (repeat) \\[default: theta0, theta1, theta2]")] = None,
     grid: Annotated[str, typer.Option(help="points along d1 x d2 (paper: 41x61)")] = "21x31",
     alpha_range: Annotated[str, typer.Option(help="range along d1")] = "-1,7",
     beta_range: Annotated[str, typer.Option(help="range along d2")] = "-1,12",

@@ -26,7 +26,7 @@ Preset = Annotated[str, typer.Option(help=f"configuration: {' | '.join(PRESETS)}
 Out = Annotated[Path, typer.Option("--out", help="run directory")]
 Seed = Annotated[int, typer.Option(help="seed of the world, the initialisation and the data order")]
 CacheDir = Annotated[Optional[Path], typer.Option(help="where finished phases are cached "
-                                                        "[default: $FORGETLAB_CACHE or ~/.cache/forgetlab]")]
+                                                        "\\[default: $FORGETLAB_CACHE or ~/.cache/forgetlab]")]
 
 
 def log_line(text: str) -> None:
@@ -46,11 +46,11 @@ def run(
     out: Out = Path("runs/biography"),
     method: Annotated[str, typer.Option(help="seq | freeze | ewc")] = "seq",
     freeze_layers: Annotated[Optional[int], typer.Option(help="freeze: bottom decoder layers frozen with the embedding "
-                                                              "(0: the embedding alone) [default with --method freeze: 2]")] = None,
+                                                              "(0: the embedding alone; default with --method freeze: 2)")] = None,
     replay: Annotated[float, typer.Option(help="old-task rows mixed into each new task, as a fraction of its rows")] = 0.0,
     early_stop: Annotated[float, typer.Option(help="stop a task once its exact match reaches this (0 = off)")] = 0.0,
-    ewc_strength: Annotated[float, typer.Option(help="ewc: λ of the Fisher penalty λ/2 Σ F (θ − θ*)² "
-                                                     "[default with --method ewc: 1e4]")] = 0.0,
+    ewc_strength: Annotated[Optional[float], typer.Option(help="ewc: λ of the Fisher penalty λ/2 Σ F (θ − θ*)² "
+                                                               "(default with --method ewc: 1e4)")] = None,
     snapshot_steps: Annotated[str, typer.Option(help="task steps to keep as checkpoints/taskK-step-N, e.g. 50,150")] = "",
     seed: Seed = 0,
     resume: Annotated[bool, typer.Option(help="continue the run in --out")] = False,
@@ -65,8 +65,8 @@ def run(
 
     if freeze_layers is None:
         freeze_layers = 2 if method == "freeze" else 0
-    if method == "ewc" and ewc_strength == 0:
-        ewc_strength = 1e4
+    if ewc_strength is None:
+        ewc_strength = 1e4 if method == "ewc" else 0.0
     cfg = preset_config(preset, seed, MethodConfig(name=method, freeze_layers=freeze_layers, replay=replay,
                                                    early_stop=early_stop, ewc_strength=ewc_strength))
     cfg = apply_overrides(cfg, set_ or [])
@@ -130,7 +130,7 @@ def generate(preset: Preset = "cpu-demo", out: Out = Path("runs/biography-world"
 def recover(
     model: Annotated[Path, typer.Option(help="checkpoint directory to re-align (e.g. RUN/checkpoints/task1)")],
     run_dir: Annotated[Path, typer.Option("--run", help="the run whose world and recovery settings to use")],
-    out: Annotated[Optional[Path], typer.Option(help="where to write recovery.json [default: the model dir's run]")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="where to write recovery.json \\[default: the model dir's run]")] = None,
     cache_dir: CacheDir = None,
 ) -> None:
     """Recovery for any checkpoint: one epoch of task-0 QA on half its people, scored on held-out people."""

@@ -26,7 +26,7 @@ def launch(ctx: typer.Context) -> None:
 def run(
     out: Annotated[Path, typer.Option("--out", help="run directory")],
     world: Annotated[Optional[Path], typer.Option(help="an icl-world build (model + world.json)")] = None,
-    model: Annotated[Optional[Path], typer.Option(help="HF checkpoint [default: the world's model]")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="HF checkpoint \\[default: the world's model]")] = None,
     sequence: Annotated[str, typer.Option(help="world sequence index, `coded:K` (sequence K's abilities asked by coded "
                                                "instructions, which no build already does), world task names a,b,c, or "
                                                "`new` (the sequences' tasks its model does not already do; with --world); "
@@ -36,7 +36,7 @@ def run(
     method: Annotated[str, typer.Option(help="seq | replay | ewc | multitask (full fine-tuning); "
                                              "lora | inclora | lwf | olora (LoRA)")] = "seq",
     general: Annotated[str, typer.Option(help="general sets for GP/IP as task files a.json,b.jsonl "
-                                              "[default: the ICL world's general tasks]")] = "",
+                                              "\\[default: the ICL world's general tasks]")] = "",
     max_train: Annotated[int, typer.Option(help="training instances per task")] = 1000,
     max_test: Annotated[int, typer.Option(help="test instances per task (the last ones; ICL-world tasks keep their split)")] = 100,
     epochs: Annotated[float, typer.Option(help="passes over each task")] = 10.0,

@@ -123,7 +123,7 @@ def evaluate(
     task: TaskFile,
     fv: Annotated[Path, typer.Option("--fv", help="directory written by `forgetlab fv extract`")],
     out: Out,
-    layer: Annotated[Optional[int], typer.Option(help="edit layer for the generation scores [default: best of the sweep]")] = None,
+    layer: Annotated[Optional[int], typer.Option(help="edit layer for the generation scores \\[default: best of the sweep]")] = None,
     alpha: Annotated[float, typer.Option(help="scale of the added vector; negative subtracts it")] = 1.0,
     n_prompts: Annotated[int, typer.Option(help="test queries")] = 50,
     shots: Shots = 10,
