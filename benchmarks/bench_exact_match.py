@@ -102,7 +102,7 @@ def check_vocabulary(model_dir: Path, tokenizer, model) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="cpu-demo", help="world (and model shape) to take the questions from")
     parser.add_argument("--seed", type=int, default=0, help="world seed, model seed and question sample seed")
     parser.add_argument("--n", type=int, default=300, help="questions (from task-0 test people)")

@@ -161,7 +161,7 @@ def run_hf(model, tokenizer, token_lists, eos_id, args, pcfg: PhaseConfig, devic
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="cpu-demo", help="world and model sizes (forgetlab presets)")
     parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps per contender")
     parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps before the clock starts")

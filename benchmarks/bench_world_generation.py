@@ -18,7 +18,7 @@ BUDGET_PEOPLE = 200_000
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--people", type=int, default=BUDGET_PEOPLE, help="pretraining people to generate")
     args = parser.parse_args()
 

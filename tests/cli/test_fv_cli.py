@@ -219,6 +219,10 @@ def test_universal_heads_average_the_tasks_and_rebuild_each_fv(extracted, tmp_pa
     meta = json.loads((tmp_path / "other" / "fv.json").read_text())
     (tmp_path / "other" / "fv.json").write_text(json.dumps({**meta, "n_layers": 3}))  # as if from a deeper model
     assert "different shapes" in one_error_line(*invoke("universal", files / "out", tmp_path / "other", "--out", tmp_path / "x"))
+    # a --model that is not a checkpoint: one line, and no empty --out left behind
+    line = one_error_line(*invoke("universal", files / "out", "--top-k", 3, "--model", tmp_path / "nothing", "--out",
+                                  tmp_path / "y"))
+    assert "is not a Hugging Face checkpoint directory" in line and not (tmp_path / "y").exists()
 
 
 def test_extract_does_not_replace_another_tasks_fv_without_overwrite(extracted):

@@ -25,7 +25,7 @@ def user_errors(fn: Callable) -> Callable:
         try:
             out = kwargs.get("out")
             if isinstance(out, Path) and out.exists() and not out.is_dir():
-                raise ValueError(f"--out {out} is a file; give a directory (it is created if missing)")
+                raise ValueError(f"--out {out} is a file; give a directory")
             return fn(*args, **kwargs)
         except (ValueError, OSError) as err:
             if first_process():  # one line, not one per process of a multi-GPU run

@@ -191,15 +191,17 @@ def universal(
         raise ValueError(f"task {next(n for n in names if names.count(n) > 1)!r} is given twice; pass one extraction per task")
     heads = universal_heads([r.cie_per_prompt for r in results], top_k)
     mean_cie = torch.stack([r.cie_per_prompt.mean(0) for r in results]).mean(0)
-    out.mkdir(parents=True, exist_ok=True)
     written = ["universal.json", "universal_cie.png"]
-    if model is not None:
+    vectors = None
+    if model is not None:  # loaded and checked before --out is created: a bad model leaves nothing behind
         from forgetlab.models.adapter import adapt
 
         lm, _ = load_for_fv(model, device, dtype)
         adapter = adapt(lm)
         results[0].check_fits(adapter, f"the FV in {fv_dirs[0]}")
         vectors = {r.task: function_vector(adapter, r.mean_activations, heads).cpu().contiguous() for r in results}
+    out.mkdir(parents=True, exist_ok=True)
+    if vectors is not None:
         with atomic_path(out / "universal_fvs.safetensors") as tmp:
             save_file(vectors, str(tmp))
         written.append("universal_fvs.safetensors")
