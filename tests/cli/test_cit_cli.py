@@ -197,3 +197,20 @@ def test_two_processes_under_torchrun_write_one_run(icl_world_dir, tmp_path, tor
     assert odd.stderr.count("train.batch_size=3 does not split over 2 processes") == 1
     refused = torchrun("-m", "forgetlab", "cit", "analyze", tmp_path / "two", timeout=300)
     assert refused.returncode != 0 and "`forgetlab cit analyze` runs in one process" in refused.stderr
+
+
+def test_analyze_names_a_directory_of_another_command(tmp_path):
+    from forgetlab.experiments.presets import preset_config
+    from forgetlab.utils.io import atomic_write_json
+
+    atomic_write_json(tmp_path / "config.json", preset_config("smoke"))  # a biography run's config
+    (tmp_path / "results.json").write_text("{}")
+    line = one_error_line(cit("analyze", tmp_path))
+    assert f"{tmp_path} is not a `forgetlab cit run` directory (its config.json is another command's)" in line
+
+
+def test_a_model_of_another_vocabulary_is_refused_on_a_world(icl_world_dir, tiny_llama_dir, tmp_path):
+    out = tmp_path / "run"
+    line = one_error_line(cit("run", "--world", icl_world_dir, "--model", tiny_llama_dir, "--sequence", "0", *SMALL,
+                              "--out", out))
+    assert f"--model {tiny_llama_dir} has another vocabulary" in line and not out.exists()

@@ -413,6 +413,8 @@ def check_inputs(cfg: CITConfig) -> None:
     for task in general_files(cfg):
         general_rows(task, cfg, template)
     model_dir = _model_dir(cfg)
+    if cfg.world_dir and cfg.model:
+        _check_world_vocabulary(model_dir, Path(cfg.world_dir) / "model")
     fvg = cfg.fvg and cfg.method != "multitask"
     if fvg and not cfg.fvg_config.fv_dir:
         for task in tasks:
@@ -432,6 +434,17 @@ def check_inputs(cfg: CITConfig) -> None:
             if cfg.fvg_config.fv_dir:
                 for name, fv in saved_function_vectors(cfg.fvg_config.fv_dir, [t.name for t in tasks]).items():
                     fv.check_fits(adapter, f"the FV of {name} in fvg_config.fv_dir")
+
+
+def _check_world_vocabulary(model_dir: str, world_model: Path) -> None:
+    """An ICL world's prompts are written in its tokenizer's words: another model of the world must share them,
+    or every unknown word reads as the same token (a foreign model then "answers" <unk> with <unk>)."""
+    from transformers import AutoTokenizer
+
+    theirs, ours = (AutoTokenizer.from_pretrained(str(d)).get_vocab() for d in (model_dir, world_model))
+    if theirs != ours:
+        raise ValueError(f"--model {model_dir} has another vocabulary ({len(theirs)} tokens) than the ICL world's model "
+                         f"({len(ours)} tokens, {world_model}); use a model trained on this world")
 
 
 def _check_fv_extractable(task, cfg: CITConfig) -> None:
@@ -685,7 +698,10 @@ def _run_setup(run: Path) -> tuple[CITConfig, list[Path], str]:
 
     if not (run / "config.json").is_file() or not (run / "results.json").is_file():
         raise FileNotFoundError(f"{run} is not a finished `forgetlab cit run` directory (no config.json/results.json)")
-    cfg = from_jsonable(CITConfig, read_json(run / "config.json"))
+    saved = read_json(run / "config.json")
+    if not isinstance(saved, dict) or "sequence" not in saved or "method" not in saved:
+        raise ValueError(f"{run} is not a `forgetlab cit run` directory (its config.json is another command's)")
+    cfg = from_jsonable(CITConfig, saved)
     checkpoints = sorted(p for p in (run / "checkpoints").glob("task-*") if (p / "config.json").is_file())
     if not checkpoints:
         raise FileNotFoundError(f"{run}/checkpoints has no per-task checkpoints; rerun with save_checkpoints=true")
