@@ -30,7 +30,7 @@ import torch
 from forgetlab.analysis.recovery import encode_qa
 from forgetlab.eval.exact_match import left_pad
 from forgetlab.eval.scoring import ALREADY_DONE, score
-from forgetlab.experiments.rundir import record_api_run
+from forgetlab.experiments.rundir import CONFIG, check_same_config, record_api_run
 from forgetlab.methods.fvg import (FVGConfig, FVGuidance, over_universal_heads, saved_function_vectors,
                                    task_function_vector)
 from forgetlab.methods.regularizers import diagonal_fisher, distillation_kl, ewc_penalty, lora_orthogonality
@@ -488,12 +488,14 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
     start = time.perf_counter()
     out = Path(out)
     writes = distributed.is_main()  # several processes (torchrun): all compute, the main one writes
-    if writes:
-        record_api_run(out, cfg)  # refuses a directory that holds a run of another config
+    if (out / CONFIG).is_file():
+        check_same_config(out, cfg)  # a directory holding a run of another config is refused, finished or not
     if (out / "results.json").is_file() and (out / "model" / "config.json").is_file():
         log(f"[cit] {out} is a finished run; nothing to resume")
         return read_json(out / "results.json")
     tasks, world = load_sequence(cfg)
+    if writes:
+        record_api_run(out, cfg)
     template = _template(cfg, world)
     model_dir = _model_dir(cfg)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
