@@ -154,10 +154,9 @@ def _qa_setup(seed=0, n=8):
     return model, qa_dataset(prompts, answers, eos_id=1, pad_id=0)
 
 
-def test_accumulated_micro_batches_give_the_gradient_of_the_whole_batch(tmp_path, monkeypatch):
-    """One step over 4 padded rows as 1 x 4, 2 x 2 and 4 x 1 micro-batches: each gives the gradient of the mean loss
-    over all 4 rows' answer tokens, computed here in one pass (averaging the micro-batches' own token means would
-    weigh a short answer's tokens more)."""
+def _step_gradients(tmp_path, monkeypatch, extra_loss=None):
+    """The gradient one step of ``train_phase`` applies to 4 padded rows taken as 1 x 4, 2 x 2 and 4 x 1 micro-batches
+    (read where it is clipped), each from a fresh model; ``extra_loss(model)`` gives the step's method term."""
     import forgetlab.train.trainer as trainer
 
     grads = []
@@ -172,7 +171,15 @@ def test_accumulated_micro_batches_give_the_gradient_of_the_whole_batch(tmp_path
     for batch_size, accum in ((4, 1), (2, 2), (1, 4)):
         model, data = _qa_setup(n=4)
         cfg = PhaseConfig(lr=1e-2, max_steps=1, batch_size=batch_size, grad_accum=accum, grad_clip=1e9, checkpoint_every=0)
-        train_phase(model, data, cfg, phase="p", state_dir=tmp_path / f"{batch_size}", seed=0, progress=False)
+        train_phase(model, data, cfg, phase="p", state_dir=tmp_path / f"{batch_size}", seed=0, progress=False,
+                    extra_loss=None if extra_loss is None else extra_loss(model))
+    return grads
+
+
+def test_accumulated_micro_batches_give_the_gradient_of_the_whole_batch(tmp_path, monkeypatch):
+    """Each layout gives the gradient of the mean loss over all 4 rows' answer tokens, computed here in one pass
+    (averaging the micro-batches' own token means would weigh a short answer's tokens more)."""
+    grads = _step_gradients(tmp_path, monkeypatch)
     model, data = _qa_setup(n=4)
     model.train()
     model(**data.batch(torch.arange(4))).loss.backward()  # HF: the mean over the 4 rows' labelled tokens
@@ -184,27 +191,12 @@ def test_accumulated_micro_batches_give_the_gradient_of_the_whole_batch(tmp_path
 
 
 def test_a_method_term_is_averaged_over_the_micro_batches_of_a_step(tmp_path, monkeypatch):
-    """A method term of known gradient, ½‖θ‖² per micro-batch, adds exactly θ to the step's gradient whether the
-    step is 1 x 4, 2 x 2 or 4 x 1 micro-batches (summing it over micro-batches would multiply it by their count)."""
-    import forgetlab.train.trainer as trainer
-
-    grads = []
-    real_clip = torch.nn.utils.clip_grad_norm_
-
-    def capture(params, max_norm):
-        params = list(params)
-        grads.append(torch.cat([p.grad.flatten() for p in params]).clone())
-        return real_clip(params, max_norm)
-
+    """A method term of known gradient, ½‖θ‖² per micro-batch, adds exactly θ to the step's gradient in every
+    layout (summing it over micro-batches would multiply it by their count)."""
     def half_square(model):
         return lambda rows, batch, run_forward: 0.5 * sum(p.pow(2).sum() for p in model.parameters())
 
-    monkeypatch.setattr(trainer.torch.nn.utils, "clip_grad_norm_", capture)
-    for batch_size, accum in ((4, 1), (2, 2), (1, 4)):
-        model, data = _qa_setup(n=4)
-        cfg = PhaseConfig(lr=1e-2, max_steps=1, batch_size=batch_size, grad_accum=accum, grad_clip=1e9, checkpoint_every=0)
-        train_phase(model, data, cfg, phase="p", state_dir=tmp_path / f"{batch_size}", seed=0, progress=False,
-                    extra_loss=half_square(model))
+    grads = _step_gradients(tmp_path, monkeypatch, half_square)
     model, data = _qa_setup(n=4)
     model.train()
     model(**data.batch(torch.arange(4))).loss.backward()
