@@ -67,6 +67,40 @@ def test_smoke_run_writes_the_contract(smoke_run):
     assert "spurious share" in proc.stdout
 
 
+def test_summary_of_hand_made_phases_with_two_new_tasks():
+    """The smoke run has one new task, so "after task 1" and "final" coincide there. Hand-made phase results of a
+    run with two: task-0 EM 0.8 before, lowest 0.3 while task 1 is learned (a lower 0.1 while task 0 itself was
+    learned does not count), 0.5 after task 1, 0.2 after task 2, recovered to 0.6 from there: the spurious share
+    is (0.6 - 0.2) / (0.8 - 0.2) = 2/3, and the per-attribute scores are those after task 1."""
+    from types import SimpleNamespace
+
+    from forgetlab.experiments.biography import summarize
+    from forgetlab.experiments.config import BiographyRunConfig
+
+    def phase(task0, task1, task2, steps=10, **task0_extra):
+        return SimpleNamespace(info={"steps": steps, "final": {"task0": {"em": task0, **task0_extra}, "task1": {"em": task1},
+                                                               "task2": {"em": task2}}})
+
+    phases = {"pretrain": phase(0.0, 0.0, 0.0), "task0": phase(0.8, 0.05, 0.0, em_major=0.9),
+              "task1": phase(0.5, 0.9, 0.1, steps=7, em_major=0.4), "task2": phase(0.2, 0.7, 0.95),
+              "recovery": phase(0.6, 0.7, 0.9), "recovery_control": phase(0.25, 0.7, 0.9)}
+    rows = [{"phase": "task0", "step": 1, "task": "task0", "metric": "em", "value": 0.1},
+            {"phase": "task1", "step": 1, "task": "task0", "metric": "em", "value": 0.3},
+            {"phase": "task1", "step": 2, "task": "task1", "metric": "em", "value": 0.2},  # another task
+            {"phase": "task1", "step": 2, "task": "task0", "metric": "recall", "value": 0.05},  # another metric
+            {"phase": "task1", "step": 3, "task": "task0", "metric": "em", "value": 0.5},
+            {"phase": "task2", "step": 1, "task": "task0", "metric": "em", "value": 0.15}]  # after task 1
+    out = summarize(BiographyRunConfig(), phases, rows, n_tasks=2, seconds=1.0)
+    assert (out["task0_before"], out["task0_min_during_task1"], out["task0_after_task1"], out["task0_final"]) == (
+        0.8, 0.3, 0.5, 0.2)
+    assert (out["task1_after"], out["task0_recovered"], out["task0_recovery_control"], out["task1_steps"]) == (
+        0.9, 0.6, 0.25, 7)
+    assert out["spurious_share"] == pytest.approx(2 / 3)
+    assert out["per_attribute_after_task1"] == {"em_major": 0.4}
+    assert out["score_matrix"]["rows"] == ["pretrain", "task0", "task1", "task2"]
+    assert out["score_matrix"]["R"] == [[0.0, 0.0, 0.0], [0.8, 0.05, 0.0], [0.5, 0.9, 0.1], [0.2, 0.7, 0.95]]
+
+
 def test_checkpoint_loads_with_auto_classes(smoke_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

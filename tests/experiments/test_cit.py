@@ -104,6 +104,14 @@ def test_summary_of_a_hand_matrix():
     assert known["known_at_start"] == ["a"]  # 90 counts as already done, 89.9 does not
 
 
+def test_summary_lists_the_general_scores_after_each_task_from_the_initial_model_on():
+    """One entry per row of R: the initial model's GP and IP, then after each task (what the per-task plots read)."""
+    tasks = [InstructionTask("a", "d", ()), InstructionTask("b", "d", ())]
+    general = [{"gp": 70.0, "ip": 60.0}, {"gp": 65.0, "ip": 58.0}, {"gp": 40.0, "ip": 50.0}]
+    out = summarize(CITConfig(world_dir="x"), tasks, [[10.0, 0.0], [80.0, 5.0], [50.0, 90.0]], general)
+    assert out["general_after_each_task"] == [{"GP": 70.0, "IP": 60.0}, {"GP": 65.0, "IP": 58.0}, {"GP": 40.0, "IP": 50.0}]
+
+
 def test_ni_files_run_with_any_model(tmp_path, tiny_llama_dir):
     tasks = tmp_path / "tasks"
     tasks.mkdir()

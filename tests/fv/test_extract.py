@@ -180,3 +180,65 @@ def test_evaluate_bad_inputs(extracted, bpe_tokenizer, upper_task):
         evaluate_function_vector(a, bpe_tokenizer, upper_task, r.vector, replace(EVAL, layer=3))
     with pytest.raises(ValueError, match="layer -1 is out of range"):
         evaluate_function_vector(a, bpe_tokenizer, upper_task, r.vector, EVAL, layers=[-1, 0])
+
+
+def test_evaluate_scores_each_prompt_kind_on_its_own_prompts(extracted, bpe_tokenizer, upper_task, monkeypatch):
+    """Each score is of the prompts it is named after: few-shot test queries with train demonstrations, the same
+    queries bare, and the same demonstrations with their labels permuted; the vector goes in at the requested layer
+    (``layer=0``), for the shuffled prompts as for the bare ones, while the best sweep layer is one of ``layers``."""
+    from collections import Counter
+
+    import forgetlab.fv.evaluate as fv_evaluate
+
+    a, r = extracted
+    calls = []
+    real_score = fv_evaluate._score
+
+    def record(adapter, tokenizer, prompts, settings, vector=None, layer=None):
+        calls.append((prompts, None if vector is None else layer))
+        return real_score(adapter, tokenizer, prompts, settings, vector, layer)
+
+    monkeypatch.setattr(fv_evaluate, "_score", record)
+    result = evaluate_function_vector(a, bpe_tokenizer, upper_task, r.vector, replace(EVAL, layer=0), layers=[1, 2])
+    assert len(calls) == 5
+    (zero, zero_layer), (zero_fv, zero_fv_layer), (few, few_layer), (shuffled, sh_layer), (shuffled_fv, sh_fv_layer) = calls
+    assert (zero_layer, zero_fv_layer, few_layer, sh_layer, sh_fv_layer) == (None, 0, None, None, 0)
+    splits = upper_task.splits(EVAL.seed)
+    assert len(few) == EVAL.n_prompts and {(p.query, p.answer) for p in few} <= set(splits.test)
+    assert all(len(p.demos) == EVAL.shots and set(p.demos) <= set(splits.train) for p in few)
+    assert zero == zero_fv and [(p.demos, p.query, p.answer) for p in zero] == [((), p.query, p.answer) for p in few]
+    assert shuffled == shuffled_fv and [(p.query, p.answer) for p in shuffled] == [(p.query, p.answer) for p in few]
+    for s, f in zip(shuffled, few):
+        assert [x for x, _ in s.demos] == [x for x, _ in f.demos]
+        assert Counter(y for _, y in s.demos) == Counter(y for _, y in f.demos)
+    assert sum(s.demos != f.demos for s, f in zip(shuffled, few)) >= 2  # the labels really moved
+    # the best layer is a layer of the sweep (by its valid accuracy), not a position in the list of layers
+    valid = [p.zero_shot() for p in sample_prompts(splits, EVAL.n_prompts, EVAL.shots, EVAL.seed + 3, query_split="valid")]
+    by_hand = []
+    for layer in (1, 2):
+        with add_to_residual(a, r.vector, layer, EVAL.alpha):
+            by_hand.append(torch.cat([first_token_correct(a, b) for b in batches(bpe_tokenizer, valid, EVAL.prompt_format, 4)]
+                                     ).float().mean().item())
+    assert result["zero_shot_fv_top1_by_layer"] == pytest.approx(by_hand)
+    assert result["best_layer"] == (2 if by_hand[1] > by_hand[0] else 1) and result["edit_layer"] == 0
+
+
+def test_generated_match_cuts_the_continuation_at_the_stop(bpe_tokenizer):
+    """A hand example with a scripted model: the continuation counts up to the first newline, stripped, so
+    " RED\\n\\nQ: blue" answers "RED", " RED" does not answer "BLUE" and " BLUE\\n" answers "BLUE": 2 of 3."""
+    from types import SimpleNamespace
+
+    from forgetlab.fv.evaluate import generated_match
+    from forgetlab.fv.prompts import PromptBatch
+
+    continuations = [" RED\n\nQ: blue", " RED", " BLUE\n"]
+    batch_list = [PromptBatch(torch.tensor([[0, 5 + i, 6]]), torch.ones(1, 3, dtype=torch.long), torch.tensor([7]))
+                  for i in range(3)]
+    script = {5 + i: bpe_tokenizer.encode(text, add_special_tokens=False) for i, text in enumerate(continuations)}
+
+    def generate(input_ids, attention_mask, max_new_tokens, **kwargs):
+        return torch.cat([input_ids, torch.tensor([script[int(input_ids[0, 1])]])], dim=1)
+
+    adapter = SimpleNamespace(model=SimpleNamespace(generate=generate))
+    assert generated_match(adapter, bpe_tokenizer, batch_list, ["RED", "BLUE", "BLUE"], max_new_tokens=8) == pytest.approx(2 / 3)
+    assert generated_match(adapter, bpe_tokenizer, batch_list, ["RED", "RED", "BLUE"], max_new_tokens=8) == pytest.approx(1.0)

@@ -74,6 +74,24 @@ def test_rows_restrict_the_edit(make_adapter):
     assert torch.equal(clean[1:3, :-1], edited[1:3, :-1])
 
 
+def test_positions_put_the_vector_at_one_position_per_row(make_adapter):
+    """``positions`` (FV guidance: the prompt end of each prompt+answer row) edits row i at positions[i] only: the
+    next layer's input differs from the clean one by alpha * v there and nowhere else, not at the other rows' ends."""
+    a = make_adapter("llama", vocab=64)
+    ids = random_ids(n_rows=3, length=7)
+    v = torch.randn(a.hidden_size, generator=torch.Generator().manual_seed(3))
+    positions = torch.tensor([1, 4, 6])
+    with torch.no_grad(), residual_inputs(a) as clean:
+        a.model(input_ids=ids)
+    with torch.no_grad(), residual_inputs(a) as edited, add_to_residual(a, v, 1, alpha=-2.0, positions=positions):
+        a.model(input_ids=ids)
+    diff = edited[2][0] - clean[2][0]  # input of layer 2 = output of layer 1
+    want = torch.zeros_like(diff)
+    for row, pos in enumerate([1, 4, 6]):
+        want[row, pos] = -2.0 * v
+    torch.testing.assert_close(diff, want, rtol=0, atol=1e-5)
+
+
 def test_hooks_are_removed_on_exit_even_after_an_error(make_adapter):
     a = make_adapter("llama", vocab=64)
     with pytest.raises(RuntimeError, match="boom"):

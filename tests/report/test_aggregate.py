@@ -77,3 +77,29 @@ def test_biography_seeds_pool_with_their_world_seed_and_undefined_values_stay_al
     fixed = [fake_biography_run(tmp_path / f"f{s}", s, 0, 0.5) for s in (0, 1)]
     groups = aggregate_runs(fixed + [fake_biography_run(tmp_path / "g", 0, 1, 0.5)])["groups"]
     assert [(g["setting"]["world.seed"], g["n"]) for g in groups] == [(0, 2), (1, 1)]
+
+
+def test_a_metric_some_runs_lack_stays_aligned_with_its_runs(tmp_path):
+    """Results of one setting written by different versions: a metric missing from the middle run is None there,
+    so ``values`` still follow ``runs``, and mean, sd and n are over the two runs that have it."""
+    runs = [fake_cit_run(tmp_path / f"r{s}", s, "seq", 70.0 + 10 * s, 40.0) for s in range(3)]
+    middle = json.loads((runs[1] / "results.json").read_text())
+    del middle["final"]
+    (runs[1] / "results.json").write_text(json.dumps(middle))
+    (group,) = aggregate_runs(runs)["groups"]
+    gp = group["metrics"]["final.GP"]
+    assert gp["values"] == [40.0, None, 40.0] and gp["n"] == 2 and gp["mean"] == pytest.approx(40.0)
+    assert group["metrics"]["AP"]["values"] == [70.0, 80.0, 90.0]
+    assert all(len(m["values"]) == 3 for m in group["metrics"].values())
+
+
+def test_a_nan_in_a_results_file_counts_as_undefined(tmp_path):
+    """A results file holding NaN (``json`` writes it for a float nan) is an undefined metric, like null: left out
+    of mean, sd and n, not turned into a nan mean."""
+    runs = [fake_biography_run(tmp_path / f"s{s}", s, s, 0.5) for s in range(3)]
+    for run, share in zip(runs, (0.75, float("nan"), 0.25)):
+        data = json.loads((run / "results.json").read_text())
+        (run / "results.json").write_text(json.dumps({**data, "spurious_share": share}))
+    share = aggregate_runs(runs)["groups"][0]["metrics"]["spurious_share"]
+    assert share["n"] == 2 and share["mean"] == pytest.approx(0.5)
+    assert share["sd"] == pytest.approx(np.std([0.75, 0.25], ddof=1))

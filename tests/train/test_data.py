@@ -36,3 +36,21 @@ def test_concat_pads_to_common_width():
     c = concat([a, b], pad_id=0)
     assert c.input_ids.tolist() == [[3, 4, 1, 0, 0], [3, 3, 3, 4, 1]]
     assert c.labels[0, 3:].tolist() == [IGNORE, IGNORE]
+
+
+def test_subset_and_concat_keep_each_rows_labels_and_mask():
+    """Replay mixes ``subset(old)`` into the new task with ``concat``: a replayed QA row keeps its loss on answer and
+    eos only (not on its prompt or padding), and padding added to reach the common width is masked out."""
+    from forgetlab.train.data import subset
+
+    old = qa_dataset([[10, 11, 12], [13], [14, 15]], [[20], [21, 22], [23]], eos_id=1, pad_id=0)
+    picked = subset(old, torch.tensor([2, 0]))
+    assert picked.input_ids.tolist() == [[14, 15, 23, 1, 0], [10, 11, 12, 20, 1]]
+    assert picked.labels.tolist() == [[IGNORE, IGNORE, 23, 1, IGNORE], [IGNORE, IGNORE, IGNORE, 20, 1]]
+    assert picked.attention_mask.tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+    mixed = concat([qa_dataset([[3]], [[4]], 1, 0), picked], pad_id=0)
+    assert mixed.input_ids.tolist() == [[3, 4, 1, 0, 0], [14, 15, 23, 1, 0], [10, 11, 12, 20, 1]]
+    assert mixed.labels.tolist() == [[IGNORE, 4, 1, IGNORE, IGNORE], [IGNORE, IGNORE, 23, 1, IGNORE],
+                                     [IGNORE, IGNORE, IGNORE, 20, 1]]
+    assert mixed.attention_mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+    assert mixed.batch(torch.tensor([0]))["input_ids"].tolist() == [[3, 4, 1]]  # the mask trims a batch's padding

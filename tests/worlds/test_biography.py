@@ -373,3 +373,13 @@ def test_pretraining_corpus_keeps_a_persons_entries_apart(world: BiographyWorld)
     assert same <= 3 + 3 * len(corpus) / len(ids)  # about (k - 1) / n of neighbours by chance
     kept = generate_world(replace(world.config, shuffle_entries=False))
     assert kept.pretraining_corpus() == person_major
+
+
+def test_birth_dates_use_every_day_month_and_both_end_years() -> None:
+    """Days are 1..28 in every month, as in the paper, and years run from year_min to year_max inclusive: with
+    400 people and a 2-year range, each day, each month and both years occur (a day missing by chance: ~1e-6)."""
+    w = generate_world(replace(SMALL, n_pretrain_people=400, n_new_tasks=0, year_min=1990, year_max=1991))
+    dates = [p.birth_date.replace(",", "").split() for p in w.people]
+    assert {int(d) for _, d, _ in dates} == set(range(1, 29))
+    assert {m for m, _, _ in dates} == set(MONTHS)
+    assert {int(y) for _, _, y in dates} == {1990, 1991}

@@ -129,3 +129,39 @@ def test_deterministic_and_round_trips(world, tmp_path):
 def test_bad_sizes_are_rejected_with_the_field_named(field, value):
     with pytest.raises(ValueError, match=field):
         generate_icl_world(ICLWorldConfig(**{field: value}))
+
+
+def test_string_list_and_composed_rules_by_hand(world):
+    """The rules no other test reads: each checked on every pair against the rule written out by hand."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    assert dict(world.task("next_letter").pairs)["z"] == "a" and dict(world.task("prev_letter").pairs)["a"] == "z"
+    for x, y in world.task("prev_letter").pairs:
+        assert letters.index(y) == (letters.index(x) - 1) % 26
+    for x, y in world.task("next_letter").pairs:
+        assert letters.index(y) == (letters.index(x) + 1) % 26
+    for x, y in world.task("last_letter").pairs:
+        assert y == x[-1]
+    for name, pick in (("pick_first", 0), ("pick_middle", 1), ("pick_last", 2)):
+        for x, y in world.task(name).pairs:
+            assert y == x.split()[pick], name
+    red, blue = dict(world.task("partner_red").pairs), dict(world.task("partner_blue").pairs)
+    tribe, planet = dict(world.task("tribe_of").pairs), dict(world.task("planet_of").pairs)
+    for x, y in world.task("tribe_of_partner_red").pairs:
+        assert y == tribe[red[x]]
+    for x, y in world.task("planet_of_partner_blue").pairs:
+        assert y == planet[blue[x]]
+    (composed,) = [t for t in world.tasks if t.name.endswith("_of_partner_red") and t.name.startswith("translate_")]
+    language = dict(world.task(composed.name.removesuffix("_of_partner_red")).pairs)
+    assert all(y == language[red[x]] for x, y in composed.pairs)
+    # a composition differs from its parts (else the test above could not tell them apart)
+    assert any(tribe[red[x]] != tribe[x] for x in red)
+
+
+def test_sequences_spread_the_reworded_tasks_evenly(world):
+    """3 sequences of 5 from 9 reworded tasks must repeat some, but only as much as they must: every reworded task
+    is used, none more than once above another (cycling one shuffled order of them)."""
+    reworded = [t.name for t in world.tasks if t.name.startswith("reworded_")]
+    counts = Counter(name for seq in world.sequences for name in seq)
+    assert set(counts) == set(reworded)
+    assert max(counts.values()) - min(counts.values()) <= 1
+    assert len({tuple(seq) for seq in world.sequences}) == len(world.sequences)

@@ -123,3 +123,24 @@ def test_world_sequences_become_instruction_tasks_with_test_pairs_last():
     assert task.definition == world.task(task.name).instruction
     with pytest.raises(ValueError, match="sequences 0..2"):
         world_sequence(world, 3)
+
+
+def test_training_never_reaches_into_the_held_out_test(tmp_path):
+    """150 instances, the default 1000 training and 100 test: training is the first 50 only, never a test
+    instance, however many training instances are asked for."""
+    ni_file(tmp_path, "task002_fixture", n=150)
+    task = load_ni_task(tmp_path / "task002_fixture.json")
+    train, test = task.split()
+    assert [x for x, _ in train] == [f"review {i}" for i in range(50)]
+    assert [x for x, _ in test] == [f"review {i}" for i in range(50, 150)]
+
+
+def test_world_tasks_hold_out_their_own_test_split_by_default():
+    """A world task of a few dozen pairs has its own test split (21%), not the 100 instances of an NI task: the
+    default ``split()`` returns exactly the world's test pairs and trains on the rest."""
+    world = generate_icl_world(ICLWorldConfig(seed=1))
+    for task in world_sequence(world, 0):
+        splits = world.task(task.name).splits(1)
+        train, test = task.split()
+        assert [(x, y[0]) for x, y in test] == list(splits.test), task.name
+        assert [(x, y[0]) for x, y in train] == list(splits.train) + list(splits.valid), task.name
