@@ -274,3 +274,92 @@ def test_phase_keys_name_the_number_of_processes(monkeypatch):
     two = biography.phase_key("task0", "abc", {"lr": 1e-3})
     monkeypatch.setattr(biography.distributed, "world_size", lambda: 8)
     assert len({two, biography.phase_key("task0", "abc", {"lr": 1e-3}), config_hash("task0", "abc", {"lr": 1e-3})}) == 3
+
+
+def test_a_setting_changes_the_cache_key_of_exactly_the_phases_it_changes():
+    """A phase is reused from the cache when its key matches, so every setting that changes what a phase computes
+    must change its key (and that of every phase trained from it), and a setting that changes only later phases must
+    leave the earlier keys alone (else the cache is never reused). The dependencies, by hand: pretraining reads the
+    world, the model, block_size, its own settings, the evaluation settings and the seed; task 0 starts from it;
+    task 1 from task 0 with the task settings, the method and the snapshot steps; the recovery from task 1 and the
+    control from pretraining, both with the recovery settings. The preset's name changes nothing."""
+    from types import SimpleNamespace
+
+    from forgetlab.experiments.biography import BiographyExperiment
+    from forgetlab.experiments.presets import preset_config
+    from forgetlab.utils.io import apply_overrides
+
+    def keys(cfg) -> dict[str, str]:
+        out = {}
+        exp = object.__new__(BiographyExperiment)  # no world, no training: only the keys each phase asks the cache for
+        exp.cfg, exp.n_tasks = cfg, 1
+        exp._phase = lambda name, key, *args, **kw: out.__setitem__(name, key) or SimpleNamespace(model_dir=name)
+        pre, pre_key = exp.pretrain()
+        t0, k0 = exp.task0(pre, pre_key)
+        t1, k1 = exp.new_task(1, t0, k0)
+        exp.recovery(t1, k1)
+        exp.recovery(pre, pre_key, name="recovery_control")
+        return out
+
+    base_cfg = preset_config("smoke")
+    base = keys(base_cfg)
+    assert len(set(base.values())) == 5 and keys(preset_config("smoke")) == base
+    everything = set(base)
+    cases = {  # setting -> the phases whose key must change; the others' keys must not
+        "block_size=32": everything, "eval.max_questions=7": everything, "model.n_layers=3": everything,
+        "seed=1": everything, "pretrain.lr=0.5": everything, "world.n_majors=12": everything,
+        "task0.lr=0.5": {"task0", "task1", "recovery"},
+        "task.lr=0.5": {"task1", "recovery"}, "method.replay=0.5": {"task1", "recovery"},
+        "method.name=freeze": {"task1", "recovery"},
+        "snapshot_steps=3": {"task1"},  # the recovery's key follows task 1's: not asserted either way
+        "recovery.lr=0.5": {"recovery", "recovery_control"},
+        "preset=other": set(),
+    }
+    for setting, changed in cases.items():
+        new = keys(apply_overrides(base_cfg, [setting]))
+        for phase in everything - ({"recovery"} if setting.startswith("snapshot_steps") else set()):
+            assert (new[phase] != base[phase]) == (phase in changed), (setting, phase)
+
+
+def test_recover_keys_its_cached_phase_by_the_checkpoints_weights_and_reads_before_from_the_run(tmp_path, monkeypatch):
+    """``biography recover`` caches its re-alignment by the checkpoint's path, its weight files and the run's config:
+    the same files give the same key (the cache is reused), weights rewritten in place give another (a retrained
+    checkpoint at the same path is not handed the old one's recovery). ``before`` is the run's task0_before, and the
+    spurious share (0.6 − 0.2) / (0.8 − 0.2) = 2/3 with the stand-in scores below."""
+    from types import SimpleNamespace
+
+    from forgetlab.experiments import recover
+    from forgetlab.experiments.presets import preset_config
+    from forgetlab.models.tokenizers import build_word_tokenizer
+    from forgetlab.models.zoo import random_model, tiny_config
+    from forgetlab.utils.io import atomic_write_json
+
+    tok = build_word_tokenizer(["a", "b", "c"])
+    ckpt, run = tmp_path / "ckpt", tmp_path / "run"
+    random_model(tiny_config("llama", len(tok), n_layers=1), seed=0).save_pretrained(ckpt)
+    tok.save_pretrained(ckpt)
+    atomic_write_json(run / "config.json", preset_config("smoke"))
+    atomic_write_json(run / "results.json", {"task0_before": 0.8, "task0_final": 0.3})
+    keys = []
+
+    class Experiment:  # the run's world and training stand in: only what recover_checkpoint asks of them
+        def __init__(self, cfg, cache_dir, log, progress):
+            self.tokenizer = tok
+
+        def full_eval(self, model, tasks):
+            return {"task0": {"em": 0.2}}
+
+        def recovery(self, source, key):
+            keys.append(key)
+            return SimpleNamespace(info={"final": {"task0": {"em": 0.6}}, "steps": 9})
+
+    monkeypatch.setattr(recover, "BiographyExperiment", Experiment)
+    out = recover.recover_checkpoint(ckpt, run, out=tmp_path / "rec", log=lambda s: None)
+    assert out == {"model": str(ckpt), "before": 0.8, "current": 0.2, "recovered": 0.6,
+                   "spurious_share": pytest.approx(2 / 3), "recovery_steps": 9}
+    assert json.loads((tmp_path / "rec" / "recovery.json").read_text())["before"] == 0.8
+    recover.recover_checkpoint(ckpt, run, out=tmp_path / "rec", log=lambda s: None)
+    time.sleep(0.01)  # a later modification time even on coarse clocks
+    random_model(tiny_config("llama", len(tok), n_layers=1), seed=1).save_pretrained(ckpt)  # retrained in place
+    recover.recover_checkpoint(ckpt, run, out=tmp_path / "rec", log=lambda s: None)
+    assert keys[0] == keys[1] != keys[2]

@@ -215,3 +215,31 @@ def test_unsupported_models_name_what_is_missing(model, message):
     with pytest.raises(ValueError, match="not supported|not a multiple") as err:
         adapt(model)
     assert message in str(err.value)
+
+
+def test_w_o_of_a_lora_projection_leaves_an_eval_model_in_eval_mode():
+    """Reading W_O of a model in eval mode must not switch its projection's LoRA dropout on: afterwards the model's
+    output is still deterministic and the projection still in eval mode."""
+    wrapped = _lora(model_of("llama"), ["o_proj"], dropout=0.5)
+    wrapped.eval()
+    a = adapt(wrapped)
+    x = torch.randn(3, a.n_heads * a.head_dim, generator=torch.Generator().manual_seed(4))
+    ids = torch.tensor([[0, 5, 9, 11, 7]])
+    with torch.no_grad():
+        before = wrapped(input_ids=ids).logits
+    a.head_outputs_to_residual(0, x)
+    assert not any(m.training for m in a.o_projs[0].modules())
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(input_ids=ids).logits, before, rtol=0, atol=0)
+        torch.testing.assert_close(wrapped(input_ids=ids).logits, before, rtol=0, atol=0)
+
+
+def test_head_width_of_a_conv1d_projection_is_its_input_side():
+    """transformers' Conv1D stores its weight as (in, out): a projection from 16 head features to 8 hidden ones has
+    head_dim 16 / 4 heads = 4, whatever its output width (GPT-2's own c_proj is square and cannot tell)."""
+    toy = _Toy()
+    toy.layers[0].self_attn.o_proj = Conv1D(8, 16)  # nf=8 outputs, nx=16 inputs
+    a = adapt(toy)
+    assert (a.n_heads, a.head_dim, a.hidden_size) == (4, 4, 8)
+    x = torch.randn(2, 16, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(a.head_outputs_to_residual(0, x), x @ toy.layers[0].self_attn.o_proj.weight)

@@ -33,3 +33,25 @@ def test_special_prefix_is_what_the_tokenizer_itself_adds():
     tok.backend_tokenizer.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
     assert special_prefix(tok) == [bos]
     assert encode_qa(tok, rows)[0] == [[bos] + prompts[0]]
+
+
+def test_word_vocabulary_ids_are_fixed_by_the_words_alone():
+    """Specials first (<pad> 0, <eos> 1, <bos> 2, <unk> 3), then newline, then the words in sorted order, each once:
+    every process that builds the world's tokenizer gets the same ids, whatever order the words came in (a cached
+    phase trained in another process reads its token ids through this numbering)."""
+    words = ["pear", "apple", "\n", "Zed", "pear", "mango", "kiwi", "fig", "date", "lime", "7"]
+    tok = build_word_tokenizer(words)
+    want = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "\n": 4, "7": 5, "Zed": 6, "apple": 7, "date": 8, "fig": 9,
+            "kiwi": 10, "lime": 11, "mango": 12, "pear": 13}
+    assert tok.get_vocab() == want
+    assert (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id, tok.unk_token_id) == (0, 1, 2, 3)
+    assert build_word_tokenizer(reversed(words)).get_vocab() == want
+
+
+def test_pad_id_is_the_pad_token_else_eos():
+    from forgetlab.models.tokenizers import pad_id
+
+    tok = build_word_tokenizer(["a", "b"])
+    assert pad_id(tok) == tok.pad_token_id == 0 != tok.eos_token_id
+    tok.pad_token = None  # saved without a pad token (GPT-2's tokenizer)
+    assert tok.pad_token_id is None and pad_id(tok) == tok.eos_token_id == 1

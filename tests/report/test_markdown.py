@@ -131,3 +131,62 @@ def test_drift_report_names_the_best_measure_and_the_interventions(tmp_path):
     drift_report({**older, "param_distance": fit(0.6)}, ["r1"], None, tmp_path)
     measures, = parse_tables((tmp_path / "drift.md").read_text())
     assert len(measures) == 4 and "best by parameter L2 distance (control) (R² 0.60)" in (tmp_path / "drift.md").read_text()
+
+
+def test_cit_report_puts_each_tasks_own_test_score_and_the_fvg_target_in_their_columns(tmp_path):
+    """Right after task k (row k + 1 of R: row 0 is the initial model) its test score is R[k + 1][k]: 80 for task a
+    and 90 for task b here, never the initial model's 10 or 5. FVG's target rates go under their own headers."""
+    tasks = [InstructionTask("a", "d", ()), InstructionTask("b", "d", ())]
+    R = [[10.0, 0.0], [80.0, 5.0], [50.0, 90.0]]
+    general = [{"gp": 70.0, "ip": 60.0}, {"gp": 65.0, "ip": 58.0}, {"gp": 40.0, "ip": 50.0}]
+    target = {"frozen_top1": 0.11, "frozen_p_answer": 0.22, "frozen_fv_top1": 0.33, "frozen_fv_p_answer": 0.44}
+    train_loss = [{"task": "a", "steps": 4, "lm": 0.5, "train_rows": {"n": 12, "score": 95.0}, "fvg_target": target},
+                  {"task": "b", "steps": 4, "lm": 0.25, "train_rows": {"n": 12, "score": 97.0},
+                   "fvg_target": {k: v + 0.5 for k, v in target.items()}}]
+    results = {**summarize(CITConfig(world_dir="x", method="inclora", fvg=True), tasks, R, general), "seconds": 1.0,
+               "train_loss": train_loss}
+    cit_report(results, tmp_path)
+    *_, losses, fitted, targets = parse_tables((tmp_path / "report.md").read_text())
+    assert losses[0] == ["task", "steps", "LM loss"]  # the dicts under train_loss are not loss terms
+    assert fitted == [["task", "training rows", "score on them", "test score (R)"], ["a", "12", "95.0", "80.0"],
+                      ["b", "12", "97.0", "90.0"]]
+    assert targets == [["task", "frozen: top-1 is the answer", "frozen: p(answer)", "frozen + FV: top-1",
+                        "frozen + FV: p(answer)"], ["a", "0.11", "0.22", "0.33", "0.44"], ["b", "0.61", "0.72", "0.83", "0.94"]]
+
+
+def test_score_matrix_figure_writes_each_score_in_its_cell(tmp_path, monkeypatch):
+    """The heatmap of a 3 × 2 R (initial row first): the number at column j, row i is R[i][j], rounded."""
+    import numpy as np
+
+    from forgetlab.report import cit as figures
+
+    shown = []
+    monkeypatch.setattr(figures, "save_figure", lambda fig, path: shown.append(fig))
+    R = np.array([[10.0, 0.0], [80.0, 5.0], [50.0, 90.0]])
+    figures.plot_score_matrix(R, ["a", "b"], tmp_path / "scores.png")
+    ax = shown[0].axes[0]
+    cells = sorted((round(t.get_position()[0]), round(t.get_position()[1]), t.get_text()) for t in ax.texts)
+    assert cells == sorted((j, i, f"{R[i][j]:.0f}") for i in range(3) for j in range(2))
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["initial", "after a", "after b"]
+
+
+def test_drift_figure_plots_later_checkpoints_in_points_with_the_pooled_line(tmp_path, monkeypatch):
+    """One point per later checkpoint (index > 0; the initial one is the origin of every change) at
+    (measure, 100 · score change), and the fitted line 100 · (slope · x + intercept) across the points' range."""
+    import numpy as np
+
+    from forgetlab.analysis.fv_drift import MEASURES
+    from forgetlab.report import cit as figures
+
+    shown = []
+    monkeypatch.setattr(figures, "save_figure", lambda fig, path: shown.append(fig))
+    rows = [{"index": i, "score_change": change, **{m: x + k for k, m in enumerate(MEASURES)}}
+            for i, change, x in ((0, 0.0, 1.0), (1, -0.1, 0.8), (2, -0.25, 0.5), (3, -0.3, 0.4))]
+    fits = {m: {"pooled": {"slope": 0.5 + k, "intercept": -0.2, "r2": 0.9}} for k, m in enumerate(MEASURES)}
+    figures.plot_drift(rows, fits, tmp_path / "drift.png")
+    for k, (ax, m) in enumerate(zip(shown[0].axes, MEASURES)):
+        xs = [0.8 + k, 0.5 + k, 0.4 + k]
+        np.testing.assert_allclose(ax.collections[0].get_offsets(), list(zip(xs, [-10.0, -25.0, -30.0])))
+        line_x, line_y = ax.lines[0].get_xdata(), ax.lines[0].get_ydata()
+        assert line_x.min() == pytest.approx(min(xs)) and line_x.max() == pytest.approx(max(xs))
+        np.testing.assert_allclose(line_y, 100 * ((0.5 + k) * line_x - 0.2))

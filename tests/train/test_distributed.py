@@ -109,3 +109,53 @@ def test_one_process_is_not_distributed(tmp_path):
     data = subset(pack_texts([list(range(3, 12))] * 8, eos_id=1, block_size=16), torch.arange(4))
     train_phase(model, data, PhaseConfig(max_steps=1, batch_size=3, checkpoint_every=0), phase="p", state_dir=tmp_path,
                 seed=0, progress=False)  # any batch size on one process
+
+
+PEER = '''
+import json
+import sys
+
+import torch.distributed as dist
+
+from forgetlab.train import distributed
+
+folder, rank = sys.argv[1], int(sys.argv[2])
+dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=2)
+mine = distributed.share(list(range(5)))
+splits = []
+for size in (3, 4):
+    try:
+        distributed.check_batch_split(size)
+        splits.append(None)
+    except ValueError as err:
+        splits.append(str(err))
+out = {"world": distributed.world_size(), "main": distributed.is_main(), "total": distributed.total(1.5 + rank),
+       "share": mine, "gathered": distributed.gather_shares([10 * x for x in mine], 5), "splits": splits}
+with open(f"{folder}/rank{rank}.json", "w") as fh:
+    json.dump(out, fh)
+distributed.leave()
+'''
+
+
+def test_two_peers_sum_share_gather_and_split_batches(tmp_path):
+    """Two gloo processes started directly (no torchrun, a few seconds): ``total`` is the sum over the processes
+    (1.5 + 2.5 = 4 on both), rank r's share of 0..4 is every second item from r, ``gather_shares`` puts them back in
+    order on every process, and a micro-batch of 3 rows does not split over 2 processes while 4 does."""
+    import json
+    import os
+    import subprocess
+
+    (tmp_path / "peer.py").write_text(PEER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(tmp_path / "peer.py"), str(tmp_path), str(r)], env=env,
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-2000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2] and [r["main"] for r in ranks] == [True, False]
+    assert [r["total"] for r in ranks] == [4.0, 4.0]
+    assert [r["share"] for r in ranks] == [[0, 2, 4], [1, 3]]
+    assert [r["gathered"] for r in ranks] == [[0, 10, 20, 30, 40]] * 2
+    for r in ranks:
+        assert r["splits"][1] is None and "train.batch_size=3 does not split over 2 processes" in r["splits"][0]

@@ -89,3 +89,29 @@ def test_text_settings_take_the_text_as_written_and_numpy_scalars_become_json():
         apply_overrides(cit, ["seed.x=1"])
     values = to_jsonable({"a": np.float32(1.5), "b": np.float32("nan"), "c": np.int64(3)})
     assert json.loads(json.dumps(values)) == {"a": 1.5, "b": None, "c": 3}
+
+
+def test_set_values_are_coerced_to_the_setting_type_or_refused():
+    """By hand: ``lr=1`` is the float 1.0 (and hashes as the config with 1.0 does), a text value keeps every ``=``
+    after the first, a list setting takes one bare number, and a bool and a number never stand in for each other."""
+    cfg = preset_config("smoke")
+    one = apply_overrides(cfg, ["task.lr=1"])
+    assert type(one.task.lr) is float and one.task.lr == 1.0
+    assert config_hash(one) == config_hash(apply_overrides(cfg, ["task.lr=1.0"]))
+    assert apply_overrides(cfg, ["model.checkpoint=/runs/a=b/model"]).model.checkpoint == "/runs/a=b/model"
+    assert apply_overrides(cfg, ["snapshot_steps=50"]).snapshot_steps == (50,)
+    for bad in ("task.max_steps=true", "world.full_name=1", "task.lr=false"):
+        with pytest.raises(ValueError, match="expected a value like"):
+            apply_overrides(cfg, [bad])
+
+
+def test_json_round_trip_keeps_tuples_refuses_unknown_keys_and_nulls_infinities():
+    cfg = apply_overrides(preset_config("smoke"), ["snapshot_steps=3,5"])
+    back = from_jsonable(BiographyRunConfig, json.loads(json.dumps(to_jsonable(cfg))))
+    assert back.snapshot_steps == (3, 5) and type(back.snapshot_steps) is tuple and back == cfg
+    data = to_jsonable(cfg)
+    data["task"]["lrr"] = 0.1  # a typo in a hand-edited config.json
+    with pytest.raises(ValueError, match=r"unknown keys \['lrr'\]"):
+        from_jsonable(BiographyRunConfig, data)
+    assert to_jsonable({"a": float("inf"), "b": -float("inf"), "c": [float("nan"), 2.5]}) == {"a": None, "b": None,
+                                                                                              "c": [None, 2.5]}

@@ -1,0 +1,67 @@
+"""From-scratch model shapes, seeds and special-token ids, and which checkpoint directories load, checked against
+values worked out by hand (the HF config read back, never the builder's own arithmetic)."""
+
+import pytest
+import torch
+
+from forgetlab.models.build import ModelConfig, build_model, check_checkpoint, load_model
+
+
+def small(**kw) -> ModelConfig:
+    return ModelConfig(**{"d_model": 48, "n_layers": 1, "n_heads": 2, "max_positions": 16, **kw})
+
+
+@pytest.mark.parametrize("architecture, d_model, d_ff, want", [
+    # Llama: 8/3 · d_model rounded *up* to a multiple of 64 (LLaMA's SwiGLU width): 8·128/3 = 341.3 -> 384,
+    # 8·96/3 = 256 exactly -> 256, 8·48/3 = 128 -> 128, 8·40/3 = 106.7 -> 128
+    ("llama", 128, 0, 384), ("llama", 96, 0, 256), ("llama", 48, 0, 128), ("llama", 40, 0, 128),
+    ("gpt_neox", 48, 0, 192),  # NeoX: 4 · d_model
+    ("llama", 48, 100, 100), ("gpt_neox", 48, 100, 100),  # an explicit d_ff wins on both
+])
+def test_mlp_width_defaults_and_explicit_d_ff(architecture, d_model, d_ff, want):
+    """``d_ff=0`` means 8/3·d_model rounded up to 64 (Llama) or 4·d_model (NeoX); any other value is the width."""
+    n_heads = 2
+    model = build_model(small(architecture=architecture, d_model=d_model, n_heads=n_heads, d_ff=d_ff), 20, 0, 1, 2, seed=0)
+    assert model.config.intermediate_size == want
+    up = next(m for name, m in model.named_modules() if name.endswith(("mlp.up_proj", "mlp.dense_h_to_4h")))
+    assert up.weight.shape == (want, d_model)
+
+
+def test_special_token_ids_and_untied_unembedding():
+    """pad/eos/bos ids land in the config under their own names (generation stops at eos), and the unembedding
+    is a matrix of its own."""
+    for architecture in ("llama", "gpt_neox"):
+        model = build_model(small(architecture=architecture), 20, 3, 5, 7, seed=0)
+        assert (model.config.pad_token_id, model.config.eos_token_id, model.config.bos_token_id) == (3, 5, 7)
+        assert model.get_output_embeddings().weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()
+
+
+def test_the_seed_alone_decides_the_initial_weights():
+    """Same seed: identical weights whatever the global random state was before; another seed: other weights."""
+    torch.manual_seed(123)
+    a = build_model(small(), 20, 0, 1, 2, seed=4).state_dict()
+    torch.rand(10)
+    b = build_model(small(), 20, 0, 1, 2, seed=4).state_dict()
+    c = build_model(small(), 20, 0, 1, 2, seed=5).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_check_checkpoint_accepts_each_weight_format_and_load_model_keeps_the_dtype(tmp_path):
+    """A checkpoint saved as pytorch_model.bin (older or non-safetensors saves) is loadable; so is safetensors.
+    ``load_model(path, dtype)`` returns weights in that dtype, float32 by default."""
+    model = build_model(small(), 20, 0, 1, 2, seed=0)
+    model.config.save_pretrained(tmp_path / "bin")
+    torch.save(model.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    model.save_pretrained(tmp_path / "st")
+    assert (tmp_path / "bin" / "pytorch_model.bin").is_file() and not list((tmp_path / "bin").glob("*.safetensors"))
+    for name in ("bin", "st"):
+        check_checkpoint(tmp_path / name)
+    assert {p.dtype for p in load_model(tmp_path / "st").parameters()} == {torch.float32}
+    half = load_model(tmp_path / "st", torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    w = model.get_input_embeddings().weight
+    assert torch.equal(half.get_input_embeddings().weight, w.to(torch.bfloat16))
+    (tmp_path / "st" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="has no weights"):
+        check_checkpoint(tmp_path / "st")
