@@ -449,7 +449,7 @@ def _check_world_vocabulary(model_dir: str, world_model: Path) -> None:
 
 def _check_fv_extractable(task, cfg: CITConfig) -> None:
     """FVG extracts each task's FV from its training rows (split 70/21/9 into demonstrations, test and queries, as
-    :func:`forgetlab.fvg.task_function_vector` does): too few rows is refused here, before any work."""
+    :func:`forgetlab.methods.fvg.task_function_vector` does): too few rows is refused here, before any work."""
     from forgetlab.fv.tasks import ICLTask, sample_prompts
 
     train, _ = task.split(cfg.n_train, cfg.n_test)
