@@ -79,13 +79,13 @@ def recovery_table(checkpoints: list[str | Path], fit_rows: list[dict], eval_row
     import torch
     from transformers import AutoTokenizer
 
-    from forgetlab.models.build import load_model
+    from forgetlab.models.build import check_checkpoint, load_model
 
+    for ckpt in checkpoints:  # all of them before any re-alignment
+        check_checkpoint(ckpt, "checkpoint")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
     for ckpt in checkpoints:
-        if not (Path(ckpt) / "config.json").is_file():
-            raise FileNotFoundError(f"checkpoint {ckpt} has no config.json; pass Hugging Face checkpoint directories")
         model = load_model(ckpt).to(device).eval()
         result = recover(model, AutoTokenizer.from_pretrained(str(ckpt)), fit_rows, eval_rows, cfg, seed, progress, log)
         rows.append({"checkpoint": str(ckpt), "before": before, **result,
