@@ -193,3 +193,45 @@ def test_update_angles_of_four_different_models_use_each_phase_own_update():
         assert r.norm_b == pytest.approx(math.sqrt(14), rel=1e-5)
         # chance: a random unit vector of R^rows against the rank-2 span of A
         assert r.chance_angle_deg == pytest.approx(math.degrees(math.acos(math.sqrt(2 / rows_of[r.component]))), abs=1e-6)
+
+
+def test_a_matrix_one_phase_left_unchanged_has_no_angle_and_is_named(tmp_path):
+    """A frozen matrix (ΔB = 0, as under the Freeze method) has rank 0 and no angle: NaN in the CSV, null in the JSON,
+    listed under ``not_updated``, a layer mean over the angles that exist, and no numpy warning about empty means."""
+    import json
+    import warnings
+
+    from typer.testing import CliRunner
+
+    from forgetlab.cli.main import app
+
+    models = [random_model(tiny_config("llama", 50, n_layers=2), seed=i) for i in range(3)]
+    frozen = random_model(tiny_config("llama", 50, n_layers=2), seed=2)  # b2: b1 with only layer 1 trained
+    with torch.no_grad():
+        for name, p in frozen.named_parameters():
+            if ".layers.1." in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    paths = []
+    for i, model in enumerate([*models, frozen]):
+        model.save_pretrained(tmp_path / f"m{i}")
+        paths.append(tmp_path / f"m{i}")
+    out = tmp_path / "angles"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        result = CliRunner().invoke(app, ["analyze", "angles", "--a1", str(paths[0]), "--a2", str(paths[1]), "--b1",
+                                          str(paths[2]), "--b2", str(paths[3]), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(open(out / "angles.csv")))
+    for r in rows:
+        moved = r["layer"] == "1" and r["component"] not in ("embedding", "unembedding")
+        assert (int(r["rank_b"]) > 0) == moved, r
+        assert math.isnan(float(r["mean_angle_deg"])) != moved, r
+    data = json.loads((out / "angles.json").read_text())
+    assert data["not_updated"]["a"] == []
+    assert sorted(data["not_updated"]["b"]) == sorted(f"{r['layer']}/{r['component']}" for r in rows
+                                                      if not (r["layer"] == "1"))
+    assert data["mean_angle_deg_by_layer"]["0"] is None and data["mean_angle_deg_by_layer"]["-1"] is None
+    layer1 = [float(r["mean_angle_deg"]) for r in rows if r["layer"] == "1"]
+    assert data["mean_angle_deg_by_layer"]["1"] == pytest.approx(sum(layer1) / len(layer1), rel=1e-5)
+    assert data["chance_angle_deg_by_layer"]["0"] is None
+    assert "not updated in phase B" in result.output

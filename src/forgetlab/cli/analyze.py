@@ -86,15 +86,28 @@ def angles(
     write_angles_csv(rows, out / "angles.csv")
     layers, comps, grid = angle_matrix(rows)
     chance = angle_matrix(rows, "chance_angle_deg")[2]
-    by_layer = {str(l): float(np.nanmean(grid[i])) for i, l in enumerate(layers)}
-    chance_by_layer = {str(l): float(np.nanmean(chance[i])) for i, l in enumerate(layers)}
+
+    def layer_mean(values) -> float | None:  # None for a layer whose matrices all went unchanged (e.g. frozen)
+        finite = values[np.isfinite(values)]
+        return float(finite.mean()) if len(finite) else None
+
+    by_layer = {str(l): layer_mean(grid[i]) for i, l in enumerate(layers)}
+    chance_by_layer = {str(l): layer_mean(np.where(np.isfinite(grid[i]), chance[i], np.nan)) for i, l in enumerate(layers)}
+    unchanged = {phase: [f"{r.layer}/{r.component}" for r in rows if getattr(r, f"rank_{phase}") == 0] for phase in "ab"}
     atomic_write_json(out / "angles.json", {"a1": str(a1), "a2": str(a2), "b1": str(b1), "b2": str(b2), "energy": energy,
                                             "mean_angle_deg_by_layer": by_layer, "chance_angle_deg_by_layer": chance_by_layer,
-                                            "rows": [r.__dict__ for r in rows]})
+                                            "not_updated": unchanged, "rows": [r.__dict__ for r in rows]})
     plot_angle_heatmap(layers, comps, grid, out / "angles.png", title=f"B = {b1.name}→{b2.name} vs A = {a1.name}→{a2.name}",
-                       chance=chance)
-    console.print("mean angle by layer (deg): " + "  ".join(f"{k}:{v:.1f}" for k, v in by_layer.items()))
-    console.print("chance angle by layer (deg): " + "  ".join(f"{k}:{v:.1f}" for k, v in chance_by_layer.items()))
+                       chance=chance, unchanged=angle_matrix(rows, "rank_b")[2] * angle_matrix(rows, "rank_a")[2] == 0)
+
+    def show(means: dict) -> str:
+        return "  ".join(f"{k}:{'-' if v is None else f'{v:.1f}'}" for k, v in means.items())
+
+    console.print(f"mean angle by layer (deg): {show(by_layer)}")
+    console.print(f"chance angle by layer (deg): {show(chance_by_layer)}")
+    for phase, names in unchanged.items():
+        if names:
+            console.print(f"not updated in phase {phase.upper()} (no angle; frozen?): {', '.join(names)}")
     console.print(f"wrote {out}/angles.csv, angles.json, angles.png")
 
 

@@ -16,9 +16,10 @@ from forgetlab.report.figures import save_figure  # noqa: E402
 
 
 def plot_angle_heatmap(layers: list[int], components: list[str], grid: np.ndarray, path: Path, title: str,
-                       chance: np.ndarray | None = None) -> None:
+                       chance: np.ndarray | None = None, unchanged: np.ndarray | None = None) -> None:
     """Mean angle per (layer, component); with ``chance``, a second panel of angle − chance angle
-    (negative: closer to A's subspace than a random direction would be)."""
+    (negative: closer to A's subspace than a random direction would be). Cells true in ``unchanged`` (a matrix one
+    phase left as it was, e.g. frozen) read "no Δ", so they are not mistaken for matrices the model lacks."""
     panels = [(grid, "mean angle (degrees)", "viridis", 0, 90)]
     if chance is not None:
         panels.append((grid - chance, "angle − chance angle (degrees)", "RdBu", -45, 45))
@@ -32,6 +33,8 @@ def plot_angle_heatmap(layers: list[int], components: list[str], grid: np.ndarra
             if np.isfinite(value):
                 dark = value < (vmin + vmax) / 2 if cmap == "viridis" else abs(value) > 0.6 * vmax
                 ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=7, color="white" if dark else "black")
+            elif unchanged is not None and unchanged[i, j]:
+                ax.text(j, i, "no Δ", ha="center", va="center", fontsize=7, color="gray")
         ax.set_ylabel("layer")
         fig.colorbar(image, ax=ax, label=label)
     fig.suptitle(title)
