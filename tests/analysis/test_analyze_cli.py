@@ -95,3 +95,45 @@ def test_bad_inputs_get_one_line(setup):
         assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
         assert f"checkpoint {other} is not a checkpoint of the same model as the first" in lines[0]
     assert not (root / "x").exists()
+
+
+def test_bad_qa_files_and_options_get_one_line_before_any_output(setup, tmp_path):
+    """In-process (fast): each bad file or option of the analyze commands exits 2 with one line naming it, and
+    --out is not created."""
+    from typer.testing import CliRunner
+
+    from forgetlab.cli.main import app
+
+    root, (c0, c1, c2) = setup
+    files = {"missing": None, "notjson": "{not json}\n", "fields": json.dumps({"prompt": "Q : w1", "answer": 3}) + "\n",
+             "empty": "\n"}
+    for name, text in files.items():
+        if text is not None:
+            (tmp_path / f"{name}.jsonl").write_text(text)
+    no_tokenizer = tmp_path / "no_tokenizer"
+    random_model(tiny_config("llama", 40, n_layers=2)).save_pretrained(no_tokenizer)
+    out = tmp_path / "out"
+    landscape = ["landscape", "--theta0", c0, "--theta1", c1, "--theta2", c2, "--grid", "2x2", "--no-progress"]
+    cases = [
+        (["recovery", "--checkpoint", c1, "--fit", tmp_path / "missing.jsonl", "--eval", root / "eval.jsonl"], "does not exist"),
+        (["recovery", "--checkpoint", c1, "--fit", tmp_path / "notjson.jsonl", "--eval", root / "eval.jsonl"], "line 1 is not JSON"),
+        (["recovery", "--checkpoint", c1, "--fit", tmp_path / "fields.jsonl", "--eval", root / "eval.jsonl"], "string fields"),
+        (["recovery", "--checkpoint", c1, "--fit", tmp_path / "empty.jsonl", "--eval", root / "eval.jsonl"], "has no rows"),
+        (["recovery", "--checkpoint", c1, "--fit", root / "fit.jsonl", "--eval", root / "eval.jsonl", "--before", "1.5"],
+         "--before 1.5"),
+        ([*landscape, "--data", str(root / "fit.jsonl")], "expected NAME=FILE"),
+        ([*landscape, "--data", f"a={root / 'fit.jsonl'}", "--alpha-range", "3,1"], "LOW must be below HIGH"),
+        ([*landscape, "--data", f"a={root / 'fit.jsonl'}", "--beta-range", "x"], "expected LOW,HIGH"),
+        ([*landscape, "--data", f"a={root / 'fit.jsonl'}", "--max-examples", "0"], "--max-examples 0"),
+        (["landscape", "--theta0", no_tokenizer, "--theta1", c1, "--theta2", c2, "--data", f"a={root / 'fit.jsonl'}"],
+         "no loadable tokenizer"),
+        (["angles", "--a1", c0, "--a2", c1, "--b1", c1, "--b2", c2, "--energy", "0"], "--energy 0"),
+        (["features", "--checkpoint", c0, "--checkpoint", c1, "--prompts", root / "eval.jsonl", "--scatter-layer", "9"],
+         "--scatter-layer 9 is out of range"),
+    ]
+    for args, expected in cases:
+        result = CliRunner().invoke(app, ["analyze", *map(str, args), "--out", str(out)])
+        lines = [ln for ln in result.output.splitlines() if ln.strip()]
+        assert result.exit_code == 2, (args, result.output)
+        assert expected in result.output and len(lines) == 1, (args, result.output)
+        assert not out.exists(), args
