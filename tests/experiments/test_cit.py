@@ -131,6 +131,50 @@ def test_ni_files_run_with_any_model(tmp_path, tiny_llama_dir):
     assert results["final"]["GP"] == pytest.approx(results["R"][-1][1]) and 0 <= results["final"]["IP"] <= 100
 
 
+def test_a_tokenizer_without_pad_token_pads_with_eos_and_multitask_lora_trains_only_the_adapter(tmp_path, tiny_llama_dir,
+                                                                                             monkeypatch):
+    """Llama's own tokenizers have no pad token. The run pads with eos, yet the eos ending each training answer
+    stays a label (labels are placed by position, not by token id), and multitask with LoRA trains one adapter on
+    every task's rows: the saved model differs from the initial one only in the LoRA targets."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    model_dir = tmp_path / "no-pad"
+    shutil.copytree(tiny_llama_dir, model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.pad_token = None
+    tok.save_pretrained(model_dir)
+    assert AutoTokenizer.from_pretrained(model_dir).pad_token_id is None
+    for name in ("yes", "no"):
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps({"instruction": f"Always answer {name}.",
+                                                                       "input": f"q {i}", "output": name}) for i in range(30)))
+    import forgetlab.experiments.cit as cit
+
+    captured, train_phase = {}, cit.train_phase
+
+    def capture(model, data, *args, **kwargs):  # the one multitask phase: record its rows, then train as usual
+        captured["data"] = data
+        return train_phase(model, data, *args, **kwargs)
+
+    monkeypatch.setattr(cit, "train_phase", capture)
+    cfg = CITConfig(model=str(model_dir), sequence=f"{tmp_path / 'yes.jsonl'},{tmp_path / 'no.jsonl'}", n_train=8,
+                    n_test=10, method="multitask", finetune="lora", max_new_tokens=2, answer_end="eos")
+    cfg = replace(cfg, train=replace(cfg.train, epochs=1, batch_size=4, grad_accum=1))
+    results = run_cit(cfg, tmp_path / "run", log=lambda s: None, progress=False)
+    eos = tok.eos_token_id
+    data = captured["data"]
+    assert data.input_ids.shape[0] == 16  # both tasks' training rows in one phase
+    for ids, labels, mask in zip(data.input_ids, data.labels, data.attention_mask):
+        last = int(mask.sum()) - 1
+        assert ids[last] == eos and labels[last] == eos  # the answer's end is learned although eos also pads
+        assert (ids[last + 1:] == eos).all() and (labels[last + 1:] == -100).all()
+    assert np.array(results["R"]).shape == (3, 2)
+    before, after = load_file(tiny_llama_dir / "model.safetensors"), load_file(tmp_path / "run" / "model" / "model.safetensors")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(("q_proj" in k or "v_proj" in k) for k in changed)
+
+
 def test_jsonl_files_run_end_to_end_and_rows_keep_their_instructions(tmp_path, tiny_llama_dir):
     from forgetlab.experiments.cit import NI_TEMPLATE, _rows, general_rows
     from forgetlab.worlds.instructions import load_task_file
