@@ -137,3 +137,47 @@ def test_bad_qa_files_and_options_get_one_line_before_any_output(setup, tmp_path
         assert result.exit_code == 2, (args, result.output)
         assert expected in result.output and len(lines) == 1, (args, result.output)
         assert not out.exists(), args
+
+
+def test_a_killed_landscape_resumes_after_its_last_row_with_the_same_losses(setup, tmp_path, monkeypatch):
+    """The grid is saved row by row: a rerun after a kill computes only the missing rows and ends with exactly the
+    losses of an uninterrupted run; other settings start afresh; the partial file is gone at the end."""
+    from typer.testing import CliRunner
+
+    import forgetlab.analysis.landscape as landscape
+    from forgetlab.cli.main import app
+
+    root, (c0, c1, c2) = setup
+    real, calls = landscape.dataset_loss, {"n": 0, "kill_at": None}
+
+    def counted(model, data, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == calls["kill_at"]:
+            raise KeyboardInterrupt  # a kill in the middle of the grid's third row
+        return real(model, data, *args, **kwargs)
+
+    monkeypatch.setattr(landscape, "dataset_loss", counted)
+
+    def run_grid(out, kill_at=None, max_examples=2000):
+        calls.update(n=0, kill_at=kill_at)
+        return CliRunner().invoke(app, ["analyze", "landscape", "--theta0", str(c0), "--theta1", str(c1), "--theta2",
+                                        str(c2), "--data", f"old={root / 'eval.jsonl'}", "--grid", "3x4", "--out", str(out),
+                                        "--max-examples", str(max_examples), "--no-progress"])
+
+    fresh = run_grid(tmp_path / "fresh")
+    assert fresh.exit_code == 0, fresh.output
+    assert calls["n"] == 12 + 3  # the grid, then the three trajectory checkpoints
+    killed = run_grid(tmp_path / "killed", kill_at=2 * 3 + 2)
+    assert killed.exit_code == 130  # as an interrupt exits
+    partial = json.loads((tmp_path / "killed" / "landscape.partial.json").read_text())
+    assert partial["rows_done"] == 2 and not (tmp_path / "killed" / "landscape.json").exists()
+    resumed = run_grid(tmp_path / "killed")
+    assert resumed.exit_code == 0 and "resuming the grid after row 2 of 4" in resumed.output, resumed.output
+    assert calls["n"] == 2 * 3 + 3  # only the last two rows are computed
+    done, whole = (json.loads((tmp_path / d / "landscape.json").read_text()) for d in ("killed", "fresh"))
+    assert done["losses"] == whole["losses"] and done["resumed_after_row"] == 2 and whole["resumed_after_row"] == 0
+    assert not (tmp_path / "killed" / "landscape.partial.json").exists()
+
+    run_grid(tmp_path / "other", kill_at=5)
+    changed = run_grid(tmp_path / "other", max_examples=10)  # other rows decide the losses: nothing is reused
+    assert changed.exit_code == 0 and "starting afresh" in changed.output and calls["n"] == 12 + 3

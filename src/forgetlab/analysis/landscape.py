@@ -94,20 +94,32 @@ class Landscape:
 @torch.no_grad()
 def loss_grid(model: torch.nn.Module, theta0: Params, d1: Params, d2: Params, alphas: Sequence[float],
               betas: Sequence[float], losses: dict[str, Callable[[torch.nn.Module], float]],
-              progress: bool = False) -> Landscape:
-    """Evaluate every loss function at θ0 + a·d1 + b·d2 for a in alphas, b in betas; restores θ0's weights after."""
+              progress: bool = False, done: Mapping[str, Sequence[Sequence[float]]] | None = None,
+              on_row: Callable[[int, dict[str, np.ndarray]], None] | None = None) -> Landscape:
+    """Evaluate every loss function at θ0 + a·d1 + b·d2 for a in alphas, b in betas; restores θ0's weights after.
+
+    A grid takes hours on a CPU, so it can resume: ``done`` holds the losses of the first rows (one per beta) of an
+    interrupted grid, which are kept, not recomputed; ``on_row(rows_done, grid)`` is called after each row.
+    """
     from tqdm.auto import tqdm
 
     saved = {n: p.detach().clone() for n, p in model.named_parameters()}
     grid = {task: np.zeros((len(betas), len(alphas))) for task in losses}
+    first = len(next(iter(done.values()))) if done else 0
+    for task in grid:
+        if first:
+            grid[task][:first] = np.asarray(done[task], dtype=float)
     try:
-        bar = tqdm(total=len(alphas) * len(betas), desc="landscape", disable=not progress, leave=False)
-        for j, b in enumerate(betas):
+        bar = tqdm(total=len(alphas) * len(betas), initial=first * len(alphas), desc="landscape", disable=not progress,
+                   leave=False)
+        for j in range(first, len(betas)):
             for i, a in enumerate(alphas):
-                set_point(model, theta0, d1, d2, a, b)
+                set_point(model, theta0, d1, d2, a, betas[j])
                 for task, fn in losses.items():
                     grid[task][j, i] = fn(model)
                 bar.update(1)
+            if on_row is not None:
+                on_row(j + 1, grid)
         bar.close()
     finally:
         for n, p in model.named_parameters():

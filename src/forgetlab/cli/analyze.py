@@ -46,6 +46,14 @@ def _tokenizer(path: Path):
         raise ValueError(f"checkpoint {path} has no loadable tokenizer ({detail}); save the tokenizer beside the model") from None
 
 
+def _fingerprint(path: Path) -> list:
+    """What identifies a file or checkpoint directory's content cheaply: its resolved path and each file's size and
+    modification time (a resumed landscape must not mix the losses of two different models or data files)."""
+    path = path.resolve()
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    return [str(path), [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]]
+
+
 def _positive(value: int, option: str) -> int:
     if value < 1:
         raise ValueError(f"{option} {value} must be at least 1")
@@ -138,7 +146,7 @@ def landscape(
     from forgetlab.report.analysis import plot_landscape
     from forgetlab.models.tokenizers import pad_id
     from forgetlab.train.data import qa_dataset
-    from forgetlab.utils.io import atomic_write_json
+    from forgetlab.utils.io import atomic_write_json, read_json
 
     try:
         n_a, n_b = (int(v) for v in grid.lower().split("x"))
@@ -147,12 +155,14 @@ def landscape(
     if n_a < 2 or n_b < 2:
         raise ValueError(f"--grid {grid!r}: need at least 2 points per axis")
     (a_lo, a_hi), (b_lo, b_hi) = _parse_range(alpha_range, "alpha-range"), _parse_range(beta_range, "beta-range")
-    tasks = {}
+    tasks, files = {}, {}
     for item in data:
         if "=" not in item:
             raise ValueError(f"--data {item!r}: expected NAME=FILE, e.g. --data task0=qa_task0_test.jsonl")
         name, path = item.split("=", 1)
-        tasks[name] = read_qa_rows(path)[:_positive(max_examples, "--max-examples")]
+        if name in tasks:
+            raise ValueError(f"--data {item!r}: the task name {name!r} is given twice; name each task once")
+        tasks[name], files[name] = read_qa_rows(path)[:_positive(max_examples, "--max-examples")], Path(path)
     model = _load(theta0)
     tok = _tokenizer(theta0)
     pad = pad_id(tok)
@@ -161,9 +171,29 @@ def landscape(
     d1, d2 = directions(p0, p1, p2, orthogonalize, filter_normalize, filter_axes(model))
     alphas, betas = np.linspace(a_lo, a_hi, n_a), np.linspace(b_lo, b_hi, n_b)
     task_losses = {name: (lambda m, d=d: dataset_loss(m, d)) for name, d in datasets.items()}
+    # a killed grid resumes from its last finished row, if nothing that decides the losses has changed
+    settings = {"checkpoints": [_fingerprint(p) for p in (theta0, theta1, theta2)],
+                "data": {name: _fingerprint(path) for name, path in files.items()},
+                "max_examples": max_examples, "alphas": alphas.tolist(), "betas": betas.tolist(),
+                "orthogonalize": orthogonalize, "filter_normalize": filter_normalize}
+    partial_path = out / "landscape.partial.json"
+    partial = read_json(partial_path) if partial_path.is_file() else {}
+    done, earlier_seconds = {}, 0.0
+    if partial.get("settings") == settings and set(partial.get("losses", {})) == set(tasks):
+        done, earlier_seconds = partial["losses"], partial["seconds"]
+        console.print(f"resuming the grid after row {partial['rows_done']} of {n_b} ({partial_path})")
+    elif partial:
+        console.print(f"{partial_path} is a grid of other checkpoints, data or settings; starting afresh")
+    out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    result = loss_grid(model, p0, d1, d2, alphas, betas, task_losses, progress)
-    seconds = time.perf_counter() - started
+
+    def save_rows(rows_done: int, grid_so_far: dict) -> None:
+        atomic_write_json(partial_path, {"settings": settings, "rows_done": rows_done,
+                                         "seconds": earlier_seconds + time.perf_counter() - started,
+                                         "losses": {k: v[:rows_done].tolist() for k, v in grid_so_far.items()}})
+
+    result = loss_grid(model, p0, d1, d2, alphas, betas, task_losses, progress, done=done, on_row=save_rows)
+    seconds = earlier_seconds + time.perf_counter() - started
     points = list(trajectory) if trajectory else [theta0, theta1, theta2]  # drawn in the order given
     # each trajectory checkpoint's own losses: the exact values along the path, not read off the plane
     params, path_losses = [], []
@@ -175,7 +205,6 @@ def landscape(
     coords = project(p0, d1, d2, params)
     labels = [p.name for p in points]
     device = str(next(model.parameters()).device)
-    out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "landscape.json", {
         "theta0": str(theta0), "theta1": str(theta1), "theta2": str(theta2), "orthogonalize": orthogonalize,
         "filter_normalize": filter_normalize, "alphas": alphas.tolist(), "betas": betas.tolist(),
@@ -183,8 +212,10 @@ def landscape(
         "trajectory": [{"checkpoint": str(p), "alpha": float(a), "beta": float(b), "losses": losses}
                        for p, (a, b), losses in zip(points, coords, path_losses)],
         "examples": {name: len(d) for name, d in datasets.items()},
-        "device": device, "grid_seconds": seconds, "grid_points_per_s": n_a * n_b / seconds})
+        "device": device, "grid_seconds": seconds, "grid_points_per_s": n_a * n_b / seconds,
+        "resumed_after_row": len(next(iter(done.values()))) if done else 0})
     plot_landscape(alphas, betas, result.losses, out / "landscape.png", coords, labels)
+    partial_path.unlink(missing_ok=True)
     console.print(f"landscape: {n_a} x {n_b} grid x {len(datasets)} tasks in {seconds:.1f} s "
                   f"({n_a * n_b / seconds:.2f} points/s) on {device}")
     console.print("along the trajectory: " + "; ".join(
