@@ -209,3 +209,11 @@ def test_help_shows_the_defaults_written_in_brackets(command, shown, monkeypatch
     text = " ".join(result.output.split())
     for default in shown:
         assert default in text, default
+
+
+def test_out_that_is_a_file_is_refused_and_kept(tmp_path):
+    out = tmp_path / "notes.txt"
+    out.write_text("keep")
+    line = one_error_line(invoke("run", "--preset", "smoke", "--out", str(out), tmp_path=tmp_path))
+    assert f"--out {out} is a file, not a directory; choose another path" in line
+    assert out.read_text() == "keep"

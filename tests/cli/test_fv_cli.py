@@ -148,6 +148,19 @@ def test_model_without_tokenizer(files):
     assert "has no loadable tokenizer" in line
 
 
+def test_model_with_corrupt_weights_or_an_unknown_dtype(files):
+    """A truncated weights file (a copy that stopped half-way) is one line naming the model, not a traceback."""
+    broken = files / "broken"
+    broken.mkdir(exist_ok=True)
+    for name in os.listdir(files / "model"):
+        data = (files / "model" / name).read_bytes()
+        (broken / name).write_bytes(data[: len(data) // 2] if name == "model.safetensors" else data)
+    line = one_error_line(*invoke("extract", *_extract_args(files, **{"--model": broken})))
+    assert f"--model {broken}: its weights cannot be loaded" in line
+    line = one_error_line(*invoke("extract", *_extract_args(files), "--dtype", "float8"))
+    assert "--dtype float8 is unknown; use auto, float32, bfloat16, float16" in line
+
+
 def test_evaluate_layer_out_of_range(extracted):
     root, _ = extracted
     line = one_error_line(*invoke("evaluate", "--model", root / "model", "--task", root / "task.json", "--fv", root / "out",
