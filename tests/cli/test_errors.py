@@ -215,5 +215,10 @@ def test_out_that_is_a_file_is_refused_and_kept(tmp_path):
     out = tmp_path / "notes.txt"
     out.write_text("keep")
     line = one_error_line(invoke("run", "--preset", "smoke", "--out", str(out), tmp_path=tmp_path))
-    assert f"--out {out} is a file, not a directory; choose another path" in line
+    assert f"--out {out} is a file; give a directory" in line
+    assert out.read_text() == "keep"
+    from forgetlab.experiments.rundir import prepare_run_dir  # the Python API refuses it the same way
+
+    with pytest.raises(ValueError, match="is a file, not a directory"):
+        prepare_run_dir(out, {"seed": 0}, resume=False, overwrite=True)
     assert out.read_text() == "keep"
