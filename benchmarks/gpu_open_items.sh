@@ -6,7 +6,8 @@
 #        `gpu` build did four of sequence 0's five) with answers that end where scoring cuts, and `cit analyze` of
 #        the IncLoRA run: issue 7's gpu table (docs/cit-results.md).
 # The two jobs share the GPU. Neither starts a step past the deadline, and a step running then is stopped, so
-# the call ends in time with whatever finished. OUT gets results.tgz (no checkpoints), bio.log, cit.log.
+# the call ends in time with whatever finished. OUT gets results.tgz (no checkpoints), bio.log, cit.log. A landscape
+# the deadline stops still returns the grid rows it finished (bio-landscape/landscape.partial.json).
 #
 # Once, here (the device image lacks these pure-Python packages and cannot fetch; .whl/ travels with `carry`):
 #   echo /.whl/ >> .git/info/exclude
