@@ -14,7 +14,8 @@ on the same model shape (a fresh model built with the same seed for each), the s
 about the same useful tokens per optimizer step (HF takes as many entries as fill ours' packed rows: a larger
 batch alone would raise tokens/s), the same AdamW betas/weight decay/clipping and the same warmup +
 cosine-to-min-lr schedule, on the same device and precision (fp32 on CPU, bf16 autocast on CUDA), both
-eager or both under ``torch.compile`` (``--compile``; HF's ``torch_compile``).
+eager or both under ``torch.compile`` (``--compile``; HF's ``torch_compile``); or each as it runs by default
+(``--ours-compiled``: ours compiled, as the cpu-demo pretraining runs, against the stock Trainer, eager).
 Both runs take ``--warmup`` untimed steps, then ``--steps`` timed ones; the clock is read after an
 optimizer step (a global optimizer step hook) and useful tokens are the attention-mask sums of the
 timed forward passes (a model forward pre-hook), so both contenders are measured the same way.
@@ -169,9 +170,14 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=0, help="packed block length for ours (0 = the preset's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compile", action="store_true", help="both loops under torch.compile (default: both eager)")
+    parser.add_argument("--ours-compiled", action="store_true",
+                        help="each loop as it runs by default: ours compiled (as the cpu-demo pretraining runs it), "
+                             "the stock Trainer eager (its torch_compile=False default)")
     args = parser.parse_args()
     if args.steps < 1 or args.warmup < 1:
         parser.error("--steps and --warmup must be at least 1")
+    if args.compile and args.ours_compiled:
+        parser.error("--compile (both compiled) and --ours-compiled (only ours) contradict each other; pass one")
 
     warnings.filterwarnings("ignore")
     logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -185,7 +191,7 @@ def main() -> None:
         parser.error(f"--block-size {args.block_size} exceeds the model's max_positions={cfg.model.max_positions}")
     # The preset's pretraining optimisation (lr, warmup, cosine floor, AdamW, clipping), cut to the run length.
     pcfg = replace(cfg.pretrain, max_steps=args.warmup + args.steps, batch_size=args.batch_size, grad_accum=1,
-                   checkpoint_every=0, compile=args.compile)
+                   checkpoint_every=0, compile=args.compile or args.ours_compiled)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     world = generate_world(cfg.world)
@@ -199,17 +205,18 @@ def main() -> None:
     def fresh_model():
         return build_model(cfg.model, len(tokenizer), pad, eos, bos, args.seed).to(device)
 
+    mode = "both compiled" if args.compile else "ours compiled, HF eager" if args.ours_compiled else "both eager"
     precision = "bf16 autocast" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     print(f"device: {device_name(device)}  [{device.type}, {precision}, torch threads={torch.get_num_threads()}]")
     print(f"preset={args.preset}  model={cfg.model.architecture} d={cfg.model.d_model} L={cfg.model.n_layers}  "
           f"entries={len(entries)} (tokens+eos: mean {sum(lengths) / len(lengths):.1f}, max {max(lengths)})  "
           f"ours: {args.batch_size} rows of {args.block_size} per step; HF: {hf_batch} entries per step  "
-          f"steps={args.steps} after {args.warmup} warmup  {'compiled' if args.compile else 'eager'}  "
+          f"steps={args.steps} after {args.warmup} warmup  {mode}  "
           f"lr={pcfg.lr} warmup_steps={pcfg.warmup_steps} cosine->x{pcfg.min_lr_ratio}")
 
     ours_s, ours_tok = run_ours(fresh_model(), token_lists, eos, args, pcfg, device, args.seed)
-    hf_s, hf_tok = run_hf(fresh_model(), tokenizer, token_lists, eos, args, replace(pcfg, batch_size=hf_batch), device,
-                          args.seed)
+    hf_s, hf_tok = run_hf(fresh_model(), tokenizer, token_lists, eos, args,
+                          replace(pcfg, batch_size=hf_batch, compile=args.compile), device, args.seed)
 
     rows = [("ours (train_phase, packed)", ours_s, ours_tok), ("HF Trainer (padded docs)", hf_s, hf_tok)]
     print(f"{'loop':<28}{'seconds':>10}{'useful tokens':>16}{'per step':>10}{'tokens/s':>12}")
