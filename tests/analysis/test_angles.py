@@ -235,3 +235,60 @@ def test_a_matrix_one_phase_left_unchanged_has_no_angle_and_is_named(tmp_path):
     assert data["mean_angle_deg_by_layer"]["1"] == pytest.approx(sum(layer1) / len(layer1), rel=1e-5)
     assert data["chance_angle_deg_by_layer"]["0"] is None
     assert "not updated in phase B" in result.output
+
+
+def test_angles_over_training_follow_each_window_by_hand(tmp_path):
+    """Phase A moves one matrix along u; the later phase's first window moves it along u again (0°), its second
+    along a direction orthogonal to u (90°): the windows are consecutive pairs, each against A's subspace, and
+    the CLI writes them (CSV, JSON per component, PNG) as update_angles gives them pair by pair."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from forgetlab.analysis.angles import angles_over_training, component_means
+    from forgetlab.cli.main import app
+
+    base = random_model(tiny_config("llama", 50, n_layers=1), seed=0)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    rows_out, cols_in = dict(base.named_parameters())[name].shape
+    q = orthonormal(rows_out, seed=3)
+    u, u_perp = q[:, 0].float(), q[:, 1].float()
+    v = torch.randn(cols_in, generator=torch.Generator().manual_seed(4))
+
+    def moved(*updates):
+        model = random_model(tiny_config("llama", 50, n_layers=1), seed=0)
+        with torch.no_grad():
+            for direction, scale in updates:
+                dict(model.named_parameters())[name].add_(scale * torch.outer(direction, v))
+        return model
+
+    a2 = moved((u, 1.0))
+    c0, c1, c2 = a2, moved((u, 1.0), (u, 2.0)), moved((u, 1.0), (u, 2.0), (u_perp, 0.5))
+    windows = angles_over_training(base, a2, iter([c0, c1, c2]), device="cpu")
+    assert len(windows) == 2
+    (early,), (late,) = ([r for r in w if r.layer == 0 and r.component == "q"] for w in windows)
+    assert (early.rank_a, early.rank_b, late.rank_b) == (1, 1, 1)
+    assert early.mean_angle_deg == pytest.approx(0.0, abs=1e-3) and late.mean_angle_deg == pytest.approx(90.0, abs=1e-3)
+    assert all(r.rank_b == 0 for w in windows for r in w if (r.layer, r.component) != (0, "q"))  # nothing else moved
+    means = component_means(windows[1])
+    assert means["q"]["below_chance_deg"] == pytest.approx(chance_angle(1, rows_out) - 90.0, abs=1e-3)
+    assert means["k"]["mean_angle_deg"] is None
+
+    paths = []
+    for i, model in enumerate([base, a2, c0, c1, c2]):
+        model.save_pretrained(tmp_path / f"m{i}")
+        paths.append(str(tmp_path / f"m{i}"))
+    out = tmp_path / "aot"
+    result = CliRunner().invoke(app, ["analyze", "angles-over-training", "--a1", paths[0], "--a2", paths[1], "--checkpoint",
+                                      paths[2], "--checkpoint", paths[3], "--checkpoint", paths[4], "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(open(out / "angles_over_training.csv")))
+    q_rows = [r for r in rows if r["layer"] == "0" and r["component"] == "q"]
+    assert [(r["window"], r["b1"], r["b2"]) for r in q_rows] == [("0", paths[2], paths[3]), ("1", paths[3], paths[4])]
+    assert [float(r["mean_angle_deg"]) for r in q_rows] == pytest.approx([0.0, 90.0], abs=1e-3)
+    data = json.loads((out / "angles_over_training.json").read_text())
+    assert [w["by_component"]["q"]["mean_angle_deg"] for w in data["windows"]] == pytest.approx([0.0, 90.0], abs=1e-3)
+    assert (out / "angles_over_training.png").stat().st_size > 0
+    one = CliRunner().invoke(app, ["analyze", "angles-over-training", "--a1", paths[0], "--a2", paths[1], "--checkpoint",
+                                   paths[2], "--out", str(tmp_path / "x")])
+    assert one.exit_code == 2 and "at least two checkpoints" in one.output and not (tmp_path / "x").exists()

@@ -84,6 +84,39 @@ def update_angles(a1, a2, b1, b2, energy: float = 0.99, device: str | None = Non
     return rows
 
 
+def angles_over_training(a1, a2, checkpoints, energy: float = 0.99, device: str | None = None) -> list[list[AngleRow]]:
+    """Phase A's update against each window of a later phase: one list of rows per consecutive pair
+    (checkpoints[k] → checkpoints[k+1]), as :func:`update_angles` gives for that pair.
+
+    The SF paper's finding is a change over training (task 1's first steps update task 0's subspace, later
+    steps do not), which a single B phase averages away. ``checkpoints`` may be an iterator of models or weight
+    dicts: each is read once and only two are held at a time.
+    """
+    a1, a2 = (m if isinstance(m, dict) else weight_matrices(m) for m in (a1, a2))
+    windows, previous = [], None
+    for checkpoint in checkpoints:
+        current = checkpoint if isinstance(checkpoint, dict) else weight_matrices(checkpoint)
+        if previous is not None:
+            windows.append(update_angles(a1, a2, previous, current, energy, device))
+        previous = current
+    if not windows:
+        raise ValueError("angles over training need at least two checkpoints of the later phase (one window)")
+    return windows
+
+
+def component_means(rows: list[AngleRow]) -> dict[str, dict[str, float | None]]:
+    """Per component, averaged over layers (matrices with an angle only): mean angle, chance angle and their
+    difference (negative: nearer A's subspace than a random direction)."""
+    out = {}
+    for comp in dict.fromkeys(r.component for r in rows):
+        mine = [r for r in rows if r.component == comp and np.isfinite(r.mean_angle_deg)]
+        angle = float(np.mean([r.mean_angle_deg for r in mine])) if mine else None
+        chance = float(np.mean([r.chance_angle_deg for r in mine])) if mine else None
+        out[comp] = {"mean_angle_deg": angle, "chance_angle_deg": chance,
+                     "below_chance_deg": None if angle is None else chance - angle}
+    return out
+
+
 def write_angles_csv(rows: list[AngleRow], path: Path) -> None:
     from forgetlab.utils.io import atomic_write_text
 

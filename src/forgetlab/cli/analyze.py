@@ -54,6 +54,12 @@ def _fingerprint(path: Path) -> list:
     return [str(path), [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]]
 
 
+def _energy(value: float) -> float:
+    if not 0 < value <= 1:
+        raise ValueError(f"--energy {value} must be in (0, 1]")
+    return value
+
+
 def _positive(value: int, option: str) -> int:
     if value < 1:
         raise ValueError(f"{option} {value} must be at least 1")
@@ -87,9 +93,7 @@ def angles(
     from forgetlab.report.analysis import plot_angle_heatmap
     from forgetlab.utils.io import atomic_write_json
 
-    if not 0 < energy <= 1:
-        raise ValueError(f"--energy {energy} must be in (0, 1]")
-    rows = update_angles(*(_load(p) for p in (a1, a2, b1, b2)), energy=energy)
+    rows = update_angles(*(_load(p) for p in (a1, a2, b1, b2)), energy=_energy(energy))
     out.mkdir(parents=True, exist_ok=True)
     write_angles_csv(rows, out / "angles.csv")
     layers, comps, grid = angle_matrix(rows)
@@ -117,6 +121,45 @@ def angles(
         if names:
             console.print(f"not updated in phase {phase.upper()} (no angle; frozen?): {', '.join(names)}")
     console.print(f"wrote {out}/angles.csv, angles.json, angles.png")
+
+
+@app.command("angles-over-training")
+@user_errors
+def angles_over_training_command(
+    a1: Annotated[Path, typer.Option(help="phase A start checkpoint")],
+    a2: Annotated[Path, typer.Option(help="phase A end checkpoint")],
+    checkpoint: Annotated[list[Path], typer.Option(help="checkpoints of the later phase in training order, its start "
+                                                        "first (repeat); each consecutive pair is one window")],
+    out: Out,
+    energy: Annotated[float, typer.Option(help="energy kept by the effective rank")] = 0.99,
+) -> None:
+    """Angles of each window of a later phase (checkpoint k → k+1) to the subspace phase A updated, over training."""
+    from forgetlab.analysis.angles import COLUMNS, angles_over_training, component_means
+    from forgetlab.report.analysis import plot_angles_over_training
+    from forgetlab.utils.io import atomic_write_json, atomic_write_text
+
+    energy = _energy(energy)
+    if len(checkpoint) < 2:
+        raise ValueError("--checkpoint: give at least two checkpoints of the later phase (its start, then later ones)")
+    first = _load(a1)  # every other checkpoint must be of the same model: one line naming the first that is not
+    windows = angles_over_training(first, _load(a2, first), (_load(p, first) for p in checkpoint), energy)
+    names = [f"{b1.name}→{b2.name}" for b1, b2 in zip(checkpoint, checkpoint[1:])]
+    means = [component_means(rows) for rows in windows]
+    out.mkdir(parents=True, exist_ok=True)
+    fmt = lambda v: f"{v:.6g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = [",".join(("window", "b1", "b2", *COLUMNS))]
+    for k, rows in enumerate(windows):
+        for r in rows:
+            lines.append(",".join([str(k), str(checkpoint[k]), str(checkpoint[k + 1])] + [fmt(getattr(r, c)) for c in COLUMNS]))
+    atomic_write_text(out / "angles_over_training.csv", "\n".join(lines) + "\n")
+    atomic_write_json(out / "angles_over_training.json", {
+        "a1": str(a1), "a2": str(a2), "checkpoints": [str(c) for c in checkpoint], "energy": energy,
+        "windows": [{"b1": str(checkpoint[k]), "b2": str(checkpoint[k + 1]), "by_component": m} for k, m in enumerate(means)]})
+    plot_angles_over_training(names, means, out / "angles_over_training.png", title=f"later windows vs A = {a1.name}→{a2.name}")
+    for name, m in zip(names, means):
+        console.print(f"{name}: chance − angle (deg) " + "  ".join(
+            f"{c}:{'-' if v['below_chance_deg'] is None else format(v['below_chance_deg'], '.1f')}" for c, v in m.items()))
+    console.print(f"wrote {out}/angles_over_training.csv, angles_over_training.json, angles_over_training.png")
 
 
 @app.command()
