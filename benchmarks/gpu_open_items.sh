@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU measurements issues 6 and 7 still lack, as one device call of at most 10 minutes (one H100 or H200):
-#   bio  the `gpu` biography run with task-1 snapshots, then the loss landscape on it, timed: the landscape
-#        finding on the gpu run (docs/diagnostics-results.md) and what a landscape grid point costs on a GPU;
+#   bio  the `gpu` biography run with task-1 snapshots, its update angles window by window, then the loss landscape
+#        on it, timed: the landscape finding on the gpu run (docs/diagnostics-results.md) and what a landscape grid
+#        point costs on a GPU;
 #   cit  the ICL-world `gpu` model, then the methods on the reworded tasks that build does not already do (an earlier
 #        `gpu` build did four of sequence 0's five) with answers that end where scoring cuts, and `cit analyze` of
 #        the IncLoRA run: issue 7's gpu table (docs/cit-results.md).
@@ -51,8 +52,11 @@ bio() {
   local run=$WORK/bio C=$WORK/bio/checkpoints
   step bio-run biography run --preset $BIO --snapshot-steps $SNAP --out "$run" --no-progress || return
   step bio-world biography generate --preset $BIO --out "$WORK/bio-world" || return
-  local traj=(--trajectory "$C/task0")
-  for s in ${SNAP//,/ }; do traj+=(--trajectory "$C/task1-step-$s"); done
+  local traj=(--trajectory "$C/task0") windows=(--checkpoint "$C/task0")
+  for s in ${SNAP//,/ }; do traj+=(--trajectory "$C/task1-step-$s"); windows+=(--checkpoint "$C/task1-step-$s"); done
+  # task 1 window by window against task 0's update subspace (seconds; before the landscape, which may hit the deadline)
+  step bio-angles analyze angles-over-training --a1 "$C/pretrain" --a2 "$C/task0" "${windows[@]}" --checkpoint "$C/task1" \
+    --out "$WORK/bio-angles"
   # the plane of docs/diagnostics-results.md: through task-1 step 100, d1 = step 150 - step 100, d2 = end - step 150
   step bio-landscape analyze landscape --theta0 "$C/task1-step-$P0" --theta1 "$C/task1-step-$P1" --theta2 "$C/task1" \
     --data "task0=$WORK/bio-world/qa_task0_test.jsonl" --data "task1=$WORK/bio-world/qa_task1.jsonl" \
@@ -101,5 +105,5 @@ for job in ${JOBS:-bio cit}; do $job > "$OUT/$job.log" 2>&1 & done
 wait
 tar czf "$OUT/results.tgz" -C "$WORK" --exclude=checkpoints --exclude=state --exclude=cache --exclude='*.safetensors' \
   --exclude='*.pt' --exclude=pretrain.txt .
-grep -h "^\[\|AP=\|landscape:\|along the trajectory\|peak\|GB\|^exact\|^naive\|^attribution\|^check in\|disagree" "$OUT"/*.log
+grep -h "^\[\|AP=\|chance − angle\|landscape:\|along the trajectory\|peak\|GB\|^exact\|^naive\|^attribution\|^check in\|disagree" "$OUT"/*.log
 echo "total $(( $(date +%s) - START )) s; results in $OUT/results.tgz ($(du -h "$OUT/results.tgz" | cut -f1))"
