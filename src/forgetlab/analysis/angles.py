@@ -117,13 +117,15 @@ def component_means(rows: list[AngleRow]) -> dict[str, dict[str, float | None]]:
     return out
 
 
+def csv_cells(row: AngleRow) -> list[str]:
+    """A row's values in ``COLUMNS`` order as CSV cells (floats to 6 significant digits; an undefined angle is nan)."""
+    return [f"{v:.6g}" if isinstance(v, float) else str(v) for v in (getattr(row, c) for c in COLUMNS)]
+
+
 def write_angles_csv(rows: list[AngleRow], path: Path) -> None:
     from forgetlab.utils.io import atomic_write_text
 
-    lines = [",".join(COLUMNS)]
-    for r in rows:
-        lines.append(",".join(str(getattr(r, c)) if not isinstance(getattr(r, c), float) else f"{getattr(r, c):.6g}"
-                              for c in COLUMNS))
+    lines = [",".join(COLUMNS)] + [",".join(csv_cells(r)) for r in rows]
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 

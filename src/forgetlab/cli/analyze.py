@@ -134,7 +134,7 @@ def angles_over_training_command(
     energy: Annotated[float, typer.Option(help="energy kept by the effective rank")] = 0.99,
 ) -> None:
     """Angles of each window of a later phase (checkpoint k → k+1) to the subspace phase A updated, over training."""
-    from forgetlab.analysis.angles import COLUMNS, angles_over_training, component_means
+    from forgetlab.analysis.angles import COLUMNS, angles_over_training, component_means, csv_cells
     from forgetlab.report.analysis import plot_angles_over_training
     from forgetlab.utils.io import atomic_write_json, atomic_write_text
 
@@ -146,11 +146,9 @@ def angles_over_training_command(
     names = [f"{b1.name}→{b2.name}" for b1, b2 in zip(checkpoint, checkpoint[1:])]
     means = [component_means(rows) for rows in windows]
     out.mkdir(parents=True, exist_ok=True)
-    fmt = lambda v: f"{v:.6g}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = [",".join(("window", "b1", "b2", *COLUMNS))]
     for k, rows in enumerate(windows):
-        for r in rows:
-            lines.append(",".join([str(k), str(checkpoint[k]), str(checkpoint[k + 1])] + [fmt(getattr(r, c)) for c in COLUMNS]))
+        lines += [",".join([str(k), str(checkpoint[k]), str(checkpoint[k + 1]), *csv_cells(r)]) for r in rows]
     atomic_write_text(out / "angles_over_training.csv", "\n".join(lines) + "\n")
     atomic_write_json(out / "angles_over_training.json", {
         "a1": str(a1), "a2": str(a2), "checkpoints": [str(c) for c in checkpoint], "energy": energy,
