@@ -65,3 +65,70 @@ def test_check_checkpoint_accepts_each_weight_format_and_load_model_keeps_the_dt
     (tmp_path / "st" / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="has no weights"):
         check_checkpoint(tmp_path / "st")
+
+
+def test_a_peft_adapter_directory_loads_as_its_base_with_the_update_merged_by_hand(tmp_path):
+    """A LoRA run saved by PEFT holds only the adapter. Loading it gives the base with W + (α/r)·B·A in each target
+    (computed here by hand from the saved factors), every other weight the base's; the tokenizer falls back to the
+    base's; bad adapter directories are one clear error; analyze angles reads it like a full checkpoint."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from forgetlab.cli.main import app
+    from forgetlab.models.build import adapter_base, load_tokenizer
+    from forgetlab.models.tokenizers import build_word_tokenizer
+    from forgetlab.models.zoo import random_model, tiny_config
+
+    tok = build_word_tokenizer([f"w{i}" for i in range(20)])
+    base_dir = tmp_path / "base"
+    random_model(tiny_config("llama", len(tok), n_layers=2), seed=0).save_pretrained(base_dir)
+    tok.save_pretrained(base_dir)
+    rank, alpha = 4, 8
+    peft = get_peft_model(load_model(base_dir), LoraConfig(r=rank, lora_alpha=alpha, target_modules=["q_proj", "v_proj"],
+                                                          lora_dropout=0.0))
+    with torch.no_grad():  # B starts at zero; give it values so the merge changes something
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    adapter_dir = tmp_path / "adapter"
+    peft.save_pretrained(adapter_dir)
+    assert not (adapter_dir / "config.json").exists() and adapter_base(adapter_dir) == str(base_dir)
+
+    merged, base = load_model(adapter_dir).state_dict(), load_model(base_dir).state_dict()
+    factors = load_file(adapter_dir / "adapter_model.safetensors")
+    for name, weight in base.items():
+        module = name.removesuffix(".weight")
+        a_key = next((k for k in factors if k.endswith(f"{module}.lora_A.weight")), None)
+        expected = weight if a_key is None else \
+            weight + (alpha / rank) * factors[a_key.replace("lora_A", "lora_B")] @ factors[a_key]
+        torch.testing.assert_close(merged[name], expected, rtol=1e-5, atol=1e-6)
+    assert sum(k.endswith("lora_A.weight") for k in factors) == 4  # q and v of two layers
+    assert load_tokenizer(adapter_dir).get_vocab() == tok.get_vocab()
+    check_checkpoint(adapter_dir)
+
+    out = tmp_path / "angles"
+    result = CliRunner().invoke(app, ["analyze", "angles", "--a1", str(base_dir), "--a2", str(adapter_dir), "--b1",
+                                      str(base_dir), "--b2", str(adapter_dir), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "angles.json").read_text())["rows"]
+    for r in rows:  # B = A: each LoRA update lies in its own subspace (0°), of at most the LoRA rank
+        if r["component"] in ("q", "v"):
+            assert 1 <= r["rank_b"] <= rank and r["mean_angle_deg"] == pytest.approx(0.0, abs=1e-3)
+        else:
+            assert r["rank_b"] == 0
+
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    (no_weights / "adapter_config.json").write_text((adapter_dir / "adapter_config.json").read_text())
+    with pytest.raises(FileNotFoundError, match="PEFT adapter directory without adapter weights"):
+        check_checkpoint(no_weights)
+    lost_base = tmp_path / "lost_base"
+    lost_base.mkdir()
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    (lost_base / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(tmp_path / "gone")}))
+    (lost_base / "adapter_model.safetensors").write_bytes((adapter_dir / "adapter_model.safetensors").read_bytes())
+    with pytest.raises(FileNotFoundError, match=f"the base model of --model {lost_base}, {tmp_path / 'gone'} is not"):
+        check_checkpoint(lost_base)

@@ -77,9 +77,8 @@ def recovery_table(checkpoints: list[str | Path], fit_rows: list[dict], eval_row
                    log: Callable[[str], None] = print) -> list[dict]:
     """One row per checkpoint: current, recovered, and the spurious share when ``before`` is known."""
     import torch
-    from transformers import AutoTokenizer
 
-    from forgetlab.models.build import check_checkpoint, load_model
+    from forgetlab.models.build import check_checkpoint, load_model, load_tokenizer
 
     for ckpt in checkpoints:  # all of them before any re-alignment
         check_checkpoint(ckpt, "checkpoint")
@@ -87,7 +86,7 @@ def recovery_table(checkpoints: list[str | Path], fit_rows: list[dict], eval_row
     rows = []
     for ckpt in checkpoints:
         model = load_model(ckpt).to(device).eval()
-        result = recover(model, AutoTokenizer.from_pretrained(str(ckpt)), fit_rows, eval_rows, cfg, seed, progress, log)
+        result = recover(model, load_tokenizer(ckpt), fit_rows, eval_rows, cfg, seed, progress, log)
         rows.append({"checkpoint": str(ckpt), "before": before, **result,
                      "spurious_share": share_or_none(before, result["current"], result["recovered"])})
         log(f"[recovery] {ckpt}: current {result['current']:.3f} -> recovered {result['recovered']:.3f}")

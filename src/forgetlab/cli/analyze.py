@@ -34,13 +34,11 @@ def _load(path: Path, like=None):
 
 
 def _tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    from forgetlab.models.build import check_checkpoint
+    from forgetlab.models.build import check_checkpoint, load_tokenizer
 
     check_checkpoint(path, "checkpoint")
     try:
-        return AutoTokenizer.from_pretrained(str(path))
+        return load_tokenizer(path)
     except (OSError, ValueError) as err:
         detail = " ".join(str(err).split())[:200]  # transformers' messages span lines; the CLI reports one
         raise ValueError(f"checkpoint {path} has no loadable tokenizer ({detail}); save the tokenizer beside the model") from None

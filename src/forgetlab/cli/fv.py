@@ -44,9 +44,8 @@ def check_device(device: str) -> None:
 def load_for_fv(model_dir: Path, device: str, dtype: str):
     """Model (eval mode) and tokenizer from one local directory; one clear error if it is not one."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from forgetlab.models.build import check_checkpoint
+    from forgetlab.models.build import check_checkpoint, load_model, load_tokenizer
 
     check_checkpoint(model_dir)
     if device == "auto":
@@ -58,12 +57,12 @@ def load_for_fv(model_dir: Path, device: str, dtype: str):
     if dtype not in dtypes:
         raise ValueError(f"--dtype {dtype} is unknown; use auto, {', '.join(dtypes)}")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        tokenizer = load_tokenizer(model_dir)
     except (OSError, ValueError) as err:
         detail = " ".join(str(err).split())  # transformers' messages span lines; the CLI reports one line
         raise ValueError(f"--model {model_dir} has no loadable tokenizer ({detail}); save the tokenizer beside the model") from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtypes[dtype])
+        model = load_model(model_dir, dtypes[dtype])
     except Exception as err:  # corrupt or mismatched weights: report, don't dump a traceback
         detail = " ".join(str(err).split())[:300]
         raise ValueError(f"--model {model_dir}: its weights cannot be loaded ({type(err).__name__}: {detail})") from None

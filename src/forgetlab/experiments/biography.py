@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
 from forgetlab.eval.exact_match import QAResult, greedy_exact_match
 from forgetlab.eval.recall import find_span, span_recall
@@ -28,7 +27,7 @@ from forgetlab.methods import freeze_parameters, mix_replay
 from forgetlab.methods.freeze import bottom_layers
 from forgetlab.methods.regularizers import diagonal_fisher, ewc_penalty
 from forgetlab.metrics.cl import cl_summary, share_or_none
-from forgetlab.models.build import build_model, load_model
+from forgetlab.models.build import build_model, load_model, load_tokenizer
 from forgetlab.models.tokenizers import build_word_tokenizer
 from forgetlab.train import distributed
 from forgetlab.train.checkpoints import save_model_dir
@@ -143,7 +142,7 @@ class BiographyExperiment:
         """The world's word-level tokenizer, or the tokenizer saved with a local starting checkpoint."""
         if not self.cfg.model.checkpoint:
             return build_word_tokenizer(self.world.word_list())
-        tokenizer = AutoTokenizer.from_pretrained(self.cfg.model.checkpoint)
+        tokenizer = load_tokenizer(self.cfg.model.checkpoint)
         if tokenizer.eos_token_id is None:
             raise ValueError(f"the tokenizer of model.checkpoint={self.cfg.model.checkpoint} has no eos token; "
                              "set one and save it with the checkpoint")

@@ -404,6 +404,8 @@ def check_inputs(cfg: CITConfig) -> None:
     of FVs read from ``fvg_config.fv_dir``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from forgetlab.models.build import config_source
+
     cfg.validate()
     distributed.check_batch_split(cfg.train.batch_size)
     tasks, world = load_sequence(cfg)
@@ -421,7 +423,7 @@ def check_inputs(cfg: CITConfig) -> None:
             _check_fv_extractable(task, cfg)
     if cfg.mode != "full" or fvg:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_source(model_dir)))
         if cfg.mode != "full":
             _check_lora_targets(model, cfg)
         if fvg:
@@ -439,9 +441,9 @@ def check_inputs(cfg: CITConfig) -> None:
 def _check_world_vocabulary(model_dir: str, world_model: Path) -> None:
     """An ICL world's prompts are written in its tokenizer's words: another model of the world must share them,
     or every unknown word reads as the same token (a foreign model then "answers" <unk> with <unk>)."""
-    from transformers import AutoTokenizer
+    from forgetlab.models.build import load_tokenizer
 
-    theirs, ours = (AutoTokenizer.from_pretrained(str(d)).get_vocab() for d in (model_dir, world_model))
+    theirs, ours = (load_tokenizer(d).get_vocab() for d in (model_dir, world_model))
     if theirs != ours:
         raise ValueError(f"--model {model_dir} has another vocabulary ({len(theirs)} tokens) than the ICL world's model "
                          f"({len(ours)} tokens, {world_model}); use a model trained on this world")
@@ -479,9 +481,7 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
     killed run started again on the same ``out`` (``forgetlab cit run --resume``) goes on after the last
     finished task with the same result; ``--set train.checkpoint_every=N`` also resumes inside a task.
     """
-    from transformers import AutoTokenizer
-
-    from forgetlab.models.build import enable_activation_checkpointing, load_model
+    from forgetlab.models.build import enable_activation_checkpointing, load_model, load_tokenizer
     from forgetlab.utils.io import read_json
 
     cfg.validate()
@@ -498,7 +498,7 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
         record_api_run(out, cfg)
     template = _template(cfg, world)
     model_dir = _model_dir(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -720,10 +720,8 @@ def analyze_runs(runs: Sequence[Path], out: Path | None = None, settings=None, *
     are pooled, as the FV paper pools checkpoints of several sequences and seeds; ``interventions.json``
     (on the last checkpoint) is written for a single run only.
     """
-    from transformers import AutoTokenizer
-
     from forgetlab.analysis.fv_drift import DriftSettings, drift_fits, drift_measurements, fv_interventions
-    from forgetlab.models.build import load_model
+    from forgetlab.models.build import load_model, load_tokenizer
     from forgetlab.report.cit import plot_drift
     from forgetlab.report.markdown import drift_report
     from forgetlab.utils.io import atomic_write_text
@@ -752,7 +750,7 @@ def analyze_runs(runs: Sequence[Path], out: Path | None = None, settings=None, *
         general = [t.as_icl_task() for t in world.role("general")]
     else:
         raise ValueError(f"{runs[0]}: the run has no general sets to analyse (use --general task files or an ICL world)")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = DTYPES[cfg.dtype]  # the precision the run trained in (a bfloat16 7B run is analysed in bfloat16)
     checkpoints = [(p.name if len(runs) == 1 else f"{label}/{p.name}", label, p)

@@ -3,10 +3,13 @@
 The spurious-forgetting paper pretrains a GPT-NeoX (Pythia-160m shape) from scratch; Llama is the
 other architecture people reach for. Both come from ``transformers`` configs, so every checkpoint
 forgetlab writes is a normal HF directory that ``AutoModelForCausalLM.from_pretrained`` reads.
+A PEFT adapter directory (what a LoRA run saved by PEFT or the HF Trainer holds) loads as its base model with the
+adapter merged in, so LoRA runs can be analysed like full fine-tunes.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,12 +20,40 @@ ARCHITECTURES = ("gpt_neox", "llama")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def adapter_base(path: str | Path) -> str | None:
+    """The base model a PEFT adapter directory names (``base_model_name_or_path``), or None for a full checkpoint."""
+    path = Path(path)
+    if (path / "config.json").is_file() or not (path / ADAPTER_CONFIG).is_file():
+        return None
+    try:
+        base = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (json.JSONDecodeError, AttributeError):
+        raise ValueError(f"{path}/{ADAPTER_CONFIG} is not a JSON object; save the adapter again") from None
+    if not base:
+        raise ValueError(f"{path}/{ADAPTER_CONFIG} names no base_model_name_or_path; set it to the base model's directory")
+    return str(base)
+
+
 def check_checkpoint(path: str | Path, what: str = "--model") -> None:
     """One line before any work if ``path`` is not a loadable local checkpoint: no config.json, one that does not
-    parse, or no weight file (a half-copied download)."""
+    parse, or no weight file (a half-copied download). A PEFT adapter directory needs its adapter weights and, when
+    its base is a local path, a loadable base there."""
     from transformers import AutoConfig
 
     path = Path(path)
+    base = adapter_base(path)
+    if base is not None:
+        if not any((path / name).is_file() for name in ADAPTER_WEIGHTS):
+            raise FileNotFoundError(f"{what} {path} is a PEFT adapter directory without adapter weights "
+                                    f"({' or '.join(ADAPTER_WEIGHTS)}); copy the whole directory")
+        if Path(base).exists() or base.startswith((".", "/")):  # a local path (a hub name is left to the loader)
+            check_checkpoint(base, f"the base model of {what} {path},")
+        return
     if not (path / "config.json").is_file():
         older = path.with_name(path.name + ".old")
         if not path.exists() and (older / "config.json").is_file():  # replace_dir was killed between its renames
@@ -53,8 +84,9 @@ class ModelConfig:
 
     def validate(self) -> None:
         if self.checkpoint:
-            if not Path(self.checkpoint, "config.json").is_file():
-                raise ValueError(f"model.checkpoint={self.checkpoint!r} has no config.json; pass a Hugging Face checkpoint directory")
+            if not Path(self.checkpoint, "config.json").is_file() and adapter_base(self.checkpoint) is None:
+                raise ValueError(f"model.checkpoint={self.checkpoint!r} has no config.json; pass a Hugging Face checkpoint "
+                                 "(or PEFT adapter) directory")
             return
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"model.architecture={self.architecture!r} is unknown; use one of {', '.join(ARCHITECTURES)}")
@@ -90,8 +122,29 @@ def build_model(config: ModelConfig, vocab_size: int, pad_id: int, eos_id: int, 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """Load a local HF checkpoint, in float32 unless asked (training keeps fp32 master weights; a LoRA run
-    on a 7B model may keep its frozen base in bfloat16, half the memory)."""
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    on a 7B model may keep its frozen base in bfloat16, half the memory). A PEFT adapter directory gives its base
+    with the adapter merged: a plain model with the base's parameter names."""
+    base = adapter_base(path)
+    if base is None:
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(load_model(base, dtype), str(path)).merge_and_unload()
+
+
+def config_source(path: str | Path) -> str:
+    """Where a checkpoint's config.json is: the directory itself, or a PEFT adapter's base model."""
+    return adapter_base(path) or str(path)
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer saved beside a checkpoint; for a PEFT adapter directory saved without one, its base model's."""
+    from transformers import AutoTokenizer
+
+    base = adapter_base(path)
+    if base is not None and not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        path = base
+    return AutoTokenizer.from_pretrained(str(path))
 
 
 def enable_activation_checkpointing(model: PreTrainedModel) -> None:
