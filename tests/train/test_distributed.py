@@ -129,8 +129,21 @@ for size in (3, 4):
         splits.append(None)
     except ValueError as err:
         splits.append(str(err))
+made = distributed.main_first(lambda: "made by rank 0")
+
+
+def fail():
+    raise FileNotFoundError(f"no run here (raised on rank {rank})")
+
+
+try:
+    distributed.main_first(fail)
+    raised = None
+except FileNotFoundError as err:
+    raised = str(err)
 out = {"world": distributed.world_size(), "main": distributed.is_main(), "total": distributed.total(1.5 + rank),
-       "share": mine, "gathered": distributed.gather_shares([10 * x for x in mine], 5), "splits": splits}
+       "share": mine, "gathered": distributed.gather_shares([10 * x for x in mine], 5), "splits": splits,
+       "made": made, "raised": raised}
 with open(f"{folder}/rank{rank}.json", "w") as fh:
     json.dump(out, fh)
 distributed.leave()
@@ -140,7 +153,9 @@ distributed.leave()
 def test_two_peers_sum_share_gather_and_split_batches(tmp_path):
     """Two gloo processes started directly (no torchrun, a few seconds): ``total`` is the sum over the processes
     (1.5 + 2.5 = 4 on both), rank r's share of 0..4 is every second item from r, ``gather_shares`` puts them back in
-    order on every process, and a micro-batch of 3 rows does not split over 2 processes while 4 does."""
+    order on every process, and a micro-batch of 3 rows does not split over 2 processes while 4 does. ``main_first``
+    runs its function on rank 0 alone (the others get None), and an error there is raised on both, with its message
+    and type, so no process waits forever."""
     import json
     import os
     import subprocess
@@ -159,3 +174,5 @@ def test_two_peers_sum_share_gather_and_split_batches(tmp_path):
     assert [r["gathered"] for r in ranks] == [[0, 10, 20, 30, 40]] * 2
     for r in ranks:
         assert r["splits"][1] is None and "train.batch_size=3 does not split over 2 processes" in r["splits"][0]
+    assert [r["made"] for r in ranks] == ["made by rank 0", None]
+    assert [r["raised"] for r in ranks] == ["no run here (raised on rank 0)"] * 2
