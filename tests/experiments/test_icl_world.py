@@ -116,3 +116,29 @@ def test_same_seed_same_model_and_metrics(tmp_path):
     assert runs[0]["mean"] == runs[1]["mean"]
     a, b = (load_file(tmp_path / name / "model" / "model.safetensors") for name in ("a", "b"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"preset": "huge"}, "unknown icl-world preset 'huge'"),
+    ({"corpus": {"instruction_fraction": 1.5}}, "corpus.instruction_fraction=1.5 must be in [0, 1]"),
+    ({"corpus": {"max_shots": 0}}, "corpus.max_shots must be >= 1"),
+    ({"corpus": {"block_size": 16}}, "corpus.block_size >= 32"),
+])
+def test_bad_build_settings_name_the_setting(change, message):
+    import re
+    from dataclasses import replace
+
+    cfg = preset_config("smoke")
+    if "corpus" in change:
+        cfg = replace(cfg, corpus=replace(cfg.corpus, **change["corpus"]))
+    else:
+        cfg = replace(cfg, **change)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        cfg.validate()
+
+
+def test_reevaluate_names_a_directory_that_is_not_a_build(tmp_path):
+    from forgetlab.experiments.icl_world import reevaluate
+
+    with pytest.raises(FileNotFoundError, match="is not an icl-world build"):
+        reevaluate(tmp_path)
