@@ -87,6 +87,14 @@ def test_smoke_build_end_to_end(tmp_path):
     again = subprocess.run([sys.executable, "-m", "forgetlab.cli", "icl-world", "build", "--preset", "smoke", "--out", str(out)],
                            capture_output=True, text=True)
     assert again.returncode == 2 and "already exists" in again.stderr
+    # the training state is gone once eval.json is written; resuming the finished build trains and scores nothing
+    assert not (out / "state").exists() and not (out / "state.finished").exists()
+    weights = (out / "model" / "model.safetensors").stat().st_mtime_ns
+    resumed = subprocess.run([sys.executable, "-m", "forgetlab.cli", "icl-world", "build", "--preset", "smoke", "--out",
+                              str(out), "--resume", "--no-progress"], capture_output=True, text=True)
+    assert resumed.returncode == 0 and "finished build of this config; nothing to do" in resumed.stderr + resumed.stdout
+    assert json.loads((out / "eval.json").read_text()) == results
+    assert (out / "model" / "model.safetensors").stat().st_mtime_ns == weights
     older = {**world, "tasks": [t for t in world["tasks"] if not t["name"].startswith("coded_")]}
     (out / "world.json").write_text(json.dumps(older))  # as a build from before the coded tasks wrote it
     rescored = subprocess.run([sys.executable, "-m", "forgetlab.cli", "icl-world", "evaluate", "--out", str(out), "--no-progress"],

@@ -9,6 +9,7 @@ function vector (exact CIE) and adds it to the bare and the shuffled prompts (``
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -31,7 +32,7 @@ from forgetlab.models.tokenizers import build_word_tokenizer
 from forgetlab.train.checkpoints import save_model_dir
 from forgetlab.train.data import IGNORE, TokenDataset
 from forgetlab.train.trainer import EvalSchedule, PhaseConfig, train_phase
-from forgetlab.utils.io import atomic_write_json
+from forgetlab.utils.io import atomic_write_json, read_json
 from forgetlab.worlds.icl import ICLWorld, ICLWorldConfig, WorldTask, generate_icl_world, with_coded_tasks
 
 PRESETS = ("smoke", "cpu", "gpu")
@@ -229,13 +230,21 @@ def new_task_check(adapter, tokenizer, world: ICLWorld, cfg: ICLBuildConfig) -> 
 
 def build_icl_world(cfg: ICLBuildConfig, out: Path, *, log: Callable[[str], None] = print, progress: bool = True,
                     device: str | None = None) -> dict:
-    """World -> tokenizer -> corpus -> model -> ``eval.json``; resumes training from ``out/state``."""
+    """World -> tokenizer -> corpus -> model -> ``eval.json``; resumes training from ``out/state``.
+
+    The training state is removed once ``eval.json`` is written (it holds the optimizer too, several times the
+    model's size), so ``eval.json`` without ``state/`` marks a finished build: building it again under the same
+    config returns its results without training or scoring anything.
+    """
     cfg.validate()
     out = Path(out)
     start = time.perf_counter()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    world = generate_icl_world(cfg.world)
     record_api_run(out, cfg)
+    if (out / "eval.json").is_file() and (out / "model" / "config.json").is_file() and not (out / "state").exists():
+        log(f"[icl-world] {out} holds a finished build of this config; nothing to do (its eval.json stands)")
+        return read_json(out / "eval.json")
+    world = generate_icl_world(cfg.world)
     world.write(out / "world.json")
     tokenizer = world_tokenizer(world)
     rows = cfg.train.total_steps(1) * cfg.train.batch_size * cfg.train.grad_accum
@@ -265,6 +274,11 @@ def build_icl_world(cfg: ICLBuildConfig, out: Path, *, log: Callable[[str], None
         "made_by": "forgetlab icl-world build", "config": asdict(cfg), "training_tokens": int(data.input_ids.numel()),
         "train_seconds": train_seconds, "steps": outcome.steps, "general_mean": results["mean"]})
     atomic_write_json(out / "eval.json", results)
+    finished = out / "state.finished"  # renamed first: a kill while deleting leaves no half state to resume from
+    shutil.rmtree(finished, ignore_errors=True)
+    if (out / "state").exists():
+        (out / "state").replace(finished)
+        shutil.rmtree(finished)
     return results
 
 
@@ -275,7 +289,7 @@ def reevaluate(out: Path, *, log: Callable[[str], None] = print, progress: bool 
 
     from forgetlab.experiments.rundir import CONFIG
     from forgetlab.models.build import load_model
-    from forgetlab.utils.io import from_jsonable, read_json
+    from forgetlab.utils.io import from_jsonable
 
     out = Path(out)
     if not (out / CONFIG).is_file() or not (out / "model" / "config.json").is_file():
