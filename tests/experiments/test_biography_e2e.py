@@ -363,3 +363,51 @@ def test_recover_keys_its_cached_phase_by_the_checkpoints_weights_and_reads_befo
     random_model(tiny_config("llama", len(tok), n_layers=1), seed=1).save_pretrained(ckpt)  # retrained in place
     recover.recover_checkpoint(ckpt, run, out=tmp_path / "rec", log=lambda s: None)
     assert keys[0] == keys[1] != keys[2]
+
+
+def test_analyze_a_run_takes_its_own_checkpoints_and_world(smoke_run, tmp_path):
+    """``biography analyze`` on a run with task-1 snapshots at steps 2 and 4: the angles compare task 1 with task 0's
+    update, the windows run task0 → step 2 → step 4 → task1, the landscape's plane goes through step 2 with
+    d1 = step 4 − step 2 and d2 = end − step 4 (so those three project to (0, 0), (1, 0), (1, 1)), and the QA rows are
+    those `biography generate` writes for the run's preset and seed. A run without snapshots skips what needs them."""
+    from forgetlab.experiments.biography_analysis import analyze_biography_run
+
+    root, _, _ = smoke_run
+    run = root / "snap"
+    proc = forgetlab("biography", "run", "--preset", "smoke", "--out", str(run), "--snapshot-steps", "2,4", "--no-progress",
+                     cache=root / "cache")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    logs = []
+    done = analyze_biography_run(run, grid=(3, 2), progress=False, log=logs.append)
+    out, ckpt = run / "analysis", run / "checkpoints"
+    assert set(done) == {"angles", "angles-over-training", "features", "landscape"}
+    assert (done["angles"]["a1"], done["angles"]["a2"], done["angles"]["b2"]) == tuple(
+        str(ckpt / n) for n in ("pretrain", "task0", "task1"))
+    order = [str(ckpt / n) for n in ("task0", "task1-step-2", "task1-step-4", "task1")]
+    assert [(w["b1"], w["b2"]) for w in done["angles-over-training"]["windows"]] == list(zip(order, order[1:]))
+    assert list(done["features"]["pairs"]) == ["task0→task1-step-2", "task0→task1-step-4", "task0→task1"]
+    land = done["landscape"]
+    assert (land["theta0"], land["theta1"], land["theta2"]) == tuple(order[1:])
+    coords = {p["checkpoint"]: (p["alpha"], p["beta"]) for p in land["trajectory"]}
+    assert [c for c in coords] == order
+    for name, point in zip(order[1:], [(0, 0), (1, 0), (1, 1)]):
+        assert coords[name] == pytest.approx(point, abs=1e-5)
+    for sub, files in (("angles", "angles.csv"), ("angles-over-training", "angles_over_training.png"),
+                       ("features", "features.png"), ("landscape", "landscape.png")):
+        assert (out / sub / files).stat().st_size > 0
+    settings = json.loads((out / "analysis.json").read_text())["settings"]
+    assert settings["plane"] == [2, 4] and settings["snapshots"] == [2, 4]
+    generated = forgetlab("biography", "generate", "--preset", "smoke", "--out", str(tmp_path / "w"), cache=tmp_path)
+    assert generated.returncode == 0, generated.stderr[-2000:]
+    for name in ("qa_task0_test.jsonl", "qa_task1.jsonl"):
+        assert (out / "data" / name).read_text() == (tmp_path / "w" / name).read_text()
+
+    with pytest.raises(ValueError, match="this run kept 2, 4"):
+        analyze_biography_run(run, tmp_path / "bad", plane=(2, 9), log=logs.append)
+    assert not (tmp_path / "bad").exists()
+    plain = forgetlab("biography", "analyze", str(root / "run"), "--out", str(tmp_path / "plain"), "--no-progress",
+                      cache=root / "cache")
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    said = plain.stdout + plain.stderr
+    assert "angles over training skipped" in said and "loss landscape skipped" in said
+    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["analysis.json", "angles", "data", "features"]

@@ -17,6 +17,14 @@ Out = Annotated[Path, typer.Option("--out", help="output directory (data + PNG)"
 Checkpoints = Annotated[list[Path], typer.Option("--checkpoint", help="HF checkpoint directory (repeat, in order)")]
 
 
+def parse_grid(text: str) -> tuple[int, int]:
+    try:
+        n_a, n_b = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--grid {text!r}: expected AxB such as 41x61") from None
+    return n_a, n_b
+
+
 def _parse_range(text: str, name: str) -> tuple[float, float]:
     try:
         low, high = (float(v) for v in text.split(","))
@@ -81,10 +89,6 @@ def landscape(
     """Task losses on the plane through theta0 spanned by (theta1 - theta0, theta2 - theta1), with a trajectory."""
     from forgetlab.analysis.outputs import write_landscape
 
-    try:
-        n_a, n_b = (int(v) for v in grid.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"--grid {grid!r}: expected AxB such as 41x61") from None
     ranges = _parse_range(alpha_range, "alpha-range"), _parse_range(beta_range, "beta-range")
     files = {}
     for item in data:
@@ -94,7 +98,7 @@ def landscape(
         if name in files:
             raise ValueError(f"--data {item!r}: the task name {name!r} is given twice; name each task once")
         files[name] = Path(path)
-    write_landscape(theta0, theta1, theta2, files, out, trajectory=trajectory, grid=(n_a, n_b), alpha_range=ranges[0],
+    write_landscape(theta0, theta1, theta2, files, out, trajectory=trajectory, grid=parse_grid(grid), alpha_range=ranges[0],
                     beta_range=ranges[1], orthogonalize=orthogonalize, filter_normalize=filter_normalize,
                     max_examples=max_examples, progress=progress, log=console.print)
 

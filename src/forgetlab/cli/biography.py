@@ -127,6 +127,35 @@ def generate(preset: Preset = "cpu-demo", out: Out = Path("runs/biography-world"
 
 @app.command()
 @user_errors
+def analyze(
+    run_dir: Annotated[Path, typer.Argument(help="a finished `forgetlab biography run` directory", show_default=False)],
+    out: Annotated[Optional[Path], typer.Option(help="where the analyses go \\[default: RUN/analysis]")] = None,
+    grid: Annotated[str, typer.Option(help="landscape points along d1 x d2 (paper: 41x61)")] = "21x21",
+    max_examples: Annotated[int, typer.Option(help="QA rows per task for the landscape's losses")] = 1000,
+    plane: Annotated[Optional[str], typer.Option(help="task-1 snapshot steps A,B of the landscape plane (through step A, "
+                                                      "d1 = B - A, d2 = end - B) \\[default: 100,150 if kept, else the "
+                                                      "last two snapshots]")] = None,
+    energy: Annotated[float, typer.Option(help="energy kept by the effective rank of the update angles")] = 0.99,
+    progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+) -> None:
+    """Every diagnostic of a run: update angles (whole and window by window), feature shift, loss landscape."""
+    from forgetlab.cli.analyze import parse_grid
+    from forgetlab.experiments.biography_analysis import analyze_biography_run
+
+    steps = None
+    if plane is not None:
+        try:
+            steps = tuple(int(v) for v in plane.split(","))
+        except ValueError:
+            steps = ()
+        if len(steps) != 2:
+            raise ValueError(f"--plane {plane!r}: expected two task-1 snapshot steps A,B such as 100,150")
+    analyze_biography_run(run_dir, out, grid=parse_grid(grid), max_examples=max_examples, plane=steps, energy=energy,
+                          progress=progress, log=log_line)
+
+
+@app.command()
+@user_errors
 def recover(
     model: Annotated[Path, typer.Option(help="checkpoint directory to re-align (e.g. RUN/checkpoints/task1)")],
     run_dir: Annotated[Path, typer.Option("--run", help="the run whose world and recovery settings to use")],

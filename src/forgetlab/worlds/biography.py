@@ -592,7 +592,15 @@ def write_world(world: BiographyWorld, out_dir: str | os.PathLike[str]) -> dict[
 
     _atomic_write(path, write_pretrain)
     written["pretrain"] = path
+    return {**written, **write_qa_files(world, out)}
 
+
+def write_qa_files(world: BiographyWorld, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
+    """Write a qa_<split>.jsonl file (``{"prompt", "answer"}`` rows) for every split but pretraining; returns
+    qa_<split> -> path. What the diagnostics read, without the (large) pretraining text."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = {}
     for split, ids in world.splits.items():
         if split == "pretrain":
             continue
