@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The GPU measurements issues 6 and 7 still lack, as one device call of at most 10 minutes (one H100 or H200):
-#   bio  the `gpu` biography run with task-1 snapshots, its update angles window by window, then the loss landscape
-#        on it, timed: the landscape finding on the gpu run (docs/diagnostics-results.md) and what a landscape grid
-#        point costs on a GPU;
+#   bio  the `gpu` biography run with task-1 snapshots, then `biography analyze` on it (update angles, also window by
+#        window, feature shift, and the loss landscape, timed): the landscape finding on the gpu run
+#        (docs/diagnostics-results.md) and what a landscape grid point costs on a GPU;
 #   cit  the ICL-world `gpu` model, then the methods on the reworded tasks that build does not already do (an earlier
 #        `gpu` build did four of sequence 0's five) with answers that end where scoring cuts, and `cit analyze` of
 #        the IncLoRA run: issue 7's gpu table (docs/cit-results.md).
 # The two jobs share the GPU. Neither starts a step past the deadline, and a step running then is stopped, so
 # the call ends in time with whatever finished. OUT gets results.tgz (no checkpoints), bio.log, cit.log. A landscape
-# the deadline stops still returns the grid rows it finished (bio-landscape/landscape.partial.json).
+# the deadline stops still returns the grid rows it finished (bio/analysis/landscape/landscape.partial.json).
 #
 # Once, here (the device image lacks these pure-Python packages and cannot fetch; .whl/ travels with `carry`):
 #   echo /.whl/ >> .git/info/exclude
@@ -49,18 +49,11 @@ step() {
 }
 
 bio() {
-  local run=$WORK/bio C=$WORK/bio/checkpoints
-  step bio-run biography run --preset $BIO --snapshot-steps $SNAP --out "$run" --no-progress || return
-  step bio-world biography generate --preset $BIO --out "$WORK/bio-world" || return
-  local traj=(--trajectory "$C/task0") windows=(--checkpoint "$C/task0")
-  for s in ${SNAP//,/ }; do traj+=(--trajectory "$C/task1-step-$s"); windows+=(--checkpoint "$C/task1-step-$s"); done
-  # task 1 window by window against task 0's update subspace (seconds; before the landscape, which may hit the deadline)
-  step bio-angles analyze angles-over-training --a1 "$C/pretrain" --a2 "$C/task0" "${windows[@]}" --checkpoint "$C/task1" \
-    --out "$WORK/bio-angles"
-  # the plane of docs/diagnostics-results.md: through task-1 step 100, d1 = step 150 - step 100, d2 = end - step 150
-  step bio-landscape analyze landscape --theta0 "$C/task1-step-$P0" --theta1 "$C/task1-step-$P1" --theta2 "$C/task1" \
-    --data "task0=$WORK/bio-world/qa_task0_test.jsonl" --data "task1=$WORK/bio-world/qa_task1.jsonl" \
-    "${traj[@]}" --trajectory "$C/task1" --grid $GRID --max-examples $ROWS --out "$WORK/bio-landscape" --no-progress
+  step bio-run biography run --preset $BIO --snapshot-steps $SNAP --out "$WORK/bio" --no-progress || return
+  # every diagnostic of the run: angles (whole, then window by window), feature shift, and last the landscape on the
+  # plane of docs/diagnostics-results.md (through task-1 step P0, d1 = step P1 - step P0, d2 = end - step P1), which
+  # the deadline may stop: its finished rows stay in analysis/landscape/landscape.partial.json
+  step bio-analyze biography analyze "$WORK/bio" --plane $P0,$P1 --grid $GRID --max-examples $ROWS --no-progress
 }
 
 cit() {
@@ -104,6 +97,6 @@ cie() {
 for job in ${JOBS:-bio cit}; do $job > "$OUT/$job.log" 2>&1 & done
 wait
 tar czf "$OUT/results.tgz" -C "$WORK" --exclude=checkpoints --exclude=state --exclude=cache --exclude='*.safetensors' \
-  --exclude='*.pt' --exclude=pretrain.txt .
+  --exclude='*.pt' --exclude=pretrain.txt --exclude='qa_*.jsonl' .
 grep -h "^\[\|AP=\|chance − angle\|landscape:\|along the trajectory\|peak\|GB\|^exact\|^naive\|^attribution\|^check in\|disagree" "$OUT"/*.log
 echo "total $(( $(date +%s) - START )) s; results in $OUT/results.tgz ($(du -h "$OUT/results.tgz" | cut -f1))"
