@@ -395,6 +395,11 @@ def test_analyze_a_run_takes_its_own_checkpoints_and_world(smoke_run, tmp_path):
     for sub, files in (("angles", "angles.csv"), ("angles-over-training", "angles_over_training.png"),
                        ("features", "features.png"), ("landscape", "landscape.png")):
         assert (out / sub / files).stat().st_size > 0
+    report = (out / "analysis.md").read_text()  # the numbers a person reads are the returned ones
+    first = done["angles-over-training"]["windows"][0]["by_component"]
+    assert f"| task0 → task1-step-2 | {first['embedding']['below_chance_deg']:.1f} |" in report
+    end = land["trajectory"][-1]
+    assert f"| task1 | {end['losses']['task0']:.3f} | {end['losses']['task1']:.3f} | 1.000 | 1.000 |" in report
     settings = json.loads((out / "analysis.json").read_text())["settings"]
     assert settings["plane"] == [2, 4] and settings["snapshots"] == [2, 4]
     generated = forgetlab("biography", "generate", "--preset", "smoke", "--out", str(tmp_path / "w"), cache=tmp_path)
@@ -410,4 +415,4 @@ def test_analyze_a_run_takes_its_own_checkpoints_and_world(smoke_run, tmp_path):
     assert plain.returncode == 0, plain.stderr[-2000:]
     said = plain.stdout + plain.stderr
     assert "angles over training skipped" in said and "loss landscape skipped" in said
-    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["analysis.json", "angles", "data", "features"]
+    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["analysis.json", "analysis.md", "angles", "data", "features"]

@@ -18,6 +18,7 @@ from forgetlab.analysis.outputs import (write_angles, write_angles_over_training
                                         write_landscape)
 from forgetlab.experiments.recover import load_run_config
 from forgetlab.models.build import check_checkpoint
+from forgetlab.report.markdown import analysis_report
 from forgetlab.utils.io import atomic_write_json
 from forgetlab.worlds.biography import generate_world, write_qa_files
 
@@ -89,5 +90,6 @@ def analyze_biography_run(run_dir: Path, out: Path | None = None, *, grid: tuple
         "run": str(run_dir), "analyses": {name: str(out / name) for name in done},
         "settings": {"grid": list(grid), "max_examples": max_examples, "plane": list(plane) if plane else None,
                      "energy": energy, "max_prompts": max_prompts, "snapshots": list(snapshots)}})
-    log(f"wrote {', '.join(done)} and analysis.json into {out}")
+    analysis_report(done, out)
+    log(f"wrote {', '.join(done)}, analysis.json and analysis.md into {out}")
     return done

@@ -197,3 +197,55 @@ def drift_report(fits: dict, runs: Sequence[str], interventions: dict | None, ou
     parts.append("\nData: `drift.json`, `drift.csv`" + (", `interventions.json`" if interventions is not None else "")
                  + f". Runs: {', '.join(f'`{r}`' for r in runs)}.\n")
     atomic_write_text(out / "drift.md", "".join(parts))
+
+
+def analysis_report(done: dict, out: Path) -> None:
+    """``analysis.md`` of ``forgetlab biography analyze``: per analysis the numbers that carry the paper's findings,
+    read from what each analysis returned (the same dicts as its JSON), and its figures."""
+    parts = ["# Spurious-forgetting diagnostics of the run\n"]
+    if "angles" in done:
+        angles = done["angles"]
+        rows = [(layer, angles["mean_angle_deg_by_layer"][layer], angles["chance_angle_deg_by_layer"][layer])
+                for layer in angles["mean_angle_deg_by_layer"]]
+        parts += ["## Update angles: task 1 against task 0's update subspace\n",
+                  "Mean angle of task 1's update directions to the subspace task 0's update spanned, per layer (−1: "
+                  "embeddings); chance is where a random direction would sit. Below chance: task 1 moves inside task 0's "
+                  "subspace.\n", table(["layer", "mean angle (deg)", "chance (deg)"],
+                                       [(l, _degrees(a), _degrees(c)) for l, a, c in rows]),
+                  "![angles](angles/angles.png)\n"]
+    if "angles-over-training" in done:
+        windows = done["angles-over-training"]["windows"]
+        comps = list(dict.fromkeys(c for w in windows for c in w["by_component"]))
+        parts += ["## Update angles window by window\n",
+                  "Degrees below chance (averaged over layers) of each window of task 1: high = inside task 0's update "
+                  "subspace, 0 = no closer than a random direction.\n",
+                  table(["window", *comps], [(f"{Path(w['b1']).name} → {Path(w['b2']).name}",
+                                              *(_degrees(w["by_component"][c]["below_chance_deg"]) for c in comps))
+                                             for w in windows]),
+                  "![angles over training](angles-over-training/angles_over_training.png)\n"]
+    if "features" in done:
+        pairs = done["features"]["pairs"]
+        last = list(pairs)[-1]
+        parts += ["## Feature shift\n",
+                  f"Last-prompt-token features on task-0 test questions, per layer (0: embedding output), {last}: mean "
+                  "shift relative to the RMS feature norm and the turn of the first principal component.\n",
+                  table(["layer", "mean shift", "PC1 angle (deg)"],
+                        [(r["layer"], r["mean_shift"], _degrees(r["pc1_angle_deg"])) for r in pairs[last]]),
+                  "![feature shift](features/features.png)\n"]
+    if "landscape" in done:
+        land = done["landscape"]
+        tasks = list(land["losses"])
+        parts += ["## Loss landscape\n",
+                  f"The plane through {Path(land['theta0']).name} with d1 = {Path(land['theta1']).name} − "
+                  f"{Path(land['theta0']).name} and d2 = {Path(land['theta2']).name} − {Path(land['theta1']).name}; each "
+                  "checkpoint's own losses along the path (not read off the plane).\n",
+                  table(["checkpoint", *(f"{t} loss" for t in tasks), "α", "β"],
+                        [(Path(p["checkpoint"]).name, *(p["losses"][t] for t in tasks), round(p["alpha"], 3) + 0.0,
+                          round(p["beta"], 3) + 0.0)  # + 0.0: no "-0.000" for a point on the axis
+                         for p in land["trajectory"]]),
+                  "![loss landscape](landscape/landscape.png)\n"]
+    atomic_write_text(out / "analysis.md", "\n".join(parts))
+
+
+def _degrees(value) -> str:
+    return "–" if undefined(value) else f"{value:.1f}"
