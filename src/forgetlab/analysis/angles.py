@@ -90,7 +90,8 @@ def angles_over_training(a1, a2, checkpoints, energy: float = 0.99, device: str 
 
     The SF paper's finding is a change over training (task 1's first steps update task 0's subspace, later
     steps do not), which a single B phase averages away. ``checkpoints`` may be an iterator of models or weight
-    dicts: each is read once and only two are held at a time.
+    dicts: each is read once and only two are held at a time. ΔA is decomposed again for every window on purpose:
+    keeping its bases for all matrices would hold tens of GB for a 7B model.
     """
     a1, a2 = (m if isinstance(m, dict) else weight_matrices(m) for m in (a1, a2))
     windows, previous = [], None

@@ -17,22 +17,14 @@ Out = Annotated[Path, typer.Option("--out", help="output directory (data + PNG)"
 Checkpoints = Annotated[list[Path], typer.Option("--checkpoint", help="HF checkpoint directory (repeat, in order)")]
 
 
-def parse_grid(text: str) -> tuple[int, int]:
+def parse_pair(text: str, option: str, sep: str, kind: type, expected: str) -> tuple:
+    """Two numbers written A<sep>B (a grid 41x61, a range -1,7, snapshot steps 100,150), or one line naming the
+    option; whether they make sense together is checked where they are used."""
     try:
-        n_a, n_b = (int(v) for v in text.lower().split("x"))
+        first, second = (kind(v) for v in text.lower().split(sep))
     except ValueError:
-        raise ValueError(f"--grid {text!r}: expected AxB such as 41x61") from None
-    return n_a, n_b
-
-
-def _parse_range(text: str, name: str) -> tuple[float, float]:
-    try:
-        low, high = (float(v) for v in text.split(","))
-    except ValueError:
-        raise ValueError(f"--{name} {text!r}: expected LOW,HIGH such as -1,7") from None
-    if not low < high:
-        raise ValueError(f"--{name} {text!r}: LOW must be below HIGH")
-    return low, high
+        raise ValueError(f"{option} {text!r}: expected {expected}") from None
+    return first, second
 
 
 @app.command()
@@ -89,7 +81,8 @@ def landscape(
     """Task losses on the plane through theta0 spanned by (theta1 - theta0, theta2 - theta1), with a trajectory."""
     from forgetlab.analysis.outputs import write_landscape
 
-    ranges = _parse_range(alpha_range, "alpha-range"), _parse_range(beta_range, "beta-range")
+    ranges = [parse_pair(text, f"--{name}", ",", float, "LOW,HIGH such as -1,7")
+              for text, name in ((alpha_range, "alpha-range"), (beta_range, "beta-range"))]
     files = {}
     for item in data:
         if "=" not in item:
@@ -98,7 +91,7 @@ def landscape(
         if name in files:
             raise ValueError(f"--data {item!r}: the task name {name!r} is given twice; name each task once")
         files[name] = Path(path)
-    write_landscape(theta0, theta1, theta2, files, out, trajectory=trajectory, grid=parse_grid(grid), alpha_range=ranges[0],
+    write_landscape(theta0, theta1, theta2, files, out, trajectory=trajectory, grid=parse_pair(grid, "--grid", "x", int, "AxB such as 41x61"), alpha_range=ranges[0],
                     beta_range=ranges[1], orthogonalize=orthogonalize, filter_normalize=filter_normalize,
                     max_examples=max_examples, progress=progress, log=console.print)
 

@@ -139,19 +139,12 @@ def analyze(
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
     """Every diagnostic of a run: update angles (whole and window by window), feature shift, loss landscape."""
-    from forgetlab.cli.analyze import parse_grid
+    from forgetlab.cli.analyze import parse_pair
     from forgetlab.experiments.biography_analysis import analyze_biography_run
 
-    steps = None
-    if plane is not None:
-        try:
-            steps = tuple(int(v) for v in plane.split(","))
-        except ValueError:
-            steps = ()
-        if len(steps) != 2:
-            raise ValueError(f"--plane {plane!r}: expected two task-1 snapshot steps A,B such as 100,150")
-    analyze_biography_run(run_dir, out, grid=parse_grid(grid), max_examples=max_examples, plane=steps, energy=energy,
-                          progress=progress, log=log_line)
+    steps = None if plane is None else parse_pair(plane, "--plane", ",", int, "two task-1 snapshot steps A,B such as 100,150")
+    analyze_biography_run(run_dir, out, grid=parse_pair(grid, "--grid", "x", int, "AxB such as 41x61"),
+                          max_examples=max_examples, plane=steps, energy=energy, progress=progress, log=log_line)
 
 
 @app.command()
