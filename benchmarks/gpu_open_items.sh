@@ -14,6 +14,7 @@
 #   echo /.whl/ >> .git/info/exclude
 #   pip download --no-deps -d .whl nltk==3.9.1 && pip wheel --no-deps -w .whl rouge-score==0.1.2
 # The device call: command "bash benchmarks/gpu_open_items.sh", carry [".whl"], timeout_s 600.
+# CIT overrides the cit runs' size options (default "--max-train 100 --epochs 10").
 # JOBS picks the jobs, which run side by side (default "bio cit"). Opt-in, each a call of its own if device time
 # remains (both hold a 7B model): JOBS=mem, the memory benchmark's GPU rows; JOBS=cie, the CIE table's missing figures.
 # The same steps at toy sizes on a CPU (a check of the script, not of any figure):
@@ -35,7 +36,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
   BIO=smoke; SNAP=5,10,20,30; P0=10; P1=20; GRID=3x3; ROWS=40; ICL=smoke; CIT="--max-train 24 --max-test 4 --epochs 1"; MEM="--steps 1"
   CIE="--device cpu --prompts 4 --naive-prompts 1"; CIE_SHAPES=cpu-12l; DEADLINE=${DEADLINE:-3000}
 else
-  BIO=gpu; SNAP=50,100,150,300; P0=100; P1=150; GRID=21x31; ROWS=2000; ICL=gpu; CIT="--max-train 100 --epochs 10"; MEM="--shape llama-2-7b --seq 640 --batch 4"
+  BIO=gpu; SNAP=50,100,150,300; P0=100; P1=150; GRID=21x31; ROWS=2000; ICL=gpu; CIT=${CIT:-"--max-train 100 --epochs 10"}; MEM="--shape llama-2-7b --seq 640 --batch 4"
   CIE="--device cuda --dtype bfloat16 --prompts 25 --naive-prompts 1"; CIE_SHAPES="llama-2-7b llama-3-8b"; DEADLINE=${DEADLINE:-540}
 fi
 START=$(date +%s)
