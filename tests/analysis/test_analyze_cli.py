@@ -1,6 +1,7 @@
 """The analyze commands end to end on tiny checkpoints with a word-level tokenizer."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -171,6 +172,9 @@ def test_a_killed_landscape_resumes_after_its_last_row_with_the_same_losses(setu
     assert killed.exit_code == 130  # as an interrupt exits
     partial = json.loads((tmp_path / "killed" / "landscape.partial.json").read_text())
     assert partial["rows_done"] == 2 and not (tmp_path / "killed" / "landscape.json").exists()
+    data = root / "eval.jsonl"  # written again with the same rows (as `biography analyze` does): still resumes
+    data.write_bytes(data.read_bytes())
+    os.utime(data, ns=(data.stat().st_atime_ns, data.stat().st_mtime_ns + 10**9))
     resumed = run_grid(tmp_path / "killed")
     assert resumed.exit_code == 0 and "resuming the grid after row 2 of 4" in resumed.output, resumed.output
     assert calls["n"] == 2 * 3 + 3  # only the last two rows are computed

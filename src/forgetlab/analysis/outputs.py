@@ -8,6 +8,7 @@ before the output folder is made.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -48,6 +49,16 @@ def fingerprint(path: Path) -> list:
     path = Path(path).resolve()
     files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
     return [str(path), [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]]
+
+
+def content_fingerprint(path: Path) -> str:
+    """A data file's SHA-256: commands such as `biography analyze` write their QA files again on every run, with the
+    same rows but a new modification time, and their landscape must still resume."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def check_energy(value: float) -> float:
@@ -169,7 +180,7 @@ def write_landscape(theta0: Path, theta1: Path, theta2: Path, data: Mapping[str,
     task_losses = {name: (lambda m, d=d: ls.dataset_loss(m, d)) for name, d in datasets.items()}
     # a killed grid resumes from its last finished row, if nothing that decides the losses has changed
     settings = {"checkpoints": [fingerprint(p) for p in (theta0, theta1, theta2)],
-                "data": {name: fingerprint(path) for name, path in data.items()},
+                "data": {name: content_fingerprint(path) for name, path in data.items()},
                 "max_examples": max_examples, "alphas": alphas.tolist(), "betas": betas.tolist(),
                 "orthogonalize": orthogonalize, "filter_normalize": filter_normalize}
     partial_path = out / "landscape.partial.json"
