@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
-# The GPU measurements issues 6 and 7 still lack, as one device call of at most 10 minutes (one H100 or H200):
+# GPU measurements of issues 6 and 7, as one device call of at most 10 minutes (one H100 or H200):
+#   cit  the ICL-world `gpu` model, then the methods on coded sequence 1 (no task known at the start), the IncLoRA
+#        run first and `cit analyze` of it (FV drift, interventions), then the baselines the 2026-11-27 call did not
+#        reach: issue 7's gpu table (docs/cit-results.md). The default job.
 #   bio  the `gpu` biography run with task-1 snapshots, then `biography analyze` on it (update angles, also window by
-#        window, feature shift, and the loss landscape, timed): the landscape finding on the gpu run
-#        (docs/diagnostics-results.md) and what a landscape grid point costs on a GPU;
-#   cit  the ICL-world `gpu` model, then the methods on the reworded tasks that build does not already do (an earlier
-#        `gpu` build did four of sequence 0's five) with answers that end where scoring cuts, and `cit analyze` of
-#        the IncLoRA run: issue 7's gpu table (docs/cit-results.md).
-# The two jobs share the GPU. Neither starts a step past the deadline, and a step running then is stopped, so
+#        window, feature shift, and the loss landscape, timed); measured on 2026-11-27 (docs/diagnostics-results.md).
+# Jobs named together share the GPU. Neither starts a step past the deadline, and a step running then is stopped, so
 # the call ends in time with whatever finished. OUT gets results.tgz (no checkpoints), bio.log, cit.log. A landscape
 # the deadline stops still returns the grid rows it finished (bio/analysis/landscape/landscape.partial.json).
 #
@@ -14,8 +13,8 @@
 #   echo /.whl/ >> .git/info/exclude
 #   pip download --no-deps -d .whl nltk==3.9.1 && pip wheel --no-deps -w .whl rouge-score==0.1.2
 # The device call: command "bash benchmarks/gpu_open_items.sh", carry [".whl"], timeout_s 600.
-# CIT overrides the cit runs' size options (default "--max-train 100 --epochs 10").
-# JOBS picks the jobs, which run side by side (default "bio cit"). Opt-in, each a call of its own if device time
+# CIT overrides the cit runs' size options (default "--max-train 100 --epochs 20"), SEQ the sequence (default coded:1).
+# JOBS picks the jobs, which run side by side (default "cit"). Opt-in, each a call of its own if device time
 # remains (both hold a 7B model): JOBS=mem, the memory benchmark's GPU rows; JOBS=cie, the CIE table's missing figures.
 # The same steps at toy sizes on a CPU (a check of the script, not of any figure):
 #   SMOKE=1 bash benchmarks/gpu_open_items.sh /tmp/gpu-dry
@@ -36,7 +35,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
   BIO=smoke; SNAP=5,10,20,30; P0=10; P1=20; GRID=3x3; ROWS=40; ICL=smoke; CIT="--max-train 24 --max-test 4 --epochs 1"; MEM="--steps 1"
   CIE="--device cpu --prompts 4 --naive-prompts 1"; CIE_SHAPES=cpu-12l; DEADLINE=${DEADLINE:-3000}
 else
-  BIO=gpu; SNAP=50,100,150,300; P0=100; P1=150; GRID=21x31; ROWS=2000; ICL=gpu; CIT=${CIT:-"--max-train 100 --epochs 10"}; MEM="--shape llama-2-7b --seq 640 --batch 4"
+  BIO=gpu; SNAP=50,100,150,300; P0=100; P1=150; GRID=21x31; ROWS=2000; ICL=gpu; CIT=${CIT:-"--max-train 100 --epochs 20"}; MEM="--shape llama-2-7b --seq 640 --batch 4"
   CIE="--device cuda --dtype bfloat16 --prompts 25 --naive-prompts 1"; CIE_SHAPES="llama-2-7b llama-3-8b"; DEADLINE=${DEADLINE:-540}
 fi
 START=$(date +%s)
@@ -60,13 +59,11 @@ bio() {
 cit() {
   local W=$WORK/icl R=$WORK/cit
   step icl-build icl-world build --preset $ICL --out "$W" --no-progress || return
-  # `new`: the sequences' tasks this build does not already do from their instruction (which ones a build knows
-  # differs between builds); SEQ=N takes the world's sequence N instead, SEQ=coded:N its abilities asked by coded
-  # instructions, which no build already does
-  local seq=${SEQ:-new}
+  # coded:N: sequence N's abilities asked by coded instructions, which no build already does; SEQ=new takes the
+  # sequences' reworded tasks this build does not already do, SEQ=N the world's sequence N
+  local seq=${SEQ:-coded:1}
   run() { local name=$1; shift; step "cit-$name" cit run --world "$W" --sequence "$seq" $CIT --out "$R/$name" --overwrite --no-progress "$@"; }
   run inclora --method inclora --lr 2e-3
-  run inclora_fvg_kl1 --method inclora --lr 2e-3 --fvg --set fvg_config.alpha_kl=1 --set save_checkpoints=false
   step cit-analyze cit analyze "$R/inclora"
   run seq --method seq --lr 5e-4 --set save_checkpoints=false
   run lwf --method lwf --lr 2e-3 --set save_checkpoints=false
@@ -74,6 +71,7 @@ cit() {
   run replay --method replay --lr 5e-4 --set save_checkpoints=false
   run ewc1e8 --method ewc --lr 5e-4 --set ewc_strength=1e8 --set save_checkpoints=false
   run multitask --method multitask --lr 5e-4 --set save_checkpoints=false
+  run inclora_fvg_kl1 --method inclora --lr 2e-3 --fvg --set fvg_config.alpha_kl=1 --set save_checkpoints=false
   run inclora_fvg --method inclora --lr 2e-3 --fvg --set save_checkpoints=false
 }
 
@@ -95,7 +93,7 @@ cie() {
 }
 
 (nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no GPU") > "$WORK/device.txt"
-for job in ${JOBS:-bio cit}; do $job > "$OUT/$job.log" 2>&1 & done
+for job in ${JOBS:-cit}; do $job > "$OUT/$job.log" 2>&1 & done
 wait
 tar czf "$OUT/results.tgz" -C "$WORK" --exclude=checkpoints --exclude=state --exclude=cache --exclude='*.safetensors' \
   --exclude='*.pt' --exclude=pretrain.txt --exclude='qa_*.jsonl' .
