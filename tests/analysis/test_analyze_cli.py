@@ -185,3 +185,29 @@ def test_a_killed_landscape_resumes_after_its_last_row_with_the_same_losses(setu
     run_grid(tmp_path / "other", kill_at=5)
     changed = run_grid(tmp_path / "other", max_examples=10)  # other rows decide the losses: nothing is reused
     assert changed.exit_code == 0 and "starting afresh" in changed.output and calls["n"] == 12 + 3
+
+    # a finished grid of the same settings is only redrawn; other settings compute it again
+    (tmp_path / "fresh" / "landscape.png").unlink()
+    again = run_grid(tmp_path / "fresh")
+    assert again.exit_code == 0 and "redrawing landscape.png only" in again.output and calls["n"] == 0
+    assert json.loads((tmp_path / "fresh" / "landscape.json").read_text()) == whole
+    assert (tmp_path / "fresh" / "landscape.png").stat().st_size > 0
+    other = run_grid(tmp_path / "fresh", max_examples=10)
+    assert other.exit_code == 0 and "redrawing" not in other.output and calls["n"] == 12 + 3
+
+
+def test_a_missing_trajectory_checkpoint_is_named_before_the_grid(setup, tmp_path, monkeypatch):
+    """The trajectory's checkpoints are loaded after the grid (hours on a CPU): a wrong one must fail first."""
+    from typer.testing import CliRunner
+
+    import forgetlab.analysis.landscape as landscape
+    from forgetlab.cli.main import app
+
+    root, (c0, c1, c2) = setup
+    monkeypatch.setattr(landscape, "dataset_loss", lambda *a, **k: pytest.fail("the grid started"))
+    result = CliRunner().invoke(app, ["analyze", "landscape", "--theta0", str(c0), "--theta1", str(c1), "--theta2",
+                                      str(c2), "--data", f"old={root / 'eval.jsonl'}", "--trajectory", str(c0),
+                                      "--trajectory", str(root / "no-such-step"), "--out", str(tmp_path / "l"),
+                                      "--no-progress"])
+    assert result.exit_code == 2 and "no-such-step" in result.output, result.output
+    assert not (tmp_path / "l").exists()

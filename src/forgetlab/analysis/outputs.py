@@ -157,6 +157,7 @@ def write_landscape(theta0: Path, theta1: Path, theta2: Path, data: Mapping[str,
     row (``landscape.partial.json``), so the same call after a kill computes only the missing rows."""
     import forgetlab.analysis.landscape as ls
     from forgetlab.analysis.recovery import encode_qa, read_qa_rows
+    from forgetlab.models.build import check_checkpoint
     from forgetlab.models.tokenizers import pad_id
     from forgetlab.report.analysis import plot_landscape
     from forgetlab.train.data import qa_dataset
@@ -169,6 +170,19 @@ def write_landscape(theta0: Path, theta1: Path, theta2: Path, data: Mapping[str,
         if not low < high:
             raise ValueError(f"--{name} {low:g},{high:g}: LOW must be below HIGH")
     tasks = {name: read_qa_rows(path)[:check_positive(max_examples, "--max-examples")] for name, path in data.items()}
+    alphas, betas = np.linspace(a_lo, a_hi, n_a), np.linspace(b_lo, b_hi, n_b)
+    points = list(trajectory) if trajectory else [theta0, theta1, theta2]  # drawn in the order given
+    for point in (theta0, theta1, theta2, *points):  # a bad trajectory checkpoint is named now, not after the grid
+        check_checkpoint(point, "checkpoint")
+    # what decides the losses: a killed grid resumes from its last finished row, a finished one is only redrawn
+    settings = {"checkpoints": [fingerprint(p) for p in (theta0, theta1, theta2)],
+                "data": {name: content_fingerprint(path) for name, path in data.items()},
+                "max_examples": max_examples, "alphas": alphas.tolist(), "betas": betas.tolist(),
+                "orthogonalize": orthogonalize, "filter_normalize": filter_normalize,
+                "trajectory": [fingerprint(p) for p in points]}
+    if (out / "landscape.json").is_file() and read_json(out / "landscape.json").get("settings") == settings:
+        log(f"{out}/landscape.json already holds this grid; redrawing landscape.png only")
+        return redraw_landscape(out)
     model = load_checkpoint(theta0)
     tok = load_checkpoint_tokenizer(theta0)
     pad = pad_id(tok)
@@ -176,13 +190,7 @@ def write_landscape(theta0: Path, theta1: Path, theta2: Path, data: Mapping[str,
     p0 = ls.parameters_of(model)
     p1, p2 = (ls.parameters_of(load_checkpoint(p, model)) for p in (theta1, theta2))
     d1, d2 = ls.directions(p0, p1, p2, orthogonalize, filter_normalize, ls.filter_axes(model))
-    alphas, betas = np.linspace(a_lo, a_hi, n_a), np.linspace(b_lo, b_hi, n_b)
     task_losses = {name: (lambda m, d=d: ls.dataset_loss(m, d)) for name, d in datasets.items()}
-    # a killed grid resumes from its last finished row, if nothing that decides the losses has changed
-    settings = {"checkpoints": [fingerprint(p) for p in (theta0, theta1, theta2)],
-                "data": {name: content_fingerprint(path) for name, path in data.items()},
-                "max_examples": max_examples, "alphas": alphas.tolist(), "betas": betas.tolist(),
-                "orthogonalize": orthogonalize, "filter_normalize": filter_normalize}
     partial_path = out / "landscape.partial.json"
     partial = read_json(partial_path) if partial_path.is_file() else {}
     done, earlier_seconds = {}, 0.0
@@ -201,7 +209,6 @@ def write_landscape(theta0: Path, theta1: Path, theta2: Path, data: Mapping[str,
 
     result = ls.loss_grid(model, p0, d1, d2, alphas, betas, task_losses, progress, done=done, on_row=save_rows)
     seconds = earlier_seconds + time.perf_counter() - started
-    points = list(trajectory) if trajectory else [theta0, theta1, theta2]  # drawn in the order given
     # each trajectory checkpoint's own losses: the exact values along the path, not read off the plane
     params, path_losses = [], []
     for point in points:
@@ -220,7 +227,7 @@ def write_landscape(theta0: Path, theta1: Path, theta2: Path, data: Mapping[str,
                        for p, (a, b), losses in zip(points, coords, path_losses)],
         "examples": {name: len(d) for name, d in datasets.items()},
         "device": device, "grid_seconds": seconds, "grid_points_per_s": n_a * n_b / seconds,
-        "resumed_after_row": len(next(iter(done.values()))) if done else 0}
+        "resumed_after_row": len(next(iter(done.values()))) if done else 0, "settings": settings}
     atomic_write_json(out / "landscape.json", written)
     plot_landscape(alphas, betas, result.losses, out / "landscape.png", coords, labels)
     partial_path.unlink(missing_ok=True)
@@ -229,6 +236,20 @@ def write_landscape(theta0: Path, theta1: Path, theta2: Path, data: Mapping[str,
     log("along the trajectory: " + "; ".join(
         f"{label} " + ", ".join(f"{k} {v:.3f}" for k, v in losses.items()) for label, losses in zip(labels, path_losses)))
     log(f"wrote {out}/landscape.json, landscape.png")
+    return written
+
+
+def redraw_landscape(out: Path) -> dict:
+    """Draw ``out/landscape.png`` again from ``out/landscape.json`` (a finished grid, or one computed before the figure
+    changed); returns the JSON's content."""
+    from forgetlab.report.analysis import plot_landscape
+    from forgetlab.utils.io import read_json
+
+    written = read_json(Path(out) / "landscape.json")
+    path = written["trajectory"]
+    plot_landscape(np.array(written["alphas"]), np.array(written["betas"]),
+                   {task: np.array(grid) for task, grid in written["losses"].items()}, Path(out) / "landscape.png",
+                   np.array([[p["alpha"], p["beta"]] for p in path]), [Path(p["checkpoint"]).name for p in path])
     return written
 
 

@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib import patheffects  # noqa: E402
+from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from forgetlab.report.figures import save_figure  # noqa: E402
@@ -59,17 +61,37 @@ def plot_angles_over_training(windows: Sequence[str], means: Sequence[dict[str, 
 
 def plot_landscape(alphas: np.ndarray, betas: np.ndarray, losses: dict[str, np.ndarray], path: Path,
                    trajectory: np.ndarray | None = None, labels: Sequence[str] = ()) -> None:
+    """One contour panel per task. Colours and iso-loss lines are log-spaced: losses span 1e-2 (a learned task) to
+    1e1 (far out on the plane), and a linear scale leaves the basin the trajectory runs through one colour. The
+    trajectory's points are numbered, with the checkpoint names in a key below (names written beside the points
+    overlap where the checkpoints lie close)."""
     fig, axes = plt.subplots(1, len(losses), figsize=(5.2 * len(losses), 4.4), squeeze=False)
     for ax, (task, grid) in zip(axes[0], losses.items()):
-        contour = ax.contourf(alphas, betas, grid, levels=30, cmap="magma_r")
-        fig.colorbar(contour, ax=ax, label=f"{task} loss")
+        positive = grid[np.isfinite(grid) & (grid > 0)]
+        low, high = (positive.min(), positive.max()) if positive.size else (1e-3, 1.0)
+        levels = np.geomspace(low, high * (1 + 1e-9), 31) if high > low else 30
+        contour = ax.contourf(alphas, betas, np.clip(grid, low, None), levels=levels, cmap="magma_r",
+                              norm=LogNorm(low, high) if high > low else None)
+        if high > low:
+            ax.contour(alphas, betas, np.clip(grid, low, None), levels=np.geomspace(low, high, 9)[1:-1],
+                       colors="white", linewidths=0.4, alpha=0.6)
+        bar = fig.colorbar(contour, ax=ax, label=f"{task} loss (log scale)")
+        if high > low:  # 1-2-5 ticks instead of one per colour level
+            ticks = [m * 10.0 ** e for e in range(int(np.floor(np.log10(low))), int(np.ceil(np.log10(high))) + 1)
+                     for m in (1, 2, 5) if low <= m * 10.0 ** e <= high]
+            bar.set_ticks(ticks, labels=[f"{t:g}" for t in ticks])
         if trajectory is not None and len(trajectory):
-            ax.plot(trajectory[:, 0], trajectory[:, 1], "-o", color="cyan", ms=3, lw=1.2)
-            for (a, b), label in zip(trajectory, labels):
-                ax.annotate(label, (a, b), fontsize=7, color="white")
+            ax.plot(trajectory[:, 0], trajectory[:, 1], "-o", color="cyan", ms=3.5, lw=1.2)
+            for i, (a, b) in enumerate(trajectory):
+                ax.annotate(str(i + 1), (a, b), xytext=(0, 6 if i % 2 == 0 else -11), textcoords="offset points",
+                            ha="center", fontsize=7, color="white", fontweight="bold",
+                            path_effects=[patheffects.withStroke(linewidth=1.5, foreground="black")])
         ax.set_xlabel("d1 = θ1 − θ0")
         ax.set_ylabel("d2 = θ2 − θ1")
         ax.set_title(task)
+    if trajectory is not None and len(labels):
+        key = "   ".join(f"{i + 1}: {label}" for i, label in enumerate(labels))
+        fig.supxlabel("trajectory  " + key, fontsize=7)
     save_figure(fig, path)
 
 
