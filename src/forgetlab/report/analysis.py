@@ -46,7 +46,7 @@ def plot_angle_heatmap(layers: list[int], components: list[str], grid: np.ndarra
 def plot_angles_over_training(windows: Sequence[str], means: Sequence[dict[str, dict]], path: Path, title: str) -> None:
     """Per component (averaged over layers), how far each window's update sits below the chance angle of phase A's
     subspace: high = inside A's subspace, 0 = no closer than a random direction."""
-    fig, ax = plt.subplots(figsize=(1.6 + 0.9 * len(windows), 4.2))
+    fig, ax = plt.subplots(figsize=(3.0 + 0.9 * len(windows), 4.2))
     components = list(dict.fromkeys(c for m in means for c in m))
     for comp in components:
         ys = [np.nan if m.get(comp, {}).get("below_chance_deg") is None else m[comp]["below_chance_deg"] for m in means]
@@ -55,7 +55,7 @@ def plot_angles_over_training(windows: Sequence[str], means: Sequence[dict[str, 
     ax.set_xticks(range(len(windows)), windows, rotation=30, ha="right")
     ax.set_ylabel("chance angle − angle (degrees)\n(> 0: inside A's update subspace)")
     ax.set_title(title)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: lines run to every corner
     save_figure(fig, path)
 
 
