@@ -15,6 +15,7 @@ from transformers.pytorch_utils import Conv1D
 from forgetlab.fv.cie import causal_indirect_effect, mean_head_activations
 from forgetlab.fv.prompts import PromptBatch, collate
 from forgetlab.models.adapter import adapt
+from forgetlab.models.build import enable_activation_checkpointing
 from forgetlab.models.zoo import TINY_ARCHITECTURES, random_model, tiny_config
 
 VOCAB = 64
@@ -160,7 +161,7 @@ def test_w_o_of_a_lora_projection_ignores_its_dropout_in_training_mode():
 def test_lora_and_gradient_checkpointing_keep_cie_exact():
     base = model_of("llama", init_range=0.2)
     wrapped = _lora(base, ["q_proj", "v_proj", "o_proj"])
-    wrapped.gradient_checkpointing_enable()
+    enable_activation_checkpointing(wrapped)
     wrapped.train()
     a = adapt(wrapped)
     assert a.final_norm is base.model.norm

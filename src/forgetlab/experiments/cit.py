@@ -298,9 +298,14 @@ def _check_lora_targets(model, cfg: CITConfig) -> None:
 def _wrap_lora(model, cfg: CITConfig):
     from peft import LoraConfig, get_peft_model
 
+    from transformers.pytorch_utils import Conv1D
+
     _check_lora_targets(model, cfg)
+    targets = [m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in cfg.lora_targets]
+    # GPT-2's Conv1D stores its weight transposed; PEFT flips the flag per module anyway, but warns on each
+    transposed = bool(targets) and all(isinstance(m, Conv1D) for m in targets)
     config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                        target_modules=list(cfg.lora_targets), task_type="CAUSAL_LM")
+                        target_modules=list(cfg.lora_targets), task_type="CAUSAL_LM", fan_in_fan_out=transposed)
     return get_peft_model(model, config)
 
 
