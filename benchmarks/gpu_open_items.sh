@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # GPU measurements of issues 6 and 7, as one device call of at most 10 minutes (one H100 or H200):
 #   cit  the ICL-world `gpu` model, then the methods on coded sequence 1 (no task known at the start), the IncLoRA
-#        run first and `cit analyze` of it (FV drift, interventions), then the baselines the 2026-11-27 call did not
-#        reach: issue 7's gpu table (docs/cit-results.md). The default job.
+#        run first and `cit analyze` of it (FV drift, interventions), the FVG step's cost (bench_fvg_step.py), then
+#        the baselines the 2026-11-27 call did not reach: issue 7's gpu table (docs/cit-results.md). The default job.
 #   bio  the `gpu` biography run with task-1 snapshots, then `biography analyze` on it (update angles, also window by
 #        window, feature shift, and the loss landscape, timed); measured on 2026-11-27 (docs/diagnostics-results.md).
 # Jobs named together share the GPU. Neither starts a step past the deadline, and a step running then is stopped, so
@@ -33,10 +33,10 @@ export PYTHONUNBUFFERED=1
 
 if [ "${SMOKE:-0}" = 1 ]; then
   BIO=smoke; SNAP=5,10,20,30; P0=10; P1=20; GRID=3x3; ROWS=40; ICL=smoke; CIT="--max-train 24 --max-test 4 --epochs 1"; MEM="--steps 1"
-  CIE="--device cpu --prompts 4 --naive-prompts 1"; CIE_SHAPES=cpu-12l; DEADLINE=${DEADLINE:-3000}
+  CIE="--device cpu --prompts 4 --naive-prompts 1"; CIE_SHAPES=cpu-12l; FVG_STEP="--steps 2"; DEADLINE=${DEADLINE:-3000}
 else
   BIO=gpu; SNAP=50,100,150,300; P0=100; P1=150; GRID=21x31; ROWS=2000; ICL=gpu; CIT=${CIT:-"--max-train 100 --epochs 20"}; MEM="--shape llama-2-7b --seq 640 --batch 4"
-  CIE="--device cuda --dtype bfloat16 --prompts 25 --naive-prompts 1"; CIE_SHAPES="llama-2-7b llama-3-8b"; DEADLINE=${DEADLINE:-540}
+  CIE="--device cuda --dtype bfloat16 --prompts 25 --naive-prompts 1"; CIE_SHAPES="llama-2-7b llama-3-8b"; FVG_STEP="--steps 40"; DEADLINE=${DEADLINE:-540}
 fi
 START=$(date +%s)
 left() { echo $(( DEADLINE - $(date +%s) + START )); }
@@ -46,6 +46,13 @@ step() {
   if [ "$(left)" -le 20 ]; then echo "[$name] skipped: deadline"; return 1; fi
   timeout "$(left)" python3 -m forgetlab "$@"; local rc=$?
   echo "[$name] rc=$rc in $(( $(date +%s) - t )) s"; return $rc
+}
+# one benchmark script: its output kept in WORK/NAME.txt and printed; skipped and stopped like a step
+bench() {
+  local name=$1 t=$(date +%s); shift
+  if [ "$(left)" -le 20 ]; then echo "[$name] skipped: deadline"; return 1; fi
+  timeout "$(left)" python3 "$@" > "$WORK/$name.txt" 2>&1; local rc=$?
+  echo "[$name] rc=$rc in $(( $(date +%s) - t )) s"; cat "$WORK/$name.txt"; return $rc
 }
 
 bio() {
@@ -65,6 +72,8 @@ cit() {
   run() { local name=$1; shift; step "cit-$name" cit run --world "$W" --sequence "$seq" $CIT --out "$R/$name" --overwrite --no-progress "$@"; }
   run inclora --method inclora --lr 2e-3
   step cit-analyze cit analyze "$R/inclora"
+  # the FVG step's cost against a plain IncLoRA step on this model (README's benchmark row has only the cpu figure)
+  bench bench_fvg_step benchmarks/bench_fvg_step.py --world "$W" $FVG_STEP
   run seq --method seq --lr 5e-4 --set save_checkpoints=false
   run lwf --method lwf --lr 2e-3 --set save_checkpoints=false
   run olora --method olora --lr 2e-3 --set save_checkpoints=false
@@ -77,18 +86,14 @@ cit() {
 
 # opt-in (JOBS=mem): bench_cit_memory's GPU rows at a 7B shape, for a second call if device time remains
 mem() {
-  local t=$(date +%s)
-  timeout "$(left)" python3 benchmarks/bench_cit_memory.py $MEM > "$WORK/bench_cit_memory.txt" 2>&1
-  echo "[mem] rc=$? in $(( $(date +%s) - t )) s"; cat "$WORK/bench_cit_memory.txt"
+  bench bench_cit_memory benchmarks/bench_cit_memory.py $MEM
 }
 
 # opt-in (JOBS=cie): the CIE engines at 7B shapes again, now with the exact engine one prompt at a time beside the
 # batched one and the float32 agreement check of both shapes (README's GPU table lacks these)
 cie() {
   for shape in $CIE_SHAPES; do
-    local t=$(date +%s)
-    timeout "$(left)" python3 benchmarks/bench_cie_engines.py $CIE --shape "$shape" --json "$WORK/cie_$shape.json"
-    echo "[cie-$shape] rc=$? in $(( $(date +%s) - t )) s"
+    bench "cie_$shape" benchmarks/bench_cie_engines.py $CIE --shape "$shape" --json "$WORK/cie_$shape.json"
   done
 }
 
@@ -97,5 +102,5 @@ for job in ${JOBS:-cit}; do $job > "$OUT/$job.log" 2>&1 & done
 wait
 tar czf "$OUT/results.tgz" -C "$WORK" --exclude=checkpoints --exclude=state --exclude=cache --exclude='*.safetensors' \
   --exclude='*.pt' --exclude=pretrain.txt --exclude='qa_*.jsonl' .
-grep -h "^\[\|AP=\|chance − angle\|landscape:\|along the trajectory\|peak\|GB\|^exact\|^naive\|^attribution\|^check in\|disagree" "$OUT"/*.log
+grep -h "^\[\|AP=\|chance − angle\|landscape:\|along the trajectory\|peak\|GB\|^exact\|^naive\|^attribution\|^check in\|disagree\|ratio" "$OUT"/*.log
 echo "total $(( $(date +%s) - START )) s; results in $OUT/results.tgz ($(du -h "$OUT/results.tgz" | cut -f1))"
