@@ -17,6 +17,7 @@ from forgetlab.metrics.cl import (
     bwt_gem,
     bwt_trace,
     cl_summary,
+    drop_kept,
     forget,
     forgetting,
     fp,
@@ -169,3 +170,12 @@ def test_spurious_share():
     # what run results hold: None (JSON null) instead of NaN, and None without a level before
     assert share_or_none(0.8, 0.4, 0.5) == pytest.approx(0.25)
     assert share_or_none(0.5, 0.52, 0.4) is None and share_or_none(None, 0.4, 0.5) is None
+
+
+def test_drop_kept():
+    assert drop_kept(20.0, 5.0) == pytest.approx(0.75)    # (20 - 5) / 20
+    assert drop_kept(20.0, 20.0) == pytest.approx(0.0)    # the baseline's whole drop
+    assert drop_kept(20.0, 0.0) == pytest.approx(1.0)     # nothing dropped
+    assert drop_kept(20.0, 30.0) == pytest.approx(-0.5)   # a larger drop: not clipped
+    assert drop_kept(20.0, -4.0) == pytest.approx(1.2)    # a gain
+    assert math.isnan(drop_kept(0.0, 3.0)) and math.isnan(drop_kept(-2.0, 1.0))  # no baseline drop to keep

@@ -103,6 +103,23 @@ def analyze(
     console.print(f"wrote {written} in {out or run_dirs[0]}")
 
 
+@app.command()
+@user_errors
+def compare(
+    baseline: Annotated[Path, typer.Argument(help="the baseline run (e.g. IncLoRA)")],
+    run_dirs: Annotated[list[Path], typer.Argument(help="runs to set against it (e.g. IncLoRA + FVG), same model and "
+                                                        "sequence")],
+    out: Annotated[Path, typer.Option("--out", help="where compare.json and compare.md go")],
+    keep: Annotated[float, typer.Option(help="share of each drop a run must keep to meet the target")] = 0.5,
+    fp_tolerance: Annotated[float, typer.Option(help="points of FP a run may lose against the baseline")] = 5.0,
+) -> None:
+    """Share of the baseline's GP and IP drops each run keeps, its FP change, and whether it meets the target."""
+    from forgetlab.report.compare import compare_runs, write_comparison
+
+    console.print(write_comparison(compare_runs(baseline, run_dirs, keep, fp_tolerance), out), soft_wrap=True)
+    console.print(f"wrote {out}/compare.json, compare.md")
+
+
 def _r2(value) -> str:
     return "-" if value is None else f"{value:.2f}"
 

@@ -30,6 +30,7 @@ __all__ = [
     "forget",
     "general_ability_delta",
     "spurious_share",
+    "drop_kept",
     "cl_summary",
 ]
 
@@ -177,6 +178,17 @@ def spurious_share(before: float, current: float, recovered: float) -> float:
     if drop < 1e-9:
         return math.nan
     return (float(recovered) - float(current)) / drop
+
+
+def drop_kept(baseline_drop: float, drop: float) -> float:
+    """Share of a baseline's drop that a method avoids: (baseline_drop - drop) / baseline_drop, the FV paper's
+    "FVG keeps X% of the GP drop of IncLoRA".
+
+    1 = nothing dropped, 0 = the baseline's whole drop, negative = a larger drop, above 1 = a gain. Returns nan
+    when the baseline does not drop (baseline_drop below 1e-9): there is nothing to keep."""
+    if float(baseline_drop) < 1e-9:
+        return math.nan
+    return (float(baseline_drop) - float(drop)) / float(baseline_drop)
 
 
 def share_or_none(before: float | None, current: float, recovered: float) -> float | None:
