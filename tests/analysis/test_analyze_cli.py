@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from forgetlab.models.tokenizers import build_word_tokenizer
@@ -167,8 +168,8 @@ def test_a_killed_landscape_resumes_after_its_last_row_with_the_same_losses(setu
 
     fresh = run_grid(tmp_path / "fresh")
     assert fresh.exit_code == 0, fresh.output
-    assert calls["n"] == 12 + 3  # the grid, then the three trajectory checkpoints
-    killed = run_grid(tmp_path / "killed", kill_at=2 * 3 + 2)
+    assert calls["n"] == 3 + 12  # the three trajectory checkpoints, then the grid
+    killed = run_grid(tmp_path / "killed", kill_at=3 + 2 * 3 + 2)
     assert killed.exit_code == 130  # as an interrupt exits
     partial = json.loads((tmp_path / "killed" / "landscape.partial.json").read_text())
     assert partial["rows_done"] == 2 and not (tmp_path / "killed" / "landscape.json").exists()
@@ -177,12 +178,12 @@ def test_a_killed_landscape_resumes_after_its_last_row_with_the_same_losses(setu
     os.utime(data, ns=(data.stat().st_atime_ns, data.stat().st_mtime_ns + 10**9))
     resumed = run_grid(tmp_path / "killed")
     assert resumed.exit_code == 0 and "resuming the grid after row 2 of 4" in resumed.output, resumed.output
-    assert calls["n"] == 2 * 3 + 3  # only the last two rows are computed
+    assert calls["n"] == 3 + 2 * 3  # the trajectory, then only the last two rows of the grid
     done, whole = (json.loads((tmp_path / d / "landscape.json").read_text()) for d in ("killed", "fresh"))
     assert done["losses"] == whole["losses"] and done["resumed_after_row"] == 2 and whole["resumed_after_row"] == 0
     assert not (tmp_path / "killed" / "landscape.partial.json").exists()
 
-    run_grid(tmp_path / "other", kill_at=5)
+    run_grid(tmp_path / "other", kill_at=3 + 5)
     changed = run_grid(tmp_path / "other", max_examples=10)  # other rows decide the losses: nothing is reused
     assert changed.exit_code == 0 and "starting afresh" in changed.output and calls["n"] == 12 + 3
 
@@ -194,6 +195,39 @@ def test_a_killed_landscape_resumes_after_its_last_row_with_the_same_losses(setu
     assert (tmp_path / "fresh" / "landscape.png").stat().st_size > 0
     other = run_grid(tmp_path / "fresh", max_examples=10)
     assert other.exit_code == 0 and "redrawing" not in other.output and calls["n"] == 12 + 3
+
+
+def test_auto_ranges_span_the_trajectory_with_a_quarter_to_spare(setup, tmp_path):
+    """θ0, θ1, θ2 project to (0, 0), (1, 0), (1, 1): auto puts the grid over [−0.25, 1.25] on both axes, and its corner
+    points are then checkpoints' own losses; a fixed range on one axis stays as given."""
+    from typer.testing import CliRunner
+
+    from forgetlab.analysis.landscape import span_with_margin
+    from forgetlab.cli.main import app
+
+    assert span_with_margin([0.0, 1.0, 1.0]) == pytest.approx((-0.25, 1.25))
+    assert span_with_margin([2.0, 2.0]) == pytest.approx((1.5, 2.5))  # coinciding points: half a unit each side
+    root, (c0, c1, c2) = setup
+
+    def grid(out, beta_range):
+        result = CliRunner().invoke(app, ["analyze", "landscape", "--theta0", str(c0), "--theta1", str(c1), "--theta2",
+                                          str(c2), "--data", f"old={root / 'eval.jsonl'}", "--grid", "7x3", "--alpha-range",
+                                          "auto", "--beta-range", beta_range, "--out", str(out), "--no-progress"])
+        assert result.exit_code == 0, result.output
+        return json.loads((out / "landscape.json").read_text())
+
+    land = grid(tmp_path / "auto", "AUTO")
+    assert land["alphas"] == pytest.approx(np.linspace(-0.25, 1.25, 7).tolist())
+    assert land["betas"] == pytest.approx([-0.25, 0.5, 1.25])
+    assert land["settings"]["alpha_range"] == "auto" and land["settings"]["beta_range"] == "auto"
+    # α = 0 and α = 1 are grid points 1 and 5: at β = −0.25 + 0.75·k no checkpoint lies, but with β fixed at 0,1 the
+    # corners (0, 0) and (1, 0) are θ0 and θ1
+    fixed = grid(tmp_path / "fixed", "0,1")
+    assert fixed["betas"] == pytest.approx([0.0, 0.5, 1.0])
+    path = [p["losses"]["old"] for p in fixed["trajectory"]]
+    assert fixed["losses"]["old"][0][1] == pytest.approx(path[0], rel=1e-4)
+    assert fixed["losses"]["old"][0][5] == pytest.approx(path[1], rel=1e-4)
+    assert fixed["losses"]["old"][2][5] == pytest.approx(path[2], rel=1e-4)
 
 
 def test_a_missing_trajectory_checkpoint_is_named_before_the_grid(setup, tmp_path, monkeypatch):

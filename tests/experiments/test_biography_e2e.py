@@ -407,6 +407,19 @@ def test_analyze_a_run_takes_its_own_checkpoints_and_world(smoke_run, tmp_path):
     for name in ("qa_task0_test.jsonl", "qa_task1.jsonl"):
         assert (out / "data" / name).read_text() == (tmp_path / "w" / name).read_text()
 
+    # again: the QA files are written anew with the same rows, and the finished landscape is only redrawn
+    logs.clear()
+    analyze_biography_run(run, grid=(3, 2), progress=False, log=logs.append)
+    assert any("redrawing landscape.png only" in line for line in logs), logs
+    # auto: the grid spans the whole trajectory (task 0 lies before the plane's origin) with a quarter to spare
+    auto = analyze_biography_run(run, tmp_path / "auto", grid=(3, 2), landscape_range="auto", progress=False,
+                                 log=logs.append)["landscape"]
+    alphas = [p["alpha"] for p in auto["trajectory"]]
+    spare = (max(alphas) - min(alphas)) / 4
+    assert auto["alphas"][0] == pytest.approx(min(alphas) - spare) and auto["alphas"][-1] == pytest.approx(max(alphas) + spare)
+    assert json.loads((tmp_path / "auto" / "analysis.json").read_text())["settings"]["landscape_range"] == "auto"
+    with pytest.raises(ValueError, match="use paper or auto"):
+        analyze_biography_run(run, tmp_path / "bad", landscape_range="wide", log=logs.append)
     with pytest.raises(ValueError, match="this run kept 2, 4"):
         analyze_biography_run(run, tmp_path / "bad", plane=(2, 9), log=logs.append)
     assert not (tmp_path / "bad").exists()

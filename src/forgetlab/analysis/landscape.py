@@ -76,6 +76,15 @@ def project(theta0: Params, d1: Params, d2: Params, points: Sequence[Params]) ->
     return np.array(coords)
 
 
+def span_with_margin(values: Sequence[float], share: float = 0.25) -> tuple[float, float]:
+    """An axis range holding every value with ``share`` of their extent to spare on each side (half a unit when they
+    coincide): where an ``auto`` landscape puts its grid, so the points fall along the trajectory rather than over
+    the paper's [−1, 7] × [−1, 12], which a short trajectory fills only a corner of."""
+    low, high = float(np.min(values)), float(np.max(values))
+    margin = share * (high - low) if high - low > 1e-9 else 0.5
+    return low - margin, high + margin
+
+
 @torch.no_grad()
 def set_point(model: torch.nn.Module, theta0: Params, d1: Params, d2: Params, a: float, b: float) -> None:
     for n, p in model.named_parameters():

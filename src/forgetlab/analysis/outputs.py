@@ -149,12 +149,15 @@ def write_angles_over_training(a1: Path, a2: Path, checkpoints: Sequence[Path], 
 
 def write_landscape(theta0: Path, theta1: Path, theta2: Path, data: Mapping[str, Path], out: Path, *,
                     trajectory: Sequence[Path] | None = None, grid: tuple[int, int] = (21, 31),
-                    alpha_range: tuple[float, float] = (-1.0, 7.0), beta_range: tuple[float, float] = (-1.0, 12.0),
+                    alpha_range: tuple[float, float] | None = (-1.0, 7.0),
+                    beta_range: tuple[float, float] | None = (-1.0, 12.0),
                     orthogonalize: bool = False, filter_normalize: bool = False, max_examples: int = 2000,
                     progress: bool = True, log: Log = print) -> dict:
     """Task losses (``data``: task name → QA JSONL) on the plane through theta0 spanned by d1 = theta1 − theta0 and
-    d2 = theta2 − theta1, with the trajectory projected: ``landscape.json``, ``landscape.png``. The grid is saved row by
-    row (``landscape.partial.json``), so the same call after a kill computes only the missing rows."""
+    d2 = theta2 − theta1, with the trajectory projected: ``landscape.json``, ``landscape.png``. A range of None
+    (``auto``) spans the trajectory's projections with a quarter of their extent to spare, so the grid's points fall
+    where the path runs. The grid is saved row by row (``landscape.partial.json``), so the same call after a kill
+    computes only the missing rows."""
     import forgetlab.analysis.landscape as ls
     from forgetlab.analysis.recovery import encode_qa, read_qa_rows
     from forgetlab.models.build import check_checkpoint
@@ -163,21 +166,22 @@ def write_landscape(theta0: Path, theta1: Path, theta2: Path, data: Mapping[str,
     from forgetlab.train.data import qa_dataset
     from forgetlab.utils.io import atomic_write_json, read_json
 
-    (n_a, n_b), (a_lo, a_hi), (b_lo, b_hi) = grid, alpha_range, beta_range
+    n_a, n_b = grid
     if n_a < 2 or n_b < 2:
         raise ValueError(f"--grid {n_a}x{n_b}: need at least 2 points per axis")
-    for name, (low, high) in (("alpha-range", alpha_range), ("beta-range", beta_range)):
-        if not low < high:
-            raise ValueError(f"--{name} {low:g},{high:g}: LOW must be below HIGH")
+    for name, given in (("alpha-range", alpha_range), ("beta-range", beta_range)):
+        if given is not None and not given[0] < given[1]:
+            raise ValueError(f"--{name} {given[0]:g},{given[1]:g}: LOW must be below HIGH (or auto)")
     tasks = {name: read_qa_rows(path)[:check_positive(max_examples, "--max-examples")] for name, path in data.items()}
-    alphas, betas = np.linspace(a_lo, a_hi, n_a), np.linspace(b_lo, b_hi, n_b)
     points = list(trajectory) if trajectory else [theta0, theta1, theta2]  # drawn in the order given
     for point in (theta0, theta1, theta2, *points):  # a bad trajectory checkpoint is named now, not after the grid
         check_checkpoint(point, "checkpoint")
     # what decides the losses: a killed grid resumes from its last finished row, a finished one is only redrawn
     settings = {"checkpoints": [fingerprint(p) for p in (theta0, theta1, theta2)],
                 "data": {name: content_fingerprint(path) for name, path in data.items()},
-                "max_examples": max_examples, "alphas": alphas.tolist(), "betas": betas.tolist(),
+                "max_examples": max_examples, "grid": [n_a, n_b],
+                "alpha_range": list(alpha_range) if alpha_range else "auto",
+                "beta_range": list(beta_range) if beta_range else "auto",
                 "orthogonalize": orthogonalize, "filter_normalize": filter_normalize,
                 "trajectory": [fingerprint(p) for p in points]}
     if (out / "landscape.json").is_file() and read_json(out / "landscape.json").get("settings") == settings:
@@ -191,6 +195,18 @@ def write_landscape(theta0: Path, theta1: Path, theta2: Path, data: Mapping[str,
     p1, p2 = (ls.parameters_of(load_checkpoint(p, model)) for p in (theta1, theta2))
     d1, d2 = ls.directions(p0, p1, p2, orthogonalize, filter_normalize, ls.filter_axes(model))
     task_losses = {name: (lambda m, d=d: ls.dataset_loss(m, d)) for name, d in datasets.items()}
+    # the trajectory first: an auto range needs its projection; each checkpoint's own losses are the exact values
+    # along the path, not read off the plane
+    params, path_losses = [], []
+    for point in points:
+        checkpoint = load_checkpoint(point, model)
+        params.append(ls.parameters_of(checkpoint))
+        path_losses.append({name: fn(checkpoint) for name, fn in task_losses.items()})
+        del checkpoint
+    coords = ls.project(p0, d1, d2, params)
+    del params
+    alphas, betas = (np.linspace(*(given or ls.span_with_margin(coords[:, axis])), n)
+                     for given, axis, n in ((alpha_range, 0, n_a), (beta_range, 1, n_b)))
     partial_path = out / "landscape.partial.json"
     partial = read_json(partial_path) if partial_path.is_file() else {}
     done, earlier_seconds = {}, 0.0
@@ -209,14 +225,6 @@ def write_landscape(theta0: Path, theta1: Path, theta2: Path, data: Mapping[str,
 
     result = ls.loss_grid(model, p0, d1, d2, alphas, betas, task_losses, progress, done=done, on_row=save_rows)
     seconds = earlier_seconds + time.perf_counter() - started
-    # each trajectory checkpoint's own losses: the exact values along the path, not read off the plane
-    params, path_losses = [], []
-    for point in points:
-        checkpoint = load_checkpoint(point, model)
-        params.append(ls.parameters_of(checkpoint))
-        path_losses.append({name: fn(checkpoint) for name, fn in task_losses.items()})
-        del checkpoint
-    coords = ls.project(p0, d1, d2, params)
     labels = [p.name for p in points]
     device = str(next(model.parameters()).device)
     written = {

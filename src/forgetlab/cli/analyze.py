@@ -70,8 +70,9 @@ def landscape(
     trajectory: Annotated[Optional[list[Path]], typer.Option(help="checkpoints to project onto the plane, in training "
                                                                    "order (repeat) \\[default: theta0, theta1, theta2]")] = None,
     grid: Annotated[str, typer.Option(help="points along d1 x d2 (paper: 41x61)")] = "21x31",
-    alpha_range: Annotated[str, typer.Option(help="range along d1")] = "-1,7",
-    beta_range: Annotated[str, typer.Option(help="range along d2")] = "-1,12",
+    alpha_range: Annotated[str, typer.Option(help="range along d1: LOW,HIGH (the paper's -1,7) or auto (the "
+                                                  "trajectory's span and a quarter of it each side)")] = "-1,7",
+    beta_range: Annotated[str, typer.Option(help="range along d2: LOW,HIGH (the paper's -1,12) or auto")] = "-1,12",
     orthogonalize: Annotated[bool, typer.Option(help="make d2 orthogonal to d1")] = False,
     filter_normalize: Annotated[bool, typer.Option(help="rescale each output unit of the directions to the weights' "
                                                         "(Li et al.; before --orthogonalize)")] = False,
@@ -81,7 +82,8 @@ def landscape(
     """Task losses on the plane through theta0 spanned by (theta1 - theta0, theta2 - theta1), with a trajectory."""
     from forgetlab.analysis.outputs import write_landscape
 
-    ranges = [parse_pair(text, f"--{name}", ",", float, "LOW,HIGH such as -1,7")
+    ranges = [None if text.strip().lower() == "auto" else parse_pair(text, f"--{name}", ",", float,
+                                                                      "LOW,HIGH such as -1,7, or auto")
               for text, name in ((alpha_range, "alpha-range"), (beta_range, "beta-range"))]
     files = {}
     for item in data:

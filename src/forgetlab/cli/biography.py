@@ -136,6 +136,8 @@ def analyze(
                                                       "d1 = B - A, d2 = end - B) \\[default: 100,150 if kept, else the "
                                                       "last two snapshots]")] = None,
     energy: Annotated[float, typer.Option(help="energy kept by the effective rank of the update angles")] = 0.99,
+    landscape_range: Annotated[str, typer.Option(help="the landscape's extent: paper ([-1,7] x [-1,12]) or auto (the "
+                                                      "trajectory's span, a quarter of it to spare)")] = "paper",
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
     """Every diagnostic of a run: update angles (whole and window by window), feature shift, loss landscape."""
@@ -144,7 +146,8 @@ def analyze(
 
     steps = None if plane is None else parse_pair(plane, "--plane", ",", int, "two task-1 snapshot steps A,B such as 100,150")
     analyze_biography_run(run_dir, out, grid=parse_pair(grid, "--grid", "x", int, "AxB such as 41x61"),
-                          max_examples=max_examples, plane=steps, energy=energy, progress=progress, log=log_line)
+                          max_examples=max_examples, plane=steps, energy=energy, landscape_range=landscape_range,
+                          progress=progress, log=log_line)
 
 
 @app.command()

@@ -37,14 +37,18 @@ def task1_snapshots(run_dir: Path) -> dict[int, Path]:
 
 def analyze_biography_run(run_dir: Path, out: Path | None = None, *, grid: tuple[int, int] = (21, 21),
                           max_examples: int = 1000, plane: tuple[int, int] | None = None, energy: float = 0.99,
-                          max_prompts: int = 500, progress: bool = True, log: Callable[[str], None] = print) -> dict:
+                          max_prompts: int = 500, landscape_range: str = "paper", progress: bool = True,
+                          log: Callable[[str], None] = print) -> dict:
     """Angles, angles over training, features and the landscape of a finished biography run, each into its own
     folder of ``out`` (default ``RUN/analysis``), with ``analysis.json`` listing them and the settings used.
 
     ``plane`` names the two task-1 snapshot steps (A, B) of the landscape: through step A, d1 = step B − step A,
     d2 = end − step B; by default the paper's (100, 150) when both were kept, else the last two snapshots. Without
     two snapshots the landscape is skipped, and without any the angles over training too (said in the log).
+    ``landscape_range``: ``paper`` (its [−1, 7] × [−1, 12]) or ``auto`` (the trajectory's span, a quarter to spare).
     """
+    if landscape_range not in ("paper", "auto"):
+        raise ValueError(f"--landscape-range {landscape_range!r}: use paper or auto")
     run_dir = Path(run_dir)
     if not (run_dir / "results.json").is_file():
         raise FileNotFoundError(f"{run_dir} is not a finished `forgetlab biography run` directory (no results.json)")
@@ -83,13 +87,15 @@ def analyze_biography_run(run_dir: Path, out: Path | None = None, *, grid: tuple
         done["landscape"] = write_landscape(snapshots[plane[0]], snapshots[plane[1]], ckpt / "task1",
                                             {"task0": qa["qa_task0_test"], "task1": qa["qa_task1"]}, out / "landscape",
                                             trajectory=later, grid=grid, max_examples=max_examples, progress=progress,
-                                            log=log)
+                                            log=log, **({"alpha_range": None, "beta_range": None}
+                                                        if landscape_range == "auto" else {}))
     else:
         log("[analyze] loss landscape skipped: it needs two task-1 snapshots (--snapshot-steps, e.g. 100,150)")
     atomic_write_json(out / "analysis.json", {
         "run": str(run_dir), "analyses": {name: str(out / name) for name in done},
         "settings": {"grid": list(grid), "max_examples": max_examples, "plane": list(plane) if plane else None,
-                     "energy": energy, "max_prompts": max_prompts, "snapshots": list(snapshots)}})
+                     "energy": energy, "max_prompts": max_prompts, "snapshots": list(snapshots),
+                     "landscape_range": landscape_range}})
     analysis_report(done, out)
     log(f"wrote {', '.join(done)}, analysis.json and analysis.md into {out}")
     return done
