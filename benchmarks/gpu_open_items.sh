@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # GPU measurements of issues 6 and 7, as one device call of at most 10 minutes (one H100 or H200):
-#   cit  the ICL-world `gpu` model, then the methods on coded sequence 1 (no task known at the start), the IncLoRA
-#        run first and `cit analyze` of it (FV drift, interventions), the FVG step's cost (bench_fvg_step.py), then
-#        the baselines the 2026-11-27 call did not reach: issue 7's gpu table (docs/cit-results.md). The default job.
+#   cit  the ICL-world `gpu` model, the FVG step's cost on it (bench_fvg_step.py), then the methods on coded
+#        sequence 1 (no task known at the start) in four lanes side by side: IncLoRA and `cit analyze` of it (FV
+#        drift, interventions), FVG, and the baselines the 2026-11-27 call did not reach: issue 7's gpu table
+#        (docs/cit-results.md). The default job.
 #   bio  the `gpu` biography run with task-1 snapshots, then `biography analyze` on it (update angles, also window by
 #        window, feature shift, and the loss landscape, timed); measured on 2026-11-27 (docs/diagnostics-results.md).
 # Jobs named together share the GPU. Neither starts a step past the deadline, and a step running then is stopped, so
-# the call ends in time with whatever finished. OUT gets results.tgz (no checkpoints), bio.log, cit.log. A landscape
+# the call ends in time with whatever finished. OUT gets results.tgz (no checkpoints), bio.log, cit.log and a
+# cit-<lane>.log per lane. A landscape
 # the deadline stops still returns the grid rows it finished (bio/analysis/landscape/landscape.partial.json).
 #
 # Once, here (the device image lacks these pure-Python packages and cannot fetch; .whl/ travels with `carry`):
@@ -38,6 +40,8 @@ else
   BIO=gpu; SNAP=50,100,150,300; P0=100; P1=150; GRID=21x31; ROWS=2000; ICL=gpu; CIT=${CIT:-"--max-train 100 --epochs 20"}; MEM="--shape llama-2-7b --seq 640 --batch 4"
   CIE="--device cuda --dtype bfloat16 --prompts 25 --naive-prompts 1"; CIE_SHAPES="llama-2-7b llama-3-8b"; FVG_STEP="--steps 40"; DEADLINE=${DEADLINE:-540}
 fi
+# lanes run side by side on the device's 16 cores: a few threads each instead of 16 apiece
+[ "${SMOKE:-0}" = 1 ] || export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 START=$(date +%s)
 left() { echo $(( DEADLINE - $(date +%s) + START )); }
 # one step: skipped past the deadline, stopped at it; prints how long it took
@@ -70,18 +74,20 @@ cit() {
   # sequences' reworded tasks this build does not already do, SEQ=N the world's sequence N
   local seq=${SEQ:-coded:1}
   run() { local name=$1; shift; step "cit-$name" cit run --world "$W" --sequence "$seq" $CIT --out "$R/$name" --overwrite --no-progress "$@"; }
-  run inclora --method inclora --lr 2e-3
-  step cit-analyze cit analyze "$R/inclora"
-  # the FVG step's cost against a plain IncLoRA step on this model (README's benchmark row has only the cpu figure)
+  # the FVG step's cost against a plain IncLoRA step on this model, alone on the GPU (README's row has only the cpu figure)
   bench bench_fvg_step benchmarks/bench_fvg_step.py --world "$W" $FVG_STEP
-  run seq --method seq --lr 5e-4 --set save_checkpoints=false
-  run lwf --method lwf --lr 2e-3 --set save_checkpoints=false
-  run olora --method olora --lr 2e-3 --set save_checkpoints=false
-  run replay --method replay --lr 5e-4 --set save_checkpoints=false
-  run ewc1e8 --method ewc --lr 5e-4 --set ewc_strength=1e8 --set save_checkpoints=false
-  run multitask --method multitask --lr 5e-4 --set save_checkpoints=false
-  run inclora_fvg_kl1 --method inclora --lr 2e-3 --fvg --set fvg_config.alpha_kl=1 --set save_checkpoints=false
-  run inclora_fvg --method inclora --lr 2e-3 --fvg --set save_checkpoints=false
+  # then four lanes side by side (small models leave the GPU and the 16 cores mostly idle one run at a time), each
+  # with its own log; IncLoRA and its analysis first in theirs
+  { run inclora --method inclora --lr 2e-3 && step cit-analyze cit analyze "$R/inclora"; } > "$OUT/cit-inclora.log" 2>&1 &
+  { run inclora_fvg_kl1 --method inclora --lr 2e-3 --fvg --set fvg_config.alpha_kl=1 --set save_checkpoints=false
+    run inclora_fvg --method inclora --lr 2e-3 --fvg --set save_checkpoints=false; } > "$OUT/cit-fvg.log" 2>&1 &
+  { run seq --method seq --lr 5e-4 --set save_checkpoints=false
+    run lwf --method lwf --lr 2e-3 --set save_checkpoints=false
+    run olora --method olora --lr 2e-3 --set save_checkpoints=false; } > "$OUT/cit-baselines1.log" 2>&1 &
+  { run replay --method replay --lr 5e-4 --set save_checkpoints=false
+    run ewc1e8 --method ewc --lr 5e-4 --set ewc_strength=1e8 --set save_checkpoints=false
+    run multitask --method multitask --lr 5e-4 --set save_checkpoints=false; } > "$OUT/cit-baselines2.log" 2>&1 &
+  wait
 }
 
 # opt-in (JOBS=mem): bench_cit_memory's GPU rows at a 7B shape, for a second call if device time remains
