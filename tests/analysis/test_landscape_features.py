@@ -173,3 +173,18 @@ def test_dataset_loss_equals_the_models_own_label_loss(architecture):
     with torch.no_grad():
         reference = float(model(input_ids=data.input_ids, attention_mask=data.attention_mask, labels=data.labels).loss)
     assert dataset_loss(model, data, batch_size=3) == pytest.approx(reference, rel=1e-5)
+
+
+@pytest.mark.parametrize("spread", ["decades", "narrow", "flat"])
+def test_landscape_figure_draws_any_spread_of_losses(tmp_path, spread):
+    """Log-spaced colours need positive losses spanning a range: a few decades (the usual plane), a narrow band (no
+    1-2-5 tick inside it) and a flat grid (a task the plane does not change) all draw, with the trajectory numbered."""
+    from forgetlab.report.analysis import plot_landscape
+
+    alphas, betas = np.linspace(-1, 1, 5), np.linspace(0, 2, 4)
+    grid = {"decades": np.geomspace(0.01, 10, 20).reshape(4, 5), "narrow": np.linspace(1.54, 1.76, 20).reshape(4, 5),
+            "flat": np.full((4, 5), 2.0)}[spread]
+    path = tmp_path / "landscape.png"
+    plot_landscape(alphas, betas, {"task0": grid, "task1": grid[::-1]}, path, np.array([[0.0, 0.0], [1.0, 1.0]]),
+                   ["a", "b"])
+    assert path.stat().st_size > 10_000

@@ -75,11 +75,13 @@ def plot_landscape(alphas: np.ndarray, betas: np.ndarray, losses: dict[str, np.n
         if high > low:
             ax.contour(alphas, betas, np.clip(grid, low, None), levels=np.geomspace(low, high, 9)[1:-1],
                        colors="white", linewidths=0.4, alpha=0.6)
-        bar = fig.colorbar(contour, ax=ax, label=f"{task} loss (log scale)")
+        bar = fig.colorbar(contour, ax=ax, label=f"{task} loss" + (" (log scale)" if high > low else ""))
         if high > low:  # 1-2-5 ticks instead of one per colour level
             ticks = [m * 10.0 ** e for e in range(int(np.floor(np.log10(low))), int(np.ceil(np.log10(high))) + 1)
                      for m in (1, 2, 5) if low <= m * 10.0 ** e <= high]
-            bar.set_ticks(ticks, labels=[f"{t:g}" for t in ticks])
+            if len(ticks) < 3:  # a narrow range: a few evenly spaced values instead
+                ticks = np.geomspace(low, high, 4).tolist()
+            bar.set_ticks(ticks, labels=[f"{t:.3g}" for t in ticks])
         if trajectory is not None and len(trajectory):
             ax.plot(trajectory[:, 0], trajectory[:, 1], "-o", color="cyan", ms=3.5, lw=1.2)
             for i, (a, b) in enumerate(trajectory):
