@@ -52,14 +52,17 @@ def test_runs_of_other_models_sequences_or_experiments_are_refused_in_one_line(t
     (tmp_path / "bio").mkdir()
     (tmp_path / "bio" / "results.json").write_text(json.dumps({"task0_before": 0.7}))
     runner = CliRunner()
-    for bad, message in ((other_model, "not the same initial model"), (other_sequence, "compare runs of one sequence"),
-                         (tmp_path / "bio", "not the results of a `forgetlab cit run`"),
-                         (tmp_path / "none", "no results.json")):
-        result = runner.invoke(app, ["cit", "compare", str(base), str(bad), "--out", str(tmp_path / "out")])
+    ok = fake_run(tmp_path / "ok", 80.0, 70.0, 36.0)
+    for bad, message, options in ((other_model, "not the same initial model", []),
+                                  (other_sequence, "compare runs of one sequence", []),
+                                  (tmp_path / "bio", "not the results of a `forgetlab cit run`", []),
+                                  (tmp_path / "none", "no results.json", []),
+                                  (ok, "--keep 50: a share of the drop", ["--keep", "50"]),
+                                  (ok, "--fp-tolerance -5: points of FP", ["--fp-tolerance", "-5"])):
+        result = runner.invoke(app, ["cit", "compare", str(base), str(bad), "--out", str(tmp_path / "out"), *options])
         assert result.exit_code == 2 and message in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
-    result = runner.invoke(app, ["cit", "compare", str(base), str(fake_run(tmp_path / "ok", 80.0, 70.0, 36.0)),
-                                 "--out", str(tmp_path / "out")])
+    result = runner.invoke(app, ["cit", "compare", str(base), str(ok), "--out", str(tmp_path / "out")])
     assert result.exit_code == 0 and "| ok | 10.0 / 10.0 | 75% | 50% |" in result.output, result.output
     assert (tmp_path / "out" / "compare.md").is_file()

@@ -43,6 +43,10 @@ def compare_runs(baseline: Path, runs: Sequence[Path], keep: float = KEEP, fp_to
     the baseline does not drop)."""
     if not runs:
         raise ValueError("compare needs at least one run besides the baseline")
+    if not 0 < keep <= 1:
+        raise ValueError(f"--keep {keep:g}: a share of the drop, in (0, 1] (the target: 0.5)")
+    if fp_tolerance < 0:
+        raise ValueError(f"--fp-tolerance {fp_tolerance:g}: points of FP a run may lose, 0 or more (the target: 5)")
     base = _cit_results(baseline)
 
     def drops(results: dict) -> tuple[float, float]:
