@@ -88,6 +88,9 @@ cit() {
     run ewc1e8 --method ewc --lr 5e-4 --set ewc_strength=1e8 --set save_checkpoints=false
     run multitask --method multitask --lr 5e-4 --set save_checkpoints=false; } > "$OUT/cit-baselines2.log" 2>&1 &
   wait
+  # every finished run against IncLoRA: the share of its GP/IP drops kept, the FP change, the FVG target
+  local finished=$(ls -d "$R"/*/results.json 2>/dev/null | xargs -r -n1 dirname | grep -v '/inclora$')
+  [ -f "$R/inclora/results.json" ] && [ -n "$finished" ] && python3 -m forgetlab cit compare "$R/inclora" $finished --out "$R/compare"
 }
 
 # opt-in (JOBS=mem): bench_cit_memory's GPU rows at a 7B shape, for a second call if device time remains
@@ -108,5 +111,5 @@ for job in ${JOBS:-cit}; do $job > "$OUT/$job.log" 2>&1 & done
 wait
 tar czf "$OUT/results.tgz" -C "$WORK" --exclude=checkpoints --exclude=state --exclude=cache --exclude='*.safetensors' \
   --exclude='*.pt' --exclude=pretrain.txt --exclude='qa_*.jsonl' .
-grep -h "^\[\|AP=\|chance − angle\|landscape:\|along the trajectory\|peak\|GB\|^exact\|^naive\|^attribution\|^check in\|disagree\|ratio" "$OUT"/*.log
+grep -h "^\[\|AP=\|chance − angle\|landscape:\|along the trajectory\|peak\|GB\|^exact\|^naive\|^attribution\|^check in\|disagree\|ratio\|^| " "$OUT"/*.log
 echo "total $(( $(date +%s) - START )) s; results in $OUT/results.tgz ($(du -h "$OUT/results.tgz" | cut -f1))"
