@@ -65,4 +65,8 @@ def test_runs_of_other_models_sequences_or_experiments_are_refused_in_one_line(t
     assert not (tmp_path / "out").exists()
     result = runner.invoke(app, ["cit", "compare", str(base), str(ok), "--out", str(tmp_path / "out")])
     assert result.exit_code == 0 and "| ok | 10.0 / 10.0 | 75% | 50% |" in result.output, result.output
+    # a run given as its results.json is named by its directory
+    result = runner.invoke(app, ["cit", "compare", str(base / "results.json"), str(ok / "results.json"),
+                                 "--out", str(tmp_path / "out")])
+    assert "Against the baseline base" in result.output and "| ok | 10.0 / 10.0 |" in result.output, result.output
     assert (tmp_path / "out" / "compare.md").is_file()

@@ -26,7 +26,8 @@ HEADLINES = {
 }
 
 
-def _results_file(path: Path) -> Path:
+def results_file(path: Path) -> Path:
+    """A run directory's results.json, or the results file given; one line if neither exists."""
     path = Path(path)
     found = path / "results.json" if path.is_dir() else path
     if not found.is_file():
@@ -86,7 +87,7 @@ def aggregate_runs(paths: Sequence[Path]) -> dict:
         raise ValueError("aggregate needs at least one run directory or results.json")
     runs, kinds = [], set()
     for path in paths:
-        found = _results_file(path)
+        found = results_file(path)
         results = read_json(found)
         kinds.add("cit" if "R" in results and "AP" in results else "biography" if "task0_before" in results else "other")
         runs.append((_setting(found, results), results))

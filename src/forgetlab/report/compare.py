@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from forgetlab.metrics.cl import drop_kept
+from forgetlab.report.aggregate import results_file
 from forgetlab.report.markdown import table
 from forgetlab.utils.io import atomic_write_json, atomic_write_text, read_json
 
@@ -22,10 +23,7 @@ FORGETS = 10.0      # points of GP and IP the baseline must drop for forgetting 
 
 
 def _cit_results(path: Path) -> dict:
-    path = Path(path)
-    found = path / "results.json" if path.is_dir() else path
-    if not found.is_file():
-        raise FileNotFoundError(f"{path}: no results.json; give a finished `forgetlab cit run` directory")
+    found = results_file(path)
     results = read_json(found)
     missing = [k for k in ("initial", "final", "FP", "AP", "tasks") if k not in results]
     if missing:
@@ -78,6 +76,12 @@ def compare_runs(baseline: Path, runs: Sequence[Path], keep: float = KEEP, fp_to
             "tasks": base["tasks"], "runs": rows}
 
 
+def _name(run: str) -> str:
+    """What a table row calls a run: its directory, also when the run was given as RUN/results.json."""
+    path = Path(run)
+    return path.parent.name if path.name == "results.json" else path.name
+
+
 def write_comparison(summary: dict, out: Path) -> str:
     """``compare.json`` and ``compare.md`` in ``out``; returns the markdown."""
     base, crit = summary["baseline"], summary["criteria"]
@@ -88,10 +92,10 @@ def write_comparison(summary: dict, out: Path) -> str:
     def verdict(value: bool | None) -> str:
         return "–" if value is None else "met" if value else "not met"
 
-    rows = [(Path(r["run"]).name, f"{r['GP_drop']:.1f} / {r['IP_drop']:.1f}", pct(r["GP_drop_kept"]),
+    rows = [(_name(r["run"]), f"{r['GP_drop']:.1f} / {r['IP_drop']:.1f}", pct(r["GP_drop_kept"]),
              pct(r["IP_drop_kept"]), f"{r['AP']:.1f} / {r['FP']:.1f}", f"{r['FP_change']:+.1f}", verdict(r["target_met"]))
             for r in summary["runs"]]
-    text = (f"# Against the baseline {Path(base['run']).name}\n\n"
+    text = (f"# Against the baseline {_name(base['run'])}\n\n"
             f"Baseline ({base['method']}{' + FVG' if base['fvg'] else ''}): GP / IP drop {base['GP_drop']:.1f} / "
             f"{base['IP_drop']:.1f} points (forgetting {'reproduced' if base['forgets'] else 'not reproduced'}: "
             f"≥ {crit['forgets']:g} each), AP / FP {base['AP']:.1f} / {base['FP']:.1f}.\n\n"
