@@ -400,6 +400,7 @@ def test_analyze_a_run_takes_its_own_checkpoints_and_world(smoke_run, tmp_path):
     assert f"| task0 → task1-step-2 | {first['embedding']['below_chance_deg']:.1f} |" in report
     end = land["trajectory"][-1]
     assert f"| task1 | {end['losses']['task0']:.3f} | {end['losses']['task1']:.3f} | 1.000 | 1.000 |" in report
+    assert "drawn over α ∈ [-1.00, 7.00], β ∈ [-1.00, 12.00] (3 × 2 points)" in report
     settings = json.loads((out / "analysis.json").read_text())["settings"]
     assert settings["plane"] == [2, 4] and settings["snapshots"] == [2, 4]
     generated = forgetlab("biography", "generate", "--preset", "smoke", "--out", str(tmp_path / "w"), cache=tmp_path)

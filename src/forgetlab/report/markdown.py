@@ -237,7 +237,9 @@ def analysis_report(done: dict, out: Path) -> None:
         tasks = list(land["losses"])
         parts += ["## Loss landscape\n",
                   f"The plane through {Path(land['theta0']).name} with d1 = {Path(land['theta1']).name} − "
-                  f"{Path(land['theta0']).name} and d2 = {Path(land['theta2']).name} − {Path(land['theta1']).name}; each "
+                  f"{Path(land['theta0']).name} and d2 = {Path(land['theta2']).name} − {Path(land['theta1']).name}, "
+                  f"drawn over α ∈ [{land['alphas'][0]:.2f}, {land['alphas'][-1]:.2f}], β ∈ [{land['betas'][0]:.2f}, "
+                  f"{land['betas'][-1]:.2f}] ({len(land['alphas'])} × {len(land['betas'])} points); each "
                   "checkpoint's own losses along the path (not read off the plane).\n",
                   table(["checkpoint", *(f"{t} loss" for t in tasks), "α", "β"],
                         [(Path(p["checkpoint"]).name, *(p["losses"][t] for t in tasks), round(p["alpha"], 3) + 0.0,
