@@ -44,20 +44,16 @@ fi
 [ "${SMOKE:-0}" = 1 ] || export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 START=$(date +%s)
 left() { echo $(( DEADLINE - $(date +%s) + START )); }
-# one step: skipped past the deadline, stopped at it; prints how long it took
-step() {
+# one command: skipped past the deadline, stopped at it; prints how long it took
+timed() {
   local name=$1 t=$(date +%s); shift
   if [ "$(left)" -le 20 ]; then echo "[$name] skipped: deadline"; return 1; fi
-  timeout "$(left)" python3 -m forgetlab "$@"; local rc=$?
+  timeout "$(left)" "$@"; local rc=$?
   echo "[$name] rc=$rc in $(( $(date +%s) - t )) s"; return $rc
 }
-# one benchmark script: its output kept in WORK/NAME.txt and printed; skipped and stopped like a step
-bench() {
-  local name=$1 t=$(date +%s); shift
-  if [ "$(left)" -le 20 ]; then echo "[$name] skipped: deadline"; return 1; fi
-  timeout "$(left)" python3 "$@" > "$WORK/$name.txt" 2>&1; local rc=$?
-  echo "[$name] rc=$rc in $(( $(date +%s) - t )) s"; cat "$WORK/$name.txt"; return $rc
-}
+step() { local name=$1; shift; timed "$name" python3 -m forgetlab "$@"; }
+# one benchmark script: its output also kept in WORK/NAME.txt
+bench() { local name=$1; shift; timed "$name" python3 "$@" > "$WORK/$name.txt" 2>&1; local rc=$?; cat "$WORK/$name.txt"; return $rc; }
 
 bio() {
   step bio-run biography run --preset $BIO --snapshot-steps $SNAP --out "$WORK/bio" --no-progress || return

@@ -297,7 +297,6 @@ def _check_lora_targets(model, cfg: CITConfig) -> None:
 
 def _wrap_lora(model, cfg: CITConfig):
     from peft import LoraConfig, get_peft_model
-
     from transformers.pytorch_utils import Conv1D
 
     _check_lora_targets(model, cfg)
