@@ -6,8 +6,8 @@ import torch
 
 from forgetlab.analysis import fv_drift
 from forgetlab.analysis.fv_drift import (MEASURES, DriftSettings, drift_fits, drift_measurements, fv_interventions,
-                                         fv_with_heads, linear_fit, parameter_distance, zero_shot_prompts,
-                                         zero_shot_readings)
+                                         fv_with_heads, in_context_prompts, linear_fit, parameter_distance, zero_shot_prompts,
+                                         prompt_end_readings)
 from forgetlab.fv.extract import FVSettings, extract_function_vector
 from forgetlab.fv.prompts import batches
 from forgetlab.fv.tasks import PromptFormat
@@ -52,8 +52,14 @@ def test_fixed_head_fv_of_the_same_model_is_the_extracted_fv(setup):
     adapter = adapt(random_model(tiny_config("llama", len(tok)), seed=3))
     settings = DriftSettings(n_prompts=6, shots=4, top_k=5)
     result = extract_function_vector(adapter, tok, tasks[0], FVSettings(n_prompts=6, n_cie_prompts=3, shots=4, top_k=5))
-    again = fv_with_heads(adapter, tok, tasks[0], result.top_heads, settings)
+    again, state = fv_with_heads(adapter, tok, tasks[0], result.top_heads, settings)
     assert torch.allclose(again, result.vector, atol=1e-5)
+    # the same-input control: the last hidden state at the end of those in-context prompts, averaged by hand
+    with torch.no_grad():
+        by_hand = torch.stack([adapter.model(**next(batches(tok, [p], PromptFormat(), 1)).model_inputs(),
+                                             output_hidden_states=True).hidden_states[-1][0, -1]
+                               for p in in_context_prompts(tasks[0], settings)]).double().mean(0)
+    assert torch.allclose(state, by_hand, atol=1e-5)
 
 
 def test_zero_shot_fv_over_a_whole_layer_is_its_mean_attention_output(setup):
@@ -73,10 +79,10 @@ def test_zero_shot_fv_over_a_whole_layer_is_its_mean_attention_output(setup):
     hook.remove()
     hand = torch.stack(outputs).mean(0)
     heads = [(layer, j) for j in range(adapter.n_heads)]
-    assert torch.allclose(zero_shot_readings(adapter, tok, prompts, heads)[2], hand, atol=1e-5)
+    assert torch.allclose(prompt_end_readings(adapter, tok, prompts, heads)[2], hand, atol=1e-5)
 
 
-def test_zero_shot_readings_score_and_state_equal_separate_passes(setup):
+def test_prompt_end_readings_score_and_state_equal_separate_passes(setup):
     """The one-pass score is first-token accuracy as `accuracy` computes it; the state is the last hidden state at the
     prompt end, averaged by hand one prompt at a time."""
     from forgetlab.eval.icl import accuracy
@@ -85,7 +91,7 @@ def test_zero_shot_readings_score_and_state_equal_separate_passes(setup):
     model = random_model(tiny_config("llama", len(tok)), seed=4)  # a seed that gets 1 of the 6 test prompts right
     adapter = adapt(model)
     prompts = zero_shot_prompts(tasks[0], DriftSettings(eval_prompts=8, shots=4))
-    score, state, _ = zero_shot_readings(adapter, tok, prompts, [(0, 0)])
+    score, state, _ = prompt_end_readings(adapter, tok, prompts, [(0, 0)])
     assert 0 < score < 1 and score == pytest.approx(accuracy(adapter, tok, prompts))
     with torch.no_grad():
         by_hand = torch.stack([model(**next(batches(tok, [p], PromptFormat(), 1)).model_inputs(),
@@ -105,12 +111,13 @@ def test_drift_rows_of_an_unchanged_and_a_perturbed_checkpoint(setup):
     assert len(rows) == 6 and set(initial) == {"shift", "mirror"}
     same = [r for r in rows if r["checkpoint"] == "same"]
     assert all(r["fv_cosine"] == pytest.approx(1.0, abs=1e-5) and r["hidden_cosine"] == pytest.approx(1.0)
-               and r["zero_shot_fv_cosine"] == pytest.approx(1.0, abs=1e-5)
+               and r["zero_shot_fv_cosine"] == pytest.approx(1.0, abs=1e-5) and r["icl_hidden_cosine"] == pytest.approx(1.0)
                and r["param_distance"] == 0 and r["score_change"] == 0 for r in same)
     far = [r for r in rows if r["checkpoint"] == "moved"]
-    assert all(r["fv_cosine"] < 0.999 and r["zero_shot_fv_cosine"] < 0.999 and r["param_distance"] > 0 for r in far)
+    assert all(r["fv_cosine"] < 0.999 and r["zero_shot_fv_cosine"] < 0.999 and r["icl_hidden_cosine"] < 0.999
+               and r["param_distance"] > 0 for r in far)
     fits = drift_fits(rows)
-    assert set(fits) == {"fv_cosine", "zero_shot_fv_cosine", "hidden_cosine", "param_distance"}
+    assert set(fits) == set(MEASURES) and "icl_hidden_cosine" in MEASURES
     assert fits["fv_cosine"]["pooled"]["n"] == 4
 
 
@@ -123,7 +130,8 @@ def test_checkpoint_mean_fit_averages_each_model_over_its_tasks():
         for t, (cos, change) in zip(("t0", "t1"), pairs):
             rows.append({"checkpoint": label, "index": i, "task": t, "zero_shot": 1.0 + change, "score_change": change,
                          "fv_cosine": cos, "zero_shot_fv_cosine": cos / 2,
-                         "hidden_cosine": 1.0 - i / 10 + (t == "t1") / 100, "param_distance": float(i)})
+                         "hidden_cosine": 1.0 - i / 10 + (t == "t1") / 100, "icl_hidden_cosine": 0.5,
+                         "param_distance": float(i)})
     fit = drift_fits(rows)["fv_cosine"]["checkpoint_mean"]
     x, y = [0.8, 0.4, 0.9], [-0.1, -0.5, 0.0]  # per checkpoint: mean cosine, mean change
     assert fit["n"] == 3 and fit["slope"] == pytest.approx(np.polyfit(x, y, 1)[0])

@@ -50,7 +50,7 @@ def test_run_and_analyze_from_the_command_line(icl_world_dir, tmp_path, monkeypa
     analyzed = cit("analyze", out, "--prompts", "4", "--eval-prompts", "6")
     assert analyzed.exit_code == 0, analyzed.output
     drift = json.loads((out / "drift.json").read_text())
-    assert set(drift["summary"]) == {"fv_cosine", "zero_shot_fv_cosine", "hidden_cosine", "param_distance"}
+    assert set(drift["summary"]) == {"fv_cosine", "zero_shot_fv_cosine", "hidden_cosine", "icl_hidden_cosine", "param_distance"}
     for measure, fit in drift["summary"].items():
         assert f"{measure}: R² pooled {'-' if fit['pooled_r2'] is None else format(fit['pooled_r2'], '.2f')}," in analyzed.output
     assert (out / "interventions.json").is_file() and (out / "drift.md").is_file()

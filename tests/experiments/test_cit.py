@@ -534,7 +534,7 @@ def test_cit_analyze_writes_drift_and_interventions(icl_world_dir, tmp_path):
     drift = json.loads((tmp_path / "drift.json").read_text())
     n_general = len(json.loads((icl_world_dir / "world.json").read_text())["tasks"]) - 0
     assert len(drift["rows"]) % 6 == 0 and len(drift["rows"]) // 6 <= n_general  # initial + 5 checkpoints per task
-    assert set(out["summary"]) == {"fv_cosine", "zero_shot_fv_cosine", "hidden_cosine", "param_distance"}
+    assert set(out["summary"]) == {"fv_cosine", "zero_shot_fv_cosine", "hidden_cosine", "icl_hidden_cosine", "param_distance"}
     for name in ("drift.csv", "drift.png", "interventions.json", "drift.md"):
         assert (tmp_path / name).is_file()
     assert f"{drift['fits']['fv_cosine']['pooled']['r2']:.2f} |" in (tmp_path / "drift.md").read_text()

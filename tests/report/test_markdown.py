@@ -120,7 +120,7 @@ def test_drift_report_names_the_best_measure_and_the_interventions(tmp_path):
     measures, tasks = parse_tables(text)
     assert measures[1] == ["FV cosine to the initial FV", "0.12", "1", "0.06", "–"] and measures[3][1:3] == ["0.47", "-2"]
     assert measures[2][:2] == ["FV heads' zero-shot output, cosine to the initial", "0.20"]
-    assert "best by last hidden state cosine (control) (R² 0.47)" in text and "does not hold here" in text
+    assert "best by last hidden state cosine, zero-shot prompts (control) (R² 0.47)" in text and "does not hold here" in text
     assert "FV cosine to the initial FV reaches 0.12, FV heads' zero-shot output, cosine to the initial reaches 0.20" in text
     assert "recovers on average 25% of its drop" in text and "last trained task –" in text
     assert tasks[1:] == [["a", "1.000", "0.200", "0.400", "–"]]

@@ -4,9 +4,11 @@ For a run's checkpoints (the initial model first) and a set of general ICL tasks
 gets, per task: the task's FV rebuilt from that checkpoint's mean head activations over the
 *initial* model's top heads, its cosine to the initial FV, the task's instructed zero-shot score,
 the same heads' summed output at the end of the zero-shot prompt (the function the bare instruction
-activates; its cosine to the initial model's), and two controls — the cosine of the mean last hidden
-state at the prompt end, and the L2 distance of all parameters from the initial ones. A least-squares line of the score change on each measure
-gives its R²: FV similarity should explain the drops, the controls should not.
+activates; its cosine to the initial model's), and the controls: the cosine of the mean last hidden
+state at the end of the zero-shot prompts (the state the answer is read from: a strict control), the same
+at the end of the in-context prompts the FV is averaged over (the same inputs as the FV), and the L2
+distance of all parameters from the initial ones. A least-squares line of the score change on each
+measure gives its R²: FV similarity should explain the drops, the controls should not.
 
 The interventions: on the last checkpoint, add a forgotten task's *original* FV (layer and scale
 chosen on valid queries) and, separately, subtract the FV of the task trained last.
@@ -21,7 +23,6 @@ import numpy as np
 import torch
 
 from forgetlab.eval.icl import accuracy, icl_prompts
-from forgetlab.fv.cie import mean_head_activations
 from forgetlab.fv.evaluate import sweep_layers
 from forgetlab.fv.extract import FVSettings, extract_function_vector
 from forgetlab.fv.hooks import add_to_residual, edit_head_inputs
@@ -30,7 +31,7 @@ from forgetlab.fv.tasks import ICLPrompt, ICLTask, PromptFormat, sample_prompts
 from forgetlab.fv.vectors import cosine, function_vector
 from forgetlab.models.adapter import ModelAdapter, adapt
 
-MEASURES = ("fv_cosine", "zero_shot_fv_cosine", "hidden_cosine", "param_distance")
+MEASURES = ("fv_cosine", "zero_shot_fv_cosine", "hidden_cosine", "icl_hidden_cosine", "param_distance")
 
 
 @dataclass(frozen=True)
@@ -74,22 +75,26 @@ def linear_fit(x: Sequence[float], y: Sequence[float]) -> dict:
     return {"slope": float(slope), "intercept": float(intercept), "r2": r2, "n": int(len(x))}
 
 
-def fv_with_heads(adapter: ModelAdapter, tokenizer, task: ICLTask, heads, settings: DriftSettings) -> torch.Tensor:
-    """The task's FV in this model over fixed heads: fresh mean activations, no new CIE."""
-    device = next(adapter.model.parameters()).device
-    clean = sample_prompts(task.splits(settings.seed), settings.n_prompts, settings.shots_for(task), settings.seed,
-                           task_name=task.name)
-    mean_acts = mean_head_activations(adapter, batches(tokenizer, clean, PromptFormat(), 32, device))
-    return function_vector(adapter, mean_acts, heads)
+def in_context_prompts(task: ICLTask, settings: DriftSettings) -> list[ICLPrompt]:
+    """The clean few-shot prompts an FV is averaged over (the same ones `extract_function_vector` samples)."""
+    return sample_prompts(task.splits(settings.seed), settings.n_prompts, settings.shots_for(task), settings.seed,
+                          task_name=task.name)
+
+
+def fv_with_heads(adapter: ModelAdapter, tokenizer, task: ICLTask, heads,
+                  settings: DriftSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """The task's FV in this model over fixed heads (fresh mean activations, no new CIE), and from the same
+    pass the mean last hidden state at the end of those in-context prompts (the same-input control)."""
+    _, state, vector = prompt_end_readings(adapter, tokenizer, in_context_prompts(task, settings), heads)
+    return vector, state
 
 
 @torch.no_grad()
-def zero_shot_readings(adapter: ModelAdapter, tokenizer, prompts: list[ICLPrompt], heads) -> tuple[float, torch.Tensor, torch.Tensor]:
-    """One pass over zero-shot prompts, three readings at the prompt end: first-token accuracy (the score); the
-    mean last-layer hidden state (the hidden-state control); and the FV heads' summed mean output. The
-    in-context FV asks what the heads carry when demonstrations define the task; this last reading asks what
-    the bare instruction makes them carry (the paper's "function activation" from the input), which is what
-    a zero-shot score depends on."""
+def prompt_end_readings(adapter: ModelAdapter, tokenizer, prompts: list[ICLPrompt], heads) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """One pass over prompts, three readings at the prompt end: first-token accuracy; the mean last-layer
+    hidden state (the hidden-state controls); and the heads' summed mean output. Over in-context prompts the
+    last is the FV itself; over zero-shot prompts it asks what the bare instruction makes the FV heads carry
+    (the paper's "function activation" from the input), which is what a zero-shot score depends on."""
     device = next(adapter.model.parameters()).device
     acts = torch.zeros(adapter.n_layers, adapter.n_heads * adapter.head_dim, dtype=torch.float64)
     state = torch.zeros(adapter.hidden_size, dtype=torch.float64)
@@ -147,18 +152,19 @@ def drift_measurements(checkpoints: Iterable[tuple[str, torch.nn.Module]], token
             prompts = zero_shot_prompts(task, settings)
             if index == 0:
                 result = extract_function_vector(adapter, tokenizer, task, settings.extraction(adapter, settings.shots_for(task)))
-                vector = result.vector
-                score, state, activated = zero_shot_readings(adapter, tokenizer, prompts, result.top_heads)
-                initial[task.name] = {"fv": vector, "heads": result.top_heads, "state": state, "score": score,
-                                      "zero_shot_fv": activated}
-            else:
-                vector = fv_with_heads(adapter, tokenizer, task, initial[task.name]["heads"], settings)
-                score, state, activated = zero_shot_readings(adapter, tokenizer, prompts, initial[task.name]["heads"])
+                initial[task.name] = {"fv": result.vector, "heads": result.top_heads}
+            heads = initial[task.name]["heads"]
+            vector, icl_state = fv_with_heads(adapter, tokenizer, task, heads, settings)
+            score, state, activated = prompt_end_readings(adapter, tokenizer, prompts, heads)
+            if index == 0:
+                initial[task.name].update(state=state, icl_state=icl_state, score=score, zero_shot_fv=activated,
+                                          fv_fixed_heads=vector)
             ref = initial[task.name]
             rows.append({"checkpoint": label, "index": index, "task": task.name, "zero_shot": score,
-                         "score_change": score - ref["score"], "fv_cosine": cosine(vector, ref["fv"]),
+                         "score_change": score - ref["score"], "fv_cosine": cosine(vector, ref["fv_fixed_heads"]),
                          "zero_shot_fv_cosine": cosine(activated, ref["zero_shot_fv"]),
-                         "hidden_cosine": cosine(state, ref["state"]), "param_distance": distance})
+                         "hidden_cosine": cosine(state, ref["state"]),
+                         "icl_hidden_cosine": cosine(icl_state, ref["icl_state"]), "param_distance": distance})
     return rows, initial
 
 

@@ -84,7 +84,7 @@ def analyze(
     prompts: Annotated[int, typer.Option(help="clean 10-shot prompts per FV")] = 32,
     eval_prompts: Annotated[int, typer.Option(help="test queries per general task")] = 40,
 ) -> None:
-    """FV drift vs. forgetting over the runs' checkpoints (two FV measures, R² against two controls); for one run, also FV
+    """FV drift vs. forgetting over the runs' checkpoints (two FV measures, R² against three controls); for one run, also FV
     interventions on its last checkpoint."""
     from forgetlab.analysis.fv_drift import DriftSettings
     from forgetlab.experiments.cit import analyze_runs

@@ -776,7 +776,7 @@ def analyze_runs(runs: Sequence[Path], out: Path | None = None, settings=None, *
     atomic_write_json(out / "drift.json", {"settings": asdict(settings), "runs": [str(r) for r in runs],
                                            "summary": summary, "fits": fits, "rows": rows})
     header = ["checkpoint", "task", "zero_shot", "score_change", "fv_cosine", "hidden_cosine", "param_distance", "run",
-              "zero_shot_fv_cosine"]
+              "zero_shot_fv_cosine", "icl_hidden_cosine"]
     atomic_write_text(out / "drift.csv", "\n".join([",".join(header)] + [",".join(str(r[h]) for h in header) for r in rows]) + "\n")
     plot_drift(rows, fits, out / "drift.png")
     log("[cit analyze] R² of score change on: " + "  ".join(

@@ -1,7 +1,8 @@
-"""The score-matrix heatmap of a continual instruction-tuning run."""
+"""The figures of continual instruction tuning: the score-matrix heatmap of a run, and FV drift vs. forgetting."""
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,7 +28,7 @@ def plot_score_matrix(R: np.ndarray, tasks: Sequence[str], path: Path) -> None:
 
 
 def plot_drift(rows: list[dict], fits: dict, path: Path) -> None:
-    """Score change vs. each measure (the two FV cosines and the two controls), one point per checkpoint and task
+    """Score change vs. each measure (the two FV cosines and the three controls), one point per checkpoint and task
     (one colour per run when several are pooled), with the pooled least-squares line and its R²."""
     from forgetlab.analysis.fv_drift import MEASURES
     from forgetlab.report.markdown import DRIFT_MEASURES
@@ -47,7 +48,7 @@ def plot_drift(rows: list[dict], fits: dict, path: Path) -> None:
             xs = np.linspace(x.min(), x.max(), 50)
             ax.plot(xs, 100 * (fit["slope"] * xs + fit["intercept"]), color="black")
             ax.set_title(f"R² = {fit['r2']:.2f}", fontsize=10)
-        ax.set_xlabel(labels[measure])
+        ax.set_xlabel(textwrap.fill(labels[measure], 34))  # the long control names would run into each other
     axes[0].set_ylabel("zero-shot score change (points)")
     if len(runs) > 1:
         axes[0].legend(fontsize=7, loc="lower left")

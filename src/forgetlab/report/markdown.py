@@ -152,13 +152,15 @@ def cit_report(results: dict, out: Path) -> None:
 
 
 DRIFT_MEASURES = (("fv_cosine", "FV cosine to the initial FV"),
-                  ("zero_shot_fv_cosine", "FV heads' zero-shot output, cosine to the initial"), ("hidden_cosine", "last hidden state cosine (control)"),
+                  ("zero_shot_fv_cosine", "FV heads' zero-shot output, cosine to the initial"),
+                  ("hidden_cosine", "last hidden state cosine, zero-shot prompts (control)"),
+                  ("icl_hidden_cosine", "last hidden state cosine, the FV's in-context prompts (control)"),
                   ("param_distance", "parameter L2 distance (control)"))
 
 
 def drift_report(fits: dict, runs: Sequence[str], interventions: dict | None, out: Path) -> None:
     """``drift.md`` of ``forgetlab cit analyze``: how well each measure explains the zero-shot score change
-    (the FV paper's claim is that FV cosine does, and the two controls do not), and the FV interventions."""
+    (the FV paper's claim is that FV cosine does, and the controls do not), and the FV interventions."""
     def r2(value) -> str:
         return "–" if value is None else f"{value:.2f}"
 
@@ -176,10 +178,10 @@ def drift_report(fits: dict, runs: Sequence[str], interventions: dict | None, ou
         fv_measures = [m for m in ("fv_cosine", "zero_shot_fv_cosine") if m in known]
         parts.append(f"\nPooled over tasks and checkpoints, the score change is explained best by "
                      f"{dict(measures)[best]} (R² {known[best]:.2f})"
-                     + ("; an FV measure explains more than both controls, the FV paper's finding."
+                     + ("; an FV measure explains more than every control, the FV paper's finding."
                         if best in fv_measures else
                         "; " + ", ".join(f"{dict(measures)[m]} reaches {known[m]:.2f}" for m in fv_measures)
-                        + ", so the FV paper's finding (FV similarity above both controls) does not hold here.") + "\n")
+                        + ", so the FV paper's finding (FV similarity above the controls) does not hold here.") + "\n")
     parts.append("\n![score change vs each measure, with the fits](drift.png)\n")
     if interventions is not None:
         s = interventions["summary"]
