@@ -134,6 +134,8 @@ for seed in 0 1 2; do p=""; [ $seed != 0 ] && p=seed${seed}_
 done
 forgetlab cit analyze runs/coded/inclora
 forgetlab cit analyze runs/coded/seed1_inclora                                              # rebuild_coded1/seed1/
+# (both analyses rerun on 2026-11-27 after the third control, icl_hidden_cosine, was added: ~2.5 min each, every other
+#  figure and interventions.json unchanged)
 for m in "lwf --lr 2e-3" "olora --lr 2e-3" "replay --set finetune=inclora --lr 2e-3" "seq --lr 5e-4"; do
   set -- $m; n=$1; [ $n = replay ] && n=replay_inclora
   c baselines/$n --method $m --set save_checkpoints=false
