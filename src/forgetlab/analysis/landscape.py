@@ -8,7 +8,7 @@ c = argmin ‖θ_t − θ0 − [d1 d2] c‖, from the 2×2 Gram matrix accumulat
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,8 +66,9 @@ def _filter_normalized(direction: Params, theta: Params, axes: Mapping[str, int]
     return out
 
 
-def project(theta0: Params, d1: Params, d2: Params, points: Sequence[Params]) -> np.ndarray:
-    """(n, 2) least-squares coordinates of each θ_t in the plane θ0 + a·d1 + b·d2."""
+def project(theta0: Params, d1: Params, d2: Params, points: Iterable[Params]) -> np.ndarray:
+    """(n, 2) least-squares coordinates of each θ_t in the plane θ0 + a·d1 + b·d2 (``points`` may be a generator
+    that loads one checkpoint at a time)."""
     gram = np.array([[_dot(d1, d1), _dot(d1, d2)], [_dot(d1, d2), _dot(d2, d2)]])
     coords = []
     for theta in points:

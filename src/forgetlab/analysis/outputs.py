@@ -192,19 +192,24 @@ def write_landscape(theta0: Path, theta1: Path, theta2: Path, data: Mapping[str,
     pad = pad_id(tok)
     datasets = {name: qa_dataset(*encode_qa(tok, rows), tok.eos_token_id, pad) for name, rows in tasks.items()}
     p0 = ls.parameters_of(model)
-    p1, p2 = (ls.parameters_of(load_checkpoint(p, model)) for p in (theta1, theta2))
-    d1, d2 = ls.directions(p0, p1, p2, orthogonalize, filter_normalize, ls.filter_axes(model))
+    d1, d2 = ls.directions(p0, *(ls.parameters_of(load_checkpoint(p, model)) for p in (theta1, theta2)),
+                           orthogonalize, filter_normalize, ls.filter_axes(model))  # θ1, θ2 freed once d1, d2 exist
     task_losses = {name: (lambda m, d=d: ls.dataset_loss(m, d)) for name, d in datasets.items()}
     # the trajectory first: an auto range needs its projection; each checkpoint's own losses are the exact values
-    # along the path, not read off the plane
-    params, path_losses = [], []
-    for point in points:
-        checkpoint = load_checkpoint(point, model)
-        params.append(ls.parameters_of(checkpoint))
-        path_losses.append({name: fn(checkpoint) for name, fn in task_losses.items()})
-        del checkpoint
-    coords = ls.project(p0, d1, d2, params)
-    del params
+    # along the path, not read off the plane. One checkpoint in memory at a time (a long path of a big model would
+    # not fit all at once)
+    path_losses = []
+
+    def along_path():
+        for point in points:
+            checkpoint = load_checkpoint(point, model)
+            path_losses.append({name: fn(checkpoint) for name, fn in task_losses.items()})
+            params = ls.parameters_of(checkpoint)
+            del checkpoint
+            yield params
+            del params
+
+    coords = ls.project(p0, d1, d2, along_path())
     alphas, betas = (np.linspace(*(given or ls.span_with_margin(coords[:, axis])), n)
                      for given, axis, n in ((alpha_range, 0, n_a), (beta_range, 1, n_b)))
     partial_path = out / "landscape.partial.json"
