@@ -365,11 +365,12 @@ def test_recover_keys_its_cached_phase_by_the_checkpoints_weights_and_reads_befo
     assert keys[0] == keys[1] != keys[2]
 
 
-def test_analyze_a_run_takes_its_own_checkpoints_and_world(smoke_run, tmp_path):
+def test_analyze_a_run_takes_its_own_checkpoints_and_world(smoke_run, tmp_path, monkeypatch):
     """``biography analyze`` on a run with task-1 snapshots at steps 2 and 4: the angles compare task 1 with task 0's
     update, the windows run task0 → step 2 → step 4 → task1, the landscape's plane goes through step 2 with
     d1 = step 4 − step 2 and d2 = end − step 4 (so those three project to (0, 0), (1, 0), (1, 1)), and the QA rows are
     those `biography generate` writes for the run's preset and seed. A run without snapshots skips what needs them."""
+    from forgetlab.analysis import outputs
     from forgetlab.experiments.biography_analysis import analyze_biography_run
 
     root, _, _ = smoke_run
@@ -408,10 +409,22 @@ def test_analyze_a_run_takes_its_own_checkpoints_and_world(smoke_run, tmp_path):
     for name in ("qa_task0_test.jsonl", "qa_task1.jsonl"):
         assert (out / "data" / name).read_text() == (tmp_path / "w" / name).read_text()
 
-    # again: the QA files are written anew with the same rows, and the finished landscape is only redrawn
+    # again: the QA files are written anew with the same rows, the finished landscape is only redrawn, and the angles
+    # and features are kept as they are (no checkpoint loaded for them); the report reads the same
+    logs.clear()
+    monkeypatch.setattr(outputs, "load_checkpoint", lambda *a, **k: pytest.fail("a kept analysis loaded a checkpoint"))
+    again = analyze_biography_run(run, grid=(3, 2), progress=False, log=logs.append)
+    monkeypatch.undo()
+    assert any("redrawing landscape.png only" in line for line in logs), logs
+    assert sum("already holds this analysis" in line for line in logs) == 3, logs
+    assert again["angles"] == json.loads((out / "angles" / "angles.json").read_text()) and again["features"]["pairs"] == \
+        json.loads(json.dumps(done["features"]["pairs"]))
+    assert (out / "analysis.md").read_text() == report
+    # a checkpoint written anew (a later run into the same folder) is analysed again
+    os.utime(ckpt / "task1" / "config.json")
     logs.clear()
     analyze_biography_run(run, grid=(3, 2), progress=False, log=logs.append)
-    assert any("redrawing landscape.png only" in line for line in logs), logs
+    assert sum("already holds this analysis" in line for line in logs) == 0, logs
     # auto: the grid spans the whole trajectory (task 0 lies before the plane's origin) with a quarter to spare
     auto = analyze_biography_run(run, tmp_path / "auto", grid=(3, 2), landscape_range="auto", progress=False,
                                  log=logs.append)["landscape"]

@@ -46,6 +46,8 @@ def load_checkpoint_tokenizer(path: Path):
 def fingerprint(path: Path) -> list:
     """What identifies a file or checkpoint directory's content cheaply: its resolved path and each file's size and
     modification time (a resumed landscape must not mix the losses of two different models or data files)."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path} does not exist; check the path")
     path = Path(path).resolve()
     files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
     return [str(path), [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]]
@@ -73,15 +75,35 @@ def check_positive(value: int, option: str) -> int:
     return value
 
 
+def kept_result(out: Path, data_file: str, files: Sequence[str], settings: dict, log: Log) -> dict | None:
+    """The data an earlier call wrote into ``out`` from the same inputs and settings, when it and all its ``files`` are
+    there: a rerun (``biography analyze`` after a killed landscape) then loads no checkpoint for it."""
+    from forgetlab.utils.io import read_json
+
+    path = Path(out) / data_file
+    if path.is_file() and all((Path(out) / f).is_file() for f in files):
+        data = read_json(path)
+        if data.get("settings") == settings:
+            log(f"{path} already holds this analysis of the same checkpoints and settings; kept (delete it to redo)")
+            return data
+    return None
+
+
 def write_angles(a1: Path, a2: Path, b1: Path, b2: Path, out: Path, energy: float = 0.99, log: Log = print) -> dict:
     """Angle between phase B's update (b1 → b2) of every weight matrix and the subspace phase A's (a1 → a2) spanned:
     ``angles.csv``, ``angles.json``, ``angles.png``."""
     from forgetlab.analysis.angles import angle_matrix, update_angles, write_angles_csv
+    from forgetlab.models.build import check_checkpoint
     from forgetlab.report.analysis import plot_angle_heatmap
     from forgetlab.utils.io import atomic_write_json
 
+    for path in (a1, a2, b1, b2):
+        check_checkpoint(path, "checkpoint")
+    settings = {"checkpoints": [fingerprint(p) for p in (a1, a2, b1, b2)], "energy": check_energy(energy)}
+    if (kept := kept_result(out, "angles.json", ("angles.csv", "angles.png"), settings, log)) is not None:
+        return kept
     first = load_checkpoint(a1)
-    rows = update_angles(first, *(load_checkpoint(p, first) for p in (a2, b1, b2)), energy=check_energy(energy))
+    rows = update_angles(first, *(load_checkpoint(p, first) for p in (a2, b1, b2)), energy=energy)
     out.mkdir(parents=True, exist_ok=True)
     write_angles_csv(rows, out / "angles.csv")
     layers, comps, grid = angle_matrix(rows)
@@ -96,7 +118,7 @@ def write_angles(a1: Path, a2: Path, b1: Path, b2: Path, out: Path, energy: floa
     unchanged = {phase: [f"{r.layer}/{r.component}" for r in rows if getattr(r, f"rank_{phase}") == 0] for phase in "ab"}
     data = {"a1": str(a1), "a2": str(a2), "b1": str(b1), "b2": str(b2), "energy": energy,
             "mean_angle_deg_by_layer": by_layer, "chance_angle_deg_by_layer": chance_by_layer,
-            "not_updated": unchanged, "rows": [r.__dict__ for r in rows]}
+            "not_updated": unchanged, "rows": [r.__dict__ for r in rows], "settings": settings}
     atomic_write_json(out / "angles.json", data)
     plot_angle_heatmap(layers, comps, grid, out / "angles.png", title=f"B = {b1.name}→{b2.name} vs A = {a1.name}→{a2.name}",
                        chance=chance, unchanged=angle_matrix(rows, "rank_b")[2] * angle_matrix(rows, "rank_a")[2] == 0)
@@ -118,6 +140,7 @@ def write_angles_over_training(a1: Path, a2: Path, checkpoints: Sequence[Path], 
     """Each window of a later phase (checkpoint k → k+1) against the subspace phase A updated:
     ``angles_over_training.csv``, ``.json`` (per window and component, over layers) and ``.png``."""
     from forgetlab.analysis.angles import COLUMNS, angles_over_training, component_means, csv_cells
+    from forgetlab.models.build import check_checkpoint
     from forgetlab.report.analysis import plot_angles_over_training
     from forgetlab.utils.io import atomic_write_json, atomic_write_text
 
@@ -125,6 +148,12 @@ def write_angles_over_training(a1: Path, a2: Path, checkpoints: Sequence[Path], 
     checkpoints = list(checkpoints)
     if len(checkpoints) < 2:
         raise ValueError("--checkpoint: give at least two checkpoints of the later phase (its start, then later ones)")
+    for path in (a1, a2, *checkpoints):
+        check_checkpoint(path, "checkpoint")
+    settings = {"checkpoints": [fingerprint(p) for p in (a1, a2, *checkpoints)], "energy": energy}
+    if (kept := kept_result(out, "angles_over_training.json", ("angles_over_training.csv", "angles_over_training.png"),
+                            settings, log)) is not None:
+        return kept
     first = load_checkpoint(a1)  # every other checkpoint must be of the same model: one line naming the first that is not
     windows = angles_over_training(first, load_checkpoint(a2, first), (load_checkpoint(p, first) for p in checkpoints),
                                    energy)
@@ -137,7 +166,7 @@ def write_angles_over_training(a1: Path, a2: Path, checkpoints: Sequence[Path], 
     atomic_write_text(out / "angles_over_training.csv", "\n".join(lines) + "\n")
     data = {"a1": str(a1), "a2": str(a2), "checkpoints": [str(c) for c in checkpoints], "energy": energy,
             "windows": [{"b1": str(checkpoints[k]), "b2": str(checkpoints[k + 1]), "by_component": m}
-                        for k, m in enumerate(means)]}
+                        for k, m in enumerate(means)], "settings": settings}
     atomic_write_json(out / "angles_over_training.json", data)
     plot_angles_over_training(names, means, out / "angles_over_training.png", title=f"later windows vs A = {a1.name}→{a2.name}")
     for name, m in zip(names, means):
@@ -272,6 +301,7 @@ def write_features(checkpoints: Sequence[Path], prompts: Path, out: Path, max_pr
     ``features.csv``, ``features.json``, ``features.png``, ``features_scatter.png``."""
     from forgetlab.analysis.features import feature_shift, last_token_features, pca_scatter
     from forgetlab.analysis.recovery import encode_qa, read_qa_rows
+    from forgetlab.models.build import check_checkpoint
     from forgetlab.models.tokenizers import pad_id
     from forgetlab.report.analysis import plot_feature_scatter, plot_feature_shift
     from forgetlab.utils.io import atomic_write_json, atomic_write_text
@@ -279,8 +309,16 @@ def write_features(checkpoints: Sequence[Path], prompts: Path, out: Path, max_pr
     checkpoints = list(checkpoints)
     if len(checkpoints) < 2:
         raise ValueError("--checkpoint: give at least two checkpoints (the first is the reference)")
+    for path in checkpoints:
+        check_checkpoint(path, "checkpoint")
+    rows = read_qa_rows(prompts)[:check_positive(max_prompts, "--max-prompts")]
+    settings = {"checkpoints": [fingerprint(c) for c in checkpoints], "prompts": content_fingerprint(prompts),
+                "max_prompts": max_prompts, "scatter_layer": scatter_layer}
+    if (kept := kept_result(out, "features.json", ("features.csv", "features.png", "features_scatter.png"), settings,
+                            log)) is not None:
+        return kept
     tok = load_checkpoint_tokenizer(checkpoints[0])
-    ids, _ = encode_qa(tok, read_qa_rows(prompts)[:check_positive(max_prompts, "--max-prompts")])
+    ids, _ = encode_qa(tok, rows)
     pad = pad_id(tok)
     first = load_checkpoint(checkpoints[0])
     feats = [last_token_features(first, ids, pad)]
@@ -294,7 +332,7 @@ def write_features(checkpoints: Sequence[Path], prompts: Path, out: Path, max_pr
     lines += [f"{pair},{r['layer']},{fmt(r['pc1_angle_deg'])},{fmt(r['mean_shift'])},{fmt(r['shift_vs_pc1_angle_deg'])}"
               for pair, rows in pairs.items() for r in rows]
     atomic_write_text(out / "features.csv", "\n".join(lines) + "\n")
-    data = {"checkpoints": [str(c) for c in checkpoints], "pairs": pairs}
+    data = {"checkpoints": [str(c) for c in checkpoints], "pairs": pairs, "settings": settings}
     atomic_write_json(out / "features.json", data)
     plot_feature_shift(pairs, out / "features.png")
     plot_feature_scatter(pca_scatter(feats[0][scatter_layer], [f[scatter_layer] for f in feats[1:]]),
