@@ -33,7 +33,9 @@ def test_linear_fit_matches_numpy():
     y = 3 * x + rng.normal(size=20)
     fit = linear_fit(x, y)
     assert fit["r2"] == pytest.approx(np.corrcoef(x, y)[0, 1] ** 2)
-    assert fit["slope"] == pytest.approx(np.polyfit(x, y, 1)[0])
+    # the closed form of the least-squares line: slope = cov(x, y) / var(x), through the means
+    slope = ((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum()
+    assert fit["slope"] == pytest.approx(slope) and fit["intercept"] == pytest.approx(y.mean() - slope * x.mean())
     assert linear_fit([1, 2, 3], [2, 4, 6])["r2"] == pytest.approx(1.0)
     assert linear_fit([1, 1, 1], [1, 2, 3])["r2"] is None  # x does not vary
 
@@ -132,11 +134,28 @@ def test_checkpoint_mean_fit_averages_each_model_over_its_tasks():
                          "fv_cosine": cos, "zero_shot_fv_cosine": cos / 2,
                          "hidden_cosine": 1.0 - i / 10 + (t == "t1") / 100, "icl_hidden_cosine": 0.5,
                          "param_distance": float(i)})
-    fit = drift_fits(rows)["fv_cosine"]["checkpoint_mean"]
+    fits = drift_fits(rows)
+    fit = fits["fv_cosine"]["checkpoint_mean"]
     x, y = [0.8, 0.4, 0.9], [-0.1, -0.5, 0.0]  # per checkpoint: mean cosine, mean change
     assert fit["n"] == 3 and fit["slope"] == pytest.approx(np.polyfit(x, y, 1)[0])
     assert fit["r2"] == pytest.approx(np.corrcoef(x, y)[0, 1] ** 2)
-    assert drift_fits(rows)["param_distance"]["checkpoint_mean"]["n"] == 3
+    assert fits["param_distance"]["checkpoint_mean"]["n"] == 3
+
+    def line(x, y):  # least squares by its closed form
+        x, y = np.array(x), np.array(y)
+        slope = ((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum()
+        return slope, y.mean() - slope * x.mean(), np.corrcoef(x, y)[0, 1] ** 2
+
+    # pooled: the score *change* over the six later (checkpoint, task) points, the initial rows left out
+    pooled = fits["fv_cosine"]["pooled"]
+    slope, intercept, r2 = line([0.9, 0.7, 0.5, 0.3, 1.0, 0.8], [0.0, -0.2, -0.4, -0.6, 0.1, -0.1])
+    assert pooled["n"] == 6 and (pooled["slope"], pooled["intercept"], pooled["r2"]) == pytest.approx((slope, intercept, r2))
+    # per task: the *score* over the task's own checkpoints, the initial model's included (as the paper fits one task)
+    t0, t1 = (line([1.0] + [table[c][k][0] for c in "abc"], [1.0] + [1.0 + table[c][k][1] for c in "abc"]) for k in (0, 1))
+    per_task = fits["fv_cosine"]["per_task"]
+    assert per_task["t0"]["n"] == 4 and (per_task["t0"]["slope"], per_task["t0"]["r2"]) == pytest.approx(t0[::2])
+    assert per_task["t1"]["r2"] == pytest.approx(t1[2])
+    assert fits["fv_cosine"]["median_task_r2"] == pytest.approx((t0[2] + t1[2]) / 2)  # the median of two
 
 
 def test_intervention_recovered_share_is_of_the_drop(setup, monkeypatch):
@@ -160,11 +179,24 @@ def test_intervention_recovered_share_is_of_the_drop(setup, monkeypatch):
     monkeypatch.setattr(fv_drift, "zero_shot_prompts", lambda task, settings, split="test": (task.name, split))
     monkeypatch.setattr(fv_drift, "accuracy", lambda adapter, tokenizer, prompts:
                         scores[prompts[0]][int(np.sign(edit["alpha"]))] if prompts[1] == "test" else None)
-    monkeypatch.setattr(fv_drift, "_best_edit", lambda adapter, tokenizer, vector, prompts, alphas: (1, alphas[-1]))
+    chosen_on = []
+
+    def fake_best_edit(adapter, tokenizer, vector, prompts, alphas):
+        chosen_on.append(prompts)
+        return 1, alphas[-1]
+
+    monkeypatch.setattr(fv_drift, "_best_edit", fake_best_edit)
     monkeypatch.setattr(fv_drift, "add_to_residual", fake_add)
     monkeypatch.setattr(fv_drift, "extract_function_vector", lambda *a, **k: SimpleNamespace(vector=torch.ones(64)))
-    initial = {"shift": {"score": 0.80, "fv": torch.ones(64)}, "mirror": {"score": 0.60, "fv": torch.ones(64)}}
-    out = fv_interventions(model, tok, tasks, initial, tasks[0], DriftSettings(alphas=(1.0, 2.0), min_drop=0.05))
+    # a third task fell by less than min_drop: not forgotten, so not edited and not in the means
+    kept = ICLTask("kept", tasks[0].pairs, "Keep .")
+    scores["kept"] = {0: 0.48}
+    initial = {"shift": {"score": 0.80, "fv": torch.ones(64)}, "mirror": {"score": 0.60, "fv": torch.ones(64)},
+               "kept": {"score": 0.50, "fv": torch.ones(64)}}
+    out = fv_interventions(model, tok, [*tasks, kept], initial, tasks[0], DriftSettings(alphas=(1.0, 2.0), min_drop=0.05))
+    # layer and scale are chosen on the valid queries, never on the test queries they are scored on
+    assert chosen_on == [("shift", "valid")] * 2 + [("mirror", "valid")] * 2
+    assert out["tasks"]["kept"] == {"initial": 0.50, "final": 0.48, "forgotten": False}
     shift, mirror = out["tasks"]["shift"], out["tasks"]["mirror"]
     # shift: drop 0.8 − 0.3 = 0.5; add (0.55 − 0.3)/0.5 = 0.5; subtract (0.425 − 0.3)/0.5 = 0.25
     assert shift["forgotten"] and shift["add_recovered"] == pytest.approx(0.5)
@@ -175,3 +207,22 @@ def test_intervention_recovered_share_is_of_the_drop(setup, monkeypatch):
     assert (shift["add_alpha"], shift["subtract_alpha"]) == (2.0, -2.0)
     assert out["summary"] == {"forgotten_tasks": 2, "mean_add_recovered": pytest.approx(0.625),
                               "mean_subtract_recovered": pytest.approx(0.0)}
+
+
+def test_best_edit_takes_the_layer_and_scale_of_the_highest_valid_score(setup, monkeypatch):
+    """The argmax over the (scale, layer) grid of valid scores: a worked grid where the best layer differs by scale."""
+    tok, tasks = setup
+    adapter = adapt(random_model(tiny_config("llama", len(tok), n_layers=2), seed=0))
+    grid = {1.0: [0.2, 0.5], 2.0: [0.6, 0.1], 4.0: [0.3, 0.55]}
+    asked = []
+
+    def fake_sweep(adapter, valid, vector, layers, alpha):
+        asked.append((alpha, list(layers), sum(len(b) for b in valid)))
+        return grid[alpha]
+
+    monkeypatch.setattr(fv_drift, "sweep_layers", fake_sweep)
+    prompts = zero_shot_prompts(tasks[0], DriftSettings(eval_prompts=5, shots=4), "valid")
+    assert fv_drift._best_edit(adapter, tok, torch.zeros(adapter.hidden_size), prompts, (1.0, 2.0, 4.0)) == (0, 2.0)
+    assert asked == [(a, [0, 1], len(prompts)) for a in (1.0, 2.0, 4.0)]  # every layer, every scale, all valid queries
+    grid[4.0] = [0.3, 0.7]
+    assert fv_drift._best_edit(adapter, tok, torch.zeros(adapter.hidden_size), prompts, (1.0, 2.0, 4.0)) == (1, 4.0)
