@@ -535,7 +535,7 @@ def test_cit_analyze_writes_drift_and_interventions(icl_world_dir, tmp_path):
     n_general = len(json.loads((icl_world_dir / "world.json").read_text())["tasks"]) - 0
     assert len(drift["rows"]) % 6 == 0 and len(drift["rows"]) // 6 <= n_general  # initial + 5 checkpoints per task
     assert set(out["summary"]) == {"fv_cosine", "zero_shot_fv_cosine", "hidden_cosine", "icl_hidden_cosine", "param_distance"}
-    for name in ("drift.csv", "drift.png", "interventions.json", "drift.md"):
+    for name in ("drift.csv", "drift.png", "drift_tasks.png", "interventions.json", "drift.md"):
         assert (tmp_path / name).is_file()
     assert f"{drift['fits']['fv_cosine']['pooled']['r2']:.2f} |" in (tmp_path / "drift.md").read_text()
     tasks = json.loads((tmp_path / "interventions.json").read_text())["tasks"]
@@ -555,8 +555,8 @@ def test_cit_analyze_writes_drift_and_interventions(icl_world_dir, tmp_path):
     later = {r["checkpoint"] for r in drift["rows"] if r["index"] > 0}
     assert len(later) == 10 and {c.split("/")[0] for c in later} == {tmp_path.name, "inclora"}
     assert drift["fits"]["fv_cosine"]["checkpoint_mean"]["n"] == 10 and not (pooled / "interventions.json").exists()
-    assert (pooled / "drift.png").is_file() and (pooled / "drift.csv").read_text().splitlines()[0].endswith(",run,zero_shot_fv_cosine")
-    assert "# FV drift vs. forgetting: 2 runs" in (pooled / "drift.md").read_text()
+    assert (pooled / "drift.png").is_file() and (pooled / "drift.csv").read_text().splitlines()[0].endswith(",run,zero_shot_fv_cosine,icl_hidden_cosine")
+    assert "# FV drift vs. forgetting: 2 runs" in (pooled / "drift.md").read_text() and not (pooled / "drift_tasks.png").exists()
     config = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**config, "model": str(tmp_path / "model")}))
     with pytest.raises(ValueError, match="pool runs of one model only"):

@@ -123,10 +123,12 @@ def test_drift_report_names_the_best_measure_and_the_interventions(tmp_path):
     assert "best by last hidden state cosine, zero-shot prompts (control) (R² 0.47)" in text and "does not hold here" in text
     assert "FV cosine to the initial FV reaches 0.12, FV heads' zero-shot output, cosine to the initial reaches 0.20" in text
     assert "recovers on average 25% of its drop" in text and "last trained task –" in text
+    assert "(drift_tasks.png)" in text  # one run: the per-task figure, which pooled runs do not get
     assert tasks[1:] == [["a", "1.000", "0.200", "0.400", "–"]]
     drift_report({**fits, "fv_cosine": fit(0.9)}, ["r1", "r2"], None, tmp_path)
     text = (tmp_path / "drift.md").read_text()
     assert "2 runs" in text and "the FV paper's finding" in text and "interventions" not in text.lower()
+    assert "drift_tasks.png" not in text
     older = {m: f for m, f in fits.items() if m != "zero_shot_fv_cosine"}  # drift.json written before the measure
     drift_report({**older, "param_distance": fit(0.6)}, ["r1"], None, tmp_path)
     measures, = parse_tables((tmp_path / "drift.md").read_text())
@@ -190,3 +192,31 @@ def test_drift_figure_plots_later_checkpoints_in_points_with_the_pooled_line(tmp
         line_x, line_y = ax.lines[0].get_xdata(), ax.lines[0].get_ydata()
         assert line_x.min() == pytest.approx(min(xs)) and line_x.max() == pytest.approx(max(xs))
         np.testing.assert_allclose(line_y, 100 * ((0.5 + k) * line_x - 0.2))
+
+
+def test_drift_tasks_figure_draws_the_most_forgotten_tasks_checkpoint_by_checkpoint(tmp_path, monkeypatch):
+    """Three tasks over three checkpoints, drops worked out by hand (a 0.9, b 0.2, c 0.5): the two largest are drawn,
+    each with FV cosine as bars, the zero-shot hidden-state cosine and 100 · score as lines, in checkpoint order."""
+    import numpy as np
+
+    from forgetlab.report import cit as figures
+
+    shown = []
+    monkeypatch.setattr(figures, "save_figure", lambda fig, path, rect=None: shown.append(fig))
+    table = {"a": [(1.0, 1.0, 1.0), (0.6, 0.9, 0.5), (0.2, 0.7, 0.1)], "b": [(1.0, 1.0, 0.8), (0.9, 0.95, 0.7),
+                                                                          (0.8, 0.9, 0.6)],
+             "c": [(1.0, 1.0, 0.9), (0.7, 0.5, 0.2), (-0.1, 0.6, 0.4)]}
+    rows = [{"index": i, "checkpoint": f"ck{i}", "task": t, "fv_cosine": fv, "hidden_cosine": hidden, "zero_shot": score,
+             "score_change": score - table[t][0][2]} for t, points in table.items()
+            for i, (fv, hidden, score) in reversed(list(enumerate(points)))]  # rows out of order on purpose
+    assert figures.plot_drift_tasks(rows, tmp_path / "t.png", k=2) == ["a", "c"]
+    bars_a, bars_c = shown[0].axes[0], shown[0].axes[1]
+    for ax, task in ((bars_a, "a"), (bars_c, "c")):
+        assert ax.get_title() == task
+        assert [p.get_height() for p in ax.patches] == pytest.approx([fv for fv, _, _ in table[task]])
+        np.testing.assert_allclose(ax.lines[0].get_ydata(), [h for _, h, _ in table[task]])
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["initial", "after 1", "after 2"]
+    twins = [ax for ax in shown[0].axes if ax not in (bars_a, bars_c) and ax.lines]
+    np.testing.assert_allclose(twins[0].lines[0].get_ydata(), [100.0, 50.0, 10.0])
+    np.testing.assert_allclose(twins[1].lines[0].get_ydata(), [90.0, 20.0, 40.0])
+    assert figures.most_forgotten(rows, 3) == ["a", "c", "b"]

@@ -726,7 +726,7 @@ def analyze_runs(runs: Sequence[Path], out: Path | None = None, settings=None, *
     """
     from forgetlab.analysis.fv_drift import DriftSettings, drift_fits, drift_measurements, fv_interventions
     from forgetlab.models.build import load_model, load_tokenizer
-    from forgetlab.report.cit import plot_drift
+    from forgetlab.report.cit import plot_drift, plot_drift_tasks
     from forgetlab.report.markdown import drift_report
     from forgetlab.utils.io import atomic_write_text
 
@@ -779,6 +779,8 @@ def analyze_runs(runs: Sequence[Path], out: Path | None = None, settings=None, *
               "zero_shot_fv_cosine", "icl_hidden_cosine"]
     atomic_write_text(out / "drift.csv", "\n".join([",".join(header)] + [",".join(str(r[h]) for h in header) for r in rows]) + "\n")
     plot_drift(rows, fits, out / "drift.png")
+    if len(runs) == 1:  # per task over one run's checkpoints (pooled runs have no common order of checkpoints)
+        plot_drift_tasks(rows, out / "drift_tasks.png")
     log("[cit analyze] R² of score change on: " + "  ".join(
         f"{m}={v['pooled_r2']:.2f}" if v["pooled_r2"] is not None else f"{m}=-" for m, v in summary.items()))
     result, interventions = {"summary": summary}, None

@@ -53,3 +53,43 @@ def plot_drift(rows: list[dict], fits: dict, path: Path) -> None:
     if len(runs) > 1:
         axes[0].legend(fontsize=7, loc="lower left")
     save_figure(fig, path)
+
+
+def most_forgotten(rows: list[dict], k: int) -> list[str]:
+    """The ``k`` tasks whose zero-shot score fell most from the initial model to the last checkpoint (ties by name)."""
+    last = max(r["index"] for r in rows)
+    drops = {r["task"]: -r["score_change"] for r in rows if r["index"] == last}
+    return sorted(drops, key=lambda t: (-drops[t], t))[:k]
+
+
+def plot_drift_tasks(rows: list[dict], path: Path, k: int = 6) -> list[str]:
+    """The FV paper's Figure 2 for one run: per forgotten task, FV cosine to the initial FV at each checkpoint
+    (bars, left axis) and the zero-shot score (line, right axis), with the zero-shot hidden-state cosine (the strict
+    control, dotted) on the bars' axis, so a reader sees which of the two the score follows. Returns the tasks drawn."""
+    tasks = most_forgotten(rows, k)
+    labels = ["initial" if i == 0 else f"after {i}" for i in sorted({r["index"] for r in rows})]  # task i trained
+    cols = min(3, len(tasks))
+    fig, axes = plt.subplots(-(-len(tasks) // cols), cols, figsize=(4.4 * cols, 3.2 * -(-len(tasks) // cols)),
+                             squeeze=False)
+    x = np.arange(len(labels))
+    twins = []
+    for ax, task in zip(axes.flat, tasks):
+        mine = sorted((r for r in rows if r["task"] == task), key=lambda r: r["index"])
+        ax.bar(x, [r["fv_cosine"] for r in mine], color="C0", alpha=0.6, label="FV cosine")
+        ax.plot(x, [r["hidden_cosine"] for r in mine], ":o", color="grey", markersize=3,
+                label="hidden-state cosine, zero-shot prompts (control)")
+        ax.set_ylim(min(0.0, *(min(r["fv_cosine"], r["hidden_cosine"]) for r in mine)) - 0.05, 1.05)
+        ax.set_xticks(x, labels, fontsize=7)
+        ax.set_title(task, fontsize=9)
+        twins.append(ax.twinx())
+        twins[-1].plot(x, [100 * r["zero_shot"] for r in mine], "-o", color="C3", markersize=3,
+                       label="zero-shot score (right axis)")
+        twins[-1].set_ylim(-5, 105)
+        twins[-1].tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.axis("off")
+    axes[0, 0].set_ylabel("cosine to the initial model")
+    fig.legend(handles=axes[0, 0].get_legend_handles_labels()[0] + twins[0].get_legend_handles_labels()[0],
+               loc="lower center", ncol=3, fontsize=8)
+    save_figure(fig, path, rect=(0, 0.06, 1, 1))
+    return tasks

@@ -10,9 +10,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def save_figure(fig, path: Path) -> None:
-    """Write the PNG beside its final name, then rename: a reader never sees half a figure."""
-    fig.tight_layout()
+def save_figure(fig, path: Path, rect: tuple[float, float, float, float] = (0, 0, 1, 1)) -> None:
+    """Write the PNG beside its final name, then rename: a reader never sees half a figure. ``rect``: the part of the
+    figure the axes are laid out in (room left for a figure-wide legend)."""
+    fig.tight_layout(rect=rect)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)

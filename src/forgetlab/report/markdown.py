@@ -183,6 +183,9 @@ def drift_report(fits: dict, runs: Sequence[str], interventions: dict | None, ou
                         "; " + ", ".join(f"{dict(measures)[m]} reaches {known[m]:.2f}" for m in fv_measures)
                         + ", so the FV paper's finding (FV similarity above the controls) does not hold here.") + "\n")
     parts.append("\n![score change vs each measure, with the fits](drift.png)\n")
+    if len(runs) == 1:
+        parts.append("\nThe most forgotten tasks checkpoint by checkpoint (FV cosine as bars, the zero-shot score as a line, "
+                     "the zero-shot hidden-state cosine dotted):\n\n![FV cosine and score per task](drift_tasks.png)\n")
     if interventions is not None:
         s = interventions["summary"]
         forgotten = {name: t for name, t in interventions["tasks"].items() if t.get("forgotten")}
