@@ -141,23 +141,44 @@ def test_answer_kl_sums_over_a_rows_answer_tokens_and_skips_replayed_rows():
     assert guide.answer_kl(logits, labels, rows, mine).item() == pytest.approx(hand, rel=1e-5)
 
 
+def _bf16_ulp(x: torch.Tensor) -> torch.Tensor:
+    """The spacing of bfloat16 numbers (8 significant bits) at each value of ``x``."""
+    _, exponent = torch.frexp(x.float())  # x = m · 2^e with 0.5 <= |m| < 1
+    return torch.ldexp(torch.ones_like(x, dtype=torch.float32), exponent - 8)
+
+
 def test_answer_logits_cache_steers_at_the_prompt_end_and_keeps_answer_tokens_only(setup):
-    """Causality gives an independent check: in a prompt+answer row with the FV added at the prompt end p,
-    the logits at p equal those of the prompt alone with the FV at its last position; only answer
-    tokens are kept (prompt and pad masked)."""
+    """Every cached answer position against a single unpadded prompt+answer pass with the FV added at the prompt
+    end only, rounded to bf16 like the cache: equal within one bf16 ulp (plus float32 noise of the batched,
+    right-padded pass). The FV is small (norm about that of the residual stream at layer 1), so the edit is not
+    swamped by RMSNorm and a wrong alpha, layer or position lands thousands of ulps away."""
     from forgetlab.methods.fvg import answer_logits_cache
     from forgetlab.train.data import qa_dataset
 
     model, adapter, _ = setup
     prompts, answers = [[5, 6, 7, 8], [9, 10, 11]], [[12, 13], [14, 15, 16]]
     data = qa_dataset(prompts, answers, eos_id=1, pad_id=2)
-    vector = torch.randn(adapter.hidden_size)
+    vector = 0.02 * torch.randn(adapter.hidden_size, generator=torch.Generator().manual_seed(4))
     cache = answer_logits_cache(adapter, data, torch.tensor([4, 3]), vector, layer=1, alpha=2.0)
     assert [c.shape[0] for c in cache] == [3, 4]  # answer tokens + eos of each row
-    for prompt, cached in zip(prompts, cache):
-        with torch.no_grad(), add_to_residual(adapter, vector, 1, 2.0):
-            at_p = model(input_ids=torch.tensor([prompt])).logits[0, -1]
-        assert torch.allclose(cached[0].float(), at_p, atol=3e-2)  # bf16 storage
+    assert all(c.dtype == torch.bfloat16 for c in cache)
+
+    def reference(prompt, answer, alpha=2.0, layer=1, at=None):
+        """Logits predicting each answer token and the eos, from the row alone, the FV at position ``at``."""
+        row = torch.tensor([prompt + answer + [1]])
+        where = torch.tensor([len(prompt) - 1 if at is None else at])
+        with torch.no_grad(), add_to_residual(adapter, vector, layer, alpha, positions=where):
+            return model(input_ids=row).logits[0, len(prompt) - 1:-1].to(torch.bfloat16)
+
+    def within_one_ulp(cached, ref):
+        return ((cached.float() - ref.float()).abs() <= _bf16_ulp(ref) + 1e-6).all()
+
+    for prompt, answer, cached in zip(prompts, answers, cache):
+        assert within_one_ulp(cached, reference(prompt, answer))
+        # the tolerance is tight enough to catch the edit with the wrong strength, layer or position
+        assert not within_one_ulp(cached, reference(prompt, answer, alpha=1.0))
+        assert not within_one_ulp(cached, reference(prompt, answer, layer=2))
+        assert not within_one_ulp(cached, reference(prompt, answer, at=len(prompt)))  # at the first answer token
 
 
 def _shift_task():
@@ -233,3 +254,34 @@ def test_guidance_loss_reads_each_row_at_its_prompt_end_and_skips_replayed_rows(
     only_replayed = guide.loss(adapter, torch.tensor([len(prompts)]), {k: v[2:] for k, v in batch.items()},
                                lambda: model(input_ids=batch["input_ids"][2:]))
     assert only_replayed["fv"].item() == 0.0 and only_replayed["kl"].item() == 0.0
+
+
+def test_guidance_agreement_scores_the_first_answer_token_of_each_row():
+    """The KL target's agreement with the labels, by hand from single unpadded prompt passes of the frozen model
+    (plain, and with the FV at the prompt end): the label is the first answer token of each right-padded
+    training row, not the last prompt token or the eos after it. Answers are picked so that some rows hit
+    the plain top token, some the steered one and some the least likely token, and prompt lengths differ."""
+    from forgetlab.methods.fvg import FVGConfig, FVGuidance, task_function_vector
+    from forgetlab.models.tokenizers import pad_id
+    from forgetlab.train.data import qa_dataset
+
+    tok, adapter, pairs, prompts = _shift_task()
+    prompts[2] = prompts[2] + tok("w5 w6")["input_ids"][-2:]
+    cfg = FVGConfig(layer=1, scale=2.0, top_k=4, shots=3, n_prompts=4)
+    fv = task_function_vector(adapter, tok, "shift", pairs, cfg)
+    plain, steered = [], []
+    with torch.no_grad():
+        for prompt in prompts:
+            plain.append(adapter.model(input_ids=torch.tensor([prompt])).logits[0, -1])
+            with add_to_residual(adapter, fv.vector, 1, 2.0):
+                steered.append(adapter.model(input_ids=torch.tensor([prompt])).logits[0, -1])
+    firsts = [int(plain[0].argmax()), int(plain[1].argmax()), int(steered[2].argmax()), int(steered[3].argmax()),
+              int(plain[4].argmin()), int(plain[5].argmin())]
+    data = qa_dataset(prompts, [[t] for t in firsts], eos_id=tok.eos_token_id, pad_id=pad_id(tok))
+    guide = FVGuidance(adapter, tok, "shift", pairs, prompts, cfg, train_data=data, fv=fv)
+    for name, logits in (("frozen", plain), ("frozen_fv", steered)):
+        top1 = sum(int(row.argmax()) == t for row, t in zip(logits, firsts)) / 6
+        p = sum(float(row.float().softmax(-1)[t]) for row, t in zip(logits, firsts)) / 6
+        assert 2 / 6 <= top1 <= 4 / 6  # rows 0-3 can hit, rows 4 and 5 cannot: the check is informative
+        assert guide.cache.agreement[f"{name}_top1"] == pytest.approx(top1)
+        assert guide.cache.agreement[f"{name}_p_answer"] == pytest.approx(p, rel=1e-4)
