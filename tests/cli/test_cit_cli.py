@@ -54,6 +54,10 @@ def test_run_and_analyze_from_the_command_line(icl_world_dir, tmp_path, monkeypa
     for measure, fit in drift["summary"].items():
         assert f"{measure}: R² pooled {'-' if fit['pooled_r2'] is None else format(fit['pooled_r2'], '.2f')}," in analyzed.output
     assert (out / "interventions.json").is_file() and (out / "drift.md").is_file()
+    assert "drift_tasks.png, interventions.json" in " ".join(analyzed.output.split())  # rich wraps long lines
+    for option in ("--prompts", "--eval-prompts"):
+        refused = cit("analyze", out, option, "0", "--out", out / "none")
+        assert f"{option} 0 must be at least 1" in one_error_line(refused) and not (out / "none").exists()
 
 
 def ni_file(path, n, definition="Always answer yes."):

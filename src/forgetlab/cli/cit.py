@@ -89,12 +89,16 @@ def analyze(
     from forgetlab.analysis.fv_drift import DriftSettings
     from forgetlab.experiments.cit import analyze_runs
 
+    for option, value in (("--prompts", prompts), ("--eval-prompts", eval_prompts)):
+        if value < 1:
+            raise ValueError(f"{option} {value} must be at least 1")
     result = analyze_runs(run_dirs, out, DriftSettings(n_prompts=prompts, eval_prompts=eval_prompts), log=tqdm.write)
     for measure, fit in result["summary"].items():
         console.print(f"{measure}: R² pooled {_r2(fit['pooled_r2'])}, median per task {_r2(fit['median_task_r2'])}, "
                       f"over checkpoint means {_r2(fit['checkpoint_mean_r2'])}")
     written = "drift.json, drift.csv, drift.png, drift.md"
     if "interventions" in result:
+        written += ", drift_tasks.png"
         s = result["interventions"]
         console.print(f"forgotten general tasks: {s['forgotten_tasks']}; share of the drop recovered by adding the "
                       f"original FV: {_share(s['mean_add_recovered'])}, by subtracting the last task's FV: "
