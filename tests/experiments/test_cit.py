@@ -278,6 +278,136 @@ def test_generation_budget_follows_the_longest_reference(tiny_llama_dir):
         CITConfig(world_dir="x", max_new_tokens=-1).validate()
 
 
+def test_batched_generation_equals_greedy_decoding_of_each_prompt_alone(icl_world_dir):
+    """``generate`` left-pads prompts of different lengths into batches: each answer must be what a naive greedy loop
+    on that prompt alone (no padding, no cache, stop at eos) decodes to, cut at its first line (its first non-blank
+    line with ``skip_blank_lines``). A random model over the world's words, its newline and eos rows scaled up so that
+    continuations stop early, start with a blank line or run on past one."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from forgetlab.experiments.cit import generate
+
+    tok = AutoTokenizer.from_pretrained(icl_world_dir / "model")
+    config = tiny_config("llama", len(tok), n_layers=2)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    model = random_model(config, seed=2)
+    newline, eos = tok.get_vocab()["\n"], tok.eos_token_id
+    with torch.no_grad():
+        model.lm_head.weight[newline] *= 6
+        model.lm_head.weight[eos] *= 4
+    rng = random.Random(2)
+    prompts = [[tok.bos_token_id] + [rng.choice(range(3, len(tok))) for _ in range(n)]
+               for n in (3, 9, 1, 14, 6, 11, 2, 8, 5, 12)]  # every length different
+
+    def greedy_alone(prompt, budget=8):
+        ids = list(prompt)
+        with torch.no_grad():
+            while len(ids) - len(prompt) < budget:
+                token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+                if token == eos:
+                    break
+                ids.append(token)
+        return ids[len(prompt):]
+
+    new = [greedy_alone(p) for p in prompts]
+    raw = [tok.decode(ids, skip_special_tokens=True) for ids in new]
+    first_line = [t.split("\n")[0].strip() for t in raw]
+    first_text_line = [t.lstrip().split("\n")[0].strip() for t in raw]
+    assert generate(model, tok, prompts, 8, batch_size=3) == first_line
+    assert generate(model, tok, prompts, 8, batch_size=3, skip_blank_lines=True) == first_text_line
+    # the cases are all there: early eos, a blank first line, text cut before a later line
+    assert any(len(ids) < 8 for ids in new) and any(len(ids) == 8 for ids in new)
+    assert any(a != b for a, b in zip(first_line, first_text_line))
+    assert any(line and line != t.strip() for line, t in zip(first_line, raw))
+    # and padding shows: the first batch decoded with its pads attended to gives other answers
+    width = max(len(p) for p in prompts[:3])
+    padded = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts[:3]])
+    careless = model.generate(input_ids=padded, attention_mask=torch.ones_like(padded), max_new_tokens=8, do_sample=False,
+                              pad_token_id=tok.pad_token_id, eos_token_id=eos)
+    assert tok.batch_decode(careless[:, width:], skip_special_tokens=True) != raw[:3]
+
+
+def test_task_score_is_the_mean_of_hand_scored_answers(icl_world_dir, monkeypatch):
+    """task_score: each row's generated answer scored against its references (ROUGE-L F1 ×100, the best reference;
+    option accuracy when every reference is a letter), averaged over the rows. Generation is scripted; it must be
+    asked for each row's prompt ids (truncated to their last ``max_source_tokens``), and for the first non-blank line
+    only when answers end with eos."""
+    from transformers import AutoTokenizer
+
+    import forgetlab.experiments.cit as cit
+
+    tok = AutoTokenizer.from_pretrained(icl_world_dir / "model")
+    rows = [{"prompt": f"Give the word in gold .\nQ: {x}\nA:", "answer": " " + refs[0], "references": refs}
+            for x, refs in (("one", ["six"]), ("two", ["basna"]), ("three", ["red fox", "the red fox jumps"]),
+                            ("four", ["B"]), ("five", ["C"]))]
+    answers = ["six",           # exact: 100
+               "six",           # no word shared: 0
+               "the red fox",   # "red fox": P 2/3, R 1, F 0.8; "the red fox jumps": P 1, R 3/4, F 6/7 -> 600/7
+               "The answer is B",  # letter references: option accuracy, 100
+               "B"]             # 0
+    asked = []
+
+    def scripted(model, tokenizer, prompts, max_new_tokens, batch_size=32, *, skip_blank_lines=False):
+        asked.append((prompts, max_new_tokens, skip_blank_lines))
+        return answers
+
+    monkeypatch.setattr(cit, "generate", scripted)
+    cfg = small(icl_world_dir, max_source_tokens=3, max_new_tokens=0)
+    assert cit.task_score(None, tok, rows, cfg) == pytest.approx((100 + 0 + 600 / 7 + 100 + 0) / 5)  # 400/7
+    prompts, budget, skip = asked[0]
+    assert prompts == [tok(r["prompt"], add_special_tokens=False)["input_ids"][-3:] for r in rows]
+    assert budget == 16 and skip is False  # one-word references: the floor of 16 tokens; a newline-ending world
+    cit.task_score(None, tok, rows, replace(cfg, answer_end="eos"))
+    assert asked[1][2] is True
+
+
+def test_general_abilities_are_first_token_accuracies_counted_by_hand(icl_world_dir):
+    """GP and IP: over the world's general tasks, the share of prompts (instructed zero-shot; 5-shot) whose first
+    answer token is the model's top-1, ×100, on the prompts ``icl_prompts`` draws (seed: the run's; split: the
+    world's). By hand: each prompt alone, unpadded, written out as ``Q: x\\nA: y`` blocks after BOS. The smoke model
+    answers almost anything with "six", "basna" or a newline, so some general tasks are relabelled with those two
+    words: its scores are then neither 0 nor 100."""
+    from transformers import AutoTokenizer
+
+    from forgetlab.eval.icl import icl_prompts
+    from forgetlab.experiments.cit import general_abilities
+    from forgetlab.models.build import load_model
+    from forgetlab.worlds.icl import ICLWorld
+
+    world = ICLWorld.read(icl_world_dir / "world.json")
+    names = ("planet_of", "capitalize", "reverse", "first_letter", "next_letter", "pick_first")
+    relabelled = [replace(t, pairs=tuple((x, ("six", "basna")[i % 2]) for i, (x, _) in enumerate(t.pairs)))
+                  for t in world.tasks if t.name in names]
+    world = replace(world, config=replace(world.config, seed=5), tasks=relabelled)  # split seed 5, run seed 3
+    cfg = small(icl_world_dir, seed=3, general_prompts=6)
+    tok = AutoTokenizer.from_pretrained(icl_world_dir / "model")
+    model = load_model(icl_world_dir / "model")
+
+    def hit(prompt):
+        text = (f"{prompt.instruction}\n" if prompt.instruction else "") + "".join(
+            f"Q: {x}\nA: {y}\n\n" for x, y in prompt.demos) + f"Q: {prompt.query}\nA:"
+        ids = [tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"]
+        target = tok(text + " " + prompt.answer, add_special_tokens=False)["input_ids"][len(ids) - 1]
+        with torch.no_grad():
+            return int(model(torch.tensor([ids])).logits[0, -1].argmax()) == target
+
+    def by_hand(shots, seed, split_seed):
+        per_task = []
+        for task in world.role("general"):
+            prompts = icl_prompts(task.as_icl_task(), 6, shots, seed, split_seed)
+            kind = "ten_shot" if shots else "zero_shot_instruction"
+            assert all(len(p.demos) == shots and bool(p.instruction) == (shots == 0) for p in prompts[kind])
+            per_task.append(np.mean([hit(p) for p in prompts[kind]]))
+        return 100 * float(np.mean(per_task))
+
+    gp, ip = by_hand(0, 3, 5), by_hand(5, 3, 5)
+    assert 0 < gp < 100 and 0 < ip < 100 and gp != ip
+    assert general_abilities(model, tok, world, cfg) == {"gp": pytest.approx(gp), "ip": pytest.approx(ip)}
+    assert by_hand(5, 5, 3) != ip and by_hand(10, 3, 5) != ip  # seeds swapped or 10 shots would show
+
+
 def test_world_tasks_by_name_form_a_sequence(icl_world_dir):
     tasks, world = load_sequence(small(icl_world_dir, sequence="capitalize_first, reworded_reverse"))
     assert [t.name for t in tasks] == ["capitalize_first", "reworded_reverse"]
@@ -423,7 +553,9 @@ def test_replay_and_ewc_baselines(icl_world_dir, tmp_path):
     base = small(icl_world_dir)
     run_cit(replace(base, method="replay", replay=1.0), tmp_path / "replay", log=logs.append, progress=False)
     steps = [int(line.split("(")[1].split()[0]) for line in logs if line.startswith("[cit] after")]
-    assert steps[1] > steps[0]  # task 2 trains on its rows plus as many replayed rows of task 1
+    # 12 rows a task in batches of 4, one micro-batch a step: 12 / 4 = 3 steps; from task 2 on, replay=1.0 adds
+    # round(1.0 · 12) = 12 of the earlier tasks' rows (the pool holds 12 or more): (12 + 12) / 4 = 6 steps
+    assert steps == [12 // 4] + [(12 + 12) // 4] * 4
     from forgetlab.methods.fvg import FVGConfig  # FVG on top of replay: replayed rows carry no FVG terms
 
     guided = run_cit(replace(base, method="replay", replay=1.0, fvg=True,
@@ -437,6 +569,188 @@ def test_replay_and_ewc_baselines(icl_world_dir, tmp_path):
     same = lambda a, b: all((weights[a][k] == weights[b][k]).all() for k in weights[a])  # noqa: E731
     assert same("seq", "ewc0")       # a zero-weight penalty leaves training exactly as plain fine-tuning
     assert not same("seq", "ewc")    # the Fisher penalty changes the updates from task 2 on
+
+
+def _three_tasks(icl_world_dir) -> list[str]:
+    from forgetlab.worlds.icl import ICLWorld
+
+    return ICLWorld.read(icl_world_dir / "world.json").sequences[0][:3]
+
+
+def _phase_spy(monkeypatch, cit, seen_phases: list) -> None:
+    """Record the phase (task name) each ``train_phase`` call trains, in order."""
+    real = cit.train_phase
+
+    def spy(model, data, config, **kw):
+        seen_phases.append(kw["phase"])
+        return real(model, data, config, **kw)
+
+    monkeypatch.setattr(cit, "train_phase", spy)
+
+
+def test_ewc_anchors_at_the_previous_task_and_sums_the_fishers_of_all_earlier_tasks(icl_world_dir, tmp_path, monkeypatch):
+    """While task k trains, EWC pulls towards the weights after task k-1 (its checkpoint) with the Fisher summed over
+    every earlier task j: the diagonal Fisher of the model after task j on task j's first ``ewc_batches`` batches of
+    training rows (run_cit's ``fisher[n] + new[n]``). Recomputed here from the saved checkpoints."""
+    from transformers import AutoTokenizer
+
+    import forgetlab.experiments.cit as cit
+    from forgetlab.analysis.recovery import encode_qa
+    from forgetlab.methods.regularizers import diagonal_fisher
+    from forgetlab.models.build import load_model
+    from forgetlab.train.data import qa_dataset
+
+    sequence = _three_tasks(icl_world_dir)
+    cfg = small(icl_world_dir, method="ewc", sequence=",".join(sequence), ewc_batches=2, ewc_strength=1e3)
+    phases, seen = [], {}
+    _phase_spy(monkeypatch, cit, phases)
+    real_penalty = cit.ewc_penalty
+
+    def recording(model, fisher, anchor, strength):  # the first call of each task: its Fisher and anchor
+        if phases[-1] not in seen:
+            seen[phases[-1]] = ({n: f.clone() for n, f in fisher.items()}, {n: a.clone() for n, a in anchor.items()},
+                                strength)
+        return real_penalty(model, fisher, anchor, strength)
+
+    monkeypatch.setattr(cit, "ewc_penalty", recording)
+    monkeypatch.setattr(cit, "general_abilities", lambda *a, **k: {})  # GP/IP are not under test: skipped for time
+    run_cit(cfg, tmp_path, log=lambda s: None, progress=False)
+    assert list(seen) == sequence[1:]  # no penalty on the first task
+
+    tok = AutoTokenizer.from_pretrained(icl_world_dir / "model")
+    tasks, world = load_sequence(cfg)
+    after = [load_model(tmp_path / "checkpoints" / f"task-{k + 1:02d}-{name}") for k, name in enumerate(sequence[:2])]
+    weights = [{n: p.detach() for n, p in model.named_parameters()} for model in after]
+
+    def first_batches(k):  # ewc_batches=2 batches of batch_size 4: training rows 0..7 of task k
+        train, _ = tasks[k].split(cfg.n_train, cfg.n_test)
+        prompts, answers = encode_qa(tok, cit._rows(tasks[k], train, cit._template(cfg, world)))
+        rows = qa_dataset(prompts, [a + cit.answer_end_ids(cfg, tok) for a in answers], None, tok.pad_token_id)
+        return [rows.batch(torch.arange(start, start + 4)) for start in (0, 4)]
+
+    fishers = [diagonal_fisher(after[k], first_batches(k)) for k in (0, 1)]
+    close = dict(rtol=1e-5, atol=1e-12)
+    for name, anchor, fisher in ((sequence[1], weights[0], fishers[0]),
+                                 (sequence[2], weights[1], {n: fishers[0][n] + fishers[1][n] for n in fishers[0]})):
+        got_fisher, got_anchor, strength = seen[name]
+        assert strength == 1e3 and sorted(got_fisher) == sorted(got_anchor) == sorted(weights[0])  # every weight
+        for n in fisher:
+            assert torch.equal(got_anchor[n], anchor[n]), (name, n)
+            torch.testing.assert_close(got_fisher[n], fisher[n], **close, msg=f"{name} {n}")
+    # the test can tell the rules apart: the anchors differ, and neither task's Fisher alone is the sum
+    assert any(not torch.equal(weights[0][n], weights[1][n]) for n in weights[0])
+    for alone in fishers:
+        assert any(not torch.allclose(alone[n], seen[sequence[2]][0][n], **close) for n in alone)
+
+
+def test_olora_penalises_overlap_with_the_trained_a_matrices_of_every_earlier_adapter(icl_world_dir, tmp_path, monkeypatch):
+    """O-LoRA at task k: for every adapted module the penalty's earlier subspace is the A matrices of the adapters of
+    tasks 1..k-1 as each finished training, stacked in task order, and its current side is the fresh adapter's own
+    trainable A (the parameters being trained, not copies)."""
+    import forgetlab.experiments.cit as cit
+
+    sequence = _three_tasks(icl_world_dir)
+    cfg = small(icl_world_dir, method="olora", sequence=",".join(sequence), save_checkpoints=False)
+    at_start, at_end, trainable, seen = {}, {}, {}, {}
+    real_train, real_penalty = cit.train_phase, cit.lora_orthogonality
+
+    def a_matrices(model):  # by module name, read off PEFT's layers
+        return {n: m.lora_A["default"].weight for n, m in model.named_modules()
+                if hasattr(m, "lora_A") and "default" in m.lora_A}
+
+    def spy(model, data, config, **kw):
+        phase = kw["phase"]
+        at_start[phase] = {n: a.detach().clone() for n, a in a_matrices(model).items()}
+        trainable[phase] = [a for a in a_matrices(model).values()]
+        outcome = real_train(model, data, config, **kw)
+        at_end[phase] = {n: a.detach().clone() for n, a in a_matrices(model).items()}
+        return outcome
+
+    def recording(previous, current):
+        previous, current = list(previous), list(current)
+        phase = list(at_start)[-1]
+        if phase not in seen:
+            seen[phase] = ([p.detach().clone() for p in previous], current, [c.detach().clone() for c in current])
+        return real_penalty(previous, current)
+
+    monkeypatch.setattr(cit, "train_phase", spy)
+    monkeypatch.setattr(cit, "lora_orthogonality", recording)
+    monkeypatch.setattr(cit, "general_abilities", lambda *a, **k: {})  # GP/IP are not under test: skipped for time
+    run_cit(cfg, tmp_path, log=lambda s: None, progress=False)
+    assert list(seen) == sequence[1:]  # nothing earlier to be orthogonal to on the first task
+    modules = list(at_end[sequence[0]])
+    assert len(modules) == 2 * 2 and all(list(at_end[t]) == modules for t in sequence)  # q and v of 2 layers
+    for k, name in enumerate(sequence[1:], start=1):
+        previous, current, current_values = seen[name]
+        expected = [torch.cat([at_end[t][m] for t in sequence[:k]]) for m in modules]
+        assert [p.shape[0] for p in previous] == [k * cfg.lora_r] * len(modules)
+        assert all(torch.equal(p, e) for p, e in zip(previous, expected)), name
+        assert len(current) == len(modules) and all(c is a for c, a in zip(current, trainable[name]))
+        assert all(c.requires_grad for c in current)
+        assert all(torch.equal(c, at_start[name][m]) for c, m in zip(current_values, modules))  # before its first step
+    # the test can tell: training moved each adapter's A, and every task starts a new one
+    first = sequence[0]
+    assert any(not torch.equal(at_start[first][m], at_end[first][m]) for m in modules)
+    assert any(not torch.equal(at_start[sequence[1]][m], at_end[first][m]) for m in modules)
+
+
+def test_replay_mixes_a_fraction_of_every_earlier_tasks_rows_and_trains_the_steps_that_implies(icl_world_dir, tmp_path,
+                                                                                              monkeypatch):
+    """replay=0.5 over 12 rows per task, batches of 2, 2 micro-batches per step: task k trains on its 12 rows plus
+    round(0.5 · 12) = 6 rows drawn from the pool of all earlier tasks' rows (12·(k-1)), seeded seed + k - 1."""
+    import math
+
+    from transformers import AutoTokenizer
+
+    import forgetlab.experiments.cit as cit
+
+    sequence = _three_tasks(icl_world_dir)
+    cfg = small(icl_world_dir, method="replay", replay=0.5, sequence=",".join(sequence), save_checkpoints=False)
+    cfg = replace(cfg, train=replace(cfg.train, batch_size=2, grad_accum=2))
+    mixes, trained = [], []
+    real_mix, real_train = cit.mix_replay, cit.train_phase
+
+    def spy_mix(current, old, fraction, seed, pad_id):
+        mixed = real_mix(current, old, fraction, seed, pad_id)
+        mixes.append((current, old, fraction, seed, mixed))
+        return mixed
+
+    def spy_train(model, data, config, **kw):
+        trained.append(data)
+        return real_train(model, data, config, **kw)
+
+    monkeypatch.setattr(cit, "mix_replay", spy_mix)
+    monkeypatch.setattr(cit, "train_phase", spy_train)
+    monkeypatch.setattr(cit, "general_abilities", lambda *a, **k: {})  # GP/IP are not under test: skipped for time
+    results = run_cit(cfg, tmp_path, log=lambda s: None, progress=False)
+
+    n, batch, accum = 12, 2, 2
+    mixed_rows = n + round(0.5 * n)  # 18
+    steps = lambda rows: math.ceil(math.ceil(rows / batch) / accum)  # noqa: E731  micro-batches, then steps
+    assert [t["steps"] for t in results["train_loss"]] == [steps(n), steps(mixed_rows), steps(mixed_rows)] == [3, 5, 5]
+    assert [len(d) for d in trained] == [12, 18, 18]
+
+    # each task's training rows by hand: "<definition>\nQ: <input>\nA: <answer>\n" in the world's words
+    tok = AutoTokenizer.from_pretrained(icl_world_dir / "model")
+    tasks, _ = load_sequence(cfg)
+
+    def by_hand(task):
+        train, _ = task.split(cfg.n_train, cfg.n_test)
+        return [tok(f"{task.definition}\nQ: {x}\nA: {refs[0]}\n", add_special_tokens=False)["input_ids"]
+                for x, refs in train]
+
+    def rows_of(data):
+        return [ids[mask.bool()].tolist() for ids, mask in zip(data.input_ids, data.attention_mask)]
+
+    expected = [by_hand(t) for t in tasks]
+    assert rows_of(trained[0]) == expected[0] and len(mixes) == 2  # no mixing on the first task
+    for k, (current, old, fraction, seed, mixed) in enumerate(mixes, start=1):
+        assert rows_of(current) == expected[k] and fraction == 0.5 and seed == cfg.seed + k
+        assert rows_of(old) == [row for earlier in expected[:k] for row in earlier]  # 12·k rows, in task order
+        assert mixed is trained[k] and rows_of(mixed)[:n] == expected[k]
+        replayed = rows_of(mixed)[n:]
+        assert len(replayed) == 6 and all(row in rows_of(old) for row in replayed)
+        assert len({tuple(row) for row in replayed}) == 6  # drawn without replacement
 
 
 def test_lwf_loss_is_the_kl_to_the_model_without_its_adapter():
