@@ -846,16 +846,24 @@ def test_cit_analyze_writes_drift_and_interventions(icl_world_dir, tmp_path):
     settings = DriftSettings(n_prompts=4, eval_prompts=6, shots=3, top_k=4, alphas=(1.0,))
     out = analyze_run(tmp_path, settings, log=lambda s: None)
     drift = json.loads((tmp_path / "drift.json").read_text())
-    n_general = len(json.loads((icl_world_dir / "world.json").read_text())["tasks"]) - 0
-    assert len(drift["rows"]) % 6 == 0 and len(drift["rows"]) // 6 <= n_general  # initial + 5 checkpoints per task
+    from forgetlab.worlds.icl import ICLWorld
+
+    general = [t.name for t in ICLWorld.read(icl_world_dir / "world.json").role("general")]
+    assert len(drift["rows"]) == 6 * len(general)  # initial + 5 checkpoints for every general task, none else
+    assert sorted({r["task"] for r in drift["rows"]}) == sorted(general)
+    assert [r["checkpoint"] for r in drift["rows"] if r["task"] == general[0]] == ["initial"] + sorted(
+        p.name for p in (tmp_path / "checkpoints").glob("task-*"))
     assert set(out["summary"]) == {"fv_cosine", "zero_shot_fv_cosine", "hidden_cosine", "icl_hidden_cosine", "param_distance"}
     for name in ("drift.csv", "drift.png", "drift_tasks.png", "interventions.json", "drift.md"):
         assert (tmp_path / name).is_file()
     assert f"{drift['fits']['fv_cosine']['pooled']['r2']:.2f} |" in (tmp_path / "drift.md").read_text()
     tasks = json.loads((tmp_path / "interventions.json").read_text())["tasks"]
-    for row in tasks.values():
-        if row["forgotten"]:
-            assert row["add_recovered"] == pytest.approx((row["add_original_fv"] - row["final"]) / (row["initial"] - row["final"]))
+    assert sorted(tasks) == sorted(general)
+    last = {r["task"]: r["zero_shot"] for r in drift["rows"] if r["index"] == 5}
+    first = {r["task"]: r["zero_shot"] for r in drift["rows"] if r["index"] == 0}
+    for name, row in tasks.items():  # the interventions score the same test queries as the drift rows
+        assert (row["initial"], row["final"]) == pytest.approx((first[name], last[name]))
+        assert row["forgotten"] == (first[name] - last[name] >= settings.min_drop)
 
     # a second run from the same model is pooled with the first: every checkpoint of both, no interventions
     other = tmp_path / "inclora"
