@@ -226,3 +226,29 @@ def test_best_edit_takes_the_layer_and_scale_of_the_highest_valid_score(setup, m
     assert asked == [(a, [0, 1], len(prompts)) for a in (1.0, 2.0, 4.0)]  # every layer, every scale, all valid queries
     grid[4.0] = [0.3, 0.7]
     assert fv_drift._best_edit(adapter, tok, torch.zeros(adapter.hidden_size), prompts, (1.0, 2.0, 4.0)) == (1, 4.0)
+
+
+def test_a_resumed_measurement_loads_no_finished_checkpoint_and_gives_the_same_rows(setup):
+    """``done`` as ``on_checkpoint`` left it after the second checkpoint: the third is measured, the second never
+    loaded, and the rows equal an uninterrupted measurement (the initial model is loaded again for the distances)."""
+    tok, tasks = setup
+    model = random_model(tiny_config("llama", len(tok)), seed=3)
+    moved = random_model(tiny_config("llama", len(tok)), seed=3)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    settings = DriftSettings(n_prompts=6, eval_prompts=8, shots=4, top_k=5)
+    snapshots = []
+    whole, _ = drift_measurements([("initial", model), ("same", model), ("moved", moved)], tok, tasks, settings,
+                                  on_checkpoint=lambda rows, initial: snapshots.append((list(rows), dict(initial))))
+    assert [len(rows) for rows, _ in snapshots] == [2, 4, 6]
+    rows, initial = snapshots[1]
+
+    def never():
+        raise AssertionError("a finished checkpoint was loaded again")
+
+    loaded = []
+    resumed, again = drift_measurements([("initial", lambda: loaded.append("initial") or model), ("same", never),
+                                         ("moved", lambda: loaded.append("moved") or moved)], tok, tasks, settings,
+                                        done={"rows": rows, "initial": initial})
+    assert loaded == ["initial", "moved"] and resumed == whole and set(again) == set(initial)

@@ -2,6 +2,7 @@
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -836,7 +837,7 @@ def test_lwf_olora_and_multitask_baselines(icl_world_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_cit_analyze_writes_drift_and_interventions(icl_world_dir, tmp_path):
+def test_cit_analyze_writes_drift_and_interventions(icl_world_dir, tmp_path, monkeypatch):
     from forgetlab.analysis.fv_drift import DriftSettings
     from forgetlab.experiments.cit import analyze_run, analyze_runs
 
@@ -864,6 +865,31 @@ def test_cit_analyze_writes_drift_and_interventions(icl_world_dir, tmp_path):
     for name, row in tasks.items():  # the interventions score the same test queries as the drift rows
         assert (row["initial"], row["final"]) == pytest.approx((first[name], last[name]))
         assert row["forgotten"] == (first[name] - last[name] >= settings.min_drop)
+
+    # killed while loading the fourth model, the same call resumes: it loads the initial model (the distances start
+    # there) and the two checkpoints left, then the last one for the interventions, and writes the same rows
+    import forgetlab.models.build as build
+
+    real_load, loads = build.load_model, []
+
+    def load(path, *args, **kwargs):
+        loads.append(Path(path).name)
+        if len(loads) == 4 and kill:
+            raise KeyboardInterrupt
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(build, "load_model", load)
+    kill = True
+    with pytest.raises(KeyboardInterrupt):
+        analyze_run(tmp_path, settings, log=lambda s: None)
+    assert (tmp_path / "drift.partial.pt").is_file()
+    kill, loads[:] = False, []
+    analyze_run(tmp_path, settings, log=lambda s: None)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("task-*"))
+    assert loads == [Path(cfg.model or icl_world_dir / "model").name, *names[2:], names[-1]]
+    assert json.loads((tmp_path / "drift.json").read_text())["rows"] == drift["rows"]
+    assert not (tmp_path / "drift.partial.pt").exists()
+    monkeypatch.undo()
 
     # a second run from the same model is pooled with the first: every checkpoint of both, no interventions
     other = tmp_path / "inclora"

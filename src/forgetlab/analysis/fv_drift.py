@@ -16,7 +16,7 @@ chosen on valid queries) and, separately, subtract the FV of the task trained la
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -132,21 +132,30 @@ def zero_shot_prompts(task: ICLTask, settings: DriftSettings, split: str = "test
     return [p.zero_shot().with_instruction(task.instruction) for p in few]
 
 
-def drift_measurements(checkpoints: Iterable[tuple[str, torch.nn.Module]], tokenizer, tasks: Sequence[ICLTask],
-                       settings: DriftSettings = DriftSettings()) -> tuple[list[dict], dict]:
+def drift_measurements(checkpoints: Iterable[tuple[str, torch.nn.Module | Callable[[], torch.nn.Module]]], tokenizer,
+                       tasks: Sequence[ICLTask], settings: DriftSettings = DriftSettings(), *, done: dict | None = None,
+                       on_checkpoint: Callable[[list[dict], dict], None] | None = None) -> tuple[list[dict], dict]:
     """One row per (checkpoint, task); also the initial model's FVs (for the interventions).
 
-    ``checkpoints`` yields (label, model) with the initial model first, so a run's checkpoints can be
-    loaded one at a time.
+    ``checkpoints`` yields (label, model) with the initial model first; a model may be given as a function that
+    loads it, so that a run's checkpoints are loaded one at a time and a resumed analysis loads none it has done.
+    ``done``: ``{"rows", "initial"}`` as ``on_checkpoint`` last received them (called after each checkpoint) —
+    their checkpoints are skipped; the initial model is still loaded, as the parameter distances start from it.
     """
-    rows: list[dict] = []
-    initial: dict = {}
+    rows: list[dict] = list(done["rows"]) if done else []
+    initial: dict = dict(done["initial"]) if done else {}
+    finished = {r["checkpoint"] for r in rows}
     reference: dict[str, torch.Tensor] = {}
     for index, (label, model) in enumerate(checkpoints):
+        if index > 0 and label in finished:
+            continue
+        model = model if isinstance(model, torch.nn.Module) else model()
         model.eval()
         adapter = adapt(model)
         if index == 0:
             reference = {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
+            if label in finished:
+                continue
         distance = parameter_distance(model, reference)
         for task in tasks:
             prompts = zero_shot_prompts(task, settings)
@@ -165,6 +174,9 @@ def drift_measurements(checkpoints: Iterable[tuple[str, torch.nn.Module]], token
                          "zero_shot_fv_cosine": cosine(activated, ref["zero_shot_fv"]),
                          "hidden_cosine": cosine(state, ref["state"]),
                          "icl_hidden_cosine": cosine(icl_state, ref["icl_state"]), "param_distance": distance})
+        del model, adapter
+        if on_checkpoint is not None:
+            on_checkpoint(rows, initial)
     return rows, initial
 
 

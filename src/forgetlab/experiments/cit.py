@@ -728,7 +728,8 @@ def analyze_runs(runs: Sequence[Path], out: Path | None = None, settings=None, *
     from forgetlab.models.build import load_model, load_tokenizer
     from forgetlab.report.cit import plot_drift, plot_drift_tasks
     from forgetlab.report.markdown import drift_report
-    from forgetlab.utils.io import atomic_write_text
+    from forgetlab.analysis.outputs import fingerprint
+    from forgetlab.utils.io import atomic_path, atomic_write_text
 
     settings = settings or DriftSettings()
     settings.validate()
@@ -761,12 +762,34 @@ def analyze_runs(runs: Sequence[Path], out: Path | None = None, settings=None, *
                    for label, (_, paths, _) in zip(labels, setups) for p in paths]
     run_of = {name: label for name, label, _ in checkpoints}
 
-    def models():
-        for name, path in [("initial", model_dir)] + [(name, p) for name, _, p in checkpoints]:
+    def loader(name: str, path) -> Callable[[], torch.nn.Module]:
+        def load() -> torch.nn.Module:
             log(f"[cit analyze] {name}")
-            yield name, load_model(path, dtype).to(device)
+            return load_model(path, dtype).to(device)
+        return load
 
-    rows, initial = drift_measurements(models(), tokenizer, general, settings)
+    # a killed analysis resumes after its last finished checkpoint (drift.partial.pt, removed at the end), unless
+    # the model, a checkpoint, the general tasks or a setting changed
+    partial_path = out / "drift.partial.pt"
+    key = {"settings": asdict(settings), "general": [t.name for t in general],
+           "model": fingerprint(model_dir) if Path(model_dir).exists() else str(model_dir),
+           "checkpoints": [[name, fingerprint(p)] for name, _, p in checkpoints]}
+    done = None
+    if partial_path.is_file():
+        saved = torch.load(partial_path, weights_only=True)
+        if saved.get("key") == key:
+            done = {"rows": saved["rows"], "initial": saved["initial"]}
+            log(f"[cit analyze] resuming after {len({r['checkpoint'] for r in done['rows']})} checkpoints ({partial_path})")
+        else:
+            log(f"[cit analyze] {partial_path} is from another model, checkpoints or settings; starting afresh")
+
+    def save_progress(rows: list[dict], initial: dict) -> None:
+        with atomic_path(partial_path) as tmp:
+            torch.save({"key": key, "rows": rows, "initial": initial}, tmp)
+
+    rows, initial = drift_measurements([(name, loader(name, path)) for name, path in
+                                        [("initial", model_dir)] + [(name, p) for name, _, p in checkpoints]],
+                                       tokenizer, general, settings, done=done, on_checkpoint=save_progress)
     for row in rows:
         row["run"] = run_of.get(row["checkpoint"], "")
     fits = drift_fits(rows)
@@ -791,4 +814,5 @@ def analyze_runs(runs: Sequence[Path], out: Path | None = None, settings=None, *
         atomic_write_json(out / "interventions.json", interventions)
         result["interventions"] = interventions["summary"]
     drift_report(fits, [str(r) for r in runs], interventions, out)
+    partial_path.unlink(missing_ok=True)
     return result
