@@ -72,8 +72,53 @@ def test_resume_after_kill_is_bit_exact(tmp_path):
     assert out.steps == out_ref.steps == 12
     for (name, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+    assert [(r["step"], r["task"], r["metric"]) for r in out.rows] == [(s, "train", "loss") for s in (4, 8, 12)]
     assert [r["value"] for r in out.rows] == [r["value"] for r in out_ref.rows]
     assert out.loss_terms.keys() == {"lm"} and out.loss_terms == pytest.approx(out_ref.loss_terms, rel=1e-6)
+
+
+def test_logged_training_loss_is_the_mean_of_its_own_window_across_a_resume(tmp_path):
+    """With lr=0 the weights never move, so the ``train/loss`` logged at steps 4, 8 and 12 must be the mean of the
+    model's loss on the micro-batches of steps 1-4, 5-8 and 9-12, computed here directly, plus a method term that
+    is the sum of the micro-batch's row ids (constant in the weights; it makes the windows differ, where a random
+    model's losses are all about log 30). The run is killed at the evaluation of step 8 and resumed from step 5, so
+    step 5's loss must come back from the checkpoint. A running mean never reset at an evaluation, or a resume that
+    forgets the window's pending losses, logs other numbers."""
+    cfg = PhaseConfig(lr=0.0, max_steps=12, batch_size=4, checkpoint_every=5, eval=EvalSchedule(dense_every=0, every=4))
+    model, data = _setup()
+
+    def offset(rows, batch, run_forward):
+        return {"offset": rows.sum().float()}
+
+    class Killed(Exception):
+        pass
+
+    calls = {"n": 0}
+
+    def evaluate():
+        calls["n"] += 1
+        if calls["n"] == 3:  # steps 0, 4, then 8: after the checkpoint of step 5
+            raise Killed
+        return {}
+
+    with pytest.raises(Killed):
+        train_phase(model, data, cfg, phase="p", state_dir=tmp_path, seed=7, evaluate=evaluate, extra_loss=offset,
+                    progress=False)
+    resumed, _ = _setup(seed=123)
+    out = train_phase(resumed, data, cfg, phase="p", state_dir=tmp_path, seed=7, evaluate=lambda: {}, extra_loss=offset,
+                      progress=False)
+
+    reference, _ = _setup()  # the untouched weights both runs kept
+    per_step = []
+    with torch.no_grad():
+        for m in range(12):
+            rows = micro_batch_rows(m, len(data), 4, seed=7)
+            per_step.append(reference(**data.batch(rows)).loss.item() + int(rows.sum()))
+    hand = {s: sum(per_step[s - 4 : s]) / 4 for s in (4, 8, 12)}
+    logged = {r["step"]: r["value"] for r in out.rows if (r["task"], r["metric"]) == ("train", "loss")}
+    assert logged == pytest.approx(hand, rel=1e-5)
+    for s in (8, 12):  # the windows differ: a mean over the whole phase so far would show
+        assert abs(sum(per_step[:s]) / s - hand[s]) > 1.0
 
 
 def test_only_trainable_parameters_change(tmp_path):
@@ -96,6 +141,29 @@ def test_early_stop_ends_the_phase(tmp_path):
                       phase="p", state_dir=tmp_path, seed=0, evaluate=lambda: {"t": {"em": 1.0}},
                       stop=lambda s: s["t"]["em"] >= 0.9, progress=False)
     assert out.stopped_early and out.steps == 0
+
+
+def test_early_stop_after_some_steps_ends_the_phase_at_that_evaluation(tmp_path):
+    """The metric reads 0, 0, 1 at the evaluations of steps 0, 2 and 4 (and 1 ever after): the phase ends at
+    step 4 exactly (the stop inside the loop, not the one before its first step), with no optimizer step after
+    it: its weights are those of a run of 4 steps (constant lr, so both runs share the schedule)."""
+    cfg = PhaseConfig(lr=1e-2, schedule="constant", max_steps=50, batch_size=4, checkpoint_every=0,
+                      eval=EvalSchedule(dense_every=2, dense_until=50))
+    model, data = _setup()
+    metric, stepped, lines = [0.0, 0.0], [], []
+    out = train_phase(model, data, cfg, phase="p", state_dir=tmp_path / "a", seed=0,
+                      evaluate=lambda: {"t": {"em": metric.pop(0) if metric else 1.0}},
+                      stop=lambda s: s["t"]["em"] >= 0.9, on_step=stepped.append, log=lines.append, progress=False)
+    assert stepped == [1, 2, 3, 4]
+    assert out.steps == 4 and out.stopped_early
+    assert [(r["step"], r["value"]) for r in out.rows if r["metric"] == "em"] == [(0, 0.0), (2, 0.0), (4, 1.0)]
+    assert lines[-1] == "[p] early stop at step 4"
+    four, _ = _setup()
+    short = train_phase(four, data, PhaseConfig(**{**cfg.__dict__, "max_steps": 4}), phase="p",
+                        state_dir=tmp_path / "b", seed=0, progress=False)
+    assert short.steps == 4 and not short.stopped_early
+    for (name, a), b in zip(four.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_drop_last_gives_full_batches_only():
