@@ -150,3 +150,101 @@ def test_reevaluate_names_a_directory_that_is_not_a_build(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="is not an icl-world build"):
         reevaluate(tmp_path)
+
+
+def test_summary_means_and_gap_recovered_by_hand():
+    """Means per group, split by the *world's* shared_inputs flag, and the FV's share of the ten-shot-over-bare gap,
+    over tasks whose gap exceeds 0.05 only (a smaller or negative gap would divide by ~0 and swamp the mean)."""
+    from forgetlab.experiments.icl_world import summarize
+    from forgetlab.worlds.icl import ICLWorld, ICLWorldConfig, WorldTask
+
+    def scores(ten, bare, fv, instr, shuffled, fv_shuffled):
+        return {"family": "lookup", "ten_shot": ten, "zero_shot_instruction": instr, "zero_shot_bare": bare,
+                "shuffled_ten_shot": shuffled, "fv_zero_shot": fv, "fv_zero_shot_layer": 1, "fv_zero_shot_alpha": 4.0,
+                "fv_shuffled_ten_shot": fv_shuffled, "fv_shuffled_ten_shot_layer": 0, "fv_shuffled_ten_shot_alpha": 2.0}
+
+    per_task = {"a": scores(0.9, 0.1, 0.5, 0.7, 0.4, 0.6),    # shared; gap 0.8, recovered 0.4 / 0.8 = 0.5
+                "b": scores(0.3, 0.28, 0.9, 0.1, 0.2, 0.0),   # shared; gap 0.02: left out (else 31)
+                "c": scores(0.6, 0.2, 0.3, 0.5, 0.6, 0.2),    # own; gap 0.4, recovered 0.1 / 0.4 = 0.25
+                "d": scores(0.2, 0.4, 0.6, 0.3, 0.2, 0.4)}    # own; gap -0.2: left out (else -1)
+    tasks = [WorldTask(name, "lookup", "general", "Do it .", (("x", "y"),), shared_inputs=name in "ab")
+             for name in "abcd"]
+    # per_task's own "shared_inputs" would say the opposite: the world decides the groups
+    for name in per_task:
+        per_task[name]["shared_inputs"] = name not in "ab"
+    out = summarize(per_task, ICLWorld(ICLWorldConfig(), tasks, []))
+    assert set(out) == {"mean", "mean_shared_inputs", "mean_own_inputs"}
+    kinds = ["ten_shot", "zero_shot_instruction", "zero_shot_bare", "shuffled_ten_shot", "fv_zero_shot",
+             "fv_shuffled_ten_shot"]
+    for group in out.values():   # layers (ints), alphas and labels are not averaged
+        assert set(group) == {*kinds, "fv_gap_recovered"}
+    approx = pytest.approx
+    assert out["mean"]["ten_shot"] == approx((0.9 + 0.3 + 0.6 + 0.2) / 4)
+    assert out["mean"]["fv_zero_shot"] == approx((0.5 + 0.9 + 0.3 + 0.6) / 4)
+    assert out["mean"]["fv_shuffled_ten_shot"] == approx((0.6 + 0.0 + 0.2 + 0.4) / 4)
+    assert out["mean_shared_inputs"]["zero_shot_bare"] == approx((0.1 + 0.28) / 2)
+    assert out["mean_own_inputs"]["zero_shot_instruction"] == approx((0.5 + 0.3) / 2)
+    assert out["mean_own_inputs"]["shuffled_ten_shot"] == approx((0.6 + 0.2) / 2)
+    assert out["mean"]["fv_gap_recovered"] == approx((0.5 + 0.25) / 2)
+    assert out["mean_shared_inputs"]["fv_gap_recovered"] == approx(0.5)
+    assert out["mean_own_inputs"]["fv_gap_recovered"] == approx(0.25)
+    # no task in a group with a gap to recover: None, not a mean over nothing
+    only_small = summarize({"b": per_task["b"], "c": per_task["c"]}, ICLWorld(ICLWorldConfig(), tasks, []))
+    assert only_small["mean_shared_inputs"]["fv_gap_recovered"] is None
+    assert only_small["mean"]["fv_gap_recovered"] == approx(0.25)
+
+
+def test_fv_layer_and_scale_are_chosen_on_valid_queries_and_scored_on_test_queries(monkeypatch, small):
+    """The scorer is stubbed to record which prompts it sees: the (scale, layer) grid is swept on valid-split
+    queries only, its best cell is the one applied, and that run scores the test-split prompts of ``icl_prompts``."""
+    import contextlib
+    from types import SimpleNamespace
+
+    import forgetlab.experiments.icl_world as iw
+    from forgetlab.eval.icl import icl_prompts
+
+    cfg, world, tok = small
+    task = world.task("pick_first")
+    splits = task.splits(cfg.world.seed)
+    valid, test = {x for x, _ in splits.valid}, {x for x, _ in splits.test}
+    assert valid and test and not valid & test
+    swept, scored, active = [], [], []
+    # accuracy per (alpha, layer); the best cell differs between the two prompt kinds
+    best = {"bare": (4.0, 1), "shuffled": (1.0, 0)}
+
+    def fake_sweep(adapter, batch_list, vector, layers, alpha):
+        prompts = [p for b in batch_list for p in b]
+        kind = "shuffled" if prompts[0].demos else "bare"
+        swept.append((kind, prompts))
+        return [0.9 if (alpha, l) == best[kind] else 0.1 + 0.01 * l for l in layers]
+
+    @contextlib.contextmanager
+    def fake_add(adapter, vector, layer, alpha):
+        active.append((alpha, layer))
+        yield
+        active.pop()
+
+    def fake_accuracy(adapter, tokenizer, prompts):
+        scored.append((active[-1], list(prompts)))
+        return 0.25
+
+    monkeypatch.setattr(iw, "extract_function_vector",
+                        lambda *a, **k: SimpleNamespace(vector=torch.zeros(4), top_heads=[(0, 1)]))
+    monkeypatch.setattr(iw, "batches", lambda tokenizer, prompts, fmt, size, device: iter([list(prompts)]))
+    monkeypatch.setattr(iw, "sweep_layers", fake_sweep)
+    monkeypatch.setattr(iw, "add_to_residual", fake_add)
+    monkeypatch.setattr(iw, "accuracy", fake_accuracy)
+    adapter = SimpleNamespace(n_layers=3, model=torch.nn.Linear(1, 1))
+    out = iw.fv_scores(adapter, tok, task, cfg, None)
+
+    assert len(swept) == 2 * len(cfg.fv_alphas)                       # every scale, for each prompt kind
+    for kind, prompts in swept:
+        assert len(prompts) == cfg.eval_prompts and {p.query for p in prompts} <= valid, kind
+        assert all(len(p.demos) == (cfg.fv.shots if kind == "shuffled" else 0) for p in prompts)
+    assert (out["fv_zero_shot_alpha"], out["fv_zero_shot_layer"]) == (4.0, 1)
+    assert (out["fv_shuffled_ten_shot_alpha"], out["fv_shuffled_ten_shot_layer"]) == (1.0, 0)
+    assert out["fv_zero_shot"] == out["fv_shuffled_ten_shot"] == 0.25
+    expected = icl_prompts(task.as_icl_task(), cfg.eval_prompts, cfg.fv.shots, cfg.seed, cfg.world.seed)
+    assert scored == [((4.0, 1), expected["zero_shot_bare"]), ((1.0, 0), expected["shuffled_ten_shot"])]
+    assert all(p.query in test for _, prompts in scored for p in prompts)
+    assert out["fv_zero_shot_valid_by_alpha_layer"]["4.0"] == pytest.approx([0.1, 0.9, 0.12])

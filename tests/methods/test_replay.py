@@ -27,3 +27,22 @@ def test_replay_count_rounds_to_the_nearest_row():
     old = qa_dataset([[5, i] for i in range(6, 26)], [[7]] * 20, eos_id=1, pad_id=0)
     assert len(mix_replay(current, old, fraction=0.36, seed=0, pad_id=0)) == 10 + 4  # 3.6 rows -> 4
     assert len(mix_replay(current, old, fraction=0.34, seed=0, pad_id=0)) == 10 + 3
+
+
+def test_replay_draws_every_old_row_equally_often():
+    """A fair draw of 5 of 20 rows picks each row in a quarter of the seeds; taking the first rows (or any fixed
+    or skewed pick) puts some rows far outside 5 binomial standard deviations of that."""
+    current = qa_dataset([[3]] * 10, [[4]] * 10, eos_id=1, pad_id=0)
+    old = qa_dataset([[5, i] for i in range(20)], [[7]] * 20, eos_id=1, pad_id=0)
+    seeds, n, p = 400, 5, 5 / 20
+    counts = torch.zeros(20)
+    picks = []
+    for seed in range(seeds):
+        rows = [r[1] for r in mix_replay(current, old, fraction=0.5, seed=seed, pad_id=0).input_ids[10:].tolist()]
+        assert len(set(rows)) == n
+        counts[rows] += 1
+        picks.append(frozenset(rows))
+    mean, sd = seeds * p, (seeds * p * (1 - p)) ** 0.5                  # 100 and 8.66
+    assert counts.sum() == seeds * n
+    assert ((counts - mean).abs() <= 5 * sd).all(), counts.tolist()
+    assert picks[0] != picks[1] and len(set(picks)) > seeds // 2      # seeds give different sets

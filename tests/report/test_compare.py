@@ -70,3 +70,19 @@ def test_runs_of_other_models_sequences_or_experiments_are_refused_in_one_line(t
                                  "--out", str(tmp_path / "out")])
     assert "Against the baseline base" in result.output and "| ok | 10.0 / 10.0 |" in result.output, result.output
     assert (tmp_path / "out" / "compare.md").is_file()
+
+
+@pytest.mark.parametrize("gp_final, ip_final, forgets", [
+    (50.0, 75.0, False),    # drops 40 and 5: GP alone is not forgetting
+    (80.0, 70.0, True),     # drops exactly 10 and 10: the bar is inclusive
+    (80.01, 40.0, False),   # drops 9.99 and 40: IP alone is not forgetting either
+])
+def test_forgetting_counts_only_when_both_drops_reach_ten_points(tmp_path, gp_final, ip_final, forgets):
+    """A baseline forgets only if GP *and* IP each drop by ≥ 10 points (initial GP/IP 90/80 here)."""
+    base = fake_run(tmp_path / "base", gp_final, ip_final, 40.0)
+    summary = compare_runs(base, [fake_run(tmp_path / "run", 85.0, 78.0, 40.0)])
+    assert summary["baseline"]["GP_drop"] == pytest.approx(90.0 - gp_final)
+    assert summary["baseline"]["IP_drop"] == pytest.approx(80.0 - ip_final)
+    assert summary["baseline"]["forgets"] is forgets
+    reproduced = "forgetting reproduced" if forgets else "forgetting not reproduced"
+    assert reproduced in write_comparison(summary, tmp_path / "cmp")

@@ -165,3 +165,63 @@ def test_sequences_spread_the_reworded_tasks_evenly(world):
     assert set(counts) == set(reworded)
     assert max(counts.values()) - min(counts.values()) <= 1
     assert len({tuple(seq) for seq in world.sequences}) == len(world.sequences)
+
+
+def test_remaining_task_rules_by_hand(world):
+    """Every pair of the rules not read above, against the rule written out here: a copy-pasted ``min`` in
+    ``pick_alpha_last``, a wrong offset in one ``add_k``/``sub_k`` or a lower-cased answer would pass the rest."""
+    upper = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    lower = upper.lower()
+    numbers = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
+               "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
+    lists = [x for x, _ in world.task("pick_alpha_first").pairs]
+    assert [x for x, _ in world.task("pick_alpha_last").pairs] == lists
+    for x, y in world.task("pick_alpha_last").pairs:
+        a, b, c = x.split()
+        assert y == (a if a > b and a > c else b if b > c else c)
+    assert any(y != dict(world.task("pick_alpha_first").pairs)[x] for x, y in world.task("pick_alpha_last").pairs)
+    assert [x for x, _ in world.task("capitalize_first").pairs] == lists
+    for x, y in world.task("capitalize_first").pairs:
+        first = x.split()[0]
+        assert y == upper[lower.index(first[0])] + first[1:]
+    lexicon = [x for x, _ in world.task("reverse").pairs]
+    assert [x for x, _ in world.task("capitalize").pairs] == [x for x, _ in world.task("first_letter").pairs] == lexicon
+    for x, y in world.task("capitalize").pairs:
+        assert y == upper[lower.index(x[0])] + x[1:] and y != x
+    for x, y in world.task("first_letter").pairs:
+        assert y == x[:1] and len(y) == 1
+    assert dict(world.task("upper_letter").pairs) == dict(zip(lower, upper))
+    m = world.config.modulus
+    assert m == 20
+    adds = {int(t.name.removeprefix("add_")): t for t in world.tasks if t.name.startswith("add_")}
+    subs = {int(t.name.removeprefix("sub_")): t for t in world.tasks if t.name.startswith("sub_")}
+    assert sorted(adds) == [1, 2, 3, 4, 5, 6] and sorted(subs) == [1, 2, 3, 4]
+    for sign, tasks in ((1, adds), (-1, subs)):
+        for k, task in tasks.items():
+            assert [x for x, _ in task.pairs] == numbers, task.name   # every number 0..19 once
+            for x, y in task.pairs:
+                i = numbers.index(x)
+                expected = i + sign * k
+                expected = expected - m if expected >= m else expected + m if expected < 0 else expected
+                assert y == numbers[expected], (task.name, x, y)
+            assert task.role == ("general" if k <= (3 if sign == 1 else 2) else "new"), task.name
+
+
+def test_entity_inputs_are_shared_with_no_other_task(world):
+    """``shared_inputs`` splits reports into own and shared inputs: entity tasks' inputs (whole and word by word)
+    occur in no other task, and every other general task shares some input with another task."""
+    entity = [t for t in world.tasks if t.name.startswith("entity_")]
+    assert len(entity) == world.config.n_entity_tasks and all(len(t.pairs) == world.config.n_entities for t in entity)
+    assert {t.name for t in world.tasks if not t.shared_inputs} == {t.name for t in entity}
+    for task in entity:
+        own = {x for x, _ in task.pairs}
+        for other in world.tasks:
+            if other is task:
+                continue
+            inputs = {x for x, _ in other.pairs}
+            assert not own & inputs, (task.name, other.name)
+            assert not own & {w for x in inputs for w in x.split()}, (task.name, other.name)
+    for task in world.role("general"):
+        if task.shared_inputs:
+            others = {x for o in world.tasks if o is not task for x, _ in o.pairs}
+            assert {x for x, _ in task.pairs} & others, task.name

@@ -47,11 +47,12 @@ def shape_config(shape: str, vocab_size: int | None = None) -> PretrainedConfig:
     """The config of a published model's shape (random weights are built from it, never downloaded)."""
     if shape == "llama-2-7b":
         return LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                           num_key_value_heads=32, vocab_size=vocab_size or 32000, max_position_embeddings=4096)
+                           num_key_value_heads=32, vocab_size=vocab_size or 32000, max_position_embeddings=4096,
+                           rms_norm_eps=1e-5)
     if shape == "llama-3-8b":
         return LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                            num_key_value_heads=8, vocab_size=vocab_size or 128256, max_position_embeddings=8192,
-                           rope_theta=500000.0)
+                           rope_theta=500000.0, rms_norm_eps=1e-5)
     raise ValueError(f"unknown model shape {shape!r}; use one of {', '.join(SHAPES)}")
 
 
