@@ -101,14 +101,19 @@ def test_prompt_end_readings_score_and_state_equal_separate_passes(setup):
     assert torch.allclose(state, by_hand, atol=1e-5)
 
 
-def test_drift_rows_of_an_unchanged_and_a_perturbed_checkpoint(setup):
-    tok, tasks = setup
+def _a_model_and_a_moved_copy(tok):
+    """A random model, the same weights moved a little, and drift settings small enough for a test."""
     model = random_model(tiny_config("llama", len(tok)), seed=3)
     moved = random_model(tiny_config("llama", len(tok)), seed=3)
     with torch.no_grad():
         for p in moved.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    settings = DriftSettings(n_prompts=6, eval_prompts=8, shots=4, top_k=5)
+    return model, moved, DriftSettings(n_prompts=6, eval_prompts=8, shots=4, top_k=5)
+
+
+def test_drift_rows_of_an_unchanged_and_a_perturbed_checkpoint(setup):
+    tok, tasks = setup
+    model, moved, settings = _a_model_and_a_moved_copy(tok)
     rows, initial = drift_measurements([("initial", model), ("same", model), ("moved", moved)], tok, tasks, settings)
     assert len(rows) == 6 and set(initial) == {"shift", "mirror"}
     same = [r for r in rows if r["checkpoint"] == "same"]
@@ -232,12 +237,7 @@ def test_a_resumed_measurement_loads_no_finished_checkpoint_and_gives_the_same_r
     """``done`` as ``on_checkpoint`` left it after the second checkpoint: the third is measured, the second never
     loaded, and the rows equal an uninterrupted measurement (the initial model is loaded again for the distances)."""
     tok, tasks = setup
-    model = random_model(tiny_config("llama", len(tok)), seed=3)
-    moved = random_model(tiny_config("llama", len(tok)), seed=3)
-    with torch.no_grad():
-        for p in moved.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    settings = DriftSettings(n_prompts=6, eval_prompts=8, shots=4, top_k=5)
+    model, moved, settings = _a_model_and_a_moved_copy(tok)
     snapshots = []
     whole, _ = drift_measurements([("initial", model), ("same", model), ("moved", moved)], tok, tasks, settings,
                                   on_checkpoint=lambda rows, initial: snapshots.append((list(rows), dict(initial))))

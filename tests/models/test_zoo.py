@@ -2,7 +2,6 @@
 and the tiny configs of every architecture the function-vector tools claim."""
 
 import pytest
-import torch
 
 from forgetlab.models.zoo import SHAPES, TINY_ARCHITECTURES, random_model, shape_config, tiny_config
 
