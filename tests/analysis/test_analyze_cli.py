@@ -245,3 +245,45 @@ def test_a_missing_trajectory_checkpoint_is_named_before_the_grid(setup, tmp_pat
                                       "--no-progress"])
     assert result.exit_code == 2 and "no-such-step" in result.output, result.output
     assert not (tmp_path / "l").exists()
+
+
+def test_recovery_cli_share_uses_the_checkpoints_current_score_and_before(setup, tmp_path):
+    """In-process (fast): a checkpoint fitted on some --eval rows scores above 0 before recovery, so recovery.json's
+    share, (recovered − current) / (before − current) with --before 0.9, is told apart from recovered / before and
+    (recovered − current) / before; a second checkpoint's row uses its own current score."""
+    import tempfile
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from forgetlab.analysis.recovery import encode_qa, read_qa_rows
+    from forgetlab.cli.main import app
+    from forgetlab.models.build import load_model, load_tokenizer
+    from forgetlab.models.tokenizers import pad_id
+    from forgetlab.train.data import qa_dataset
+    from forgetlab.train.trainer import EvalSchedule, PhaseConfig, train_phase
+
+    root, (c0, c1, c2) = setup
+    model, tok = load_model(c1), load_tokenizer(c1)
+    prompts, answers = encode_qa(tok, read_qa_rows(root / "eval.jsonl")[:8])
+    cfg = PhaseConfig(lr=1e-2, epochs=20, batch_size=8, schedule="constant", weight_decay=0.0, checkpoint_every=0,
+                      eval=EvalSchedule(dense_every=0, every=0))
+    with tempfile.TemporaryDirectory() as state:
+        train_phase(model, qa_dataset(prompts, answers, tok.eos_token_id, pad_id(tok)), cfg, phase="x",
+                    state_dir=Path(state), seed=0, log=lambda s: None, progress=False)
+    model.save_pretrained(tmp_path / "knows")
+    tok.save_pretrained(tmp_path / "knows")
+    result = CliRunner().invoke(app, ["analyze", "recovery", "--checkpoint", str(tmp_path / "knows"), "--checkpoint",
+                                      str(c0), "--fit", str(root / "fit.jsonl"), "--eval", str(root / "eval.jsonl"),
+                                      "--before", "0.9", "--lr", "1e-2", "--epochs", "1", "--out", str(tmp_path / "rec")])
+    assert result.exit_code == 0, result.output
+    rec = json.loads((tmp_path / "rec" / "recovery.json").read_text())
+    assert rec["before"] == 0.9 and [r["checkpoint"] for r in rec["rows"]] == [str(tmp_path / "knows"), str(c0)]
+    knows, other = rec["rows"]
+    c, r = knows["current"], knows["recovered"]
+    assert 0 < c < 0.9 and r != c and c != other["current"], "the test needs these scores: " + str(rec["rows"])
+    for row in rec["rows"]:
+        assert row["before"] == 0.9 and row["steps"] == 1  # 20 fit rows, one batch of 32
+        assert row["spurious_share"] == pytest.approx((row["recovered"] - row["current"]) / (0.9 - row["current"]))
+    wrong = [r / 0.9, (r - c) / 0.9, (r - other["current"]) / (0.9 - other["current"])]
+    assert all(abs(knows["spurious_share"] - w) > 0.02 for w in wrong), (knows, wrong)

@@ -292,3 +292,39 @@ def test_angles_over_training_follow_each_window_by_hand(tmp_path):
     one = CliRunner().invoke(app, ["analyze", "angles-over-training", "--a1", paths[0], "--a2", paths[1], "--checkpoint",
                                    paths[2], "--out", str(tmp_path / "x")])
     assert one.exit_code == 2 and "at least two checkpoints" in one.output and not (tmp_path / "x").exists()
+
+
+# per architecture: component -> the module (under a decoder layer) it must come from; q/k/v of fused projections
+# are checked against the models' own splits above
+LAYER_MODULES = {
+    "gpt2": {"attn_out": "attn.c_proj", "mlp_in": "mlp.c_fc", "mlp_out": "mlp.c_proj"},
+    "gpt_neox": {"attn_out": "attention.dense", "mlp_in": "mlp.dense_h_to_4h", "mlp_out": "mlp.dense_4h_to_h"},
+    "gptj": {"q": "attn.q_proj", "k": "attn.k_proj", "v": "attn.v_proj", "attn_out": "attn.out_proj",
+             "mlp_in": "mlp.fc_in", "mlp_out": "mlp.fc_out"},
+    "llama": {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "attn_out": "self_attn.o_proj",
+              "mlp_gate": "mlp.gate_proj", "mlp_up": "mlp.up_proj", "mlp_down": "mlp.down_proj"},
+}
+
+
+@pytest.mark.parametrize("architecture", list(LAYER_MODULES))
+def test_every_layer_component_is_its_own_modules_weight_in_out_in_orientation(architecture):
+    """Each layer has every component, and each is the (out, in) matrix of the module named for it: W x equals what
+    the module itself computes (minus its bias), whatever its storage (GPT-2's Conv1D keeps (in, out)). Catches
+    GPT-2's attention c_proj taken for the MLP's (attn_out lost, mlp_out the wrong matrix) and a missed transpose."""
+    model = random_model(tiny_config(architecture, 50, n_layers=2, n_heads=4, d_model=32), seed=1)
+    mats = weight_matrices(model)
+    layers = model.transformer.h if architecture in ("gpt2", "gptj") else (
+        model.gpt_neox.layers if architecture == "gpt_neox" else model.model.layers)
+    expected = set(LAYER_MODULES[architecture]) | {"q", "k", "v"}
+    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(0))
+    for index, layer in enumerate(layers):
+        assert {c for (l, c) in mats if l == index} == expected, index
+        for component, path in LAYER_MODULES[architecture].items():
+            module = layer.get_submodule(path)
+            w = mats[(index, component)]
+            rows = x[:, :w.shape[1]]
+            with torch.no_grad():
+                own = module(rows) - module(torch.zeros_like(rows))
+            assert torch.allclose(rows @ w.T, own, atol=1e-5), (index, component)
+    # the two layers' matrices are different tensors (not layer 0's read twice)
+    assert all(not torch.equal(mats[(0, c)], mats[(1, c)]) for c in expected)

@@ -188,3 +188,24 @@ def test_landscape_figure_draws_any_spread_of_losses(tmp_path, spread):
     plot_landscape(alphas, betas, {"task0": grid, "task1": grid[::-1]}, path, np.array([[0.0, 0.0], [1.0, 1.0]]),
                    ["a", "b"])
     assert path.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "gpt_neox", "llama"])
+def test_last_token_features_equal_each_prompts_own_unpadded_forward_pass(architecture):
+    """Left padding in batches of 3 over prompts of mixed lengths: every layer's feature of every prompt is the hidden
+    state at its last token when it runs alone, unpadded (GPT-2's learned positions need the shifted position ids)."""
+    from forgetlab.analysis.features import last_token_features
+    from forgetlab.models.zoo import random_model, tiny_config
+
+    model = random_model(tiny_config(architecture, vocab_size=50, n_layers=2), seed=3)
+    g = torch.Generator().manual_seed(1)
+    lengths = [5, 1, 8, 3, 8, 2, 6, 4]  # 3 batches (3, 3, 2), each with rows of different lengths
+    prompts = [torch.randint(3, 50, (n,), generator=g).tolist() for n in lengths]
+    features = last_token_features(model, prompts, pad_id=2, batch_size=3)
+    assert features.shape == (2 + 1, len(prompts), 64) and features.dtype == np.float32
+    with torch.no_grad():
+        for i, p in enumerate(prompts):
+            hidden = model(input_ids=torch.tensor([p]), output_hidden_states=True).hidden_states
+            alone = np.stack([h[0, -1].numpy() for h in hidden])  # layer 0: the embedding output
+            assert np.allclose(features[:, i], alone, rtol=1e-5, atol=1e-5), (i, np.abs(features[:, i] - alone).max())
+    assert not np.allclose(features[:, 0], features[:, 1], atol=1e-3)  # prompts differ, so must their features

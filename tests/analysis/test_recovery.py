@@ -78,3 +78,44 @@ def test_recovery_table_spurious_share_is_the_closed_form(setup, tmp_path):
     assert row["current"] == greedy_em(model, tok, EVAL) and row["recovered"] > row["current"]
     assert row["spurious_share"] == pytest.approx((row["recovered"] - row["current"]) / (1.0 - row["current"]))
     assert row["before"] == 1.0 and row["checkpoint"] == str(tmp_path / "c")
+
+
+def trained_on(model, tok, rows, cfg=CFG):
+    """A copy of ``model`` fitted on ``rows`` (prompt + answer + eos), as a checkpoint that already knows some answers."""
+    import copy
+    import tempfile
+    from pathlib import Path
+
+    from forgetlab.models.tokenizers import pad_id
+    from forgetlab.train.data import qa_dataset
+    from forgetlab.train.trainer import train_phase
+
+    trained = copy.deepcopy(model)
+    prompts, answers = recovery.encode_qa(tok, rows)
+    with tempfile.TemporaryDirectory() as state:
+        train_phase(trained, qa_dataset(prompts, answers, tok.eos_token_id, pad_id(tok)), cfg, phase="x",
+                    state_dir=Path(state), seed=0, log=lambda s: None, progress=False)
+    return trained.eval()
+
+
+def test_spurious_share_uses_each_checkpoints_own_current_score_and_the_given_before(setup, tmp_path):
+    """A checkpoint that already answers half the eval rows (current 0.5) and one that answers none, before = 0.9:
+    the share is (recovered − current) / (before − current) per row, which here differs from recovered / before,
+    (recovered − current) / before and a share taken with the other row's current."""
+    tok, model = setup
+    half = trained_on(model, tok, FIT[:2])  # EVAL[:2] are FIT[:2]
+    for name, m in (("half", half), ("none", model)):
+        m.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    rows = recovery.recovery_table([tmp_path / "half", tmp_path / "none"], FIT, EVAL, before=0.9, cfg=CFG,
+                                   log=lambda s: None)
+    assert [r["checkpoint"] for r in rows] == [str(tmp_path / "half"), str(tmp_path / "none")]
+    (h, n), b = rows, 0.9
+    assert h["current"] == greedy_em(half, tok, EVAL) == 0.5 and n["current"] == greedy_em(model, tok, EVAL) == 0.0
+    assert h["recovered"] != h["current"], "the test needs a recovery that changes the score"
+    for r in rows:
+        assert r["before"] == b
+        assert r["spurious_share"] == pytest.approx((r["recovered"] - r["current"]) / (b - r["current"]), abs=1e-12)
+    c, rec = h["current"], h["recovered"]
+    wrong = [rec / b, (rec - c) / b, (rec - n["current"]) / (b - n["current"]), (rec - c) / (1.0 - c)]
+    assert all(abs(h["spurious_share"] - w) > 0.05 for w in wrong), (h, wrong)
