@@ -70,10 +70,13 @@ def per_question(model, prompts, answers, eos_id: int, pad_id: int, device) -> t
 
 @torch.no_grad()
 def batched_generate(model, prompts, answers, eos_id: int, pad_id: int, device, batch_size: int) -> tuple[list[bool], list[bool]]:
-    """The usual batched way: left-padded prompts, one greedy ``generate`` per batch for the longest answer + eos."""
-    exact, first = [], []
-    for start in range(0, len(prompts), batch_size):
-        rows, targets = prompts[start:start + batch_size], [list(a) + [eos_id] for a in answers[start:start + batch_size]]
+    """The usual batched way: left-padded prompts, one greedy ``generate`` per batch for the longest answer + eos
+    (prompts sorted by length first, as ``greedy_exact_match`` sorts them, so neither side pays more padding)."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    exact, first = [False] * len(prompts), [False] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        rows, targets = [prompts[i] for i in idx], [list(answers[i]) + [eos_id] for i in idx]
         width = max(map(len, rows))
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -81,10 +84,10 @@ def batched_generate(model, prompts, answers, eos_id: int, pad_id: int, device, 
             ids[i, width - len(row):], mask[i, width - len(row):] = torch.tensor(row), 1
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False, num_beams=1,
                              max_new_tokens=max(map(len, targets)), eos_token_id=eos_id, pad_token_id=pad_id)
-        for i, target in enumerate(targets):
-            continuation = out[i, width:].tolist()
-            exact.append(continuation[:len(target)] == target)
-            first.append(bool(continuation) and continuation[0] == target[0])
+        for j, (i, target) in enumerate(zip(idx, targets)):
+            continuation = out[j, width:].tolist()
+            exact[i] = continuation[:len(target)] == target
+            first[i] = bool(continuation) and continuation[0] == target[0]
     return exact, first
 
 
@@ -178,7 +181,10 @@ def main() -> None:
     print(f"{'per-question generate':<26}{sq:>10.3f}{args.n / sq:>14,.1f}{single_calls:>15,}")
     print(f"{'batched generate':<26}{su:>10.3f}{args.n / su:>14,.1f}{usual_calls:>15,}")
     ratio = sq / sb
-    print(f"ratio batched/per-question = {ratio:.1f}  (goal >= {GOAL:.0f}: {'met' if ratio >= GOAL else 'NOT met'}); "
+    # a random model decides almost every row at its first token, where the batched check stops early: the goal is
+    # judged on a trained checkpoint only
+    verdict = ("met" if ratio >= GOAL else "NOT met") if args.model is not None else "judged with --model only"
+    print(f"ratio batched/per-question = {ratio:.1f}  (goal >= {GOAL:.0f}: {verdict}); "
           f"ratio batched/batched generate = {su / sb:.1f}")
 
 

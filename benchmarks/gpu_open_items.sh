@@ -53,7 +53,12 @@ timed() {
 }
 step() { local name=$1; shift; timed "$name" python3 -m forgetlab "$@"; }
 # one benchmark script: its output also kept in WORK/NAME.txt
-bench() { local name=$1; shift; timed "$name" python3 "$@" > "$WORK/$name.txt" 2>&1; local rc=$?; cat "$WORK/$name.txt"; return $rc; }
+# (several JOBS run side by side: the timing is then taken with the GPU shared, and its output says so)
+bench() {
+  local name=$1; shift
+  [ "$(echo ${JOBS:-cit} | wc -w)" -gt 1 ] && echo "NOTE: timed with the GPU shared by the jobs ${JOBS}; not a figure to report" > "$WORK/$name.txt"
+  timed "$name" python3 "$@" >> "$WORK/$name.txt" 2>&1; local rc=$?; cat "$WORK/$name.txt"; return $rc
+}
 
 bio() {
   step bio-run biography run --preset $BIO --snapshot-steps $SNAP --out "$WORK/bio" --no-progress || return
@@ -107,5 +112,5 @@ for job in ${JOBS:-cit}; do $job > "$OUT/$job.log" 2>&1 & done
 wait
 tar czf "$OUT/results.tgz" -C "$WORK" --exclude=checkpoints --exclude=state --exclude=cache --exclude='*.safetensors' \
   --exclude='*.pt' --exclude=pretrain.txt --exclude='qa_*.jsonl' .
-grep -h "^\[\|AP=\|chance − angle\|landscape:\|along the trajectory\|peak\|GB\|^exact\|^naive\|^attribution\|^check in\|disagree\|ratio\|^| " "$OUT"/*.log
+grep -h "^NOTE\|^\[\|AP=\|chance − angle\|landscape:\|along the trajectory\|peak\|GB\|^exact\|^naive\|^attribution\|^check in\|disagree\|ratio\|^| " "$OUT"/*.log
 echo "total $(( $(date +%s) - START )) s; results in $OUT/results.tgz ($(du -h "$OUT/results.tgz" | cut -f1))"
