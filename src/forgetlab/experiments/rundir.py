@@ -1,6 +1,7 @@
 """The run directory every command writes: resolved config, curves, results, checkpoints, plots.
 
-Guards against losing work: an existing run is never overwritten without ``--overwrite``, and
+Guards against losing work: an existing run is never overwritten without ``--overwrite`` (and a folder that is not a
+run, one without ``config.json``, never), and
 ``--resume`` only continues a run whose saved configuration is identical. Each start and resume also
 records the environment (``environment.json``: library versions, devices, code commit, command).
 """
@@ -40,6 +41,9 @@ def prepare_run_dir(out: Path, cfg, *, resume: bool, overwrite: bool,
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise ValueError(f"run directory {out} already exists; pass --resume to continue it or --overwrite to replace it")
+        if not (out / CONFIG).is_file():  # --overwrite deletes runs only, never a folder that merely sits at --out
+            raise ValueError(f"--overwrite: {out} holds files but no {CONFIG}, so it is not a forgetlab run and is left "
+                             "as it is; choose a new or empty --out")
         shutil.rmtree(out)
     try:
         out.mkdir(parents=True, exist_ok=True)

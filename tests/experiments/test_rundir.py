@@ -1,0 +1,29 @@
+"""The run directory's guards against losing work, called as the commands call them."""
+
+import json
+
+import pytest
+
+from forgetlab.experiments.rundir import prepare_run_dir
+
+
+def test_overwrite_replaces_a_run_but_never_a_folder_that_is_not_one(tmp_path):
+    run = tmp_path / "run"
+    prepare_run_dir(run, {"seed": 0}, resume=False, overwrite=False, log=lambda s: None)
+    (run / "results.json").write_text("{}")
+    with pytest.raises(ValueError, match="already exists; pass --resume"):
+        prepare_run_dir(run, {"seed": 1}, resume=False, overwrite=False, log=lambda s: None)
+    prepare_run_dir(run, {"seed": 1}, resume=False, overwrite=True, log=lambda s: None)
+    assert json.loads((run / "config.json").read_text()) == {"seed": 1} and not (run / "results.json").exists()
+
+    data = tmp_path / "data"  # a folder of the user's that happens to be named as --out
+    data.mkdir()
+    (data / "thesis.tex").write_text("keep me")
+    with pytest.raises(ValueError, match=r"holds files but no config.json, so it is not a forgetlab run"):
+        prepare_run_dir(data, {"seed": 0}, resume=False, overwrite=True, log=lambda s: None)
+    assert (data / "thesis.tex").read_text() == "keep me" and sorted(p.name for p in data.iterdir()) == ["thesis.tex"]
+
+    empty = tmp_path / "empty"  # an empty folder is simply used
+    empty.mkdir()
+    prepare_run_dir(empty, {"seed": 0}, resume=False, overwrite=True, log=lambda s: None)
+    assert (empty / "config.json").is_file()
