@@ -9,7 +9,7 @@ import warnings
 import peft
 import pytest
 import torch
-from transformers import BertConfig, BertForMaskedLM, PretrainedConfig
+from transformers import AutoModelForCausalLM, BertConfig, BertForMaskedLM, PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
 from forgetlab.fv.cie import causal_indirect_effect, mean_head_activations
@@ -244,3 +244,27 @@ def test_head_width_of_a_conv1d_projection_is_its_input_side():
     assert (a.n_heads, a.head_dim, a.hidden_size) == (4, 4, 8)
     x = torch.randn(2, 16, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(a.head_outputs_to_residual(0, x), x @ toy.layers[0].self_attn.o_proj.weight)
+
+
+def test_a_multimodal_models_text_layers_and_a_narrow_embeddings_residual_width():
+    """Gemma 3 builds its vision tower (SigLIP ``layers`` with attention) before its language model: the adapter must
+    take the text decoder's layers. OPT-350m embeds in 512 and projects up to a 1024-wide residual stream: the FV
+    lives in the residual stream, so hidden_size is the attention output's width, not the embedding's."""
+    from transformers import Gemma3Config, OPTConfig
+
+    text = dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    gemma = AutoModelForCausalLM.from_config(Gemma3Config(text_config=text, vision_config=vision))
+    adapter = adapt(gemma)
+    assert adapter.layers is gemma.get_decoder().layers and len(adapter.layers) == 2
+    assert (adapter.n_heads, adapter.head_dim, adapter.hidden_size) == (4, 16, 64)
+    opt = AutoModelForCausalLM.from_config(OPTConfig(vocab_size=100, hidden_size=64, word_embed_proj_dim=32,
+                                                     num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
+                                                     max_position_embeddings=64))
+    adapter = adapt(opt)
+    assert adapter.hidden_size == 64 != opt.get_input_embeddings().embedding_dim
+    with torch.no_grad():  # the width the decoder layers really output
+        hidden = opt(input_ids=torch.tensor([[5, 6, 7]]), output_hidden_states=True).hidden_states[1]
+    assert hidden.shape[-1] == adapter.hidden_size

@@ -34,6 +34,15 @@ def _projection_in_features(module: torch.nn.Module) -> int | None:
     return None
 
 
+def _projection_out_features(module: torch.nn.Module) -> int:
+    if isinstance(getattr(module, "out_features", None), int):  # nn.Linear and PEFT LoRA layers
+        return module.out_features
+    base = getattr(module, "base_layer", None)
+    if base is not None:
+        return _projection_out_features(base)
+    return module.weight.shape[1]  # transformers' Conv1D stores weight as (in, out)
+
+
 @dataclass
 class ModelAdapter:
     """Where the heads of a model live: ``o_projs[l]`` consumes the ``n_heads * head_dim`` head outputs."""
@@ -101,7 +110,7 @@ def adapt(model: PreTrainedModel) -> ModelAdapter:
     if in_features % n_heads:
         raise ValueError(f"{name}: the attention output projection takes {in_features} features, not a multiple of "
                          f"{n_heads} heads")
-    hidden = model.get_input_embeddings().embedding_dim
+    hidden = _projection_out_features(o_projs[0])  # the residual stream (OPT-350m embeds narrower and projects up)
     return ModelAdapter(model=model, layers=layers, attentions=attentions, o_projs=o_projs, n_heads=n_heads,
                         head_dim=in_features // n_heads, hidden_size=hidden, final_norm=_final_norm(model, layers))
 

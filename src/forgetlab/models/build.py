@@ -91,8 +91,10 @@ class ModelConfig:
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"model.architecture={self.architecture!r} is unknown; use one of {', '.join(ARCHITECTURES)}")
         for name in ("d_model", "n_layers", "n_heads", "max_positions"):
-            if getattr(self, name) <= 0:
+            if not getattr(self, name) > 0:
                 raise ValueError(f"model.{name}={getattr(self, name)} must be positive")
+        if not self.d_ff >= 0:
+            raise ValueError(f"model.d_ff={self.d_ff} must not be negative (0 gives the architecture's default width)")
         if self.d_model % self.n_heads:
             raise ValueError(f"model.d_model={self.d_model} is not divisible by n_heads={self.n_heads}; change one of them")
 
@@ -159,10 +161,16 @@ def enable_activation_checkpointing(model: PreTrainedModel) -> None:
 def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
     """The model's stack of decoder layers, found structurally rather than by parameter-name substrings.
 
-    The first ``ModuleList`` named ``layers`` or ``h`` anywhere in the module tree, so wrappers (PEFT,
-    multimodal shells) that nest the HF model deeper are handled without per-wrapper code.
+    The first ``ModuleList`` named ``layers`` or ``h`` in the text decoder (``get_decoder()``, where the model names
+    one: a multimodal model's vision tower also has ``layers``, built first), else anywhere in the module tree, so
+    wrappers (PEFT) that nest the HF model deeper are handled without per-wrapper code.
     """
-    for path, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and path.rsplit(".", 1)[-1] in ("layers", "h") and len(module):
-            return module
+    try:
+        decoder = model.get_decoder()
+    except (AttributeError, NotImplementedError, ValueError):
+        decoder = None
+    for root in ([decoder] if isinstance(decoder, torch.nn.Module) else []) + [model]:
+        for path, module in root.named_modules():
+            if isinstance(module, torch.nn.ModuleList) and path.rsplit(".", 1)[-1] in ("layers", "h") and len(module):
+                return module
     raise ValueError(f"cannot find the decoder layers of {type(model).__name__}: expected a ModuleList named 'layers' or 'h'")
