@@ -39,12 +39,16 @@ def one_error_line(result) -> str:
     (["--set", "world.n_new_tasks=0"], "world.n_new_tasks=0: a run learns at least one new task"),
     (["--set", "world.n_pretrain_people=3", "--set", "world.task0_train_fraction=0.34"],
      "task 0 has 1 training person; recovery re-aligns on half of them"),
+    (["--set", "task.weight_decay=NaN"], "--set task.weight_decay: nan is not a finite number; give a finite value"),
+    (["--set", "task.epochs=Infinity"], "--set task.epochs: inf is not a finite number; give a finite value"),
+    (["--set", "model.d_ff=-1"], "model.d_ff=-1 must not be negative (0 gives the architecture's default width)"),
+    (["--set", "model.n_heads=3"], "model.d_model=64 is not divisible by n_heads=3; change one of them"),
 ])
 def test_bad_options(args, message, tmp_path):
     preset = [] if "--preset" in args else ["--preset", "smoke"]
     result = invoke("run", *preset, *args, "--out", str(tmp_path / "run"), tmp_path=tmp_path)
     assert message in one_error_line(result)
-    assert not (tmp_path / "run" / "results.json").exists()
+    assert not (tmp_path / "run").exists()  # nothing half-written: the corrected command can use the same --out
 
 
 def test_existing_run_is_not_overwritten(tmp_path):
@@ -110,6 +114,9 @@ def test_only_a_command_that_succeeds_leaves_the_process_group(tmp_path, monkeyp
     assert calls == ["leave"]
 
 
+THETAS = ["--theta0", "t0", "--theta1", "t1", "--theta2", "t2"]
+
+
 def any_command(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
@@ -153,6 +160,46 @@ def test_broken_checkpoints_get_one_line_before_anything_is_written(tiny_llama_d
         assert message in one_error_line(any_command(*args)), args
     for name in ("f", "a", "x"):
         assert not (tmp_path / name).exists(), name
+
+
+@pytest.mark.parametrize("args, message", [
+    (["cit", "run", "--world", "{tmp}/world", "--epochs", "nan"], "train.epochs=nan is not a finite number"),
+    (["cit", "run", "--world", "{tmp}/world", "--lr", "inf"], "train.lr=inf is not a finite number"),
+    (["cit", "run", "--world", "{tmp}/world", "--set", "train.lr=NaN"], "--set train.lr: nan is not a finite number"),
+    (["cit", "compare", "{tmp}/base", "{tmp}/run", "--fp-tolerance", "nan"],
+     "--fp-tolerance nan: points of FP a run may lose, a finite 0 or more (the target: 5)"),
+    (["cit", "compare", "{tmp}/base", "{tmp}/run", "--fp-tolerance", "inf"], "--fp-tolerance inf: points of FP"),
+    (["cit", "compare", "{tmp}/base", "{tmp}/run", "--keep", "nan"], "--keep nan: a share of the drop, in (0, 1]"),
+    (["analyze", "landscape", *THETAS, "--data", "a=a.jsonl", "--alpha-range", "-inf,7"],
+     "--alpha-range '-inf,7': -inf is not a finite number; expected LOW,HIGH such as -1,7, or auto"),
+    (["analyze", "landscape", *THETAS, "--data", "a=a.jsonl", "--beta-range", "-1,nan"],
+     "--beta-range '-1,nan': nan is not a finite number"),
+    (["analyze", "landscape", *THETAS, "--data", "a=a.jsonl", "--data", "b=b.jsonl", "--data", "a=c.jsonl"],
+     "--data 'a=c.jsonl': the task name 'a' is given twice; name each task once"),
+    (["fv", "evaluate", "--model", "{tmp}/m", "--task", "{tmp}/t.json", "--fv", "{tmp}/fv", "--alpha", "nan"],
+     "--alpha nan is not a finite number; give a scale such as 1 (negative subtracts the vector)"),
+    (["fv", "evaluate", "--model", "{tmp}/m", "--task", "{tmp}/t.json", "--fv", "{tmp}/fv", "--alpha", "-inf"],
+     "--alpha -inf is not a finite number"),
+])
+def test_numbers_that_are_not_finite_and_repeated_names_are_refused_before_anything_is_written(args, message, tmp_path):
+    """``float()`` reads nan and inf from the command line, and NaN passes every ``x < 0``: one line, exit 2, and no
+    --out made."""
+    out = tmp_path / "out"
+    line = one_error_line(any_command(*[a.format(tmp=tmp_path) for a in args], "--out", out))
+    assert message in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("setting", ["replay", "ewc_strength", "lwf_strength", "lwf_temperature", "olora_strength",
+                                     "lora_dropout"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_cit_settings_that_are_not_finite_are_refused_through_the_python_api(setting, value):
+    """``--set`` stops them at the parser; a config built in Python meets the same refusal in ``validate``."""
+    from forgetlab.experiments.cit import CITConfig
+
+    with pytest.raises(ValueError) as err:
+        CITConfig(world_dir="world", **{setting: value}).validate()
+    assert str(err.value) == f"{setting}={value} is not a finite number; give a finite value"
 
 
 def test_a_corrupt_results_file_is_named(tmp_path):

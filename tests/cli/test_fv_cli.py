@@ -250,3 +250,80 @@ def test_extract_does_not_replace_another_tasks_fv_without_overwrite(extracted):
     assert result.exit_code == 0, result.output
     again = CliRunner().invoke(app, ["fv", "extract", *map(str, _extract_args(root, **{"--task": other, "--out": root / "out_other"}))])
     assert again.exit_code == 0, again.output  # the same task and model again refreshes it
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda meta: [meta], "(it holds a JSON list, not an object)"),
+    (lambda meta: {}, "(no task, n_layers, n_heads, head_dim, top_heads, seconds, settings)"),
+    (lambda meta: {k: v for k, v in meta.items() if k != "settings"}, "(no settings)"),
+    (lambda meta: {**meta, "settings": {k: v for k, v in meta["settings"].items() if k != "prompt_format"}},
+     "(settings is not an object with a prompt_format object)"),
+    (lambda meta: {**meta, "settings": {**meta["settings"], "colour": "red"}}, "(unknown settings entries colour)"),
+    (lambda meta: {**meta, "settings": {**meta["settings"], "prompt_format": {"sep": "x"}}},
+     "(unknown settings.prompt_format entries sep)"),
+    (lambda meta: {**meta, "n_layers": "2"}, "(task, n_layers, n_heads, head_dim, top_heads or seconds is not of the kind it "
+                                            "writes)"),
+])
+def test_an_fv_json_that_extract_did_not_write_is_one_line(extracted, tmp_path, change, message):
+    """An fv.json beside valid tensors that lacks an entry, or holds a setting this version does not know: one line
+    naming the file, what is wrong and how to fix it (not a KeyError or TypeError traceback); nothing is written."""
+    import shutil
+
+    root, _ = extracted
+    shutil.copytree(root / "out", tmp_path / "fv")
+    meta = json.loads((tmp_path / "fv" / "fv.json").read_text())
+    (tmp_path / "fv" / "fv.json").write_text(json.dumps(change(meta)))
+    line = one_error_line(*invoke("evaluate", "--model", root / "model", "--task", root / "task.json", "--fv",
+                                  tmp_path / "fv", "--out", tmp_path / "eval"))
+    assert f"{tmp_path / 'fv' / 'fv.json'} is not an fv.json as `forgetlab fv extract` writes it {message}" in line
+    assert f"run `forgetlab fv extract --out {tmp_path / 'fv'}` again" in line
+    assert not (tmp_path / "eval").exists()
+    line = one_error_line(*invoke("universal", tmp_path / "fv", "--out", tmp_path / "uni"))
+    assert message in line and not (tmp_path / "uni").exists()
+
+
+def test_an_fv_json_with_entries_load_does_not_read_still_loads(extracted, tmp_path):
+    """Notes added beside what extract writes, and a setting absent (as in a file older than the setting), load."""
+    import shutil
+
+    from forgetlab.fv.extract import FunctionVectorResult, FVSettings
+
+    root, _ = extracted
+    shutil.copytree(root / "out", tmp_path / "fv")
+    meta = json.loads((tmp_path / "fv" / "fv.json").read_text())
+    del meta["settings"]["max_rows"]
+    (tmp_path / "fv" / "fv.json").write_text(json.dumps({**meta, "note": "baseline"}))
+    assert FunctionVectorResult.load(tmp_path / "fv").settings.max_rows == FVSettings().max_rows
+
+
+def test_universal_never_leaves_another_runs_fvs_beside_its_json(extracted, tmp_path):
+    """universal.json records the digest of the FVs it was written with (as fv.json does): a run without --model into
+    the same --out removes the FVs of an earlier run, and FVs of another run beside a universal.json are refused."""
+    import shutil
+
+    import torch
+
+    from forgetlab.fv.extract import load_universal_fvs
+
+    root, _ = extracted
+    out = tmp_path / "uni"
+    code, err = invoke("universal", root / "out", "--top-k", 4, "--model", root / "model", "--out", out)
+    assert code == 0, err
+    saved = json.loads((out / "universal.json").read_text())
+    assert len(saved["tensors_sha256"]) == 64
+    vectors = load_universal_fvs(out)
+    assert torch.equal(vectors["task"], load_file(out / "universal_fvs.safetensors")["task"])
+    # another run's FVs (other heads) copied beside this universal.json: refused by the digest
+    code, err = invoke("universal", root / "out", "--top-k", 2, "--model", root / "model", "--out", tmp_path / "other")
+    assert code == 0, err
+    shutil.copy(tmp_path / "other" / "universal_fvs.safetensors", out / "universal_fvs.safetensors")
+    with pytest.raises(ValueError, match=r"universal_fvs.safetensors is not the file .*universal.json was saved with"):
+        load_universal_fvs(out)
+    # again without --model into the same --out: the old FVs go, and universal.json says there are none
+    code, err = invoke("universal", root / "out", "--top-k", 3, "--out", out)
+    assert code == 0, err
+    assert {p.name for p in out.iterdir()} == {"universal.json", "universal_cie.png"}
+    saved = json.loads((out / "universal.json").read_text())
+    assert saved["tensors_sha256"] is None and saved["top_k"] == 3 and saved["model"] == ""
+    with pytest.raises(FileNotFoundError, match="written without --model, so it has no FVs"):
+        load_universal_fvs(out)

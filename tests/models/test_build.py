@@ -27,6 +27,36 @@ def test_mlp_width_defaults_and_explicit_d_ff(architecture, d_model, d_ff, want)
     assert up.weight.shape == (want, d_model)
 
 
+@pytest.mark.parametrize("setting, message", [
+    ({"checkpoint": "/no/such/model"}, "model.checkpoint='/no/such/model' has no config.json; pass a Hugging Face "
+                                       "checkpoint (or PEFT adapter) directory"),
+    ({"architecture": "gpt2"}, "model.architecture='gpt2' is unknown; use one of gpt_neox, llama"),
+    ({"d_model": 0}, "model.d_model=0 must be positive"),
+    ({"n_layers": -1}, "model.n_layers=-1 must be positive"),
+    ({"n_heads": 0}, "model.n_heads=0 must be positive"),
+    ({"max_positions": 0}, "model.max_positions=0 must be positive"),
+    ({"d_ff": -1}, "model.d_ff=-1 must not be negative (0 gives the architecture's default width)"),
+    ({"d_model": 48, "n_heads": 5}, "model.d_model=48 is not divisible by n_heads=5; change one of them"),
+])
+def test_every_invalid_model_config_is_refused_in_one_line(setting, message):
+    """Each check of ``ModelConfig.validate``, before any tensor is made (build_model runs it first)."""
+    with pytest.raises(ValueError) as err:
+        small(**setting).validate()
+    assert str(err.value) == message
+    with pytest.raises(ValueError, match=r"^model\."):
+        build_model(small(**setting), 20, 0, 1, 2, seed=0)
+
+
+def test_a_checkpoint_with_fewer_embeddings_than_the_tokenizer_has_tokens_is_refused(tmp_path):
+    build_model(small(), 20, 0, 1, 2, seed=0).save_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError) as err:
+        build_model(ModelConfig(checkpoint=str(tmp_path / "m")), 21, 0, 1, 2, seed=0)
+    assert str(err.value) == (f"model.checkpoint={tmp_path / 'm'} has 20 embeddings but its tokenizer has 21 tokens; "
+                              "save the matching tokenizer with it")
+    same = build_model(ModelConfig(checkpoint=str(tmp_path / "m")), 20, 0, 1, 2, seed=0)
+    assert same.get_input_embeddings().num_embeddings == 20
+
+
 def test_special_token_ids_and_untied_unembedding():
     """pad/eos/bos ids land in the config under their own names (generation stops at eos), and the unembedding
     is a matrix of its own."""

@@ -141,9 +141,29 @@ try:
     raised = None
 except FileNotFoundError as err:
     raised = str(err)
+
+
+def bad_json():
+    json.loads("{not json")  # a ValueError subclass the other process cannot rebuild by name
+
+
+def not_a_folder():
+    raise NotADirectoryError(f"run.json is not a directory (raised on rank {rank})")
+
+
+def disk_full():
+    raise OSError(28, "No space left on device")
+
+
+caught = []
+for fn in (bad_json, not_a_folder, disk_full):
+    try:
+        distributed.main_first(fn)
+    except (ValueError, OSError) as err:
+        caught.append([type(err).__name__, str(err), isinstance(err, ValueError), isinstance(err, OSError)])
 out = {"world": distributed.world_size(), "main": distributed.is_main(), "total": distributed.total(1.5 + rank),
        "share": mine, "gathered": distributed.gather_shares([10 * x for x in mine], 5), "splits": splits,
-       "made": made, "raised": raised}
+       "made": made, "raised": raised, "caught": caught}
 with open(f"{folder}/rank{rank}.json", "w") as fh:
     json.dump(out, fh)
 distributed.leave()
@@ -154,8 +174,8 @@ def test_two_peers_sum_share_gather_and_split_batches(tmp_path):
     """Two gloo processes started directly (no torchrun, a few seconds): ``total`` is the sum over the processes
     (1.5 + 2.5 = 4 on both), rank r's share of 0..4 is every second item from r, ``gather_shares`` puts them back in
     order on every process, and a micro-batch of 3 rows does not split over 2 processes while 4 does. ``main_first``
-    runs its function on rank 0 alone (the others get None), and an error there is raised on both, with its message
-    and type, so no process waits forever."""
+    runs its function on rank 0 alone (the others get None), and a ValueError or OSError there is raised on both,
+    with its message and type (rank 1: the nearest type it can rebuild), so no process waits forever."""
     import json
     import os
     import subprocess
@@ -176,3 +196,11 @@ def test_two_peers_sum_share_gather_and_split_batches(tmp_path):
         assert r["splits"][1] is None and "train.batch_size=3 does not split over 2 processes" in r["splits"][0]
     assert [r["made"] for r in ranks] == ["made by rank 0", None]
     assert [r["raised"] for r in ranks] == ["no run here (raised on rank 0)"] * 2
+    # any ValueError or OSError: rank 0 raises it as it was, rank 1 as the nearest class it can rebuild
+    bad_json = "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"
+    assert ranks[0]["caught"] == [["JSONDecodeError", bad_json, True, False],
+                                  ["NotADirectoryError", "run.json is not a directory (raised on rank 0)", False, True],
+                                  ["OSError", "[Errno 28] No space left on device", False, True]]
+    assert ranks[1]["caught"] == [["ValueError", bad_json, True, False],
+                                  ["NotADirectoryError", "run.json is not a directory (raised on rank 0)", False, True],
+                                  ["OSError", "[Errno 28] No space left on device", False, True]]

@@ -36,6 +36,32 @@ def test_total_steps_from_epochs_and_accumulation():
     assert PhaseConfig(max_steps=7).total_steps(10) == 7
 
 
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"lr": NAN}, "task.lr=nan is not a finite number; give a finite value"),
+    ({"lr": INF}, "task.lr=inf is not a finite number; give a finite value"),
+    ({"epochs": NAN}, "task.epochs=nan is not a finite number; give a finite value"),
+    ({"epochs": INF, "max_steps": 5}, "task.epochs=inf is not a finite number; give a finite value"),
+    ({"grad_clip": NAN}, "task.grad_clip=nan is not a finite number; give a finite value"),
+    ({"weight_decay": -INF}, "task.weight_decay=-inf is not a finite number; give a finite value"),
+    ({"min_lr_ratio": NAN}, "task.min_lr_ratio=nan is not a finite number; give a finite value"),
+    # a NaN in a whole-number setting (a hand-edited config.json) fails its range check
+    ({"warmup_steps": NAN}, "task.warmup_steps=nan must not be negative (0 turns it off)"),
+    ({"batch_size": NAN}, "task.batch_size=nan must be at least 1"),
+    ({"max_steps": NAN}, "task: set a positive epochs or max_steps (got epochs=1.0, max_steps=nan)"),
+    ({"lr": 0.0}, "task.lr=0.0 must be positive"),
+    ({"grad_clip": -1.0}, "task.grad_clip=-1.0 must not be negative (0 turns it off)"),
+    ({"epochs": 0.0, "max_steps": 0}, "task: set a positive epochs or max_steps (got epochs=0.0, max_steps=0)"),
+])
+def test_phase_settings_that_are_not_finite_or_out_of_range_are_refused(setting, message):
+    """NaN is false against every bound, so ``x < 0`` lets it through: each check is written so that it fails."""
+    with pytest.raises(ValueError) as err:
+        PhaseConfig(**setting).validate("task")
+    assert str(err.value) == message
+
+
 def _setup(seed=0):
     model = build_model(ModelConfig(d_model=32, n_layers=2, n_heads=2, max_positions=32), 30, 0, 1, 2, seed=seed)
     g = torch.Generator().manual_seed(1)

@@ -105,6 +105,25 @@ def test_set_values_are_coerced_to_the_setting_type_or_refused():
             apply_overrides(cfg, [bad])
 
 
+@pytest.mark.parametrize("item, shown", [
+    ("task.weight_decay=NaN", "nan"), ("task.epochs=Infinity", "inf"), ("task.lr=-Infinity", "-inf"),
+    ("task.lr=1e999", "inf"),  # JSON's parser reads an overflowing number as infinity
+    ("task.max_steps=Infinity", "inf"), ("snapshot_steps=[50,NaN]", "nan"),
+])
+def test_set_refuses_numbers_that_are_not_finite_naming_the_key(item, shown):
+    """``json.loads`` takes NaN and Infinity, and NaN passes every ``x < 0`` check after it: the parser stops them."""
+    key = item.split("=")[0]
+    with pytest.raises(ValueError) as err:
+        apply_overrides(preset_config("smoke"), [item])
+    assert str(err.value) == f"--set {key}: {shown} is not a finite number; give a finite value"
+
+
+def test_a_text_setting_keeps_nan_as_text():
+    from forgetlab.experiments.cit import CITConfig
+
+    assert apply_overrides(CITConfig(), ["sequence=NaN"]).sequence == "NaN"
+
+
 def test_json_round_trip_keeps_tuples_refuses_unknown_keys_and_nulls_infinities():
     cfg = apply_overrides(preset_config("smoke"), ["snapshot_steps=3,5"])
     back = from_jsonable(BiographyRunConfig, json.loads(json.dumps(to_jsonable(cfg))))

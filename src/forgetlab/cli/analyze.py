@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -24,6 +25,9 @@ def parse_pair(text: str, option: str, sep: str, kind: type, expected: str) -> t
         first, second = (kind(v) for v in text.lower().split(sep))
     except ValueError:
         raise ValueError(f"{option} {text!r}: expected {expected}") from None
+    for value in (first, second):  # float() reads nan and inf, which no range or grid means
+        if not math.isfinite(value):
+            raise ValueError(f"{option} {text!r}: {value} is not a finite number; expected {expected}")
     return first, second
 
 

@@ -110,18 +110,33 @@ def show_results(results: dict) -> None:
 
 @app.command()
 @user_errors
-def generate(preset: Preset = "cpu-demo", out: Out = Path("runs/biography-world"), seed: Seed = 0) -> None:
+def generate(
+    preset: Preset = "cpu-demo",
+    out: Annotated[Path, typer.Option("--out", help="world directory")] = Path("runs/biography-world"),
+    seed: Seed = 0,
+    overwrite: Annotated[bool, typer.Option(help="replace the world already in --out")] = False,
+) -> None:
     """Write the world: people, pretraining text, QA files and the tokenizer."""
     from forgetlab.models.tokenizers import build_word_tokenizer
     from forgetlab.utils.io import fresh_tmp_dir, replace_dir
     from forgetlab.worlds.biography import generate_world, write_world
 
     cfg = preset_config(preset, seed)
+    out = Path(out)
+    if out.is_dir() and any(out.iterdir()):  # as `biography run`: never mix two worlds' files in one folder
+        if not overwrite:
+            raise ValueError(f"--out {out} already holds files; pass --overwrite to replace them with this world, or "
+                             "choose a new --out")
+        if not (out / "world.json").is_file():  # --overwrite replaces worlds only, never a folder that merely sits there
+            raise ValueError(f"--overwrite: {out} holds files but no world.json, so it is not a generated world and is "
+                             "left as it is; choose a new or empty --out")
     world = generate_world(cfg.world)
-    paths = write_world(world, out)
-    tmp = fresh_tmp_dir(Path(out) / "tokenizer")
-    build_word_tokenizer(world.word_list()).save_pretrained(str(tmp))
-    replace_dir(tmp, Path(out) / "tokenizer")
+    # the whole set is written beside --out and moved into place at the end: --out holds one world, complete, or the
+    # one it held before (a kill part-way leaves only the sibling .tmp folder, which the next call clears)
+    tmp = fresh_tmp_dir(out.absolute())
+    paths = write_world(world, tmp)
+    build_word_tokenizer(world.word_list()).save_pretrained(str(tmp / "tokenizer"))
+    replace_dir(tmp, out.absolute())
     console.print(f"{len(world.people)} people; wrote {', '.join(sorted(p.name for p in paths.values()))} and tokenizer/ to {out}")
 
 
@@ -141,13 +156,20 @@ def analyze(
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
     """Every diagnostic of a run: update angles (whole and window by window), feature shift, loss landscape."""
+    from forgetlab.analysis.outputs import check_energy, check_positive
     from forgetlab.cli.analyze import parse_pair
     from forgetlab.experiments.biography_analysis import analyze_biography_run
 
     steps = None if plane is None else parse_pair(plane, "--plane", ",", int, "two task-1 snapshot steps A,B such as 100,150")
-    analyze_biography_run(run_dir, out, grid=parse_pair(grid, "--grid", "x", int, "AxB such as 41x61"),
-                          max_examples=max_examples, plane=steps, energy=energy, landscape_range=landscape_range,
-                          progress=progress, log=log_line)
+    points = parse_pair(grid, "--grid", "x", int, "AxB such as 41x61")
+    # each analysis checks its own options only when it starts, after the ones before it have written their files and
+    # spent minutes: an option that cannot work is refused here, before anything is loaded or written
+    if min(points) < 2:
+        raise ValueError(f"--grid {grid}: need at least 2 points per axis, such as 21x21")
+    check_energy(energy)
+    check_positive(max_examples, "--max-examples")
+    analyze_biography_run(run_dir, out, grid=points, max_examples=max_examples, plane=steps, energy=energy,
+                          landscape_range=landscape_range, progress=progress, log=log_line)
 
 
 @app.command()

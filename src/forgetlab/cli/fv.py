@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -139,6 +140,8 @@ def evaluate(
     from forgetlab.report.fv import plot_layer_sweep
     from forgetlab.utils.io import atomic_write_json
 
+    if not math.isfinite(alpha):  # float() reads nan and inf; no scale of the vector means them
+        raise ValueError(f"--alpha {alpha} is not a finite number; give a scale such as 1 (negative subtracts the vector)")
     icl_task = load_task(task)
     saved = FunctionVectorResult.load(fv)
     lm, tokenizer = load_for_fv(model, device, dtype)
@@ -173,12 +176,11 @@ def universal(
 ) -> None:
     """Heads whose CIE is highest averaged over tasks (Todd et al.'s universal heads), and each task's FV over them."""
     import torch
-    from safetensors.torch import save_file
 
-    from forgetlab.fv.extract import FunctionVectorResult
+    from forgetlab.fv.extract import FunctionVectorResult, save_tensors
     from forgetlab.fv.vectors import function_vector, universal_heads
     from forgetlab.report.fv import plot_cie_heatmap
-    from forgetlab.utils.io import atomic_path, atomic_write_json
+    from forgetlab.utils.io import atomic_write_json
 
     results = [FunctionVectorResult.load(d) for d in fv_dirs]
     shapes = {(r.n_layers, r.n_heads, r.head_dim) for r in results}
@@ -200,13 +202,18 @@ def universal(
         results[0].check_fits(adapter, f"the FV in {fv_dirs[0]}")
         vectors = {r.task: function_vector(adapter, r.mean_activations, heads).cpu().contiguous() for r in results}
     out.mkdir(parents=True, exist_ok=True)
+    # as fv.json does, universal.json goes last and names the tensors it belongs with (load_universal_fvs checks it);
+    # a run without --model removes the FVs an earlier run left, so they are never read as this run's
+    digest = None
     if vectors is not None:
-        with atomic_path(out / "universal_fvs.safetensors") as tmp:
-            save_file(vectors, str(tmp))
+        digest = save_tensors(vectors, out / "universal_fvs.safetensors")
         written.append("universal_fvs.safetensors")
-    atomic_write_json(out / "universal.json", {"tasks": [r.task for r in results], "fv_dirs": [str(d) for d in fv_dirs],
-                                               "top_k": top_k, "heads": [list(h) for h in heads],
-                                               "mean_cie": mean_cie.tolist(), "model": str(model or "")})
+    else:
+        (out / "universal_fvs.safetensors").unlink(missing_ok=True)
     plot_cie_heatmap(mean_cie, heads, out / "universal_cie.png", title=f"CIE averaged over {len(results)} tasks")
+    atomic_write_json(out / "universal.json", {"tensors_sha256": digest, "tasks": [r.task for r in results],
+                                               "fv_dirs": [str(d) for d in fv_dirs], "top_k": top_k,
+                                               "heads": [list(h) for h in heads], "mean_cie": mean_cie.tolist(),
+                                               "model": str(model or "")})
     console.print(f"universal heads (layer, head): {' '.join(f'({l},{h})' for l, h in heads)}")
     console.print(f"wrote {', '.join(f'{out}/{name}' if i == 0 else name for i, name in enumerate(written))}")

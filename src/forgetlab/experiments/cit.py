@@ -112,6 +112,11 @@ class CITConfig:
         return self.finetune or DEFAULT_MODE.get(self.method, "full")
 
     def validate(self) -> None:
+        import math
+
+        for name in ("replay", "ewc_strength", "lwf_strength", "lwf_temperature", "olora_strength", "lora_dropout"):
+            if not math.isfinite(getattr(self, name)):  # NaN slips through every `x < 0`
+                raise ValueError(f"{name}={getattr(self, name)} is not a finite number; give a finite value")
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} is unknown; use one of {', '.join(METHODS)}")
         if self.finetune and self.finetune not in FINETUNE_MODES:
@@ -132,18 +137,18 @@ class CITConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is unknown; use one of {', '.join(DTYPES)}")
         for name in ("n_train", "n_test", "max_source_tokens", "max_target_tokens", "lora_r", "ewc_batches", "general_prompts"):
-            if getattr(self, name) < 1:
+            if not getattr(self, name) >= 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
         if not 0 <= self.replay <= 1:
             raise ValueError(f"replay={self.replay} must be a fraction in [0, 1] of the task's rows")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_dropout={self.lora_dropout} must be in [0, 1)")
         for name in ("ewc_strength", "lwf_strength", "olora_strength", "score_train_rows"):
-            if getattr(self, name) < 0:
+            if not getattr(self, name) >= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must not be negative")
         if not self.lwf_temperature > 0:
             raise ValueError(f"lwf_temperature={self.lwf_temperature} must be positive (the paper's is 2)")
-        if self.max_new_tokens < 0:
+        if not self.max_new_tokens >= 0:
             raise ValueError(f"max_new_tokens={self.max_new_tokens} must be positive, or 0 for a budget from each task's "
                              "longest reference")
         self.fvg_config.validate()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -76,9 +76,7 @@ class FunctionVectorResult:
         out.mkdir(parents=True, exist_ok=True)
         tensors = {"mean_activations": self.mean_activations.contiguous(), "function_vector": self.vector.contiguous(),
                    "cie_per_prompt": self.cie_per_prompt.contiguous()}
-        with atomic_path(out / "fv.safetensors") as tmp:
-            save_file(tensors, str(tmp))
-            digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+        digest = save_tensors(tensors, out / "fv.safetensors")
         # fv.json goes last and names the tensors it belongs with: a kill between the two files is caught on load
         atomic_write_json(out / "fv.json", {
             "tensors_sha256": digest,
@@ -102,18 +100,86 @@ class FunctionVectorResult:
         out = Path(out)
         if not (out / "fv.json").is_file() or not (out / "fv.safetensors").is_file():
             raise FileNotFoundError(f"{out} holds no fv.json and fv.safetensors; run `forgetlab fv extract --out {out}` first")
+        again = f"run `forgetlab fv extract --out {out}` again"
         meta = read_json(out / "fv.json")
-        digest = meta.get("tensors_sha256")  # absent in files saved before it was recorded
-        if digest is not None and hashlib.sha256((out / "fv.safetensors").read_bytes()).hexdigest() != digest:
-            raise ValueError(f"{out}/fv.safetensors is not the file {out}/fv.json was saved with (a save was interrupted); "
-                             f"run `forgetlab fv extract --out {out}` again")
+        _check_fv_json(meta, out / "fv.json", again)
+        # absent in files saved before it was recorded
+        check_tensors(out / "fv.safetensors", meta.get("tensors_sha256"), out / "fv.json", again)
         tensors = load_file(str(out / "fv.safetensors"))
+        missing = sorted({"cie_per_prompt", "mean_activations", "function_vector"} - set(tensors))
+        if missing:
+            raise ValueError(f"{out}/fv.safetensors lacks {', '.join(missing)}; {again}")
         settings = dict(meta["settings"])
         settings["prompt_format"] = PromptFormat(**settings["prompt_format"])
         return cls(task=meta["task"], settings=FVSettings(**settings), n_layers=meta["n_layers"], n_heads=meta["n_heads"],
                    head_dim=meta["head_dim"], cie_per_prompt=tensors["cie_per_prompt"],
                    top_heads=[tuple(h) for h in meta["top_heads"]], mean_activations=tensors["mean_activations"],
                    vector=tensors["function_vector"], seconds=meta["seconds"], model=meta.get("model", ""))
+
+
+# what FunctionVectorResult.load reads from fv.json; "model" and "tensors_sha256" may be absent (files saved before
+# they were recorded), and entries it does not read ("engine", "cie", notes someone added) are left alone
+_FV_REQUIRED = ("task", "n_layers", "n_heads", "head_dim", "top_heads", "seconds", "settings")
+
+
+def _check_fv_json(meta, path: Path, again: str) -> None:
+    """One clear error (ValueError) for an fv.json that is not what :meth:`FunctionVectorResult.save` writes
+    (edited by hand, cut short, from another program): an entry missing or of the wrong kind, or a setting this
+    version does not know. An absent setting takes its default, as in files saved before the setting existed."""
+    def refuse(what: str):
+        raise ValueError(f"{path} is not an fv.json as `forgetlab fv extract` writes it ({what}); {again}")
+
+    if not isinstance(meta, dict):
+        refuse(f"it holds a JSON {type(meta).__name__}, not an object")
+    if missing := [k for k in _FV_REQUIRED if k not in meta]:
+        refuse(f"no {', '.join(missing)}")
+    settings = meta["settings"]
+    if not isinstance(settings, dict) or not isinstance(settings.get("prompt_format"), dict):
+        refuse("settings is not an object with a prompt_format object")
+    for name, cls, given in (("settings", FVSettings, settings),
+                             ("settings.prompt_format", PromptFormat, settings["prompt_format"])):
+        if unknown := sorted(set(given) - {f.name for f in fields(cls)}):
+            refuse(f"unknown {name} entries {', '.join(unknown)}")
+    whole = all(isinstance(meta[k], int) and not isinstance(meta[k], bool) for k in ("n_layers", "n_heads", "head_dim"))
+    heads = isinstance(meta["top_heads"], list) and all(isinstance(h, list) and len(h) == 2 for h in meta["top_heads"])
+    if not (whole and heads and isinstance(meta["task"], str) and isinstance(meta["seconds"], (int, float))):
+        refuse("task, n_layers, n_heads, head_dim, top_heads or seconds is not of the kind it writes")
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> str:
+    """Write ``tensors`` to ``path`` atomically and return the file's sha256, for the JSON that goes with it.
+
+    The JSON is written after the tensors and names them by this digest, so :func:`check_tensors` catches a
+    tensors file that is not the one its JSON was saved with (a kill between the two writes, another run's file).
+    """
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp))
+        return hashlib.sha256(tmp.read_bytes()).hexdigest()
+
+
+def check_tensors(path: Path, digest: str | None, json_path: Path, fix: str) -> None:
+    """Refuse ``path`` unless it is the tensors file ``json_path`` recorded as ``digest`` (None: not recorded)."""
+    if digest is not None and hashlib.sha256(Path(path).read_bytes()).hexdigest() != digest:
+        raise ValueError(f"{path} is not the file {json_path} was saved with (a save was interrupted, or another run "
+                         f"wrote it); {fix}")
+
+
+def load_universal_fvs(out: str | Path) -> dict[str, torch.Tensor]:
+    """Each task's FV over the universal heads, as ``forgetlab fv universal --model`` wrote it to ``out``, checked
+    against the digest universal.json recorded (tensors of another run beside it are refused)."""
+    out = Path(out)
+    again = f"run `forgetlab fv universal ... --model DIR --out {out}` again"
+    if not (out / "universal.json").is_file():
+        raise FileNotFoundError(f"{out} holds no universal.json; {again}")
+    meta = read_json(out / "universal.json")
+    if not isinstance(meta, dict):
+        raise ValueError(f"{out}/universal.json is not a JSON object; {again}")
+    if "tensors_sha256" in meta and meta["tensors_sha256"] is None:  # absent in files saved before it was recorded
+        raise FileNotFoundError(f"{out}/universal.json was written without --model, so it has no FVs; {again}")
+    if not (out / "universal_fvs.safetensors").is_file():
+        raise FileNotFoundError(f"{out} holds no universal_fvs.safetensors beside its universal.json; {again}")
+    check_tensors(out / "universal_fvs.safetensors", meta.get("tensors_sha256"), out / "universal.json", again)
+    return load_file(str(out / "universal_fvs.safetensors"))
 
 
 def _sync(device: torch.device) -> None:

@@ -43,8 +43,8 @@ def compare_runs(baseline: Path, runs: Sequence[Path], keep: float = KEEP, fp_to
         raise ValueError("compare needs at least one run besides the baseline")
     if not 0 < keep <= 1:
         raise ValueError(f"--keep {keep:g}: a share of the drop, in (0, 1] (the target: 0.5)")
-    if fp_tolerance < 0:
-        raise ValueError(f"--fp-tolerance {fp_tolerance:g}: points of FP a run may lose, 0 or more (the target: 5)")
+    if not 0 <= fp_tolerance < math.inf:
+        raise ValueError(f"--fp-tolerance {fp_tolerance:g}: points of FP a run may lose, a finite 0 or more (the target: 5)")
     base = _cit_results(baseline)
 
     def drops(results: dict) -> tuple[float, float]:

@@ -110,22 +110,38 @@ def barrier() -> None:
         dist.barrier()
 
 
+# the errors that :func:`main_first` sends to the other processes: any other ValueError or OSError goes as the
+# nearest of these it derives from (a json.JSONDecodeError as a ValueError, "disk full" as an OSError)
+_SENT_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, IsADirectoryError, OSError,
+                ValueError)
+
+
+def _sendable(err: Exception) -> tuple[str, str]:
+    """The name of the nearest class in ``_SENT_ERRORS`` that ``err`` derives from, and its message."""
+    kind = next(c for c in type(err).__mro__ if c in _SENT_ERRORS)
+    return kind.__name__, str(err)
+
+
 def main_first(fn: Callable[[], T]) -> T | None:
     """Run ``fn`` on the main process only (e.g. creating the run directory), then let the others go on.
 
-    An error there is raised on every process, with its message, so no process is left waiting.
+    A ValueError or OSError there is raised on every process, with its message, so no process is left waiting:
+    the main process raises it as it was, the others as the nearest class they can rebuild (a
+    ``json.JSONDecodeError`` as a ValueError, ``NotADirectoryError`` as itself, "disk full" as an OSError).
     """
     if world_size() == 1:
         return fn()
-    result, error = None, None
+    result, error, sent = None, None, None
     if is_main():
         try:
             result = fn()
-        except (ValueError, FileNotFoundError, PermissionError) as err:
-            error = (type(err).__name__, str(err))
-    shared = [error]
+        except (ValueError, OSError) as err:
+            error, sent = err, _sendable(err)
+    shared = [sent]
     dist.broadcast_object_list(shared, src=0)
+    if error is not None:
+        raise error
     if shared[0] is not None:
         kind, message = shared[0]
-        raise {c.__name__: c for c in (ValueError, FileNotFoundError, PermissionError)}[kind](message)
+        raise {c.__name__: c for c in _SENT_ERRORS}[kind](message)
     return result

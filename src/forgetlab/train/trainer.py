@@ -62,19 +62,22 @@ class PhaseConfig:
     eval: EvalSchedule = field(default_factory=EvalSchedule)
 
     def validate(self, where: str) -> None:
+        for name in ("lr", "min_lr_ratio", "epochs", "weight_decay", "grad_clip"):  # NaN slips through every `x < 0`
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{where}.{name}={getattr(self, name)} is not a finite number; give a finite value")
         if not self.lr > 0:
             raise ValueError(f"{where}.lr={self.lr} must be positive")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"{where}.schedule={self.schedule!r} is unknown; use cosine or constant")
         for name in ("batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
+            if not getattr(self, name) >= 1:
                 raise ValueError(f"{where}.{name}={getattr(self, name)} must be at least 1")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"{where}.min_lr_ratio={self.min_lr_ratio} must be in [0, 1] (the floor as a share of lr)")
         for name in ("weight_decay", "grad_clip", "warmup_steps", "checkpoint_every"):
-            if getattr(self, name) < 0:
+            if not getattr(self, name) >= 0:
                 raise ValueError(f"{where}.{name}={getattr(self, name)} must not be negative (0 turns it off)")
-        if self.max_steps < 0 or self.epochs < 0 or (self.max_steps == 0 and self.epochs == 0):
+        if not (self.max_steps >= 0 and self.epochs >= 0) or (self.max_steps == 0 and self.epochs == 0):
             raise ValueError(f"{where}: set a positive epochs or max_steps (got epochs={self.epochs}, max_steps={self.max_steps})")
 
     def total_micro_batches(self, n_rows: int) -> int:

@@ -183,7 +183,16 @@ def _as_list(value: Any, current: tuple | list, full: str) -> list:
         value = [float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
     if not isinstance(value, list) or not value or (kinds and any(type(v) not in kinds for v in value)):
         raise ValueError(f"--set {full}: expected a list like {list(current)!r} (e.g. {full}=[a,b]), got {value!r}")
+    _check_finite(value, full)
     return value
+
+
+def _check_finite(value: Any, full: str) -> None:
+    """JSON's parser takes ``NaN``, ``Infinity`` and ``1e999``; no setting means them, and a check written ``x < 0``
+    lets NaN through, so they stop here (a text setting keeps ``NaN`` as the text it is)."""
+    for v in value if isinstance(value, list) else [value]:
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"--set {full}: {v!r} is not a finite number; give a finite value")
 
 
 def _scalar(text: str) -> Any:
@@ -209,6 +218,7 @@ def _replace_path(obj: Any, path: list[str], raw: str, full: str) -> Any:
         raise ValueError(f"--set {full}: {path[0]!r} is a group of settings; set one of its fields")
     if isinstance(current, (tuple, list)):
         return dataclasses.replace(obj, **{path[0]: type(current)(_as_list(value, current, full))})
+    _check_finite(value, full)
     if isinstance(current, bool) != isinstance(value, bool) or (
             isinstance(current, (int, float)) and not isinstance(value, (int, float))) or (
             isinstance(current, str) and not isinstance(value, str)):
