@@ -123,3 +123,14 @@ def test_analyze_refuses_options_that_cannot_work_before_it_writes(args, message
     result = invoke("analyze", finished_run, *args, "--no-progress", tmp_path=tmp_path)
     assert message in one_error_line(result)
     assert not (finished_run / "analysis").exists()
+
+
+def test_analyze_from_python_checks_its_options_first_too(finished_run):
+    """The checks live in `analyze_biography_run` itself, so a caller from Python gets them before anything is written."""
+    from forgetlab.experiments.biography_analysis import analyze_biography_run
+
+    for kwargs, message in (({"grid": (1, 5)}, "--grid 1x5: need at least 2 points"), ({"energy": 0.0}, "--energy 0.0"),
+                            ({"max_prompts": 0}, "--max-prompts 0 must be at least 1")):
+        with pytest.raises(ValueError, match=message):
+            analyze_biography_run(finished_run, log=lambda s: None, **kwargs)
+    assert not (finished_run / "analysis").exists()

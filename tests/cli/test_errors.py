@@ -26,6 +26,8 @@ def one_error_line(result) -> str:
     (["--method", "lamol"], "method='lamol' is unknown"),
     (["--method", "ewc", "--ewc-strength", "-1"], "method=ewc needs --ewc-strength > 0"),
     (["--method", "ewc", "--ewc-strength", "0"], "method=ewc needs --ewc-strength > 0"),  # an explicit 0 is not 1e4
+    (["--method", "ewc", "--ewc-strength", "nan"], "method=ewc needs --ewc-strength > 0"),
+    (["--method", "ewc", "--ewc-strength", "inf"], "method=ewc needs --ewc-strength > 0"),
     (["--method", "freeze", "--freeze-layers", "9"], "--freeze-layers 9 is outside 0..2"),
     (["--replay", "-0.5"], "--replay -0.5 must be a fraction"),
     (["--early-stop", "3"], "--early-stop 3.0 must be an accuracy"),

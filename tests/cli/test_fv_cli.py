@@ -327,3 +327,25 @@ def test_universal_never_leaves_another_runs_fvs_beside_its_json(extracted, tmp_
     assert saved["tensors_sha256"] is None and saved["top_k"] == 3 and saved["model"] == ""
     with pytest.raises(FileNotFoundError, match="written without --model, so it has no FVs"):
         load_universal_fvs(out)
+
+
+def test_a_corrupt_tensors_file_without_a_recorded_digest_is_one_line(extracted, tmp_path):
+    """An fv.safetensors saved before its digest was recorded, then damaged: the digest cannot catch it, so reading
+    it must (one line, not safetensors' own error); and extract into a folder whose fv.json is not an object does not
+    crash on it."""
+    import shutil
+
+    root, _ = extracted
+    shutil.copytree(root / "out", tmp_path / "fv")
+    meta = json.loads((tmp_path / "fv" / "fv.json").read_text())
+    del meta["tensors_sha256"]
+    (tmp_path / "fv" / "fv.json").write_text(json.dumps(meta))
+    (tmp_path / "fv" / "fv.safetensors").write_bytes(b"not a safetensors file")
+    line = one_error_line(*invoke("evaluate", "--model", root / "model", "--task", root / "task.json", "--fv",
+                                  tmp_path / "fv", "--out", tmp_path / "eval"))
+    assert f"{tmp_path / 'fv'}/fv.safetensors cannot be read" in line and "again" in line
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "fv.json").write_text("[1, 2]")
+    line = one_error_line(*invoke("extract", "--model", root / "model", "--task", root / "task.json", "--out",
+                                  tmp_path / "odd"))
+    assert f"--out {tmp_path / 'odd'} holds an fv.json that is not an FV's; pass --overwrite" in line

@@ -219,7 +219,12 @@ def test_bad_configs_name_the_problem(icl_world_dir):
                          ({"general_prompts": 0}, "general_prompts=0 must be positive"),
                          ({"ewc_batches": 0}, "ewc_batches=0 must be positive"),
                          ({"fvg_config": FVGConfig(temperature=0)}, "fvg_config.temperature=0 must be positive"),
-                         ({"fvg_config": FVGConfig(shots=1)}, "shuffles at least 2 demonstrations")):
+                         ({"fvg_config": FVGConfig(shots=1)}, "shuffles at least 2 demonstrations"),
+                         ({"lora_alpha": 0}, "lora_alpha=0 must be positive"),
+                         ({"fvg_config": FVGConfig(alpha_kl=float("nan"))}, "fvg_config.alpha_kl=nan must be a finite"),
+                         ({"fvg_config": FVGConfig(alpha_fv=float("inf"))}, "fvg_config.alpha_fv=inf must be a finite"),
+                         ({"fvg_config": FVGConfig(temperature=float("nan"))}, "fvg_config.temperature=nan must be"),
+                         ({"fvg_config": FVGConfig(scale=float("nan"))}, "fvg_config.scale=nan must be a finite")):
         with pytest.raises(ValueError, match=message):
             small(icl_world_dir, **bad).validate()
     with pytest.raises(ValueError, match="NI-Seq-G1 unknown"):

@@ -156,20 +156,13 @@ def analyze(
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
     """Every diagnostic of a run: update angles (whole and window by window), feature shift, loss landscape."""
-    from forgetlab.analysis.outputs import check_energy, check_positive
     from forgetlab.cli.analyze import parse_pair
     from forgetlab.experiments.biography_analysis import analyze_biography_run
 
     steps = None if plane is None else parse_pair(plane, "--plane", ",", int, "two task-1 snapshot steps A,B such as 100,150")
-    points = parse_pair(grid, "--grid", "x", int, "AxB such as 41x61")
-    # each analysis checks its own options only when it starts, after the ones before it have written their files and
-    # spent minutes: an option that cannot work is refused here, before anything is loaded or written
-    if min(points) < 2:
-        raise ValueError(f"--grid {grid}: need at least 2 points per axis, such as 21x21")
-    check_energy(energy)
-    check_positive(max_examples, "--max-examples")
-    analyze_biography_run(run_dir, out, grid=points, max_examples=max_examples, plane=steps, energy=energy,
-                          landscape_range=landscape_range, progress=progress, log=log_line)
+    analyze_biography_run(run_dir, out, grid=parse_pair(grid, "--grid", "x", int, "AxB such as 41x61"),
+                          max_examples=max_examples, plane=steps, energy=energy, landscape_range=landscape_range,
+                          progress=progress, log=log_line)
 
 
 @app.command()

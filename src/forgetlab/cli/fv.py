@@ -98,6 +98,9 @@ def extract(
     icl_task = load_task(task)
     if (out / "fv.json").is_file() and not overwrite:  # the same task and model again just refreshes it
         held = read_json(out / "fv.json")
+        if not isinstance(held, dict):
+            raise ValueError(f"--out {out} holds an fv.json that is not an FV's; pass --overwrite to replace it, or give "
+                             "another --out")
         if (held.get("task"), held.get("model")) != (icl_task.name, str(model)):
             raise ValueError(f"--out {out} holds the FV of task {held.get('task')} from {held.get('model')}; pass "
                              "--overwrite to replace it, or give another --out")

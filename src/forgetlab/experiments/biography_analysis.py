@@ -14,8 +14,8 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from forgetlab.analysis.outputs import (write_angles, write_angles_over_training, write_features,
-                                        write_landscape)
+from forgetlab.analysis.outputs import (check_energy, check_positive, write_angles, write_angles_over_training,
+                                        write_features, write_landscape)
 from forgetlab.experiments.recover import load_run_config
 from forgetlab.models.build import check_checkpoint
 from forgetlab.report.markdown import analysis_report
@@ -49,6 +49,13 @@ def analyze_biography_run(run_dir: Path, out: Path | None = None, *, grid: tuple
     """
     if landscape_range not in ("paper", "auto"):
         raise ValueError(f"--landscape-range {landscape_range!r}: use paper or auto")
+    # each analysis checks its own options only when it starts, after the ones before it have written their files and
+    # spent minutes: an option that cannot work is refused here, before anything is loaded or written
+    if min(grid) < 2:
+        raise ValueError(f"--grid {grid[0]}x{grid[1]}: need at least 2 points per axis, such as 21x21")
+    check_energy(energy)
+    check_positive(max_examples, "--max-examples")
+    check_positive(max_prompts, "--max-prompts")
     run_dir = Path(run_dir)
     if not (run_dir / "results.json").is_file():
         raise FileNotFoundError(f"{run_dir} is not a finished `forgetlab biography run` directory (no results.json)")

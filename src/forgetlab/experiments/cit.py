@@ -136,7 +136,8 @@ class CITConfig:
             raise ValueError(f"answer_end={self.answer_end!r} is unknown; use one of {', '.join(ANSWER_ENDS)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is unknown; use one of {', '.join(DTYPES)}")
-        for name in ("n_train", "n_test", "max_source_tokens", "max_target_tokens", "lora_r", "ewc_batches", "general_prompts"):
+        for name in ("n_train", "n_test", "max_source_tokens", "max_target_tokens", "lora_r", "lora_alpha", "ewc_batches",
+                     "general_prompts"):
             if not getattr(self, name) >= 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
         if not 0 <= self.replay <= 1:

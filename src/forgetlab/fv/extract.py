@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from forgetlab.fv.cie import ENGINES, causal_indirect_effect, mean_head_activations
@@ -105,7 +106,10 @@ class FunctionVectorResult:
         _check_fv_json(meta, out / "fv.json", again)
         # absent in files saved before it was recorded
         check_tensors(out / "fv.safetensors", meta.get("tensors_sha256"), out / "fv.json", again)
-        tensors = load_file(str(out / "fv.safetensors"))
+        try:
+            tensors = load_file(str(out / "fv.safetensors"))
+        except SafetensorError as err:  # a corrupt file saved before its digest was recorded
+            raise ValueError(f"{out}/fv.safetensors cannot be read ({' '.join(str(err).split())[:120]}); {again}") from None
         missing = sorted({"cie_per_prompt", "mean_activations", "function_vector"} - set(tensors))
         if missing:
             raise ValueError(f"{out}/fv.safetensors lacks {', '.join(missing)}; {again}")

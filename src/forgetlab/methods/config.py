@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 METHODS = ("seq", "freeze", "ewc")
@@ -30,8 +32,8 @@ class MethodConfig:
             raise ValueError(f"--freeze-layers {self.freeze_layers} needs --method freeze (method {self.name} freezes nothing)")
         if not 0 <= self.replay <= 1:
             raise ValueError(f"--replay {self.replay} must be a fraction in [0, 1]")
-        if self.name == "ewc" and self.ewc_strength <= 0:
-            raise ValueError(f"method=ewc needs --ewc-strength > 0 (got {self.ewc_strength}), e.g. --ewc-strength 1e4")
+        if self.name == "ewc" and not 0 < self.ewc_strength < math.inf:  # written so that NaN fails too
+            raise ValueError(f"method=ewc needs --ewc-strength > 0 and finite (got {self.ewc_strength}), e.g. --ewc-strength 1e4")
         if self.name != "ewc" and self.ewc_strength:
             raise ValueError(f"--ewc-strength {self.ewc_strength} needs --method ewc")
         if self.ewc_batches < 1:

@@ -17,6 +17,8 @@ thresholds on the loss terms.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -180,9 +182,11 @@ class FVGConfig:
     def validate(self) -> None:
         """One line for a setting FVG cannot run with (``--set fvg_config.NAME=...``)."""
         for name in ("alpha_fv", "alpha_kl", "alpha_kl_all"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"fvg_config.{name}={getattr(self, name)} must not be negative")
-        if not self.temperature > 0:
+            if not 0 <= getattr(self, name) < math.inf:  # written so that NaN fails too
+                raise ValueError(f"fvg_config.{name}={getattr(self, name)} must be a finite number, not negative")
+        if not math.isfinite(self.scale):
+            raise ValueError(f"fvg_config.scale={self.scale} must be a finite number (the FV is added as scale · FV)")
+        if not 0 < self.temperature < math.inf:
             raise ValueError(f"fvg_config.temperature={self.temperature} must be positive (the paper's is 2)")
         for name in ("top_k", "n_prompts"):
             if getattr(self, name) < 1:
