@@ -18,6 +18,7 @@ context), on the ICL world's general tasks or on ``general`` task files.
 from __future__ import annotations
 
 import contextlib
+import math
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -112,8 +113,6 @@ class CITConfig:
         return self.finetune or DEFAULT_MODE.get(self.method, "full")
 
     def validate(self) -> None:
-        import math
-
         for name in ("replay", "ewc_strength", "lwf_strength", "lwf_temperature", "olora_strength", "lora_dropout"):
             if not math.isfinite(getattr(self, name)):  # NaN slips through every `x < 0`
                 raise ValueError(f"{name}={getattr(self, name)} is not a finite number; give a finite value")
