@@ -8,13 +8,14 @@ before the output folder is made.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from forgetlab.utils.io import file_sha256
 
 Log = Callable[[str], None]
 
@@ -53,14 +54,14 @@ def fingerprint(path: Path) -> list:
     return [str(path), [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]]
 
 
-def content_fingerprint(path: Path) -> str:
-    """A data file's SHA-256: commands such as `biography analyze` write their QA files again on every run, with the
-    same rows but a new modification time, and their landscape must still resume."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def checkpoint_fingerprints(paths: Sequence[Path]) -> list:
+    """Each checkpoint checked (one line naming the first that is not one), then its :func:`fingerprint`: what the
+    ``settings`` of a resumable or reusable analysis record."""
+    from forgetlab.models.build import check_checkpoint
+
+    for path in paths:
+        check_checkpoint(path, "checkpoint")
+    return [fingerprint(p) for p in paths]
 
 
 def check_energy(value: float) -> float:
@@ -93,13 +94,10 @@ def write_angles(a1: Path, a2: Path, b1: Path, b2: Path, out: Path, energy: floa
     """Angle between phase B's update (b1 → b2) of every weight matrix and the subspace phase A's (a1 → a2) spanned:
     ``angles.csv``, ``angles.json``, ``angles.png``."""
     from forgetlab.analysis.angles import angle_matrix, update_angles, write_angles_csv
-    from forgetlab.models.build import check_checkpoint
     from forgetlab.report.analysis import plot_angle_heatmap
     from forgetlab.utils.io import atomic_write_json
 
-    for path in (a1, a2, b1, b2):
-        check_checkpoint(path, "checkpoint")
-    settings = {"checkpoints": [fingerprint(p) for p in (a1, a2, b1, b2)], "energy": check_energy(energy)}
+    settings = {"checkpoints": checkpoint_fingerprints((a1, a2, b1, b2)), "energy": check_energy(energy)}
     if (kept := kept_result(out, "angles.json", ("angles.csv", "angles.png"), settings, log)) is not None:
         return kept
     first = load_checkpoint(a1)
@@ -140,7 +138,6 @@ def write_angles_over_training(a1: Path, a2: Path, checkpoints: Sequence[Path], 
     """Each window of a later phase (checkpoint k → k+1) against the subspace phase A updated:
     ``angles_over_training.csv``, ``.json`` (per window and component, over layers) and ``.png``."""
     from forgetlab.analysis.angles import COLUMNS, angles_over_training, component_means, csv_cells
-    from forgetlab.models.build import check_checkpoint
     from forgetlab.report.analysis import plot_angles_over_training
     from forgetlab.utils.io import atomic_write_json, atomic_write_text
 
@@ -148,9 +145,7 @@ def write_angles_over_training(a1: Path, a2: Path, checkpoints: Sequence[Path], 
     checkpoints = list(checkpoints)
     if len(checkpoints) < 2:
         raise ValueError("--checkpoint: give at least two checkpoints of the later phase (its start, then later ones)")
-    for path in (a1, a2, *checkpoints):
-        check_checkpoint(path, "checkpoint")
-    settings = {"checkpoints": [fingerprint(p) for p in (a1, a2, *checkpoints)], "energy": energy}
+    settings = {"checkpoints": checkpoint_fingerprints((a1, a2, *checkpoints)), "energy": energy}
     if (kept := kept_result(out, "angles_over_training.json", ("angles_over_training.csv", "angles_over_training.png"),
                             settings, log)) is not None:
         return kept
@@ -189,7 +184,6 @@ def write_landscape(theta0: Path, theta1: Path, theta2: Path, data: Mapping[str,
     computes only the missing rows."""
     import forgetlab.analysis.landscape as ls
     from forgetlab.analysis.recovery import encode_qa, read_qa_rows
-    from forgetlab.models.build import check_checkpoint
     from forgetlab.models.tokenizers import pad_id
     from forgetlab.report.analysis import plot_landscape
     from forgetlab.train.data import qa_dataset
@@ -203,16 +197,15 @@ def write_landscape(theta0: Path, theta1: Path, theta2: Path, data: Mapping[str,
             raise ValueError(f"--{name} {given[0]:g},{given[1]:g}: LOW must be below HIGH (or auto)")
     tasks = {name: read_qa_rows(path)[:check_positive(max_examples, "--max-examples")] for name, path in data.items()}
     points = list(trajectory) if trajectory else [theta0, theta1, theta2]  # drawn in the order given
-    for point in (theta0, theta1, theta2, *points):  # a bad trajectory checkpoint is named now, not after the grid
-        check_checkpoint(point, "checkpoint")
-    # what decides the losses: a killed grid resumes from its last finished row, a finished one is only redrawn
-    settings = {"checkpoints": [fingerprint(p) for p in (theta0, theta1, theta2)],
-                "data": {name: content_fingerprint(path) for name, path in data.items()},
+    # what decides the losses: a killed grid resumes from its last finished row, a finished one is only redrawn (a bad
+    # trajectory checkpoint is named now, not after the grid); QA files by content, as commands write them anew
+    settings = {"checkpoints": checkpoint_fingerprints((theta0, theta1, theta2)),
+                "data": {name: file_sha256(path) for name, path in data.items()},
                 "max_examples": max_examples, "grid": [n_a, n_b],
                 "alpha_range": list(alpha_range) if alpha_range else "auto",
                 "beta_range": list(beta_range) if beta_range else "auto",
                 "orthogonalize": orthogonalize, "filter_normalize": filter_normalize,
-                "trajectory": [fingerprint(p) for p in points]}
+                "trajectory": checkpoint_fingerprints(points)}
     if (out / "landscape.json").is_file() and read_json(out / "landscape.json").get("settings") == settings:
         log(f"{out}/landscape.json already holds this grid; redrawing landscape.png only")
         return redraw_landscape(out)
@@ -301,7 +294,6 @@ def write_features(checkpoints: Sequence[Path], prompts: Path, out: Path, max_pr
     ``features.csv``, ``features.json``, ``features.png``, ``features_scatter.png``."""
     from forgetlab.analysis.features import feature_shift, last_token_features, pca_scatter
     from forgetlab.analysis.recovery import encode_qa, read_qa_rows
-    from forgetlab.models.build import check_checkpoint
     from forgetlab.models.tokenizers import pad_id
     from forgetlab.report.analysis import plot_feature_scatter, plot_feature_shift
     from forgetlab.utils.io import atomic_write_json, atomic_write_text
@@ -309,11 +301,10 @@ def write_features(checkpoints: Sequence[Path], prompts: Path, out: Path, max_pr
     checkpoints = list(checkpoints)
     if len(checkpoints) < 2:
         raise ValueError("--checkpoint: give at least two checkpoints (the first is the reference)")
-    for path in checkpoints:
-        check_checkpoint(path, "checkpoint")
+    fingerprints = checkpoint_fingerprints(checkpoints)
     rows = read_qa_rows(prompts)[:check_positive(max_prompts, "--max-prompts")]
-    settings = {"checkpoints": [fingerprint(c) for c in checkpoints], "prompts": content_fingerprint(prompts),
-                "max_prompts": max_prompts, "scatter_layer": scatter_layer}
+    settings = {"checkpoints": fingerprints, "prompts": file_sha256(prompts), "max_prompts": max_prompts,
+                "scatter_layer": scatter_layer}
     if (kept := kept_result(out, "features.json", ("features.csv", "features.png", "features_scatter.png"), settings,
                             log)) is not None:
         return kept

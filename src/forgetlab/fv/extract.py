@@ -6,7 +6,6 @@ is what it writes (``fv.json`` + ``fv.safetensors`` + ``cie_heatmap.png``) and r
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -20,7 +19,7 @@ from forgetlab.fv.prompts import batches
 from forgetlab.fv.tasks import ICLTask, PromptFormat, counterfactuals, sample_prompts
 from forgetlab.fv.vectors import Head, function_vector, top_heads
 from forgetlab.models.adapter import ModelAdapter
-from forgetlab.utils.io import atomic_path, atomic_write_json, read_json
+from forgetlab.utils.io import atomic_path, atomic_write_json, file_sha256, read_json
 
 
 @dataclass(frozen=True)
@@ -158,12 +157,12 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> str:
     """
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp))
-        return hashlib.sha256(tmp.read_bytes()).hexdigest()
+        return file_sha256(tmp)
 
 
 def check_tensors(path: Path, digest: str | None, json_path: Path, fix: str) -> None:
     """Refuse ``path`` unless it is the tensors file ``json_path`` recorded as ``digest`` (None: not recorded)."""
-    if digest is not None and hashlib.sha256(Path(path).read_bytes()).hexdigest() != digest:
+    if digest is not None and file_sha256(path) != digest:
         raise ValueError(f"{path} is not the file {json_path} was saved with (a save was interrupted, or another run "
                          f"wrote it); {fix}")
 

@@ -42,6 +42,16 @@ def config_hash(*parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def file_sha256(path: str | Path) -> str:
+    """A file's SHA-256, read in blocks: identifies content where a modification time does not (a file written
+    again with the same bytes, a tensors file that must be the one its JSON was saved with)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def code_fingerprint(*modules: str) -> str:
     """A short hash of the source of ``modules`` (dotted names), for cache keys: a cached result depends on
     the code that computed it as much as on its config, and a config hash alone hands back results of older code."""
