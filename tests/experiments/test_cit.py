@@ -879,20 +879,43 @@ def test_cit_analyze_writes_drift_and_interventions(icl_world_dir, tmp_path, mon
 
     def load(path, *args, **kwargs):
         loads.append(Path(path).name)
-        if len(loads) == 4 and kill:
+        if len(loads) == 4 and kill == "load":
             raise KeyboardInterrupt
         return real_load(path, *args, **kwargs)
 
     monkeypatch.setattr(build, "load_model", load)
-    kill = True
+    kill = "load"
     with pytest.raises(KeyboardInterrupt):
         analyze_run(tmp_path, settings, log=lambda s: None)
     assert (tmp_path / "drift.partial.pt").is_file()
-    kill, loads[:] = False, []
-    analyze_run(tmp_path, settings, log=lambda s: None)
+
+    # resumed, then killed again at the third task's interventions (their valid queries are drawn once per task)
+    import forgetlab.analysis.fv_drift as fv_drift
+
+    real_prompts, valid_draws = fv_drift.zero_shot_prompts, []
+
+    def prompts(task, settings, split="test"):
+        if split == "valid":
+            valid_draws.append(task.name)
+            if len(valid_draws) == 3 and kill == "interventions":
+                raise KeyboardInterrupt
+        return real_prompts(task, settings, split)
+
+    monkeypatch.setattr(fv_drift, "zero_shot_prompts", prompts)
+    kill, loads[:] = "interventions", []
+    with pytest.raises(KeyboardInterrupt):
+        analyze_run(tmp_path, settings, log=lambda s: None)
+    assert valid_draws == general[:3] and (tmp_path / "drift.partial.pt").is_file()
     names = sorted(p.name for p in (tmp_path / "checkpoints").glob("task-*"))
-    assert loads == [Path(cfg.model or icl_world_dir / "model").name, *names[2:], names[-1]]
+    assert loads[:-1] == [Path(cfg.model or icl_world_dir / "model").name, *names[2:]] and loads[-1] == names[-1]
+
+    # the third call measures the tasks left and nothing else: the initial model (distances) and the last checkpoint
+    kill, loads[:], valid_draws[:] = None, [], []
+    analyze_run(tmp_path, settings, log=lambda s: None)
+    assert loads == [Path(cfg.model or icl_world_dir / "model").name, names[-1]]
+    assert valid_draws == general[2:]
     assert json.loads((tmp_path / "drift.json").read_text())["rows"] == drift["rows"]
+    assert json.loads((tmp_path / "interventions.json").read_text())["tasks"] == tasks
     assert not (tmp_path / "drift.partial.pt").exists()
     monkeypatch.undo()
 

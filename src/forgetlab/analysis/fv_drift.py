@@ -212,18 +212,27 @@ def _best_edit(adapter: ModelAdapter, tokenizer, vector: torch.Tensor, prompts: 
 
 
 def fv_interventions(model: torch.nn.Module, tokenizer, tasks: Sequence[ICLTask], initial: dict,
-                     last_task: ICLTask | None, settings: DriftSettings = DriftSettings()) -> dict:
+                     last_task: ICLTask | None, settings: DriftSettings = DriftSettings(), *, done: dict | None = None,
+                     on_task: Callable[[dict], None] | None = None) -> dict:
     """On the final model: each forgotten task's score with its original FV added, and with the FV of the
-    task trained last subtracted; layer and scale chosen on valid queries, scored on test queries."""
+    task trained last subtracted; layer and scale chosen on valid queries, scored on test queries.
+
+    ``done``: the state ``on_task`` last received (called after the last task's FV and after each task) —
+    its tasks are not measured again, so an analysis killed here resumes (each task sweeps every layer and scale).
+    """
     model.eval()
     adapter = adapt(model)
     device = next(model.parameters()).device
-    last_fv = None
-    if last_task is not None:
+    out: dict = dict(done["tasks"]) if done else {}
+    last_fv = done.get("last_fv") if done else None
+    if last_task is not None and last_fv is None:
         last_fv = extract_function_vector(adapter, tokenizer, last_task,
                                           settings.extraction(adapter, settings.shots_for(last_task))).vector
-    out = {}
+        if on_task is not None:
+            on_task({"tasks": out, "last_fv": last_fv})
     for task in tasks:
+        if task.name in out:
+            continue
         before = initial[task.name]["score"]
         test, valid = zero_shot_prompts(task, settings), zero_shot_prompts(task, settings, "valid")
         after = accuracy(adapter, tokenizer, test)
@@ -242,6 +251,9 @@ def fv_interventions(model: torch.nn.Module, tokenizer, tasks: Sequence[ICLTask]
                 row["subtract_layer"], row["subtract_alpha"] = layer, alpha
                 row["subtract_recovered"] = (row["subtract_last_task_fv"] - after) / (before - after)
         out[task.name] = row
+        if on_task is not None:
+            on_task({"tasks": out, "last_fv": last_fv})
+    out = {task.name: out[task.name] for task in tasks}  # the tasks' order, however many runs it took
     forgotten = [r for r in out.values() if r["forgotten"]]
     summary = {"forgotten_tasks": len(forgotten)}
     for key in ("add_recovered", "subtract_recovered"):

@@ -773,8 +773,8 @@ def analyze_runs(runs: Sequence[Path], out: Path | None = None, settings=None, *
             return load_model(path, dtype).to(device)
         return load
 
-    # a killed analysis resumes after its last finished checkpoint (drift.partial.pt, removed at the end), unless
-    # the model, a checkpoint, the general tasks or a setting changed
+    # a killed analysis resumes after its last finished checkpoint or intervention task (drift.partial.pt, removed
+    # at the end), unless the model, a checkpoint, the general tasks or a setting changed
     partial_path = out / "drift.partial.pt"
     key = {"settings": asdict(settings), "general": [t.name for t in general],
            "model": fingerprint(model_dir) if Path(model_dir).exists() else str(model_dir),
@@ -783,18 +783,23 @@ def analyze_runs(runs: Sequence[Path], out: Path | None = None, settings=None, *
     if partial_path.is_file():
         saved = torch.load(partial_path, weights_only=True)
         if saved.get("key") == key:
-            done = {"rows": saved["rows"], "initial": saved["initial"]}
-            log(f"[cit analyze] resuming after {len({r['checkpoint'] for r in done['rows']})} checkpoints ({partial_path})")
+            done = saved
+            log(f"[cit analyze] resuming after {len({r['checkpoint'] for r in done['rows']})} checkpoints"
+                + (f" and {len(done['interventions']['tasks'])} interventions" if done.get("interventions") else "")
+                + f" ({partial_path})")
         else:
             log(f"[cit analyze] {partial_path} is from another model, checkpoints or settings; starting afresh")
+    progress = {"key": key}
 
-    def save_progress(rows: list[dict], initial: dict) -> None:
+    def save_progress(**state) -> None:
+        progress.update(state)
         with atomic_path(partial_path) as tmp:
-            torch.save({"key": key, "rows": rows, "initial": initial}, tmp)
+            torch.save(progress, tmp)
 
     rows, initial = drift_measurements([(name, loader(name, path)) for name, path in
                                         [("initial", model_dir)] + [(name, p) for name, _, p in checkpoints]],
-                                       tokenizer, general, settings, done=done, on_checkpoint=save_progress)
+                                       tokenizer, general, settings, done=done,
+                                       on_checkpoint=lambda rows, initial: save_progress(rows=rows, initial=initial))
     for row in rows:
         row["run"] = run_of.get(row["checkpoint"], "")
     fits = drift_fits(rows)
@@ -815,7 +820,8 @@ def analyze_runs(runs: Sequence[Path], out: Path | None = None, settings=None, *
     if len(runs) == 1:
         last_task = tasks[-1].as_icl_task() if cfg.method != "multitask" else None
         interventions = fv_interventions(load_model(checkpoints[-1][2], dtype).to(device), tokenizer, general, initial,
-                                         last_task, settings)
+                                         last_task, settings, done=done.get("interventions") if done else None,
+                                         on_task=lambda state: save_progress(interventions=state))
         atomic_write_json(out / "interventions.json", interventions)
         result["interventions"] = interventions["summary"]
     drift_report(fits, [str(r) for r in runs], interventions, out)
