@@ -37,6 +37,7 @@ from forgetlab.methods.fvg import (FVGConfig, FVGuidance, over_universal_heads, 
 from forgetlab.methods.regularizers import diagonal_fisher, distillation_kl, ewc_penalty, lora_orthogonality
 from forgetlab.methods.replay import mix_replay
 from forgetlab.metrics.cl import cl_summary
+from forgetlab.models.build import peft_without_upstream_deprecation
 from forgetlab.models.tokenizers import pad_id
 from forgetlab.train import distributed
 from forgetlab.train.checkpoints import load_between_phases, save_between_phases, save_model_dir
@@ -310,7 +311,8 @@ def _wrap_lora(model, cfg: CITConfig):
     transposed = bool(targets) and all(isinstance(m, Conv1D) for m in targets)
     config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                         target_modules=list(cfg.lora_targets), task_type="CAUSAL_LM", fan_in_fan_out=transposed)
-    return get_peft_model(model, config)
+    with peft_without_upstream_deprecation():
+        return get_peft_model(model, config)
 
 
 def lora_a_matrices(model) -> dict[str, torch.Tensor]:

@@ -10,6 +10,9 @@ adapter merged in, so LoRA runs can be analysed like full fine-tunes.
 from __future__ import annotations
 
 import json
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,6 +125,15 @@ def build_model(config: ModelConfig, vocab_size: int, pad_id: int, eos_id: int, 
     return model
 
 
+@contextmanager
+def peft_without_upstream_deprecation() -> Iterator[None]:
+    """PEFT reads ``model.is_gradient_checkpointing``, which transformers 5 deprecates with a FutureWarning on every
+    wrap or adapter load; it is PEFT's to change, not the user's, so it is silenced here (and only it)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """Load a local HF checkpoint, in float32 unless asked (training keeps fp32 master weights; a LoRA run
     on a 7B model may keep its frozen base in bfloat16, half the memory). A PEFT adapter directory gives its base
@@ -131,7 +143,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrain
         return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(load_model(base, dtype), str(path)).merge_and_unload()
+    with peft_without_upstream_deprecation():
+        return PeftModel.from_pretrained(load_model(base, dtype), str(path)).merge_and_unload()
 
 
 def config_source(path: str | Path) -> str:
