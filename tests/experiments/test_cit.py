@@ -176,6 +176,72 @@ def test_a_tokenizer_without_pad_token_pads_with_eos_and_multitask_lora_trains_o
     assert changed and all(("q_proj" in k or "v_proj" in k) for k in changed)
 
 
+def sentencepiece_style_llama(path: Path, texts: list[str]) -> Path:
+    """A tiny Llama whose tokenizer behaves like Llama-2's and Mistral's: SentencePiece-style BPE (words keep their
+    leading "▁", the first one gets one prepended), BOS put first by the tokenizer itself, no pad token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaTokenizerFast
+
+    core = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    core.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    core.train_from_iterator(texts, trainer=trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"],
+                                                                show_progress=False))
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", core.token_to_id("<s>"))])
+    tok = LlamaTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    config = tiny_config("llama", len(tok), n_layers=2)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = tok.bos_token_id, tok.eos_token_id, None
+    random_model(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_a_sentencepiece_style_tokenizer_that_adds_bos_trains_and_scores_an_ni_task(tmp_path, monkeypatch):
+    """With Llama-2's kind of tokenizer every training row starts with the one BOS the tokenizer adds, the answer is
+    the ids the prompt's continuation gets in context (" POS" -> "▁POS"), followed by eos as a label although eos
+    also pads; the task is learned and its generated answers decode and score as such."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    import forgetlab.experiments.cit as cit
+
+    rng, words = random.Random(0), ["great", "awful", "movie", "food", "slow", "tasty", "the", "was"]
+    inputs = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 6))) for _ in range(120)]
+    label = {s: "POS" if "great" in s else "NEG" for s in inputs}
+    definition = "Is the review POS or NEG?"
+    (tmp_path / "task363_sst2.json").write_text(json.dumps({"Definition": [definition], "Positive Examples": [],
+        "Instances": [{"id": str(i), "input": s, "output": [label[s]]} for i, s in enumerate(inputs)]}))
+    texts = [f"Definition: {definition} Now complete the following example - Input: {s} Output: {label[s]}" for s in inputs]
+    model_dir = sentencepiece_style_llama(tmp_path / "llama", texts)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    assert tok.pad_token_id is None and tok("a")["input_ids"][0] == tok.bos_token_id
+
+    captured, train_phase = {}, cit.train_phase
+
+    def capture(model, data, *args, **kwargs):
+        captured["data"] = data
+        return train_phase(model, data, *args, **kwargs)
+
+    monkeypatch.setattr(cit, "train_phase", capture)
+    cfg = CITConfig(model=str(model_dir), sequence=str(tmp_path / "task363_sst2.json"), n_train=20, n_test=10,
+                    method="seq", max_new_tokens=3, general=str(tmp_path / "task363_sst2.json"))
+    cfg = replace(cfg, train=replace(cfg.train, epochs=15, batch_size=10, grad_accum=1, lr=3e-3))
+    results = run_cit(cfg, tmp_path / "run", log=lambda s: None, progress=False)
+
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    data = captured["data"]
+    for ids, labels, mask in zip(data.input_ids, data.labels, data.attention_mask):
+        real = ids[:int(mask.sum())].tolist()
+        answer = [int(t) for t, l in zip(ids, labels) if l != -100]
+        prompt = real[:len(real) - len(answer)]
+        assert real[0] == bos and real.count(bos) == 1  # the tokenizer's BOS, once
+        assert prompt == tok(tok.decode(prompt[1:]))["input_ids"]  # the prompt as the tokenizer encodes it, BOS first
+        assert answer[-1] == eos and tok.convert_ids_to_tokens(answer[:-1])[0] in ("\u2581POS", "\u2581NEG")
+    assert results["R"][-1][0] >= 90  # learned, and its greedy answers decode to "POS"/"NEG" for ROUGE-L
+    assert results["R"][0][0] <= 50
+
+
 def test_jsonl_files_run_end_to_end_and_rows_keep_their_instructions(tmp_path, tiny_llama_dir):
     from forgetlab.experiments.cit import NI_TEMPLATE, _rows, general_rows
     from forgetlab.worlds.instructions import load_task_file
