@@ -47,8 +47,9 @@ def test_run_and_analyze_from_the_command_line(icl_world_dir, tmp_path, monkeypa
     assert (out / "report.md").is_file() and (out / "scores.png").is_file()
     assert len(json.loads((out / "environment.json").read_text())["runs"]) == 1  # one start, one entry
 
-    analyzed = cit("analyze", out, "--prompts", "4", "--eval-prompts", "6")
+    analyzed = cit("analyze", out, "--prompts", "4", "--eval-prompts", "6", "--no-progress")
     assert analyzed.exit_code == 0, analyzed.output
+    assert "it/s" not in analyzed.output and "[cit analyze] task-05" in analyzed.output  # no bars; the log stays
     drift = json.loads((out / "drift.json").read_text())
     assert set(drift["summary"]) == {"fv_cosine", "zero_shot_fv_cosine", "hidden_cosine", "icl_hidden_cosine", "param_distance"}
     for measure, fit in drift["summary"].items():

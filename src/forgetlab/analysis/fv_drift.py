@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from forgetlab.eval.icl import accuracy, icl_prompts
 from forgetlab.fv.evaluate import sweep_layers
@@ -134,7 +135,8 @@ def zero_shot_prompts(task: ICLTask, settings: DriftSettings, split: str = "test
 
 def drift_measurements(checkpoints: Iterable[tuple[str, torch.nn.Module | Callable[[], torch.nn.Module]]], tokenizer,
                        tasks: Sequence[ICLTask], settings: DriftSettings = DriftSettings(), *, done: dict | None = None,
-                       on_checkpoint: Callable[[list[dict], dict], None] | None = None) -> tuple[list[dict], dict]:
+                       on_checkpoint: Callable[[list[dict], dict], None] | None = None,
+                       progress: bool = False) -> tuple[list[dict], dict]:
     """One row per (checkpoint, task); also the initial model's FVs (for the interventions).
 
     ``checkpoints`` yields (label, model) with the initial model first; a model may be given as a function that
@@ -157,7 +159,7 @@ def drift_measurements(checkpoints: Iterable[tuple[str, torch.nn.Module | Callab
             if label in finished:
                 continue
         distance = parameter_distance(model, reference)
-        for task in tasks:
+        for task in tqdm(tasks, desc=label, disable=not progress, leave=False):
             prompts = zero_shot_prompts(task, settings)
             if index == 0:
                 result = extract_function_vector(adapter, tokenizer, task, settings.extraction(adapter, settings.shots_for(task)))
@@ -213,7 +215,7 @@ def _best_edit(adapter: ModelAdapter, tokenizer, vector: torch.Tensor, prompts: 
 
 def fv_interventions(model: torch.nn.Module, tokenizer, tasks: Sequence[ICLTask], initial: dict,
                      last_task: ICLTask | None, settings: DriftSettings = DriftSettings(), *, done: dict | None = None,
-                     on_task: Callable[[dict], None] | None = None) -> dict:
+                     on_task: Callable[[dict], None] | None = None, progress: bool = False) -> dict:
     """On the final model: each forgotten task's score with its original FV added, and with the FV of the
     task trained last subtracted; layer and scale chosen on valid queries, scored on test queries.
 
@@ -230,7 +232,7 @@ def fv_interventions(model: torch.nn.Module, tokenizer, tasks: Sequence[ICLTask]
                                           settings.extraction(adapter, settings.shots_for(last_task))).vector
         if on_task is not None:
             on_task({"tasks": out, "last_fv": last_fv})
-    for task in tasks:
+    for task in tqdm(tasks, desc="interventions", disable=not progress, leave=False):
         if task.name in out:
             continue
         before = initial[task.name]["score"]

@@ -334,7 +334,7 @@ def write_features(checkpoints: Sequence[Path], prompts: Path, out: Path, max_pr
 
 def write_recovery(checkpoints: Sequence[Path], fit: Path, eval_: Path, out: Path, *, before: float | None = None,
                    before_checkpoint: Path | None = None, lr: float = 2e-4, epochs: float = 1.0, batch_size: int = 32,
-                   seed: int = 0, log: Log = print) -> dict:
+                   seed: int = 0, progress: bool = True, log: Log = print) -> dict:
     """Current vs recovered old-task exact match per checkpoint, and the spurious share of the drop:
     ``recovery.json``, ``recovery.png``."""
     from dataclasses import replace
@@ -357,7 +357,7 @@ def write_recovery(checkpoints: Sequence[Path], fit: Path, eval_: Path, out: Pat
                                     eos_id=tok.eos_token_id, pad_id=pad_id(tok)).em
     cfg = replace(DEFAULT_RECOVERY, lr=lr, epochs=epochs, batch_size=batch_size)
     cfg.validate("recovery")
-    rows = recovery_table(list(checkpoints), fit_rows, eval_rows, before, cfg, seed)
+    rows = recovery_table(list(checkpoints), fit_rows, eval_rows, before, cfg, seed, progress, log)
     data = {"fit": str(fit), "eval": str(eval_), "before": before, "lr": lr, "epochs": epochs, "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "recovery.json", data)

@@ -130,9 +130,10 @@ def recovery(
     epochs: Annotated[float, typer.Option(help="passes over --fit")] = 1.0,
     batch_size: Annotated[int, typer.Option(help="rows per step")] = 32,
     seed: Annotated[int, typer.Option(help="data order")] = 0,
+    progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
     """Current vs recovered old-task exact match per checkpoint, and the spurious share of the drop."""
     from forgetlab.analysis.outputs import write_recovery
 
     write_recovery(checkpoint, fit, eval_, out, before=before, before_checkpoint=before_checkpoint, lr=lr, epochs=epochs,
-                   batch_size=batch_size, seed=seed, log=console.print)
+                   batch_size=batch_size, seed=seed, progress=progress, log=console.print)

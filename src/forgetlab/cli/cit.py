@@ -83,6 +83,7 @@ def analyze(
                                                               "when only one is given)")] = None,
     prompts: Annotated[int, typer.Option(help="clean 10-shot prompts per FV")] = 32,
     eval_prompts: Annotated[int, typer.Option(help="test queries per general task")] = 40,
+    progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
     """FV drift vs. forgetting over the runs' checkpoints (two FV measures, R² against three controls); for one run, also FV
     interventions on its last checkpoint."""
@@ -92,7 +93,8 @@ def analyze(
     for option, value in (("--prompts", prompts), ("--eval-prompts", eval_prompts)):
         if value < 1:
             raise ValueError(f"{option} {value} must be at least 1")
-    result = analyze_runs(run_dirs, out, DriftSettings(n_prompts=prompts, eval_prompts=eval_prompts), log=tqdm.write)
+    result = analyze_runs(run_dirs, out, DriftSettings(n_prompts=prompts, eval_prompts=eval_prompts), log=tqdm.write,
+                          progress=progress)
     for measure, fit in result["summary"].items():
         console.print(f"{measure}: R² pooled {_r2(fit['pooled_r2'])}, median per task {_r2(fit['median_task_r2'])}, "
                       f"over checkpoint means {_r2(fit['checkpoint_mean_r2'])}")

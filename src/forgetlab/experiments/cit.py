@@ -699,10 +699,10 @@ def summarize(cfg: CITConfig, tasks: list[InstructionTask], R: list[list[float]]
     return out
 
 
-def analyze_run(run: Path, settings=None, *, log: Callable[[str], None] = print) -> dict:
+def analyze_run(run: Path, settings=None, *, log: Callable[[str], None] = print, progress: bool = False) -> dict:
     """``forgetlab cit analyze RUN``: FV drift vs. forgetting over one run's checkpoints, and FV interventions,
     written into the run directory (see :func:`analyze_runs`)."""
-    return analyze_runs([run], None, settings, log=log)
+    return analyze_runs([run], None, settings, log=log, progress=progress)
 
 
 def _run_setup(run: Path) -> tuple[CITConfig, list[Path], str]:
@@ -722,7 +722,7 @@ def _run_setup(run: Path) -> tuple[CITConfig, list[Path], str]:
 
 
 def analyze_runs(runs: Sequence[Path], out: Path | None = None, settings=None, *,
-                 log: Callable[[str], None] = print) -> dict:
+                 log: Callable[[str], None] = print, progress: bool = False) -> dict:
     """``forgetlab cit analyze RUN [RUN ...]``: FV drift vs. forgetting, and FV interventions.
 
     Writes ``drift.json`` (per checkpoint and general task: FV cosine, the FV heads' zero-shot output
@@ -786,21 +786,21 @@ def analyze_runs(runs: Sequence[Path], out: Path | None = None, settings=None, *
         saved = torch.load(partial_path, weights_only=True)
         if saved.get("key") == key:
             done = saved
+            intervened = len(done.get("interventions", {}).get("tasks", {}))
             log(f"[cit analyze] resuming after {len({r['checkpoint'] for r in done['rows']})} checkpoints"
-                + (f" and {len(done['interventions']['tasks'])} interventions" if done.get("interventions") else "")
-                + f" ({partial_path})")
+                + (f" and the interventions of {intervened} tasks" if intervened else "") + f" ({partial_path})")
         else:
             log(f"[cit analyze] {partial_path} is from another model, checkpoints or settings; starting afresh")
-    progress = {"key": key}
+    partial = {"key": key}
 
     def save_progress(**state) -> None:
-        progress.update(state)
+        partial.update(state)
         with atomic_path(partial_path) as tmp:
-            torch.save(progress, tmp)
+            torch.save(partial, tmp)
 
     rows, initial = drift_measurements([(name, loader(name, path)) for name, path in
                                         [("initial", model_dir)] + [(name, p) for name, _, p in checkpoints]],
-                                       tokenizer, general, settings, done=done,
+                                       tokenizer, general, settings, done=done, progress=progress,
                                        on_checkpoint=lambda rows, initial: save_progress(rows=rows, initial=initial))
     for row in rows:
         row["run"] = run_of.get(row["checkpoint"], "")
@@ -823,7 +823,7 @@ def analyze_runs(runs: Sequence[Path], out: Path | None = None, settings=None, *
         last_task = tasks[-1].as_icl_task() if cfg.method != "multitask" else None
         interventions = fv_interventions(load_model(checkpoints[-1][2], dtype).to(device), tokenizer, general, initial,
                                          last_task, settings, done=done.get("interventions") if done else None,
-                                         on_task=lambda state: save_progress(interventions=state))
+                                         on_task=lambda state: save_progress(interventions=state), progress=progress)
         atomic_write_json(out / "interventions.json", interventions)
         result["interventions"] = interventions["summary"]
     drift_report(fits, [str(r) for r in runs], interventions, out)
