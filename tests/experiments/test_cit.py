@@ -1101,33 +1101,72 @@ def test_checkpoint_every_resumes_inside_a_task(icl_world_dir, tmp_path, monkeyp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_merged_checkpoint_equals_peft_merge_and_unload(tmp_path, architecture, targets, dtype):
     """The per-task checkpoint of a LoRA model, saved without copying the model, holds exactly the weights of
-    PEFT's own ``merge_and_unload`` (GPT-2's Conv1D transposes its delta), and loads as a plain model."""
+    PEFT's own ``merge_and_unload`` (GPT-2's Conv1D transposes its delta), and loads as a plain model; saved as
+    the adapter alone on its base (``checkpoint_format=adapter``), it loads as the same weights."""
     import copy
 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from forgetlab.experiments.cit import save_checkpoint
+    from forgetlab.models.build import load_model
 
     torch.manual_seed(0)
     config = tiny_config(architecture.removesuffix("_tied"), 50)
     config.tie_word_embeddings = architecture.endswith("_tied")  # GPT-2 as released: unembedding = embedding
-    model = get_peft_model(random_model(config, dtype=dtype),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=targets, task_type="CAUSAL_LM",
-                                      fan_in_fan_out=architecture.startswith("gpt2")))  # Conv1D: weight transposed
+    base_model = random_model(config, dtype=dtype)
+    base_model.save_pretrained(tmp_path / "base")
+    model = get_peft_model(base_model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, task_type="CAUSAL_LM",
+                                                  fan_in_fan_out=architecture.startswith("gpt2")))  # Conv1D: transposed
     for name, p in model.named_parameters():
         if "lora_B" in name:  # B starts at zero; give the adapter a real delta
             p.data.normal_(0, 0.5)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     reference = copy.deepcopy(model).merge_and_unload().state_dict()
-    save_checkpoint(model, None, tmp_path, 0, "t", lora=True)
+    save_checkpoint(model, None, tmp_path, 0, "t", CITConfig(method="lora"))
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoints" / "task-01-t", dtype=dtype).state_dict()
     assert sorted(saved) == sorted(reference)
     for key, value in reference.items():
         assert saved[key].dtype == dtype and torch.equal(saved[key], value), key
+    save_checkpoint(model, None, tmp_path / "adapter", 0, "t", CITConfig(method="lora", checkpoint_format="adapter"),
+                    str(tmp_path / "base"))
+    assert not (tmp_path / "adapter" / "checkpoints" / "task-01-t" / "config.json").exists()
+    loaded = load_model(tmp_path / "adapter" / "checkpoints" / "task-01-t", dtype).state_dict()
+    assert sorted(loaded) == sorted(reference)
+    for key, value in reference.items():
+        assert loaded[key].dtype == dtype and torch.equal(loaded[key], value), key
     base = {k.replace(".base_layer", "").replace("base_model.model.", "", 1): v for k, v in before.items() if ".lora_" not in k}
     assert sum(not torch.equal(base[k], v) for k, v in reference.items()) == 3 * len(targets)  # the adapted matrices
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the model keeps its adapter, unmerged
+
+
+def test_adapter_checkpoints_chain_on_the_previous_task_and_load_as_the_merged_ones(icl_world_dir, tmp_path):
+    """checkpoint_format=adapter keeps only each task's LoRA adapter; IncLoRA's sits on the previous checkpoint (named
+    relative to itself, so the run can move), the first on the initial model. Each loads as the merged checkpoint
+    the default format writes, tensor for tensor, and `cit analyze` finds them; full fine-tuning has no adapter."""
+    import shutil
+
+    from forgetlab.experiments.cit import _run_setup
+    from forgetlab.models.build import load_model
+
+    cfg = small(icl_world_dir, method="inclora")
+    run_cit(cfg, tmp_path / "merged", log=lambda s: None, progress=False)
+    run_cit(replace(cfg, checkpoint_format="adapter"), tmp_path / "adapter", log=lambda s: None, progress=False)
+    shutil.move(tmp_path / "adapter", tmp_path / "moved")
+    merged, adapters = (sorted((tmp_path / run / "checkpoints").iterdir()) for run in ("merged", "moved"))
+    assert [p.name for p in merged] == [p.name for p in adapters] and len(adapters) == 5
+    bases = [json.loads((p / "adapter_config.json").read_text())["base_model_name_or_path"] for p in adapters]
+    assert bases == [str((icl_world_dir / "model").resolve())] + [f"../{p.name}" for p in adapters[:-1]]
+    for one, other in zip(merged, adapters):
+        assert not (other / "config.json").exists()
+        assert sum(f.stat().st_size for f in other.iterdir()) < sum(f.stat().st_size for f in one.iterdir()) / 4
+        a, b = load_model(one).state_dict(), load_model(other).state_dict()
+        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a), one.name
+    assert [p.name for p in _run_setup(tmp_path / "moved")[1]] == [p.name for p in adapters]
+    with pytest.raises(ValueError, match="checkpoint_format=adapter: method 'seq' fine-tunes every weight"):
+        run_cit(replace(cfg, method="seq", checkpoint_format="adapter"), tmp_path / "seq", log=lambda s: None)
+    with pytest.raises(ValueError, match="checkpoint_format='delta' is unknown; use one of merged, adapter"):
+        run_cit(replace(cfg, checkpoint_format="delta"), tmp_path / "delta", log=lambda s: None)
 
 
 def test_bfloat16_base_trains_float32_adapters_and_saves_bfloat16(icl_world_dir, tmp_path, monkeypatch):

@@ -37,7 +37,7 @@ from forgetlab.methods.fvg import (FVGConfig, FVGuidance, over_universal_heads, 
 from forgetlab.methods.regularizers import diagonal_fisher, distillation_kl, ewc_penalty, lora_orthogonality
 from forgetlab.methods.replay import mix_replay
 from forgetlab.metrics.cl import cl_summary
-from forgetlab.models.build import peft_without_upstream_deprecation
+from forgetlab.models.build import ADAPTER_CONFIG, peft_without_upstream_deprecation
 from forgetlab.models.tokenizers import pad_id
 from forgetlab.train import distributed
 from forgetlab.train.checkpoints import load_between_phases, save_between_phases, save_model_dir
@@ -53,6 +53,7 @@ FINETUNE_MODES = ("full", "lora", "inclora")  # inclora: merge the last adapter,
 DEFAULT_MODE = {"seq": "full", "replay": "full", "ewc": "full", "multitask": "full", "lora": "lora",
                 "inclora": "inclora", "lwf": "inclora", "olora": "inclora"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+CHECKPOINT_FORMATS = ("merged", "adapter")
 WORLD_TEMPLATE = "{definition}\nQ: {input}\nA:"
 NI_TEMPLATE = "Definition: {definition} Now complete the following example - Input: {input} Output:"
 
@@ -106,6 +107,10 @@ class CITConfig:
     general_prompts: int = 20
     save_checkpoints: bool = field(default=True, metadata={"help": "keep the (LoRA-merged) model after every task "
                                                                     "in checkpoints/ (for `forgetlab cit analyze`)"})
+    checkpoint_format: str = field(default="merged", metadata={"help": "a LoRA run's per-task checkpoints: merged (a "
+                                                                       "plain HF checkpoint each) | adapter (the task's "
+                                                                       "adapter alone, a PEFT directory on the previous "
+                                                                       "checkpoint: megabytes, not a 7B model's 13 GB)"})
     fvg: bool = field(default=False, metadata={"help": "add FV-guided training (FV consistency + FV-guided KL)"})
     fvg_config: FVGConfig = field(default_factory=FVGConfig)
 
@@ -136,6 +141,12 @@ class CITConfig:
             raise ValueError(f"answer_end={self.answer_end!r} is unknown; use one of {', '.join(ANSWER_ENDS)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is unknown; use one of {', '.join(DTYPES)}")
+        if self.checkpoint_format not in CHECKPOINT_FORMATS:
+            raise ValueError(f"checkpoint_format={self.checkpoint_format!r} is unknown; use one of "
+                             f"{', '.join(CHECKPOINT_FORMATS)}")
+        if self.checkpoint_format == "adapter" and self.mode == "full":
+            raise ValueError(f"checkpoint_format=adapter: method {self.method!r} fine-tunes every weight, so its "
+                             "checkpoints have no adapter to save alone; use checkpoint_format=merged")
         for name in ("n_train", "n_test", "max_source_tokens", "max_target_tokens", "lora_r", "lora_alpha", "ewc_batches",
                      "general_prompts"):
             if not getattr(self, name) >= 1:
@@ -359,11 +370,36 @@ def merged_lora_weights(model) -> dict[str, torch.Tensor]:
     return merged
 
 
-def save_checkpoint(model, tokenizer, out: Path, index: int, name: str, lora: bool) -> None:
-    """``checkpoints/task-<k>-<name>/``: a plain HF checkpoint (a LoRA model's adapter merged into the saved weights)."""
-    weights = merged_lora_weights(model) if lora else None
-    save_model_dir(model.get_base_model() if lora else model, tokenizer,
-                   out / "checkpoints" / f"task-{index + 1:02d}-{name}", state_dict=weights)
+def checkpoint_dir(out: Path, index: int, name: str) -> Path:
+    """``checkpoints/task-<k>-<name>/``, the model after the sequence's task ``index`` (0-based)."""
+    return out / "checkpoints" / f"task-{index + 1:02d}-{name}"
+
+
+def save_checkpoint(model, tokenizer, out: Path, index: int, name: str, cfg: CITConfig, adapter_base: str = "") -> None:
+    """The model after a task: a plain HF checkpoint (a LoRA model's adapter merged into the saved weights), or with
+    ``checkpoint_format=adapter`` only the LoRA adapter, as a PEFT directory whose base is ``adapter_base`` (the
+    previous task's checkpoint, relative, for IncLoRA; the initial model otherwise), so that loading it
+    (:func:`forgetlab.models.build.load_model`) merges the chain and gives the model the merged format would."""
+    lora, final = cfg.mode != "full", checkpoint_dir(out, index, name)
+    if not (lora and cfg.checkpoint_format == "adapter"):
+        weights = merged_lora_weights(model) if lora else None
+        save_model_dir(model.get_base_model() if lora else model, tokenizer, final, state_dict=weights)
+        return
+    from forgetlab.utils.io import fresh_tmp_dir, replace_dir
+
+    tmp = fresh_tmp_dir(final)
+    config = model.peft_config[model.active_adapter]
+    named = config.base_model_name_or_path
+    config.base_model_name_or_path = adapter_base
+    try:
+        model.save_pretrained(str(tmp), save_embedding_layers=False)  # the adapter's config and weights only (no run
+        # resizes the vocabulary, so the embeddings are the base's)
+    finally:
+        config.base_model_name_or_path = named
+    (tmp / "README.md").unlink(missing_ok=True)  # PEFT's blank model card
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+    replace_dir(tmp, final)
 
 
 def _pack(groups: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -509,6 +545,7 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
         record_api_run(out, cfg)
     template = _template(cfg, world)
     model_dir = _model_dir(cfg)
+    initial_dir = str(Path(model_dir).resolve()) if Path(model_dir).exists() else model_dir  # adapter checkpoints' base
     tokenizer = load_tokenizer(model_dir)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -592,7 +629,7 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
         R += [scores] * len(tasks)
         general += [gen] * len(tasks)
         if cfg.save_checkpoints and writes:
-            save_checkpoint(model, tokenizer, out, len(tasks) - 1, "multitask", cfg.mode != "full")
+            save_checkpoint(model, tokenizer, out, len(tasks) - 1, "multitask", cfg, initial_dir)
     for k, (task, (train, _)) in enumerate(sequential):
         if k < first:
             continue
@@ -649,8 +686,9 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
         scores, gen = evaluate_all(f"after {task.name} ({outcome.steps} steps; mean loss {losses})")
         R.append(scores)
         general.append(gen)
-        if cfg.save_checkpoints and writes:
-            save_checkpoint(model, tokenizer, out, k, task.name, cfg.mode != "full")
+        if cfg.save_checkpoints and writes:  # an IncLoRA adapter sits on the model the earlier ones merged into
+            base = f"../{checkpoint_dir(out, k - 1, sequential[k - 1][0].name).name}" if cfg.mode == "inclora" and k else ""
+            save_checkpoint(model, tokenizer, out, k, task.name, cfg, base or initial_dir)
         if k + 1 < len(sequential) and writes:
             olora = {name: torch.cat(mats) for name, mats in earlier_a.items()}  # the penalty only reads them joined
             save_between_phases(out / "state", model, _pack({"fisher": fisher or {}, "anchor": anchor or {}, "olora": olora}),
@@ -715,7 +753,8 @@ def _run_setup(run: Path) -> tuple[CITConfig, list[Path], str]:
     if not isinstance(saved, dict) or "sequence" not in saved or "method" not in saved:
         raise ValueError(f"{run} is not a `forgetlab cit run` directory (its config.json is another command's)")
     cfg = from_jsonable(CITConfig, saved)
-    checkpoints = sorted(p for p in (run / "checkpoints").glob("task-*") if (p / "config.json").is_file())
+    checkpoints = sorted(p for p in (run / "checkpoints").glob("task-*")
+                         if (p / "config.json").is_file() or (p / ADAPTER_CONFIG).is_file())
     if not checkpoints:
         raise FileNotFoundError(f"{run}/checkpoints has no per-task checkpoints; rerun with save_checkpoints=true")
     return cfg, checkpoints, _model_dir(cfg)

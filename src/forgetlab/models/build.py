@@ -29,7 +29,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 def adapter_base(path: str | Path) -> str | None:
-    """The base model a PEFT adapter directory names (``base_model_name_or_path``), or None for a full checkpoint."""
+    """The base model a PEFT adapter directory names (``base_model_name_or_path``: a path, also one relative to the
+    adapter's directory, or a hub name), or None for a full checkpoint."""
     path = Path(path)
     if (path / "config.json").is_file() or not (path / ADAPTER_CONFIG).is_file():
         return None
@@ -39,6 +40,10 @@ def adapter_base(path: str | Path) -> str | None:
         raise ValueError(f"{path}/{ADAPTER_CONFIG} is not a JSON object; save the adapter again") from None
     if not base:
         raise ValueError(f"{path}/{ADAPTER_CONFIG} names no base_model_name_or_path; set it to the base model's directory")
+    # a relative base may be named from the adapter's own directory (the chain of adapters `cit run` saves)
+    beside = path / base
+    if not Path(base).is_absolute() and not Path(base).exists() and beside.exists():
+        return str(beside)
     return str(base)
 
 
