@@ -975,11 +975,17 @@ def test_cit_analyze_writes_drift_and_interventions(icl_world_dir, tmp_path, mon
     names = sorted(p.name for p in (tmp_path / "checkpoints").glob("task-*"))
     assert loads[:-1] == [Path(cfg.model or icl_world_dir / "model").name, *names[2:]] and loads[-1] == names[-1]
 
-    # the third call measures the tasks left and nothing else: the initial model (distances) and the last checkpoint
+    # killed once more, at the fourth task: the third call measured one task and keeps what the first two had saved
+    loads[:], valid_draws[:] = [], []
+    with pytest.raises(KeyboardInterrupt):
+        analyze_run(tmp_path, settings, log=lambda s: None)
+    assert valid_draws == general[2:5]
+
+    # the last call measures the tasks left and nothing else: the initial model (distances) and the last checkpoint
     kill, loads[:], valid_draws[:] = None, [], []
     analyze_run(tmp_path, settings, log=lambda s: None)
     assert loads == [Path(cfg.model or icl_world_dir / "model").name, names[-1]]
-    assert valid_draws == general[2:]
+    assert valid_draws == general[4:]
     assert json.loads((tmp_path / "drift.json").read_text())["rows"] == drift["rows"]
     assert json.loads((tmp_path / "interventions.json").read_text())["tasks"] == tasks
     assert not (tmp_path / "drift.partial.pt").exists()

@@ -391,9 +391,8 @@ def save_checkpoint(model, tokenizer, out: Path, index: int, name: str, cfg: CIT
     config = model.peft_config[model.active_adapter]
     named = config.base_model_name_or_path
     config.base_model_name_or_path = adapter_base
-    try:
-        model.save_pretrained(str(tmp), save_embedding_layers=False)  # the adapter's config and weights only (no run
-        # resizes the vocabulary, so the embeddings are the base's)
+    try:  # the adapter's config and weights only (no run resizes the vocabulary: the embeddings are the base's)
+        model.save_pretrained(str(tmp), save_embedding_layers=False)
     finally:
         config.base_model_name_or_path = named
     (tmp / "README.md").unlink(missing_ok=True)  # PEFT's blank model card
@@ -830,7 +829,7 @@ def analyze_runs(runs: Sequence[Path], out: Path | None = None, settings=None, *
                 + (f" and the interventions of {intervened} tasks" if intervened else "") + f" ({partial_path})")
         else:
             log(f"[cit analyze] {partial_path} is from another model, checkpoints or settings; starting afresh")
-    partial = {"key": key}
+    partial = dict(done) if done else {"key": key}  # what a resumed analysis keeps, until it saves more
 
     def save_progress(**state) -> None:
         partial.update(state)
