@@ -1048,6 +1048,9 @@ def test_a_killed_run_resumes_after_its_last_task_with_the_same_result(icl_world
     with pytest.raises(Killed):
         run_cit(cfg, tmp_path / "killed", log=kill_after_second, progress=False)
     assert not (tmp_path / "killed" / "results.json").exists()
+    # with LoRA the state holds the adapter and the layers it adapts, not the frozen rest the start loads anyway
+    held = load_file(tmp_path / "killed" / "state" / "between-phases" / "model.safetensors")
+    assert held and all(".lora_" in k or ".base_layer." in k for k in held) == (method in ("olora", "lora"))
     logs = []
     resumed = run_cit(cfg, tmp_path / "killed", log=logs.append, progress=False)
     assert logs[0] == f"[cit] resuming after task 2/3 ({sequence[1]})"

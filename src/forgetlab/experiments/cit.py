@@ -401,6 +401,15 @@ def save_checkpoint(model, tokenizer, out: Path, index: int, name: str, cfg: CIT
     replace_dir(tmp, final)
 
 
+def resumable_weights(model, cfg: CITConfig) -> dict[str, torch.Tensor]:
+    """The weights a resumed run cannot take from the initial model: every one after full fine-tuning; with LoRA the
+    adapter and the layers it adapts (IncLoRA merges into them), not the frozen rest (most of a 7B model's 13 GB)."""
+    weights = model.state_dict()
+    if cfg.mode == "full":
+        return weights
+    return {k: v for k, v in weights.items() if ".lora_" in k or ".base_layer." in k}
+
+
 def _pack(groups: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Method state (EWC's Fisher and anchor, O-LoRA's earlier A matrices) as one flat tensor dict."""
     return {f"{group}::{name}": t for group, tensors in groups.items() for name, t in tensors.items()}
@@ -603,7 +612,11 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
         start -= meta["seconds"]
         if cfg.mode != "full":
             model = _wrap_lora(model, cfg)  # the same modules as when it was saved; the weights come next
-        model.load_state_dict({k: v.to(device) for k, v in weights.items()})
+        loaded = model.load_state_dict({k: v.to(device) for k, v in weights.items()}, strict=False)
+        wrong = loaded.unexpected_keys + sorted(set(loaded.missing_keys) & set(resumable_weights(model, cfg)))
+        if wrong:
+            raise ValueError(f"{out}/state does not hold this run's model (e.g. {wrong[0]}); start the run again with "
+                             "--overwrite")
         fisher, anchor = _unpack(tensors, "fisher", device) or None, _unpack(tensors, "anchor", device) or None
         earlier_a = {name: [a] for name, a in _unpack(tensors, "olora", device).items()}  # saved concatenated
         seen_data = [task_data(t, train)[0] for t, (train, _) in sequential[:first]] if cfg.method == "replay" else []
@@ -690,7 +703,7 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
             save_checkpoint(model, tokenizer, out, k, task.name, cfg, base or initial_dir)
         if k + 1 < len(sequential) and writes:
             olora = {name: torch.cat(mats) for name, mats in earlier_a.items()}  # the penalty only reads them joined
-            save_between_phases(out / "state", model, _pack({"fisher": fisher or {}, "anchor": anchor or {}, "olora": olora}),
+            save_between_phases(out / "state", resumable_weights(model, cfg), _pack({"fisher": fisher or {}, "anchor": anchor or {}, "olora": olora}),
                                 {"completed": k + 1, "R": R, "general": general, "train_loss": train_loss,
                                  "seconds": time.perf_counter() - start})
     if cfg.mode != "full":

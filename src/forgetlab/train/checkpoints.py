@@ -54,12 +54,14 @@ def load_training_state(state_dir: Path, model: torch.nn.Module, optimizer: torc
 BETWEEN = "between-phases"
 
 
-def save_between_phases(state_dir: Path, model: torch.nn.Module, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """What a sequence of phases needs to go on after its last finished phase: the model as it stands,
-    method state as named tensors, and ``meta`` (scores so far); one directory, swapped in whole."""
+def save_between_phases(state_dir: Path, weights: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
+                        meta: dict) -> None:
+    """What a sequence of phases needs to go on after its last finished phase: the model's weights as they stand
+    (those the start cannot rebuild), method state as named tensors, and ``meta`` (scores so far); one directory,
+    swapped in whole."""
     final = Path(state_dir) / BETWEEN
     tmp = fresh_tmp_dir(final)
-    for name, values in (("model", model.state_dict()), ("tensors", tensors)):  # clone: tied weights share storage
+    for name, values in (("model", weights), ("tensors", tensors)):  # clone: tied weights share storage
         save_file({k: v.detach().cpu().clone().contiguous() for k, v in values.items()}, str(tmp / f"{name}.safetensors"))
     (tmp / "state.json").write_text(json.dumps(meta))
     replace_dir(tmp, final)
