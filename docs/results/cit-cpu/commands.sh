@@ -149,3 +149,7 @@ for k in 0 2; do for seed in 0 1; do
   o seq${k}_s${seed}_inclora --sequence coded:$k --seed $seed --method inclora --lr 2e-3
   o seq${k}_s${seed}_inclora_fvg_kl1 --sequence coded:$k --seed $seed --method inclora --lr 2e-3 --fvg --set fvg_config.alpha_kl=1
 done; done
+# FV drift pooled over the three seeds' IncLoRA runs on coded sequence 1 (rebuild_coded1/pooled_seeds/, 59 s), and
+# the same seed-0 analysis with 128 prompts per FV (median R² per task of FV cosine 0.75; not kept)
+forgetlab cit analyze runs/coded/inclora runs/coded/seed1_inclora runs/coded/seed2_inclora --out runs/coded/pooled_seeds --no-progress
+forgetlab cit analyze runs/coded/inclora --prompts 128 --out runs/coded/drift128 --no-progress
