@@ -1097,6 +1097,8 @@ def test_checkpoint_every_resumes_inside_a_task(icl_world_dir, tmp_path, monkeyp
     with pytest.raises(Killed):
         run_cit(cfg, tmp_path / "killed", log=lambda s: None, progress=False)
     monkeypatch.setattr(trainer, "save_training_state", real)
+    held = load_file(tmp_path / "killed" / "state" / sequence[1] / "resume-state" / "model.safetensors")
+    assert held and all(".lora_" in k for k in held)  # what the step trains, not the frozen base
     logs = []
     resumed = run_cit(cfg, tmp_path / "killed", log=logs.append, progress=False)
     assert logs[0].startswith("[cit] resuming after task 1/2") and f"[{sequence[1]}] resuming at step 1/" in logs[1]

@@ -54,3 +54,27 @@ def test_the_newer_state_wins_over_a_leftover_old_one(tmp_path):
     assert load_training_state(tmp_path, *_trained(1))["step"] == 2
     shutil.rmtree(tmp_path / STATE)  # killed between the two renames: only the older state is finished
     assert load_training_state(tmp_path, *_trained(1))["step"] == 1
+
+
+def test_the_state_holds_what_the_phase_trains_and_a_state_without_it_is_refused(tmp_path):
+    """Frozen weights (a LoRA base, Freeze's bottom layers) are the phase's starting model, which a resume rebuilds
+    before reading the state: only the trained ones are saved, and they come back over that model."""
+    import pytest
+    from safetensors.torch import load_file, save_file
+
+    model, opt = _trained(0)
+    model.bias.requires_grad_(False)  # frozen: stays as the resumed run's start has it
+    save_training_state(tmp_path, model, opt, step=3, rows=[], seconds=0.0, pending_losses=[])
+    held = load_file(tmp_path / STATE / "model.safetensors")
+    assert sorted(held) == ["weight"]
+    fresh, fresh_opt = _trained(1)
+    fresh.bias.requires_grad_(False)
+    start_bias = fresh.bias.detach().clone()
+    load_training_state(tmp_path, fresh, fresh_opt)
+    assert torch.equal(fresh.weight, model.weight) and torch.equal(fresh.bias, start_bias)
+    fresh.bias.requires_grad_(True)  # a phase that trains the bias cannot resume from a state without it
+    with pytest.raises(ValueError, match="does not hold this phase's trained weights \\(e.g. bias\\)"):
+        load_training_state(tmp_path, fresh, fresh_opt)
+    save_file({"weight": held["weight"], "other": held["weight"].clone()}, str(tmp_path / STATE / "model.safetensors"))
+    with pytest.raises(ValueError, match="e.g. other"):
+        load_training_state(tmp_path, fresh, fresh_opt)

@@ -23,7 +23,10 @@ def save_training_state(state_dir: Path, model: torch.nn.Module, optimizer: torc
                         loss_terms: dict[str, list[float]] | None = None) -> None:
     final = Path(state_dir) / STATE
     tmp = fresh_tmp_dir(final)
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    # only what the phase trains: the frozen rest is the phase's starting model, which a resume rebuilds first (a
+    # LoRA step on a 7B model saves megabytes, not the 13 GB base)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k in trainable}
     save_file(weights, str(tmp / "model.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     # the random streams too, so dropout after a resume draws the masks it would have drawn
@@ -41,7 +44,13 @@ def load_training_state(state_dir: Path, model: torch.nn.Module, optimizer: torc
     if final is None:
         return None
     device = next(model.parameters()).device
-    model.load_state_dict({k: v.to(device) for k, v in load_file(str(final / "model.safetensors")).items()})
+    loaded = model.load_state_dict({k: v.to(device) for k, v in load_file(str(final / "model.safetensors")).items()},
+                                   strict=False)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    wrong = loaded.unexpected_keys + sorted(set(loaded.missing_keys) & trainable)
+    if wrong:
+        raise ValueError(f"{final} does not hold this phase's trained weights (e.g. {wrong[0]}); remove it to start the "
+                         "phase again")
     optimizer.load_state_dict(torch.load(final / "optimizer.pt", map_location=device, weights_only=True))
     if (final / "rng.pt").is_file():  # states written before the random streams were kept have none
         rng = torch.load(final / "rng.pt", weights_only=True)
