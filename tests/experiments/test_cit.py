@@ -1051,6 +1051,8 @@ def test_a_killed_run_resumes_after_its_last_task_with_the_same_result(icl_world
     # with LoRA the state holds the adapter and the layers it adapts, not the frozen rest the start loads anyway
     held = load_file(tmp_path / "killed" / "state" / "between-phases" / "model.safetensors")
     assert held and all(".lora_" in k or ".base_layer." in k for k in held) == (method in ("olora", "lora"))
+    meta = json.loads((tmp_path / "killed" / "state" / "between-phases" / "state.json").read_text())
+    assert [f[0] for f in meta["model_files"]] == sorted(p.name for p in (icl_world_dir / "model").iterdir() if p.is_file())
     logs = []
     resumed = run_cit(cfg, tmp_path / "killed", log=logs.append, progress=False)
     assert logs[0] == f"[cit] resuming after task 2/3 ({sequence[1]})"
@@ -1061,6 +1063,27 @@ def test_a_killed_run_resumes_after_its_last_task_with_the_same_result(icl_world
     assert not (tmp_path / "killed" / "state").exists()  # finished: the between-task state is gone
     assert run_cit(cfg, tmp_path / "killed", log=logs.append, progress=False)["R"] == whole["R"]
     assert "finished run" in logs[-1]
+
+
+def test_a_lora_resume_refuses_other_model_files_and_notes_rewritten_ones(tmp_path):
+    """A LoRA run's resume reads the frozen weights from --model again, so the state records that model's files."""
+    import os
+
+    from forgetlab.experiments.cit import check_same_model_files, model_files
+
+    (tmp_path / "model.safetensors").write_bytes(b"12345678")
+    (tmp_path / "config.json").write_text("{}")
+    saved, notes = model_files(str(tmp_path)), []
+    assert [f[:2] for f in saved] == [["config.json", 2], ["model.safetensors", 8]]
+    check_same_model_files(saved, model_files(str(tmp_path)), str(tmp_path), notes.append)
+    os.utime(tmp_path / "model.safetensors", ns=(1, 1))  # rewritten, same size: said, not refused
+    check_same_model_files(saved, model_files(str(tmp_path)), str(tmp_path), notes.append)
+    assert len(notes) == 1 and "were rewritten since the run started" in notes[0]
+    (tmp_path / "model.safetensors").write_bytes(b"123456789")
+    with pytest.raises(ValueError, match="is not the one this run started from"):
+        check_same_model_files(saved, model_files(str(tmp_path)), str(tmp_path), notes.append)
+    assert model_files("org/hub-name") is None  # a hub name: nothing to compare
+    check_same_model_files(saved, None, "org/hub-name", notes.append)
 
 
 def test_resume_refuses_another_config(icl_world_dir, tmp_path):

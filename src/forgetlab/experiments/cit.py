@@ -410,6 +410,26 @@ def resumable_weights(model, cfg: CITConfig) -> dict[str, torch.Tensor]:
     return {k: v for k, v in weights.items() if ".lora_" in k or ".base_layer." in k}
 
 
+def model_files(model_dir: str) -> list | None:
+    """Name, size and modification time of each file of a local model directory (None for a hub name)."""
+    path = Path(model_dir)
+    if not path.is_dir():
+        return None
+    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(path.iterdir()) if p.is_file()]
+
+
+def check_same_model_files(saved: list | None, now: list | None, model_dir: str, log: Callable[[str], None]) -> None:
+    """A LoRA run resumes with its frozen weights read from ``--model`` again: refuse other files there (names or
+    sizes differ), and say so when they were only rewritten since (same sizes, newer times: a copy, or other weights)."""
+    if saved is None or now is None or saved == now:
+        return
+    if [f[:2] for f in saved] != [f[:2] for f in now]:
+        raise ValueError(f"the model at {model_dir} is not the one this run started from (its files differ in names or "
+                         "sizes); resume with that model, or start again with --overwrite")
+    log(f"[cit] note: the files at {model_dir} were rewritten since the run started (same names and sizes); the resumed "
+        "run reads its frozen weights from them, so they must be the same weights")
+
+
 def _pack(groups: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Method state (EWC's Fisher and anchor, O-LoRA's earlier A matrices) as one flat tensor dict."""
     return {f"{group}::{name}": t for group, tensors in groups.items() for name, t in tensors.items()}
@@ -617,6 +637,8 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
         if wrong:
             raise ValueError(f"{out}/state does not hold this run's model (e.g. {wrong[0]}); start the run again with "
                              "--overwrite")
+        if cfg.mode != "full":  # the frozen weights came from the model's files again, not from the state
+            check_same_model_files(meta.get("model_files"), model_files(model_dir), model_dir, log)
         fisher, anchor = _unpack(tensors, "fisher", device) or None, _unpack(tensors, "anchor", device) or None
         earlier_a = {name: [a] for name, a in _unpack(tensors, "olora", device).items()}  # saved concatenated
         seen_data = [task_data(t, train)[0] for t, (train, _) in sequential[:first]] if cfg.method == "replay" else []
@@ -703,9 +725,10 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
             save_checkpoint(model, tokenizer, out, k, task.name, cfg, base or initial_dir)
         if k + 1 < len(sequential) and writes:
             olora = {name: torch.cat(mats) for name, mats in earlier_a.items()}  # the penalty only reads them joined
-            save_between_phases(out / "state", resumable_weights(model, cfg), _pack({"fisher": fisher or {}, "anchor": anchor or {}, "olora": olora}),
+            method_state = _pack({"fisher": fisher or {}, "anchor": anchor or {}, "olora": olora})
+            save_between_phases(out / "state", resumable_weights(model, cfg), method_state,
                                 {"completed": k + 1, "R": R, "general": general, "train_loss": train_loss,
-                                 "seconds": time.perf_counter() - start})
+                                 "seconds": time.perf_counter() - start, "model_files": model_files(model_dir)})
     if cfg.mode != "full":
         model = model.merge_and_unload()
     results = summarize(cfg, tasks, R, general)
