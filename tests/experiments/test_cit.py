@@ -938,7 +938,7 @@ def test_cit_analyze_writes_drift_and_interventions(icl_world_dir, tmp_path, mon
         assert row["forgotten"] == (first[name] - last[name] >= settings.min_drop)
 
     # killed while loading the fourth model, the same call resumes: it loads the initial model (the distances start
-    # there) and the two checkpoints left, then the last one for the interventions, and writes the same rows
+    # there) and the checkpoints left, the last of which the interventions use again, and writes the same rows
     import forgetlab.models.build as build
 
     real_load, loads = build.load_model, []
@@ -973,7 +973,7 @@ def test_cit_analyze_writes_drift_and_interventions(icl_world_dir, tmp_path, mon
         analyze_run(tmp_path, settings, log=lambda s: None)
     assert valid_draws == general[:3] and (tmp_path / "drift.partial.pt").is_file()
     names = sorted(p.name for p in (tmp_path / "checkpoints").glob("task-*"))
-    assert loads[:-1] == [Path(cfg.model or icl_world_dir / "model").name, *names[2:]] and loads[-1] == names[-1]
+    assert loads == [Path(cfg.model or icl_world_dir / "model").name, *names[2:]]
 
     # killed once more, at the fourth task: the third call measured one task and keeps what the first two had saved
     loads[:], valid_draws[:] = [], []
@@ -1174,7 +1174,7 @@ def test_merged_checkpoint_equals_peft_merge_and_unload(tmp_path, architecture, 
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the model keeps its adapter, unmerged
 
 
-def test_adapter_checkpoints_chain_on_the_previous_task_and_load_as_the_merged_ones(icl_world_dir, tmp_path):
+def test_adapter_checkpoints_chain_on_the_previous_task_and_load_as_the_merged_ones(icl_world_dir, tmp_path, monkeypatch):
     """checkpoint_format=adapter keeps only each task's LoRA adapter; IncLoRA's sits on the previous checkpoint (named
     relative to itself, so the run can move), the first on the initial model. Each loads as the merged checkpoint
     the default format writes, tensor for tensor, and `cit analyze` finds them; full fine-tuning has no adapter."""
@@ -1197,6 +1197,23 @@ def test_adapter_checkpoints_chain_on_the_previous_task_and_load_as_the_merged_o
         a, b = load_model(one).state_dict(), load_model(other).state_dict()
         assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a), one.name
     assert [p.name for p in _run_setup(tmp_path / "moved")[1]] == [p.name for p in adapters]
+
+    # cit analyze merges each adapter into the model before it instead of reading its chain again: the initial
+    # model is the only one read from disk, and every row and intervention is the merged run's
+    import forgetlab.models.build as build
+    from forgetlab.analysis.fv_drift import DriftSettings
+    from forgetlab.experiments.cit import analyze_run
+
+    settings = DriftSettings(n_prompts=3, eval_prompts=4, shots=3, top_k=3, alphas=(1.0,))
+    analyze_run(tmp_path / "merged", settings, log=lambda s: None)
+    real_load, loads = build.load_model, []
+    monkeypatch.setattr(build, "load_model", lambda path, *a, **k: loads.append(Path(path).name) or real_load(path, *a, **k))
+    analyze_run(tmp_path / "moved", settings, log=lambda s: None)
+    assert loads == ["model"]
+    rows = [json.loads((tmp_path / run / "drift.json").read_text())["rows"] for run in ("merged", "moved")]
+    assert [{**r, "run": ""} for r in rows[0]] == [{**r, "run": ""} for r in rows[1]]
+    assert json.loads((tmp_path / "moved" / "interventions.json").read_text()) == \
+        json.loads((tmp_path / "merged" / "interventions.json").read_text())
     with pytest.raises(ValueError, match="checkpoint_format=adapter: method 'seq' fine-tunes every weight"):
         run_cit(replace(cfg, method="seq", checkpoint_format="adapter"), tmp_path / "seq", log=lambda s: None)
     with pytest.raises(ValueError, match="checkpoint_format='delta' is unknown; use one of merged, adapter"):

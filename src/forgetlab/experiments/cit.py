@@ -806,7 +806,7 @@ def analyze_runs(runs: Sequence[Path], out: Path | None = None, settings=None, *
     (on the last checkpoint) is written for a single run only.
     """
     from forgetlab.analysis.fv_drift import DriftSettings, drift_fits, drift_measurements, fv_interventions
-    from forgetlab.models.build import load_model, load_tokenizer
+    from forgetlab.models.build import adapter_base, load_model, load_tokenizer, merge_adapter
     from forgetlab.report.cit import plot_drift, plot_drift_tasks
     from forgetlab.report.markdown import drift_report
     from forgetlab.analysis.outputs import fingerprint
@@ -843,10 +843,23 @@ def analyze_runs(runs: Sequence[Path], out: Path | None = None, settings=None, *
                    for label, (_, paths, _) in zip(labels, setups) for p in paths]
     run_of = {name: label for name, label, _ in checkpoints}
 
+    held: dict = {}  # the model loaded last: used again, or the adapter checkpoint on it merged in (no chain reload)
+
+    def load_checkpoint(path) -> torch.nn.Module:
+        here, base = Path(path).resolve(), adapter_base(path)
+        last_path, model = held.pop("path", None), held.pop("model", None)
+        if last_path is not None and base is not None and Path(base).resolve() == last_path:
+            model = merge_adapter(model, path)
+        elif last_path != here:
+            model = None  # freed before the next model is read
+            model = load_model(path, dtype).to(device)
+        held.update(path=here, model=model)
+        return model
+
     def loader(name: str, path) -> Callable[[], torch.nn.Module]:
         def load() -> torch.nn.Module:
             log(f"[cit analyze] {name}")
-            return load_model(path, dtype).to(device)
+            return load_checkpoint(path)
         return load
 
     # a killed analysis resumes after its last finished checkpoint or intervention task (drift.partial.pt, removed
@@ -895,7 +908,7 @@ def analyze_runs(runs: Sequence[Path], out: Path | None = None, settings=None, *
     result, interventions = {"summary": summary}, None
     if len(runs) == 1:
         last_task = tasks[-1].as_icl_task() if cfg.method != "multitask" else None
-        interventions = fv_interventions(load_model(checkpoints[-1][2], dtype).to(device), tokenizer, general, initial,
+        interventions = fv_interventions(load_checkpoint(checkpoints[-1][2]), tokenizer, general, initial,
                                          last_task, settings, done=done.get("interventions") if done else None,
                                          on_task=lambda state: save_progress(interventions=state), progress=progress)
         atomic_write_json(out / "interventions.json", interventions)

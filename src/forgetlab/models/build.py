@@ -146,10 +146,16 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrain
     base = adapter_base(path)
     if base is None:
         return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    return merge_adapter(load_model(base, dtype), path)
+
+
+def merge_adapter(model: PreTrainedModel, path: str | Path) -> PreTrainedModel:
+    """``model`` with the PEFT adapter in ``path`` merged into its weights, in place (``model`` must be the adapter's
+    base: what :func:`load_model` gives for the base it names)."""
     from peft import PeftModel
 
     with peft_without_upstream_deprecation():
-        return PeftModel.from_pretrained(load_model(base, dtype), str(path)).merge_and_unload()
+        return PeftModel.from_pretrained(model, str(path)).merge_and_unload()
 
 
 def config_source(path: str | Path) -> str:
