@@ -117,19 +117,15 @@ def generate(
     overwrite: Annotated[bool, typer.Option(help="replace the world already in --out")] = False,
 ) -> None:
     """Write the world: people, pretraining text, QA files and the tokenizer."""
+    from forgetlab.experiments.rundir import replaceable
     from forgetlab.models.tokenizers import build_word_tokenizer
     from forgetlab.utils.io import fresh_tmp_dir, replace_dir
     from forgetlab.worlds.biography import generate_world, write_world
 
     cfg = preset_config(preset, seed)
     out = Path(out)
-    if out.is_dir() and any(out.iterdir()):  # as `biography run`: never mix two worlds' files in one folder
-        if not overwrite:
-            raise ValueError(f"--out {out} already holds files; pass --overwrite to replace them with this world, or "
-                             "choose a new --out")
-        if not (out / "world.json").is_file():  # --overwrite replaces worlds only, never a folder that merely sits there
-            raise ValueError(f"--overwrite: {out} holds files but no world.json, so it is not a generated world and is "
-                             "left as it is; choose a new or empty --out")
+    replaceable(out, overwrite, "world.json", "a generated world",  # replaced whole below, as a run is
+                f"--out {out} already holds files; pass --overwrite to replace them with this world, or choose a new --out")
     world = generate_world(cfg.world)
     # the whole set is written beside --out and moved into place at the end: --out holds one world, complete, or the
     # one it held before (a kill part-way leaves only the sibling .tmp folder, which the next call clears)

@@ -38,12 +38,8 @@ def prepare_run_dir(out: Path, cfg, *, resume: bool, overwrite: bool,
             log(f"note: resuming {out} in another environment than it started in ({'; '.join(changed)}); "
                 "its results may differ from an uninterrupted run's (environment.json)")
         return out
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise ValueError(f"run directory {out} already exists; pass --resume to continue it or --overwrite to replace it")
-        if not (out / CONFIG).is_file():  # --overwrite deletes runs only, never a folder that merely sits at --out
-            raise ValueError(f"--overwrite: {out} holds files but no {CONFIG}, so it is not a forgetlab run and is left "
-                             "as it is; choose a new or empty --out")
+    if replaceable(out, overwrite, CONFIG, "a forgetlab run",
+                   f"run directory {out} already exists; pass --resume to continue it or --overwrite to replace it"):
         shutil.rmtree(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -55,6 +51,21 @@ def prepare_run_dir(out: Path, cfg, *, resume: bool, overwrite: bool,
     atomic_write_json(out / CONFIG, cfg)
     record_environment(out)
     return out
+
+
+def replaceable(out: Path, overwrite: bool, marker: str, kind: str, refusal: str) -> bool:
+    """Whether ``out`` holds an output to replace. A folder with files is refused without ``--overwrite`` (the
+    ``refusal``, so two outputs never mix in one folder), and with it unless it holds ``marker``, the file that
+    makes it ``kind``: --overwrite replaces what forgetlab wrote, never a folder that merely sits at --out."""
+    out = Path(out)
+    if not (out.is_dir() and any(out.iterdir())):
+        return False
+    if not overwrite:
+        raise ValueError(refusal)
+    if not (out / marker).is_file():
+        raise ValueError(f"--overwrite: {out} holds files but no {marker}, so it is not {kind} and is left as it is; "
+                         "choose a new or empty --out")
+    return True
 
 
 def check_same_config(out: Path, cfg, context: str = "") -> None:
