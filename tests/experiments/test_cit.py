@@ -1065,6 +1065,30 @@ def test_a_killed_run_resumes_after_its_last_task_with_the_same_result(icl_world
     assert "finished run" in logs[-1]
 
 
+def test_a_killed_run_with_adapter_checkpoints_resumes_onto_the_same_chain(icl_world_dir, tmp_path):
+    """The resumed run's later adapters chain onto the checkpoints saved before the kill, and every checkpoint loads
+    as the uninterrupted run's."""
+    from forgetlab.models.build import load_model
+    from forgetlab.worlds.icl import ICLWorld
+
+    sequence = ICLWorld.read(icl_world_dir / "world.json").sequences[0][:3]
+    cfg = small(icl_world_dir, method="inclora", sequence=",".join(sequence), checkpoint_format="adapter")
+    run_cit(cfg, tmp_path / "whole", log=lambda s: None, progress=False)
+
+    def kill_after_second(line):
+        if line.startswith(f"[cit] after {sequence[2]}"):
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_cit(cfg, tmp_path / "killed", log=kill_after_second, progress=False)
+    run_cit(cfg, tmp_path / "killed", log=lambda s: None, progress=False)
+    for whole, resumed in zip(*(sorted((tmp_path / run / "checkpoints").iterdir()) for run in ("whole", "killed"))):
+        a, b = load_model(whole).state_dict(), load_model(resumed).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), resumed.name
+    last = sorted((tmp_path / "killed" / "checkpoints").iterdir())[-1]
+    assert json.loads((last / "adapter_config.json").read_text())["base_model_name_or_path"] == f"../task-02-{sequence[1]}"
+
+
 def test_a_lora_resume_refuses_other_model_files_and_notes_rewritten_ones(tmp_path):
     """A LoRA run's resume reads the frozen weights from --model again, so the state records that model's files."""
     import os
