@@ -5,7 +5,8 @@ any activation, and merging the adapter into a copy for each task's checkpoint d
 side on the same random model of a real shape (no download), the same rows and the same LoRA (r = 8 on q, v):
 
 - float32 weights (the default), bfloat16 weights, and bfloat16 with activation checkpointing;
-- the checkpoint of a LoRA model, merged tensor by tensor on the CPU (ours) or as a merged deep copy.
+- the checkpoint of a LoRA model, merged tensor by tensor on the CPU (ours) or as a merged deep copy, and its size
+  on disk against the adapter alone (``checkpoint_format=adapter``).
 
 The peak is torch's allocator peak on a GPU, and the resident set (sampled every 5 ms) on a CPU, where it holds the
 interpreter and libraries too; so the rise above the memory held before the timed steps (gradients, optimizer
@@ -102,7 +103,8 @@ def one(args) -> dict:
     if checkpointing:
         enable_activation_checkpointing(model)
     torch.manual_seed(0)
-    model = _wrap_lora(model, CITConfig(world_dir="x"))
+    lora = CITConfig(world_dir="x", method="lora")
+    model = _wrap_lora(model, lora)
     g = torch.Generator().manual_seed(0)
     answer = 16
     prompts = [torch.randint(3, config.vocab_size, (args.seq - answer,), generator=g).tolist() for _ in range(args.batch)]
@@ -124,11 +126,15 @@ def one(args) -> dict:
         with Peak(device) as train_peak:
             train_phase(model, data, cfg, phase="timed", state_dir=Path(tmp) / "t", seed=0, on_step=tick,
                         log=lambda s: None, progress=False)
-        saves = {}
+        with Peak(device) as ours:
+            save_checkpoint(model, None, Path(tmp) / "ours", 0, "t", lora)
+        with Peak(device) as alone:  # checkpoint_format=adapter: the adapter on its base (named, not read here)
+            save_checkpoint(model, None, Path(tmp) / "adapter", 0, "t", replace(lora, checkpoint_format="adapter"), "base")
+        saves = {name: sum(f.stat().st_size for f in (Path(tmp) / name).rglob("*") if f.is_file()) / 1e9
+                 for name in ("ours", "adapter")}
+        saves = {"checkpoint_gb": saves["ours"], "adapter_checkpoint_gb": saves["adapter"]}
         if device == "cuda":  # a CPU's resident set keeps freed pages, so what a save adds is not measurable there
-            with Peak(device) as ours:
-                save_checkpoint(model, None, Path(tmp) / "ours", 0, "t", lora=True)
-            saves["save_extra_gb"] = ours.extra / 1e9
+            saves["save_extra_gb"], saves["adapter_save_extra_gb"] = ours.extra / 1e9, alone.extra / 1e9
             try:
                 with Peak(device) as copied:
                     copy.deepcopy(model).merge_and_unload().save_pretrained(Path(tmp) / "copy")
@@ -184,14 +190,18 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"{args.shape}, {args.batch} rows x {args.seq} tokens, LoRA r=8 on q,v; {device}")
     print(f"{'setting':<26} {'step s':>8} {'training peak GB':>17} {'rise GB':>8} {'checkpoint save adds GB':>24} "
-          f"{'(deep copy)':>12}")
+          f"{'(deep copy)':>12} {'checkpoint GB':>14} {'(adapter)':>10}")
     for r in rows:
-        saves = "".join(f" {r[k]:>{w}.2f}" if k in r else f" {'-':>{w}}"
-                        for k, w in (("save_extra_gb", 24), ("deepcopy_save_extra_gb", 12)))
+        saves = "".join(f" {r[k]:>{w}.{d}f}" if k in r else f" {'-':>{w}}"
+                        for k, w, d in (("save_extra_gb", 24, 2), ("deepcopy_save_extra_gb", 12, 2),
+                                        ("checkpoint_gb", 14, 3), ("adapter_checkpoint_gb", 10, 4)))
         print(f"{r['setting']:<26} {r['step_seconds']:>8.3f} {r['train_peak_gb']:>17.2f} {r['train_rise_gb']:>8.2f}{saves}")
     base, lean = rows[0], rows[-1]
     print(f"training peak, bfloat16 + checkpointing vs float32: {lean['train_peak_gb'] / base['train_peak_gb']:.2f}x "
           f"(step time {lean['step_seconds'] / base['step_seconds']:.2f}x)")
+    print(f"a per-task checkpoint on disk, merged vs the adapter alone (checkpoint_format=adapter), float32: "
+          f"{base['checkpoint_gb']:.3f} vs {base['adapter_checkpoint_gb']:.4f} GB, "
+          f"{base['checkpoint_gb'] / base['adapter_checkpoint_gb']:.0f}x smaller")
     if "save_extra_gb" in base:
         print(f"GPU memory a float32 checkpoint save adds, ours vs a merged deep copy: {base['save_extra_gb']:.2f} vs "
               f"{base['deepcopy_save_extra_gb']:.2f} GB; largest difference between the two checkpoints (relative): "
