@@ -1050,9 +1050,14 @@ def test_a_killed_run_resumes_after_its_last_task_with_the_same_result(icl_world
     assert not (tmp_path / "killed" / "results.json").exists()
     # with LoRA the state holds the adapter and the layers it adapts, not the frozen rest the start loads anyway
     held = load_file(tmp_path / "killed" / "state" / "between-phases" / "model.safetensors")
-    assert held and all(".lora_" in k or ".base_layer." in k for k in held) == (method in ("olora", "lora"))
-    meta = json.loads((tmp_path / "killed" / "state" / "between-phases" / "state.json").read_text())
-    assert [f[0] for f in meta["model_files"]] == sorted(p.name for p in (icl_world_dir / "model").iterdir() if p.is_file())
+    if method == "olora":  # IncLoRA: the adapter and the layers the earlier adapters were merged into
+        assert held and all(".lora_" in k or ".base_layer." in k for k in held)
+    elif method == "lora":  # one adapter, never merged: the base stays the initial one
+        assert held and all(".lora_" in k for k in held)
+    else:  # full fine-tuning: every weight
+        assert set(load_file(tmp_path / "whole" / "model" / "model.safetensors")) <= set(held)
+    recorded = tmp_path / "killed" / "state" / "model_files.json"  # what a resume must find at --model again
+    assert recorded.is_file() == (method in ("olora", "lora"))
     logs = []
     resumed = run_cit(cfg, tmp_path / "killed", log=logs.append, progress=False)
     assert logs[0] == f"[cit] resuming after task 2/3 ({sequence[1]})"
@@ -1089,25 +1094,30 @@ def test_a_killed_run_with_adapter_checkpoints_resumes_onto_the_same_chain(icl_w
     assert json.loads((last / "adapter_config.json").read_text())["base_model_name_or_path"] == f"../task-02-{sequence[1]}"
 
 
-def test_a_lora_resume_refuses_other_model_files_and_notes_rewritten_ones(tmp_path):
-    """A LoRA run's resume reads the frozen weights from --model again, so the state records that model's files."""
+def test_a_lora_resume_refuses_other_model_files(tmp_path):
+    """A LoRA run's resume reads the frozen weights from --model again, so the run records that model's files when it
+    starts (names, sizes, sampled bytes) and refuses a resume on others: same-sized weights with other values too."""
     import os
 
     from forgetlab.experiments.cit import check_same_model_files, model_files
 
-    (tmp_path / "model.safetensors").write_bytes(b"12345678")
-    (tmp_path / "config.json").write_text("{}")
-    saved, notes = model_files(str(tmp_path)), []
-    assert [f[:2] for f in saved] == [["config.json", 2], ["model.safetensors", 8]]
-    check_same_model_files(saved, model_files(str(tmp_path)), str(tmp_path), notes.append)
-    os.utime(tmp_path / "model.safetensors", ns=(1, 1))  # rewritten, same size: said, not refused
-    check_same_model_files(saved, model_files(str(tmp_path)), str(tmp_path), notes.append)
-    assert len(notes) == 1 and "were rewritten since the run started" in notes[0]
-    (tmp_path / "model.safetensors").write_bytes(b"123456789")
+    model, out = tmp_path / "model", tmp_path / "run"
+    model.mkdir()
+    weights = bytes(range(256)) * 8192  # 2 MB: sampled, not read whole
+    (model / "model.safetensors").write_bytes(weights)
+    (model / "config.json").write_text("{}")
+    check_same_model_files(out, str(model), writes=True)
+    assert [f[:2] for f in json.loads((out / "state" / "model_files.json").read_text())] == [
+        ["config.json", 2], ["model.safetensors", len(weights)]]
+    os.utime(model / "model.safetensors", ns=(1, 1))  # the same bytes written again: the same model
+    check_same_model_files(out, str(model), writes=True)
+    changed = bytearray(weights)
+    changed[len(weights) // 2:len(weights) // 2 + 70_000] = bytes(70_000)  # other values over a few percent, same size
+    (model / "model.safetensors").write_bytes(bytes(changed))
     with pytest.raises(ValueError, match="is not the one this run started from"):
-        check_same_model_files(saved, model_files(str(tmp_path)), str(tmp_path), notes.append)
-    assert model_files("org/hub-name") is None  # a hub name: nothing to compare
-    check_same_model_files(saved, None, "org/hub-name", notes.append)
+        check_same_model_files(out, str(model), writes=True)
+    assert model_files("org/hub-name") is None
+    check_same_model_files(out, "org/hub-name", writes=True)  # a hub name: nothing to compare
 
 
 def test_resume_refuses_another_config(icl_world_dir, tmp_path):
@@ -1221,6 +1231,21 @@ def test_adapter_checkpoints_chain_on_the_previous_task_and_load_as_the_merged_o
         a, b = load_model(one).state_dict(), load_model(other).state_dict()
         assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a), one.name
     assert [p.name for p in _run_setup(tmp_path / "moved")[1]] == [p.name for p in adapters]
+    # loaded for training too (recovery, a later run's --model): trainable like any checkpoint; its config and
+    # tokenizer found down the chain; a folder named like a base under the working directory is not taken for it
+    from forgetlab.models.build import config_source, load_tokenizer
+
+    assert all(p.requires_grad for p in load_model(adapters[-1]).parameters())
+    assert Path(config_source(adapters[-1])).resolve() == (icl_world_dir / "model").resolve()
+    for saved in [*adapters[1].glob("tokenizer*"), *adapters[2].glob("tokenizer*")]:  # two adapters without one
+        saved.unlink()
+    assert load_tokenizer(adapters[2]).get_vocab() == load_tokenizer(icl_world_dir / "model").get_vocab()
+    (tmp_path / "elsewhere" / adapters[0].name).mkdir(parents=True)
+    (tmp_path / "elsewhere" / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere" / "cwd")  # ../task-01-... exists here too, and is not the base
+    a, b = load_model(merged[1]).state_dict(), load_model(adapters[1]).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    monkeypatch.chdir(tmp_path)
 
     # cit analyze merges each adapter into the model before it instead of reading its chain again: the initial
     # model is the only one read from disk, and every row and intervention is the merged run's

@@ -27,3 +27,23 @@ def test_overwrite_replaces_a_run_but_never_a_folder_that_is_not_one(tmp_path):
     empty.mkdir()
     prepare_run_dir(empty, {"seed": 0}, resume=False, overwrite=True, log=lambda s: None)
     assert (empty / "config.json").is_file()
+
+
+def test_a_run_started_before_a_setting_existed_resumes_when_it_keeps_its_default(tmp_path):
+    """A config.json written before forgetlab gained a setting lacks its key: the run resumes under the setting's
+    default, and is refused under any other value, as a changed setting is."""
+    from dataclasses import replace
+
+    from forgetlab.experiments.cit import CITConfig
+
+    cfg, run = CITConfig(world_dir="w"), tmp_path / "run"
+    prepare_run_dir(run, cfg, resume=False, overwrite=False, log=lambda s: None)
+    saved = json.loads((run / "config.json").read_text())
+    del saved["checkpoint_format"]  # as an older forgetlab wrote it
+    (run / "config.json").write_text(json.dumps(saved))
+    prepare_run_dir(run, cfg, resume=True, overwrite=False, log=lambda s: None)
+    with pytest.raises(ValueError, match="differs in: checkpoint_format"):
+        prepare_run_dir(run, replace(cfg, checkpoint_format="adapter", method="lora"), resume=True, overwrite=False,
+                        log=lambda s: None)
+    with pytest.raises(ValueError, match="differs in: seed"):
+        prepare_run_dir(run, replace(cfg, seed=1), resume=True, overwrite=False, log=lambda s: None)

@@ -43,7 +43,7 @@ from forgetlab.train import distributed
 from forgetlab.train.checkpoints import load_between_phases, save_between_phases, save_model_dir
 from forgetlab.train.data import IGNORE, concat, qa_dataset
 from forgetlab.train.trainer import EvalSchedule, PhaseConfig, train_phase
-from forgetlab.utils.io import atomic_write_json
+from forgetlab.utils.io import atomic_write_json, read_json
 from forgetlab.worlds.instructions import (InstructionTask, coded_sequence, definition_of, from_world_task, load_task_file,
                                           ni_sequence, question, world_sequence)
 
@@ -169,6 +169,15 @@ class CITConfig:
 
 def load_sequence(cfg: CITConfig) -> tuple[list[InstructionTask], object | None]:
     """The tasks of the sequence and, for the ICL world, the world (for the general abilities)."""
+    tasks, world = _sequence_tasks(cfg)
+    names = [t.name for t in tasks]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:  # each task's checkpoint, resume state and column of R are named by it
+        raise ValueError(f"--sequence {cfg.sequence!r} names {', '.join(repeated)} more than once; give each task once")
+    return tasks, world
+
+
+def _sequence_tasks(cfg: CITConfig) -> tuple[list[InstructionTask], object | None]:
     if cfg.world_dir:
         from forgetlab.worlds.icl import ICLWorld
 
@@ -195,8 +204,6 @@ def new_to_model(world_dir: Path, world) -> list[str]:
     """``--sequence new``: the tasks of the world's sequences that its built model does not already do from their
     instruction alone (``eval.json``), in the sequences' order, as many as a sequence holds. Which reworded
     instructions a model already follows differs between builds of one world."""
-    from forgetlab.utils.io import read_json
-
     path = world_dir / "eval.json"
     scores = read_json(path).get("new_tasks_zero_shot_instruction") if path.is_file() else None
     if scores is None:
@@ -407,27 +414,33 @@ def resumable_weights(model, cfg: CITConfig) -> dict[str, torch.Tensor]:
     weights = model.state_dict()
     if cfg.mode == "full":
         return weights
-    return {k: v for k, v in weights.items() if ".lora_" in k or ".base_layer." in k}
+    changed = (".lora_", ".base_layer.") if cfg.mode == "inclora" else (".lora_",)  # one adapter, never merged: the
+    return {k: v for k, v in weights.items() if any(part in k for part in changed)}  # base stays the initial one
 
 
 def model_files(model_dir: str) -> list | None:
-    """Name, size and modification time of each file of a local model directory (None for a hub name)."""
+    """Name, size and a digest of sampled bytes of each file of a local model directory (None for a hub name)."""
+    from forgetlab.utils.io import sampled_sha256
+
     path = Path(model_dir)
     if not path.is_dir():
         return None
-    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(path.iterdir()) if p.is_file()]
+    return [[p.name, p.stat().st_size, sampled_sha256(p)] for p in sorted(path.iterdir()) if p.is_file()]
 
 
-def check_same_model_files(saved: list | None, now: list | None, model_dir: str, log: Callable[[str], None]) -> None:
-    """A LoRA run resumes with its frozen weights read from ``--model`` again: refuse other files there (names or
-    sizes differ), and say so when they were only rewritten since (same sizes, newer times: a copy, or other weights)."""
-    if saved is None or now is None or saved == now:
+def check_same_model_files(out: Path, model_dir: str, writes: bool) -> None:
+    """A LoRA run keeps only what it trains and merges in ``state/``; a resume reads the frozen rest from ``--model``
+    again, so the files there are recorded when the run starts and must be the same when it resumes."""
+    recorded, now = out / "state" / "model_files.json", model_files(model_dir)
+    if now is None:
         return
-    if [f[:2] for f in saved] != [f[:2] for f in now]:
-        raise ValueError(f"the model at {model_dir} is not the one this run started from (its files differ in names or "
-                         "sizes); resume with that model, or start again with --overwrite")
-    log(f"[cit] note: the files at {model_dir} were rewritten since the run started (same names and sizes); the resumed "
-        "run reads its frozen weights from them, so they must be the same weights")
+    if recorded.is_file():
+        if read_json(recorded) != now:
+            raise ValueError(f"the model at {model_dir} is not the one this run started from (its files differ); resume "
+                             "with that model, or start again with --overwrite")
+    elif writes:
+        recorded.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(recorded, now)
 
 
 def _pack(groups: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -557,7 +570,6 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
     finished task with the same result; ``--set train.checkpoint_every=N`` also resumes inside a task.
     """
     from forgetlab.models.build import enable_activation_checkpointing, load_model, load_tokenizer
-    from forgetlab.utils.io import read_json
 
     cfg.validate()
     start = time.perf_counter()
@@ -574,6 +586,8 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
     template = _template(cfg, world)
     model_dir = _model_dir(cfg)
     initial_dir = str(Path(model_dir).resolve()) if Path(model_dir).exists() else model_dir  # adapter checkpoints' base
+    if cfg.mode != "full":
+        check_same_model_files(out, model_dir, writes)
     tokenizer = load_tokenizer(model_dir)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -637,8 +651,6 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
         if wrong:
             raise ValueError(f"{out}/state does not hold this run's model (e.g. {wrong[0]}); start the run again with "
                              "--overwrite")
-        if cfg.mode != "full":  # the frozen weights came from the model's files again, not from the state
-            check_same_model_files(meta.get("model_files"), model_files(model_dir), model_dir, log)
         fisher, anchor = _unpack(tensors, "fisher", device) or None, _unpack(tensors, "anchor", device) or None
         earlier_a = {name: [a] for name, a in _unpack(tensors, "olora", device).items()}  # saved concatenated
         seen_data = [task_data(t, train)[0] for t, (train, _) in sequential[:first]] if cfg.method == "replay" else []
@@ -728,7 +740,7 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
             method_state = _pack({"fisher": fisher or {}, "anchor": anchor or {}, "olora": olora})
             save_between_phases(out / "state", resumable_weights(model, cfg), method_state,
                                 {"completed": k + 1, "R": R, "general": general, "train_loss": train_loss,
-                                 "seconds": time.perf_counter() - start, "model_files": model_files(model_dir)})
+                                 "seconds": time.perf_counter() - start})
     if cfg.mode != "full":
         model = model.merge_and_unload()
     results = summarize(cfg, tasks, R, general)
@@ -788,8 +800,8 @@ def _run_setup(run: Path) -> tuple[CITConfig, list[Path], str]:
     if not isinstance(saved, dict) or "sequence" not in saved or "method" not in saved:
         raise ValueError(f"{run} is not a `forgetlab cit run` directory (its config.json is another command's)")
     cfg = from_jsonable(CITConfig, saved)
-    checkpoints = sorted(p for p in (run / "checkpoints").glob("task-*")
-                         if (p / "config.json").is_file() or (p / ADAPTER_CONFIG).is_file())
+    checkpoints = sorted(p for p in (run / "checkpoints").glob("task-*") if not p.name.endswith((".tmp", ".old"))
+                         and ((p / "config.json").is_file() or (p / ADAPTER_CONFIG).is_file()))  # not a killed save's
     if not checkpoints:
         raise FileNotFoundError(f"{run}/checkpoints has no per-task checkpoints; rerun with save_checkpoints=true")
     return cfg, checkpoints, _model_dir(cfg)

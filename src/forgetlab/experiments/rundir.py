@@ -8,6 +8,7 @@ records the environment (``environment.json``: library versions, devices, code c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from forgetlab.utils.environment import record_environment
-from forgetlab.utils.io import atomic_write_json, read_json, to_jsonable
+from forgetlab.utils.io import atomic_write_json, from_jsonable, read_json, to_jsonable
 
 CONFIG = "config.json"
 
@@ -71,6 +72,11 @@ def replaceable(out: Path, overwrite: bool, marker: str, kind: str, refusal: str
 def check_same_config(out: Path, cfg, context: str = "") -> None:
     """Refuse to go on with the run in ``out`` under another config than the one it was made with."""
     saved = read_json(Path(out) / CONFIG)
+    if dataclasses.is_dataclass(cfg) and isinstance(saved, dict):
+        try:  # a setting added to forgetlab since the run started reads as its default: the run can still resume
+            saved = json.loads(json.dumps(to_jsonable(from_jsonable(type(cfg), saved))))
+        except (TypeError, ValueError, KeyError):
+            pass  # not this config's shape: compared as saved, and refused below
     wanted = json.loads(json.dumps(to_jsonable(cfg)))
     if saved != wanted:
         diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))

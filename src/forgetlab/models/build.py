@@ -40,9 +40,10 @@ def adapter_base(path: str | Path) -> str | None:
         raise ValueError(f"{path}/{ADAPTER_CONFIG} is not a JSON object; save the adapter again") from None
     if not base:
         raise ValueError(f"{path}/{ADAPTER_CONFIG} names no base_model_name_or_path; set it to the base model's directory")
-    # a relative base may be named from the adapter's own directory (the chain of adapters `cit run` saves)
+    # a relative base is first looked for from the adapter's own directory (the chain of adapters `cit run` saves,
+    # which must not pick up a folder of the same name under the working directory), then as PEFT reads it
     beside = path / base
-    if not Path(base).is_absolute() and not Path(base).exists() and beside.exists():
+    if not Path(base).is_absolute() and beside.exists():
         return str(beside)
     return str(base)
 
@@ -155,12 +156,15 @@ def merge_adapter(model: PreTrainedModel, path: str | Path) -> PreTrainedModel:
     from peft import PeftModel
 
     with peft_without_upstream_deprecation():
-        return PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+        merged = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    return merged.requires_grad_(True)  # PEFT froze the base for the adapter; a loaded model trains like any other
 
 
 def config_source(path: str | Path) -> str:
-    """Where a checkpoint's config.json is: the directory itself, or a PEFT adapter's base model."""
-    return adapter_base(path) or str(path)
+    """Where a checkpoint's config.json is: the directory itself, or a PEFT adapter's base model (down a chain of
+    adapters, each on the one before)."""
+    base = adapter_base(path)
+    return str(path) if base is None else config_source(base)
 
 
 def load_tokenizer(path: str | Path):
@@ -169,7 +173,7 @@ def load_tokenizer(path: str | Path):
 
     base = adapter_base(path)
     if base is not None and not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
-        path = base
+        return load_tokenizer(base)
     return AutoTokenizer.from_pretrained(str(path))
 
 
