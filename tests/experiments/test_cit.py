@@ -296,6 +296,10 @@ def test_bad_configs_name_the_problem(icl_world_dir):
     with pytest.raises(ValueError, match="NI-Seq-G1 unknown"):
         run_cit(small(icl_world_dir, sequence="NI-Seq-G1"), icl_world_dir / "x", log=lambda s: None)
     assert not (icl_world_dir / "x").exists()
+    from forgetlab.experiments.cit import check_inputs  # a task twice would share its checkpoint and resume state
+
+    with pytest.raises(ValueError, match="names capitalize_first more than once; give each task once"):
+        check_inputs(small(icl_world_dir, sequence="capitalize_first,sub_4,capitalize_first"))
 
 
 def test_training_answers_end_where_generation_is_cut(icl_world_dir, tiny_llama_dir, tmp_path, monkeypatch):
@@ -1230,7 +1234,10 @@ def test_adapter_checkpoints_chain_on_the_previous_task_and_load_as_the_merged_o
         assert sum(f.stat().st_size for f in other.iterdir()) < sum(f.stat().st_size for f in one.iterdir()) / 4
         a, b = load_model(one).state_dict(), load_model(other).state_dict()
         assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a), one.name
+    leftover = tmp_path / "moved" / "checkpoints" / f"{adapters[-1].name}.tmp"  # a save killed half-way
+    shutil.copytree(merged[-1], leftover)
     assert [p.name for p in _run_setup(tmp_path / "moved")[1]] == [p.name for p in adapters]
+    shutil.rmtree(leftover)
     # loaded for training too (recovery, a later run's --model): trainable like any checkpoint; its config and
     # tokenizer found down the chain; a folder named like a base under the working directory is not taken for it
     from forgetlab.models.build import config_source, load_tokenizer
