@@ -857,7 +857,7 @@ def analyze_runs(runs: Sequence[Path], out: Path | None = None, settings=None, *
 
     held: dict = {}  # the model loaded last: used again, or the adapter checkpoint on it merged in (no chain reload)
 
-    def load_checkpoint(path) -> torch.nn.Module:
+    def next_model(path) -> torch.nn.Module:
         here, base = Path(path).resolve(), adapter_base(path)
         last_path, model = held.pop("path", None), held.pop("model", None)
         if last_path is not None and base is not None and Path(base).resolve() == last_path:
@@ -871,7 +871,7 @@ def analyze_runs(runs: Sequence[Path], out: Path | None = None, settings=None, *
     def loader(name: str, path) -> Callable[[], torch.nn.Module]:
         def load() -> torch.nn.Module:
             log(f"[cit analyze] {name}")
-            return load_checkpoint(path)
+            return next_model(path)
         return load
 
     # a killed analysis resumes after its last finished checkpoint or intervention task (drift.partial.pt, removed
@@ -920,7 +920,7 @@ def analyze_runs(runs: Sequence[Path], out: Path | None = None, settings=None, *
     result, interventions = {"summary": summary}, None
     if len(runs) == 1:
         last_task = tasks[-1].as_icl_task() if cfg.method != "multitask" else None
-        interventions = fv_interventions(load_checkpoint(checkpoints[-1][2]), tokenizer, general, initial,
+        interventions = fv_interventions(next_model(checkpoints[-1][2]), tokenizer, general, initial,
                                          last_task, settings, done=done.get("interventions") if done else None,
                                          on_task=lambda state: save_progress(interventions=state), progress=progress)
         atomic_write_json(out / "interventions.json", interventions)
