@@ -13,6 +13,7 @@ from forgetlab.experiments.cit import CITConfig, load_sequence, run_cit, summari
 from forgetlab.methods.fvg import FVGConfig
 from forgetlab.models.zoo import random_model, tiny_config
 from forgetlab.worlds.instructions import InstructionTask
+from forgetlab.utils.io import to_jsonable
 
 
 def small(icl_world_dir, **kw):
@@ -103,6 +104,18 @@ def test_summary_of_a_hand_matrix():
     assert out["initial_tasks_mean"] == pytest.approx(5.0) and out["FP_gain"] == pytest.approx(65.0)
     known = summarize(CITConfig(world_dir="x"), tasks, [[90.0, 89.9], [95.0, 90.0], [95.0, 90.0]], general)
     assert known["known_at_start"] == ["a"]  # 90 counts as already done, 89.9 does not
+
+
+def test_multitask_has_no_forward_transfer_or_incremental_accuracy():
+    """Multitask's R repeats one jointly trained model, so "task k just before training on it" does not exist: FWT
+    would be the joint model's gain over the initial one. Both are null; BWT and forgetting are 0 by construction."""
+    tasks = [InstructionTask(n, "d", ()) for n in "abc"]
+    R = [[10.0, 20.0, 30.0]] + [[80.0, 70.0, 60.0]] * 3
+    general = [{"gp": 70.0, "ip": 60.0}] * 4
+    out = json.loads(json.dumps(to_jsonable(summarize(CITConfig(world_dir="x", method="multitask"), tasks, R, general))))
+    assert out["fwt"] is None and out["avg_incremental_acc"] is None
+    assert out["bwt_gem"] == 0.0 and out["forgetting"] == 0.0 and out["forget"] == 0.0 and out["AP"] == out["FP"] == 70.0
+    assert summarize(CITConfig(world_dir="x", method="seq"), tasks, R, general)["fwt"] == pytest.approx((70 - 20 + 60 - 30) / 2)
 
 
 def test_summary_lists_the_general_scores_after_each_task_from_the_initial_model_on():

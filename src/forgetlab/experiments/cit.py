@@ -771,6 +771,8 @@ def summarize(cfg: CITConfig, tasks: list[InstructionTask], R: list[list[float]]
     plus the matrix metrics (ACC, BWT in GEM and TRACE variants, FWT, Chaudhry forgetting) and FP against the
     initial model's mean score on the same tasks (``initial_tasks_mean``, ``FP_gain``)."""
     metrics = cl_summary(np.array(R))
+    if cfg.method == "multitask":  # R repeats one jointly trained model: no score "before training on task k", and
+        metrics["fwt"] = metrics["avg_incremental_acc"] = math.nan  # no incremental accuracy (null in results.json)
     out = {"preset": cfg.preset, "seed": cfg.seed, "method": cfg.method, "fvg": cfg.fvg, "tasks": [t.name for t in tasks],
            "R": R, "AP": metrics.pop("ap"), "FP": metrics.pop("fp"), "forget": metrics.pop("forget"), **metrics,
            "known_at_start": known_at_start(tasks, R[0]), "initial_tasks_mean": float(np.mean(R[0]))}
