@@ -1,6 +1,7 @@
 """Scores of generated answers as the FV paper reports them (papers.md §2), ×100.
 
-Free text: ROUGE-L F1 with Porter stemming (``rouge-score``), the maximum over the references.
+Free text: ROUGE-L F1 with Porter stemming (``rouge-score``), the maximum over the references; its tokenizer is
+widened to the letters of every script (rouge-score's own keeps [a-z0-9] and would score "Москва" against "Киев" 100).
 Multiple choice (every reference is an option letter): the option letter is extracted from the
 generation first, so the score is accuracy (100 or 0) rather than a string overlap.
 """
@@ -8,6 +9,7 @@ generation first, so the score is accuracy (100 or 0) rather than a string overl
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -18,23 +20,44 @@ OPTION_LETTERS = "ABCDEFGH"
 # a leading letter alone or followed by punctuation or a space ("B", "(B)", "B.", "A, because"), but not the article
 # "A" before a lower-case word ("A dog")
 _LETTER = re.compile(r"^(?!A\s+[a-z])\(?([A-H])\)?(?:[\s.:),;]|$)")
-# "Answer"/"option" in any case, the letter itself a capital: "the answer is a dog" names no option
-_STATED = re.compile(r"(?i:answer|option)\s*(?i:is)?\s*[:\-]?\s*\(?([A-H])\)?\b")
+# a lower-case letter only where it cannot be a word: in parentheses, alone, or alone but for "." or ")"
+# ("b", "(b) yes", "b)"; not "e.g. this" nor "a dog")
+_SMALL_LETTER = re.compile(r"^(?:\(([a-h])\)|([a-h])[.)]?$)")
+# "Answer"/"option" in any case, then a capital letter, or a lower-case one in parentheses or ending the answer:
+# "answer: c" and "Option b" name an option, "the answer is a dog" does not
+_STATED = re.compile(r"(?i:answer|option)\s*(?i:is)?\s*[:\-]?\s*(?:\(?([A-H])\)?\b|\(([a-h])\)|([a-h])(?=[.)]?$))")
+# rouge-score's tokenizer widened to every script: runs of letters and digits, except that Chinese characters and
+# Japanese kana (written without spaces) are a token each; on ASCII text it gives rouge-score's own tokens
+_NO_SPACES = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_TOKEN = re.compile(rf"[{_NO_SPACES}]|[^\W_{_NO_SPACES}]+")
+
+
+class UnicodeTokenizer:
+    """For ``rouge_scorer.RougeScorer(tokenizer=...)``: lower-cased word tokens of any script, the English ones
+    Porter-stemmed from 4 characters as rouge-score does, so that English scores stay the paper's."""
+
+    def __init__(self) -> None:
+        from nltk.stem import porter  # the stemmer rouge-score uses
+
+        self._stemmer = porter.PorterStemmer()
+
+    def tokenize(self, text: str) -> list[str]:
+        words = _TOKEN.findall(unicodedata.normalize("NFC", text.lower()))
+        return [self._stemmer.stem(w) if len(w) > 3 and w.isascii() else w for w in words]
 
 
 @lru_cache(maxsize=1)
 def _scorer():
     from rouge_score import rouge_scorer
 
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return rouge_scorer.RougeScorer(["rougeL"], tokenizer=UnicodeTokenizer())
 
 
 def rouge_l(prediction: str, references: Sequence[str]) -> float:
     """Max ROUGE-L F1 (stemmed) over the references, ×100.
 
-    rouge-score's tokenizer keeps only lower-case Latin letters and digits, so a reference made of other
-    characters ("+", "東京") has no tokens and would score 0 against any prediction, itself included: such a
-    reference is scored by exact match of the stripped strings instead.
+    A reference without letters or digits ("+", "—") has no tokens and would score 0 against any prediction, itself
+    included: such a reference is scored by exact match of the stripped strings instead.
     """
     if not references:
         raise ValueError("rouge_l needs at least one reference")
@@ -44,21 +67,20 @@ def rouge_l(prediction: str, references: Sequence[str]) -> float:
 
 
 def _has_rouge_tokens(text: str) -> bool:
-    from rouge_score import tokenize
-
-    return bool(tokenize.tokenize(text, None))
+    return bool(_TOKEN.search(text))
 
 
 def option_letter(text: str) -> str | None:
     """The option a generation picks: a leading ``B``, ``(B)``, ``B.``/``B)``/``B,``, ``**B**``, or "answer is B",
-    "Answer: B", "answer - B"."""
+    "Answer: B", "answer - B"; in lower case where it cannot be a word ("b", "(b)", "answer: c")."""
     text = text.strip().strip("*").strip()
-    match = _LETTER.match(text) or _STATED.search(text)
-    return match.group(1).upper() if match else None
+    match = _LETTER.match(text) or _SMALL_LETTER.match(text) or _STATED.search(text)
+    return next(letter for letter in match.groups() if letter).upper() if match else None
 
 
 def is_multiple_choice(references: Sequence[str]) -> bool:
-    return bool(references) and all(option_letter(r) is not None and len(r.strip().strip("()")) == 1 for r in references)
+    """Every reference an option letter, a capital (a reference "b" is the letter b, as a spelling task's answer)."""
+    return bool(references) and all(r.strip().strip("()") in set(OPTION_LETTERS) for r in references)
 
 
 def score(prediction: str, references: Sequence[str]) -> float:
