@@ -739,7 +739,7 @@ def test_olora_penalises_overlap_with_the_trained_a_matrices_of_every_earlier_ad
     import forgetlab.experiments.cit as cit
 
     sequence = _three_tasks(icl_world_dir)
-    cfg = small(icl_world_dir, method="olora", sequence=",".join(sequence), save_checkpoints=False)
+    cfg = small(icl_world_dir, method="olora", sequence=",".join(sequence), save_checkpoints=False, olora_penalty="abs")
     at_start, at_end, trainable, seen = {}, {}, {}, {}
     real_train, real_penalty = cit.train_phase, cit.lora_orthogonality
 
@@ -755,12 +755,13 @@ def test_olora_penalises_overlap_with_the_trained_a_matrices_of_every_earlier_ad
         at_end[phase] = {n: a.detach().clone() for n, a in a_matrices(model).items()}
         return outcome
 
-    def recording(previous, current):
+    def recording(previous, current, penalty):
         previous, current = list(previous), list(current)
         phase = list(at_start)[-1]
         if phase not in seen:
             seen[phase] = ([p.detach().clone() for p in previous], current, [c.detach().clone() for c in current])
-        return real_penalty(previous, current)
+        assert penalty == "abs"  # the run's setting reaches the penalty
+        return real_penalty(previous, current, penalty)
 
     monkeypatch.setattr(cit, "train_phase", spy)
     monkeypatch.setattr(cit, "lora_orthogonality", recording)

@@ -71,3 +71,13 @@ def test_lora_orthogonality_is_zero_for_orthogonal_subspaces():
     assert lora_orthogonality([prev], [same]).item() == pytest.approx(2.0, abs=1e-5)  # ‖I₂‖²_F
     a, b = torch.randn(3, 5), torch.randn(2, 5)
     assert lora_orthogonality([a, a], [b, b]).item() == pytest.approx(2 * ((a @ b.T) ** 2).sum().item(), rel=1e-5)
+
+
+def test_lora_orthogonality_abs_is_the_released_codes_sum_of_absolute_overlaps():
+    # A_prev = [[1, 0, 0], [0, 1, 0]], A_cur = [[0.5, -2, 0]]: overlaps 0.5 and -2, so |·| sums to 2.5, squares to 4.25
+    prev, cur = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]), torch.tensor([[0.5, -2.0, 0]])
+    assert lora_orthogonality([prev], [cur], "abs").item() == pytest.approx(2.5)
+    assert lora_orthogonality([prev], [cur]).item() == pytest.approx(4.25)
+    assert lora_orthogonality([prev], [torch.tensor([[0, 0, 3.0]])], "abs").item() == 0.0
+    with pytest.raises(ValueError, match="olora penalty 'l1' is unknown"):
+        lora_orthogonality([prev], [cur], "l1")

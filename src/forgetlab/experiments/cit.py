@@ -34,7 +34,8 @@ from forgetlab.eval.scoring import ALREADY_DONE, score
 from forgetlab.experiments.rundir import CONFIG, check_same_config, record_api_run
 from forgetlab.methods.fvg import (FVGConfig, FVGuidance, over_universal_heads, saved_function_vectors,
                                    task_function_vector)
-from forgetlab.methods.regularizers import diagonal_fisher, distillation_kl, ewc_penalty, lora_orthogonality
+from forgetlab.methods.regularizers import (OLORA_PENALTIES, diagonal_fisher, distillation_kl, ewc_penalty,
+                                            lora_orthogonality)
 from forgetlab.methods.replay import mix_replay
 from forgetlab.metrics.cl import cl_summary
 from forgetlab.models.build import ADAPTER_CONFIG, peft_without_upstream_deprecation
@@ -87,6 +88,9 @@ class CITConfig:
     lwf_strength: float = field(default=1.0, metadata={"help": "lwf: weight of the KL to the previous model"})
     lwf_temperature: float = 2.0
     olora_strength: float = field(default=0.5, metadata={"help": "olora: weight of the orthogonality penalty"})
+    olora_penalty: str = field(default="squared", metadata={"help": "olora: squared (Σ‖A_prev A_newᵀ‖²_F, the paper's "
+                                                                    "equation) | abs (Σ|A_prev A_newᵀ|, O-LoRA's "
+                                                                    "released code, for which strength 0.5 was tuned)"})
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.1
@@ -141,6 +145,8 @@ class CITConfig:
             raise ValueError(f"answer_end={self.answer_end!r} is unknown; use one of {', '.join(ANSWER_ENDS)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is unknown; use one of {', '.join(DTYPES)}")
+        if self.olora_penalty not in OLORA_PENALTIES:
+            raise ValueError(f"olora_penalty={self.olora_penalty!r} is unknown; use one of {', '.join(OLORA_PENALTIES)}")
         if self.checkpoint_format not in CHECKPOINT_FORMATS:
             raise ValueError(f"checkpoint_format={self.checkpoint_format!r} is unknown; use one of "
                              f"{', '.join(CHECKPOINT_FORMATS)}")
@@ -699,7 +705,7 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
         if cfg.method == "olora" and earlier_a:
             current = lora_a_matrices(model)
             penalties["olora"] = lambda batch, outputs, c=current: cfg.olora_strength * lora_orthogonality(
-                [torch.cat(earlier_a[n]) for n in c], list(c.values()))
+                [torch.cat(earlier_a[n]) for n in c], list(c.values()), cfg.olora_penalty)
         guide = adapter = None
         if cfg.fvg:  # the frozen side comes from the model before this task, computed once
             from forgetlab.models.adapter import adapt

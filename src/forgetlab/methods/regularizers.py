@@ -73,14 +73,23 @@ def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return t * t * kl.mean()
 
 
-def lora_orthogonality(previous: Iterable[torch.Tensor], current: Iterable[torch.Tensor]) -> torch.Tensor:
-    """O-LoRA: Σ over adapted modules of ‖A_prev A_curᵀ‖²_F, with LoRA ``A`` matrices of shape (r, in).
+OLORA_PENALTIES = ("squared", "abs")
+
+
+def lora_orthogonality(previous: Iterable[torch.Tensor], current: Iterable[torch.Tensor],
+                       penalty: str = "squared") -> torch.Tensor:
+    """O-LoRA: Σ over adapted modules of ‖A_prev A_curᵀ‖²_F (the paper's equation), or with ``penalty="abs"`` the sum
+    of the entries' absolute values (O-LoRA's released code, for which its λ₁ = 0.5 was tuned: at a 7B model's
+    sizes the overlaps are small, so their squares are far smaller still). LoRA ``A`` matrices have shape (r, in).
 
     Zero exactly when the current adapter's input subspace is orthogonal to the earlier tasks'.
     """
+    if penalty not in OLORA_PENALTIES:
+        raise ValueError(f"olora penalty {penalty!r} is unknown; use one of {', '.join(OLORA_PENALTIES)}")
     total = None
     for a_prev, a_cur in zip(previous, current, strict=True):
-        term = (a_prev.to(a_cur.device, a_cur.dtype) @ a_cur.T).pow(2).sum()
+        overlap = a_prev.to(a_cur.device, a_cur.dtype) @ a_cur.T
+        term = overlap.pow(2).sum() if penalty == "squared" else overlap.abs().sum()
         total = term if total is None else total + term
     if total is None:
         raise ValueError("lora_orthogonality needs at least one pair of LoRA A matrices")
