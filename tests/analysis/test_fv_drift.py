@@ -38,6 +38,7 @@ def test_linear_fit_matches_numpy():
     assert fit["slope"] == pytest.approx(slope) and fit["intercept"] == pytest.approx(y.mean() - slope * x.mean())
     assert linear_fit([1, 2, 3], [2, 4, 6])["r2"] == pytest.approx(1.0)
     assert linear_fit([1, 1, 1], [1, 2, 3])["r2"] is None  # x does not vary
+    assert linear_fit([1, 2], [5, 3])["r2"] is None  # a line passes through any two points: R² 1 says nothing
 
 
 def test_parameter_distance_is_the_l2_norm_of_the_difference():
@@ -196,12 +197,18 @@ def test_intervention_recovered_share_is_of_the_drop(setup, monkeypatch):
     # a third task fell by less than min_drop: not forgotten, so not edited and not in the means
     kept = ICLTask("kept", tasks[0].pairs, "Keep .")
     scores["kept"] = {0: 0.48}
+    # a fourth fell by exactly min_drop, 2 of 40 queries, which float64 makes 0.04999…: forgotten all the same
+    edge = ICLTask("edge", tasks[0].pairs, "Edge .")
+    scores["edge"] = {0: 1 / 40, 1: 2 / 40, -1: 1 / 40}
     initial = {"shift": {"score": 0.80, "fv": torch.ones(64)}, "mirror": {"score": 0.60, "fv": torch.ones(64)},
-               "kept": {"score": 0.50, "fv": torch.ones(64)}}
-    out = fv_interventions(model, tok, [*tasks, kept], initial, tasks[0], DriftSettings(alphas=(1.0, 2.0), min_drop=0.05))
+               "kept": {"score": 0.50, "fv": torch.ones(64)}, "edge": {"score": 3 / 40, "fv": torch.ones(64)}}
+    assert 3 / 40 - 1 / 40 < 0.05
+    out = fv_interventions(model, tok, [*tasks, kept, edge], initial, tasks[0],
+                           DriftSettings(alphas=(1.0, 2.0), min_drop=0.05))
     # layer and scale are chosen on the valid queries, never on the test queries they are scored on
-    assert chosen_on == [("shift", "valid")] * 2 + [("mirror", "valid")] * 2
+    assert chosen_on == [("shift", "valid")] * 2 + [("mirror", "valid")] * 2 + [("edge", "valid")] * 2
     assert out["tasks"]["kept"] == {"initial": 0.50, "final": 0.48, "forgotten": False}
+    assert out["tasks"]["edge"]["forgotten"] and out["tasks"]["edge"]["add_recovered"] == pytest.approx(0.5)
     shift, mirror = out["tasks"]["shift"], out["tasks"]["mirror"]
     # shift: drop 0.8 − 0.3 = 0.5; add (0.55 − 0.3)/0.5 = 0.5; subtract (0.425 − 0.3)/0.5 = 0.25
     assert shift["forgotten"] and shift["add_recovered"] == pytest.approx(0.5)
@@ -210,8 +217,10 @@ def test_intervention_recovered_share_is_of_the_drop(setup, monkeypatch):
     assert mirror["add_recovered"] == pytest.approx(0.75)
     assert mirror["subtract_recovered"] == pytest.approx(-0.25)
     assert (shift["add_alpha"], shift["subtract_alpha"]) == (2.0, -2.0)
-    assert out["summary"] == {"forgotten_tasks": 2, "mean_add_recovered": pytest.approx(0.625),
-                              "mean_subtract_recovered": pytest.approx(0.0)}
+    assert out["summary"] == {"forgotten_tasks": 3, "mean_add_recovered": pytest.approx((0.5 + 0.75 + 0.5) / 3),
+                              "mean_subtract_recovered": pytest.approx((0.25 - 0.25 + 0) / 3)}
+    with pytest.raises(ValueError, match="min_drop=0.0 must be in"):
+        DriftSettings(min_drop=0.0).validate()
 
 
 def test_best_edit_takes_the_layer_and_scale_of_the_highest_valid_score(setup, monkeypatch):

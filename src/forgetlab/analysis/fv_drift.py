@@ -53,6 +53,8 @@ class DriftSettings:
             raise ValueError(f"shots={self.shots}: the CIE shuffles at least 2 demonstrations")
         if not self.alphas:
             raise ValueError("alphas: give at least one FV scale for the interventions")
+        if not 0 < self.min_drop <= 1:  # 0 would count unchanged tasks and divide their recovery by ~0
+            raise ValueError(f"min_drop={self.min_drop} must be in (0, 1]: the accuracy fall that counts as forgotten")
 
     def shots_for(self, task: ICLTask) -> int:
         """``shots``, or fewer for a task with fewer training pairs (its demonstrations come from them)."""
@@ -66,9 +68,10 @@ class DriftSettings:
 
 
 def linear_fit(x: Sequence[float], y: Sequence[float]) -> dict:
-    """Least squares y ≈ a·x + b and R² = 1 − SS_res/SS_tot (None when y or x does not vary)."""
+    """Least squares y ≈ a·x + b and R² = 1 − SS_res/SS_tot (None when y or x does not vary, or with fewer than 3
+    points, through which a line always passes: R² 1 for every measure says nothing)."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return {"slope": None, "intercept": None, "r2": None, "n": int(len(x))}
     slope, intercept = np.polyfit(x, y, 1)
     residual = y - (slope * x + intercept)
@@ -238,7 +241,8 @@ def fv_interventions(model: torch.nn.Module, tokenizer, tasks: Sequence[ICLTask]
         before = initial[task.name]["score"]
         test, valid = zero_shot_prompts(task, settings), zero_shot_prompts(task, settings, "valid")
         after = accuracy(adapter, tokenizer, test)
-        row = {"initial": before, "final": after, "forgotten": before - after >= settings.min_drop}
+        # both are hit counts over the same queries: a fall of exactly min_drop counts, whatever its rounding
+        row = {"initial": before, "final": after, "forgotten": before - after >= settings.min_drop - 1e-9}
         if row["forgotten"]:
             fv = initial[task.name]["fv"]
             layer, alpha = _best_edit(adapter, tokenizer, fv, valid, settings.alphas)

@@ -18,6 +18,8 @@ context), on the ICL world's general tasks or on ``general`` task files.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import math
 import shutil
 import time
@@ -32,6 +34,7 @@ from forgetlab.analysis.recovery import encode_qa
 from forgetlab.eval.exact_match import left_pad
 from forgetlab.eval.scoring import ALREADY_DONE, score
 from forgetlab.experiments.rundir import CONFIG, check_same_config, record_api_run
+from forgetlab.fv.tasks import ICLTask
 from forgetlab.methods.fvg import (FVGConfig, FVGuidance, over_universal_heads, saved_function_vectors,
                                    task_function_vector)
 from forgetlab.methods.regularizers import (OLORA_PENALTIES, diagonal_fisher, distillation_kl, ewc_penalty,
@@ -546,7 +549,7 @@ def _check_world_vocabulary(model_dir: str, world_model: Path) -> None:
 def _check_fv_extractable(task, cfg: CITConfig) -> None:
     """FVG extracts each task's FV from its training rows (split 70/21/9 into demonstrations, test and queries, as
     :func:`forgetlab.methods.fvg.task_function_vector` does): too few rows is refused here, before any work."""
-    from forgetlab.fv.tasks import ICLTask, sample_prompts
+    from forgetlab.fv.tasks import sample_prompts
 
     train, _ = task.split(cfg.n_train, cfg.n_test)
     splits = ICLTask.from_pairs(task.name, [(x, refs[0]) for x, refs in train]).splits(0)
@@ -792,6 +795,11 @@ def summarize(cfg: CITConfig, tasks: list[InstructionTask], R: list[list[float]]
     return out
 
 
+def tasks_digest(tasks: Sequence[ICLTask]) -> str:
+    """SHA-256 of the tasks' names, instructions and pairs: a task file edited under its old name is another task."""
+    return hashlib.sha256(json.dumps([[t.name, t.instruction, list(t.pairs)] for t in tasks]).encode()).hexdigest()
+
+
 def analyze_run(run: Path, settings=None, *, log: Callable[[str], None] = print, progress: bool = False) -> dict:
     """``forgetlab cit analyze RUN``: FV drift vs. forgetting over one run's checkpoints, and FV interventions,
     written into the run directory (see :func:`analyze_runs`)."""
@@ -885,7 +893,9 @@ def analyze_runs(runs: Sequence[Path], out: Path | None = None, settings=None, *
     # a killed analysis resumes after its last finished checkpoint or intervention task (drift.partial.pt, removed
     # at the end), unless the model, a checkpoint, the general tasks or a setting changed
     partial_path = out / "drift.partial.pt"
-    key = {"settings": asdict(settings), "general": [t.name for t in general],
+    last_task = tasks[-1].as_icl_task() if cfg.method != "multitask" else None
+    key = {"settings": asdict(settings), "general": [t.name for t in general], "dtype": cfg.dtype,
+           "tasks_sha256": tasks_digest(general + ([last_task] if last_task else [])),
            "model": fingerprint(model_dir) if Path(model_dir).exists() else str(model_dir),
            "checkpoints": [[name, fingerprint(p)] for name, _, p in checkpoints]}
     done = None
@@ -897,7 +907,7 @@ def analyze_runs(runs: Sequence[Path], out: Path | None = None, settings=None, *
             log(f"[cit analyze] resuming after {len({r['checkpoint'] for r in done['rows']})} checkpoints"
                 + (f" and the interventions of {intervened} tasks" if intervened else "") + f" ({partial_path})")
         else:
-            log(f"[cit analyze] {partial_path} is from another model, checkpoints or settings; starting afresh")
+            log(f"[cit analyze] {partial_path} is from another model, checkpoints, general tasks or settings; starting afresh")
     partial = dict(done) if done else {"key": key}  # what a resumed analysis keeps, until it saves more
 
     def save_progress(**state) -> None:
@@ -927,7 +937,6 @@ def analyze_runs(runs: Sequence[Path], out: Path | None = None, settings=None, *
         f"{m}={v['pooled_r2']:.2f}" if v["pooled_r2"] is not None else f"{m}=-" for m, v in summary.items()))
     result, interventions = {"summary": summary}, None
     if len(runs) == 1:
-        last_task = tasks[-1].as_icl_task() if cfg.method != "multitask" else None
         interventions = fv_interventions(next_model(checkpoints[-1][2]), tokenizer, general, initial,
                                          last_task, settings, done=done.get("interventions") if done else None,
                                          on_task=lambda state: save_progress(interventions=state), progress=progress)
