@@ -4,6 +4,7 @@ Numbers are checked against the modules' weights read directly (nn.Linear stores
 Conv1D (in, out)), never against the adapter's own arithmetic.
 """
 
+import copy
 import warnings
 
 import peft
@@ -107,6 +108,27 @@ def test_head_outputs_to_residual_is_w_o_times_x(arch):
         want = manual_w_o(a.o_projs[layer], x)
         assert got.shape == (5, D_MODEL)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "gpt2"])
+def test_w_o_of_a_bfloat16_projection_with_a_large_bias_is_its_float32_product(arch):
+    """proj(x) − proj(0) in bfloat16 rounds W_O·x + b at b's scale, so a bias far larger than W_O·x swamps it; the
+    float32 copy gives W_O·x of the bfloat16 weights to float32 precision."""
+    model = model_of(arch)
+    a = adapt(model)
+    with torch.no_grad():
+        for proj in a.o_projs:
+            proj.bias.fill_(50.0)
+    model.to(torch.bfloat16)
+    x = torch.randn(3, a.n_heads * a.head_dim, generator=torch.Generator().manual_seed(6))  # W_O·x about 0.1–0.3
+    for layer in range(a.n_layers):
+        proj = a.o_projs[layer]
+        weight = proj.weight.double()  # the bfloat16 weights, exactly
+        want = x.double() @ (weight if isinstance(proj, Conv1D) else weight.T)
+        got = a.head_outputs_to_residual(layer, x)
+        assert got.dtype == torch.float32 and proj.weight.dtype == torch.bfloat16  # the model itself is untouched
+        # float32 cancels the bias to about 50 · 6e-8; bfloat16 only to 50 · 4e-3, larger than W_O·x itself
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
 
 
 def _lora(model, targets, dropout=0.0, **kw):

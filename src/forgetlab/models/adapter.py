@@ -9,6 +9,7 @@ the head width from the projection itself (``in_features // n_heads``), never fr
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -71,9 +72,12 @@ class ModelAdapter:
 
         Calling the module (minus its value at zero) handles Linear, Conv1D and merged-or-not LoRA
         alike, so the function vector uses exactly the weights the forward pass uses. The module runs in eval
-        mode: a LoRA adapter's dropout on this projection would otherwise make the vector random.
+        mode: a LoRA adapter's dropout on this projection would otherwise make the vector random. A bfloat16 or
+        float16 projection runs as a float32 copy: its bias would not cancel exactly in the half-precision difference.
         """
         proj = self.o_projs[layer]
+        if any(p.dtype in (torch.bfloat16, torch.float16) for p in proj.parameters()):
+            proj = copy.deepcopy(proj).float()  # one projection (32 MB of a 7B model), only while an FV is built
         x = head_inputs.to(next(proj.parameters()).dtype)
         was_training = proj.training
         proj.eval()
