@@ -262,7 +262,10 @@ def fv_interventions(model: torch.nn.Module, tokenizer, tasks: Sequence[ICLTask]
     out = {task.name: out[task.name] for task in tasks}  # the tasks' order, however many runs it took
     forgotten = [r for r in out.values() if r["forgotten"]]
     summary = {"forgotten_tasks": len(forgotten)}
-    for key in ("add_recovered", "subtract_recovered"):
-        values = [r[key] for r in forgotten if key in r]
-        summary[f"mean_{key}"] = float(np.mean(values)) if values else None
+    for key, edited in (("add_recovered", "add_original_fv"), ("subtract_recovered", "subtract_last_task_fv")):
+        rows = [r for r in forgotten if key in r]
+        summary[f"mean_{key}"] = float(np.mean([r[key] for r in rows])) if rows else None
+        # the points won back over the points lost, all tasks together: a task that fell little weighs little
+        summary[f"pooled_{key}"] = (sum(r[edited] - r["final"] for r in rows) / sum(r["initial"] - r["final"] for r in rows)
+                                    if rows else None)
     return {"tasks": out, "summary": summary}

@@ -103,7 +103,8 @@ def analyze(
         written += ", drift_tasks.png"
         s = result["interventions"]
         console.print(f"forgotten general tasks: {s['forgotten_tasks']}; share of the drop recovered by adding the "
-                      f"original FV: {_share(s['mean_add_recovered'])}, by subtracting the last task's FV: "
+                      f"original FV: {_share(s['mean_add_recovered'])} (of all points lost: "
+                      f"{_share(s.get('pooled_add_recovered'))}), by subtracting the last task's FV: "
                       f"{_share(s['mean_subtract_recovered'])}")
         written += ", interventions.json"
     console.print(f"wrote {written} in {out or run_dirs[0]}")
