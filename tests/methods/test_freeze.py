@@ -40,6 +40,18 @@ def test_bottom_k_and_embedding():
     assert model.lm_head.weight.requires_grad  # untied unembedding keeps training
 
 
+def test_the_embedding_layer_includes_learned_positions_and_a_tied_head():
+    """GPT-2's embedding output is wte + wpe: both freeze with the embedding, and its head (tied to wte) with them;
+    layer norms and everything above layer k keep training."""
+    model = AutoModelForCausalLM.from_config(CONFIGS["gpt2"])
+    names = freeze_parameters(model, bottom_layers(1), embedding=True)
+    assert {"transformer.wte.weight", "transformer.wpe.weight"} <= set(names)
+    assert not model.lm_head.weight.requires_grad and model.lm_head.weight is model.transformer.wte.weight
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "transformer.ln_f.weight" in trainable and all(not n.startswith("transformer.h.0.") for n in trainable)
+    assert frozen_layer_indices(model, "transformer.h.") == [0]
+
+
 def test_out_of_range_layer_is_a_clear_error():
     model = AutoModelForCausalLM.from_config(CONFIGS["gpt2"])
     with pytest.raises(ValueError, match=r"layers 0..11"):

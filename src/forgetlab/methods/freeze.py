@@ -15,8 +15,10 @@ from forgetlab.models.build import decoder_layers
 
 
 def freeze_parameters(model: torch.nn.Module, layers: Iterable[int], embedding: bool = True) -> list[str]:
-    """Set ``requires_grad=False`` on the given decoder layers (and the input embedding); return frozen names.
+    """Set ``requires_grad=False`` on the given decoder layers (and the embedding layer); return frozen names.
 
+    The embedding layer is every embedding table outside the decoder layers: the token embedding and, where a model
+    learns them, position (GPT-2's ``wpe``, OPT's) and token-type embeddings, which the embedding's output sums.
     A checkpoint that ties its unembedding to the input embedding (GPT-2, many small models) has one tensor for
     both, so freezing the embedding freezes the output head too; forgetlab's own models are untied."""
     stack = decoder_layers(model)
@@ -28,7 +30,10 @@ def freeze_parameters(model: torch.nn.Module, layers: Iterable[int], embedding: 
     for i in layers:
         frozen_ids.update(id(p) for p in stack[i].parameters())
     if embedding:
-        frozen_ids.update(id(p) for p in model.get_input_embeddings().parameters())
+        inside = {id(m) for layer in stack for m in layer.modules()}
+        tables = [m for m in model.modules() if isinstance(m, torch.nn.Embedding) and id(m) not in inside]
+        for module in [model.get_input_embeddings(), *tables]:
+            frozen_ids.update(id(p) for p in module.parameters())
     names = []
     for name, p in model.named_parameters():
         if id(p) in frozen_ids:
