@@ -20,7 +20,8 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from forgetlab.analysis.recovery import encode_qa
-from forgetlab.experiments.cit import WORLD_TEMPLATE, CITConfig, _rows, _wrap_lora, step_terms
+from forgetlab.experiments.cit import (WORLD_TEMPLATE, CITConfig, PromptFitter, PromptTemplate, _rows, _wrap_lora,
+                                       step_terms)
 from forgetlab.methods.fvg import FVGuidance
 from forgetlab.models.adapter import adapt
 from forgetlab.models.build import load_model
@@ -41,7 +42,8 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(Path(args.world) / "model")
     task = world_sequence(world, 0)[0]
     train, _ = task.split(1000, 100)
-    prompts, answers = encode_qa(tokenizer, _rows(task, train, WORLD_TEMPLATE))
+    rows = _rows(task, train, PromptTemplate(WORLD_TEMPLATE), PromptFitter(tokenizer, CITConfig().max_source_tokens))
+    prompts, answers = encode_qa(tokenizer, rows)
     data = qa_dataset(prompts, answers, tokenizer.eos_token_id, tokenizer.pad_token_id)
     cfg = PhaseConfig(lr=1e-3, schedule="constant", max_steps=args.steps, batch_size=args.batch_size, checkpoint_every=0,
                       weight_decay=0.0)

@@ -30,7 +30,7 @@ def icl_world_dir(tmp_path_factory):
 def tiny_llama_dir(tmp_path_factory):
     """A randomly initialised 2-layer Llama with a BPE tokenizer fitted to the NI template, as an HF checkpoint."""
     path = tmp_path_factory.mktemp("tiny-llama")
-    tok = build_bpe_tokenizer(["Definition: Always answer yes. Now complete the following example - Input: question 1 Output: yes"] * 20,
+    tok = build_bpe_tokenizer(["Definition: Always answer yes.\n\nNow complete the following example -\nInput: question 1.\nOutput: yes"] * 20,
                               vocab_size=300)
     cfg = tiny_config("llama", len(tok), n_layers=2)
     cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id

@@ -67,16 +67,24 @@ def ni_file(path, n, definition="Always answer yes."):
     return path
 
 
-def fv_of_another_model(out):
-    """An FV saved by `forgetlab fv extract` from a 3-layer, 4-head random GPT-2 (the tiny Llama has 2 layers)."""
+def fv_of_another_model(out, like=None):
+    """An FV saved by `forgetlab fv extract` from a 3-layer, 4-head random GPT-2 (the tiny Llama has 2 layers), or
+    from a GPT-2 of the same sizes as the model in ``like``."""
+    from transformers import AutoConfig
+
     from forgetlab.fv.extract import FunctionVectorResult, FVSettings
     from forgetlab.models.adapter import adapt
     from forgetlab.models.zoo import random_model, tiny_config
 
-    adapter = adapt(random_model(tiny_config("gpt2", 50)))
+    if like is None:
+        adapter = adapt(random_model(tiny_config("gpt2", 50)))
+    else:
+        sizes = AutoConfig.from_pretrained(like)
+        adapter = adapt(random_model(tiny_config("gpt2", 50, n_layers=sizes.num_hidden_layers,
+                                                 n_heads=sizes.num_attention_heads, d_model=sizes.hidden_size)))
     shape = (adapter.n_layers, adapter.n_heads, adapter.head_dim)
     FunctionVectorResult("good", FVSettings(top_k=1), *shape, torch.zeros(1, *shape[:2]), [(0, 0)], torch.zeros(shape),
-                         torch.zeros(adapter.hidden_size), 0.0).save(out)
+                         torch.zeros(adapter.hidden_size), 0.0, architecture=adapter.architecture).save(out)
 
 
 @pytest.mark.parametrize("case, message", [
@@ -85,12 +93,16 @@ def fv_of_another_model(out):
     ("jsonl", "unknown"),
     ("general", "the 5-shot prompts need 5"),
     ("lora", "lora_targets ['c_attn'] are not modules of this LlamaForCausalLM"),
+    ("lora_block", "lora_targets ['mlp'] name LlamaMLP modules of this LlamaForCausalLM, which LoRA cannot adapt"),
+    ("ni_field", "instance 3 has unknown field(s) 'label'; an instance holds id, input, output"),
+    ("template", "--set template: template '{defintion} {input}' does not render (KeyError: 'defintion')"),
     ("model", "is not a Hugging Face checkpoint directory"),
     ("weights", "has no weights (model.safetensors or pytorch_model.bin)"),
     ("config", "config.json cannot be read"),
     ("method", "method"),
     ("fv_missing", "has no FV for task good"),
     ("fv_shape", "the FV of good in fvg_config.fv_dir was extracted from a model with 3 layers x 4 heads"),
+    ("fv_class", "the FV of good in fvg_config.fv_dir was extracted from a GPT2LMHeadModel; this model is a LlamaForCausalLM"),
     ("fvg_rows", "--fvg cannot extract a function vector from 8 training rows of task 'good'"),
     ("fvg_layer", "fvg_config.layer=2 is out of range: the model has 2 layers"),
 ])
@@ -113,6 +125,15 @@ def test_bad_input_is_one_line_and_writes_nothing(case, message, tiny_llama_dir,
         extra = ["--general", ni_file(tmp_path / "small_general.json", 103)]
     elif case == "lora":
         args["--method"], extra = "lora", ["--set", "lora_targets=[c_attn]"]
+    elif case == "lora_block":  # a module of that name exists, but it is a block, not a layer PEFT can wrap
+        args["--method"], extra = "lora", ["--set", "lora_targets=[mlp]"]
+    elif case == "ni_field":
+        data = json.loads(good.read_text())
+        data["Instances"][3]["label"] = "yes"
+        args["--sequence"] = tmp_path / "labelled.json"
+        args["--sequence"].write_text(json.dumps(data))
+    elif case == "template":
+        extra = ["--set", "template={defintion} {input}"]
     elif case == "model":
         args["--model"] = tmp_path / "no-model"
     elif case in ("weights", "config"):  # a half-copied checkpoint: config but no weights, or a config that is not JSON
@@ -130,6 +151,8 @@ def test_bad_input_is_one_line_and_writes_nothing(case, message, tiny_llama_dir,
         (tmp_path / "fvs").mkdir()
         if case == "fv_shape":
             fv_of_another_model(tmp_path / "fvs" / "good")
+        elif case == "fv_class":  # every size the tiny Llama's: only the class tells (as Mistral-7B from Llama-2-7B)
+            fv_of_another_model(tmp_path / "fvs" / "good", like=tiny_llama_dir)
         extra = ["--fvg", "--set", f"fvg_config.fv_dir={tmp_path / 'fvs'}"]
     elif case == "fvg_rows":  # too few training rows to split into demonstrations and queries for the FV
         extra = ["--fvg", "--max-train", "8"]

@@ -221,6 +221,64 @@ def sentencepiece_style_llama(path: Path, texts: list[str]) -> Path:
     return path
 
 
+def test_the_paper_template_ends_unpunctuated_fields_with_a_period_and_a_bad_template_is_refused():
+    from forgetlab.experiments.cit import NI_TEMPLATE, PromptTemplate
+
+    paper = PromptTemplate(NI_TEMPLATE, punctuate=True)
+    assert paper.render(" Say it ", "a review!") == ("Definition: Say it.\n\nNow complete the following example -\n"
+                                                      "Input: a review!\nOutput:")
+    assert PromptTemplate("{definition}|{input}").render("Say it", "x ") == "Say it|x "  # a user's template: as written
+    with pytest.raises(ValueError, match="has no {input}"):
+        PromptTemplate("{definition} Output:").check("--set template")
+    with pytest.raises(ValueError, match="does not render .KeyError: 'defintion'"):
+        PromptTemplate("{defintion} {input}").check("--set template")
+    with pytest.raises(ValueError, match="does not render"):
+        PromptTemplate("{input} {").check("--set template")
+
+
+def test_a_long_prompt_is_cut_in_its_input_keeping_bos_definition_and_answer_cue(tmp_path):
+    """Cutting a prompt's start (as before) dropped BOS and the definition, cutting its end the cue "Output:"; the
+    fitter shortens the input, then the definition, and keeps the longest head that fits (checked against a scan of
+    every length), and a 5-shot prompt drops demonstrations from the last one before its query is touched."""
+    from transformers import AutoTokenizer
+
+    from forgetlab.analysis.recovery import encode_qa
+    from forgetlab.experiments.cit import NI_TEMPLATE, PromptFitter, PromptTemplate, _rows, general_rows
+
+    words = ["question", "review", "Say", "it", "Definition:", "Now", "complete", "the", "following", "example",
+             "Input:", "Output:", "yes", "no"]
+    model_dir = sentencepiece_style_llama(tmp_path / "llama", [" ".join(words)] * 20 + ["question " * 50 + "\n"] * 5)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    template, fit = PromptTemplate(NI_TEMPLATE, punctuate=True), PromptFitter(tok, 40)
+    long_input = "question " * 200 + "149"
+    task = InstructionTask("t", "Say it", ((long_input, ("yes",)), ("review 1", ("no",))))
+    long_row, short_row = _rows(task, task.instances, template, fit)
+    ids = encode_qa(tok, [long_row])[0][0]
+    assert len(ids) <= 40 and ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+    assert long_row["prompt"].startswith("Definition: Say it.\n\nNow complete the following example -\nInput: question")
+    assert long_row["prompt"].endswith(".\nOutput:") and short_row["prompt"] == template.render("Say it", "review 1")
+    input_ids = tok(long_input, add_special_tokens=False)["input_ids"]
+    length = lambda k: len(encode_qa(tok, [{"prompt": template.render("Say it", tok.decode(input_ids[:k])),  # noqa: E731
+                                           "answer": " yes"}])[0][0])
+    longest = max(k for k in range(len(input_ids)) if length(k) <= 40)
+    assert long_row["prompt"] == template.render("Say it", tok.decode(input_ids[:longest]))
+    # a definition too long for the template even without the input is cut too; the template alone cannot be
+    defined = InstructionTask("d", "Say it " * 100, (("review 1", ("no",)),))
+    prompt = _rows(defined, defined.instances, template, fit)[0]["prompt"]
+    assert prompt.startswith("Definition: Say it Say it") and prompt.endswith("\nInput: \nOutput:") and fit.fits(prompt)
+    with pytest.raises(ValueError, match="task 'd': the template alone takes more than max_source_tokens=5"):
+        _rows(defined, defined.instances, template, PromptFitter(tok, 5))
+    # 5-shot: demonstrations of 30 words each; at 80 tokens only the first ones stay and the query is whole
+    demos = [("question " * 30 + str(i), ("yes",)) for i in range(5)]
+    general = InstructionTask("g", "Say it", tuple(demos) + (("review 9", ("no",)),))
+    _, ip = general_rows(general, CITConfig(model="x", sequence="a.json", n_test=1), template, PromptFitter(tok, 80))
+    kept = ip[0]["prompt"].count("Output:") - 1
+    assert 0 < kept < 5 and ip[0]["prompt"].endswith("Input: review 9\nOutput:") and PromptFitter(tok, 80).fits(ip[0]["prompt"])
+    assert ip[0]["prompt"].startswith("Input: " + demos[0][0])
+    assert not PromptFitter(tok, 80).fits(ip[0]["prompt"].replace("Input: review 9", f"Input: {demos[kept][0]}\nOutput: "
+                                                                   "yes\n\nInput: review 9"))  # one more would not fit
+
+
 def test_a_sentencepiece_style_tokenizer_that_adds_bos_trains_and_scores_an_ni_task(tmp_path, monkeypatch):
     """With Llama-2's kind of tokenizer every training row starts with the one BOS the tokenizer adds, the answer is
     the ids the prompt's continuation gets in context (" POS" -> "▁POS"), followed by eos as a label although eos
@@ -237,7 +295,7 @@ def test_a_sentencepiece_style_tokenizer_that_adds_bos_trains_and_scores_an_ni_t
     definition = "Is the review POS or NEG?"
     (tmp_path / "task363_sst2.json").write_text(json.dumps({"Definition": [definition], "Positive Examples": [],
         "Instances": [{"id": str(i), "input": s, "output": [label[s]]} for i, s in enumerate(inputs)]}))
-    texts = [f"Definition: {definition} Now complete the following example - Input: {s} Output: {label[s]}" for s in inputs]
+    texts = [f"Definition: {definition}\n\nNow complete the following example -\nInput: {s}.\nOutput: {label[s]}" for s in inputs]
     model_dir = sentencepiece_style_llama(tmp_path / "llama", texts)
     tok = AutoTokenizer.from_pretrained(model_dir)
     assert tok.pad_token_id is None and tok("a")["input_ids"][0] == tok.bos_token_id
@@ -268,7 +326,9 @@ def test_a_sentencepiece_style_tokenizer_that_adds_bos_trains_and_scores_an_ni_t
 
 
 def test_jsonl_files_run_end_to_end_and_rows_keep_their_instructions(tmp_path, tiny_llama_dir):
-    from forgetlab.experiments.cit import NI_TEMPLATE, _rows, general_rows
+    from transformers import AutoTokenizer
+
+    from forgetlab.experiments.cit import NI_TEMPLATE, PromptFitter, PromptTemplate, _rows, general_rows
     from forgetlab.worlds.instructions import load_task_file
 
     for name, word in (("yes", "yes"), ("no", "no")):
@@ -279,10 +339,11 @@ def test_jsonl_files_run_end_to_end_and_rows_keep_their_instructions(tmp_path, t
     (tmp_path / "mixed.jsonl").write_text("\n".join(json.dumps(r) for r in mixed))
     task = load_task_file(tmp_path / "mixed.jsonl")
     cfg = CITConfig(model=str(tiny_llama_dir), sequence="x.jsonl", n_train=8, n_test=10)
-    gp, ip = general_rows(task, cfg, NI_TEMPLATE)
-    assert gp[0]["prompt"] == "Definition: Say no. Now complete the following example - Input: q 20 Output:"
+    fit = PromptFitter(AutoTokenizer.from_pretrained(tiny_llama_dir), 512)
+    gp, ip = general_rows(task, cfg, PromptTemplate(NI_TEMPLATE, punctuate=True), fit)
+    assert gp[0]["prompt"] == "Definition: Say no.\n\nNow complete the following example -\nInput: q 20.\nOutput:"
     assert ip[0]["prompt"].startswith("Input: Say no.\nq 0\nOutput: no\n\nInput: Say yes.\nq 1\nOutput: yes")
-    assert _rows(task, task.instances[:1], "{definition}|{input}")[0]["prompt"] == "Say no.|q 0"
+    assert _rows(task, task.instances[:1], PromptTemplate("{definition}|{input}"), fit)[0]["prompt"] == "Say no.|q 0"
     run = replace(cfg, sequence=f"{tmp_path / 'yes.jsonl'},{tmp_path / 'no.jsonl'}", method="seq",
                   general=f"{tmp_path / 'no.jsonl'},{tmp_path / 'mixed.jsonl'}", max_new_tokens=2)
     results = run_cit(replace(run, train=replace(run.train, epochs=1, batch_size=4, grad_accum=1)), tmp_path / "run",
@@ -311,6 +372,9 @@ def test_bad_configs_name_the_problem(icl_world_dir):
                          ({"ewc_batches": 0}, "ewc_batches=0 must be positive"),
                          ({"fvg_config": FVGConfig(temperature=0)}, "fvg_config.temperature=0 must be positive"),
                          ({"fvg_config": FVGConfig(shots=1)}, "shuffles at least 2 demonstrations"),
+                         ({"fvg_config": FVGConfig(layer=-3)}, "fvg_config.layer=-3: give a layer index, or -1"),
+                         ({"n_train": 0}, "--max-train 0 must be positive"),
+                         ({"olora_penalty": "l1"}, "olora_penalty='l1' is unknown; use one of squared, abs"),
                          ({"lora_alpha": 0}, "lora_alpha=0 must be positive"),
                          ({"fvg_config": FVGConfig(alpha_kl=float("nan"))}, "fvg_config.alpha_kl=nan must be a finite"),
                          ({"fvg_config": FVGConfig(alpha_fv=float("inf"))}, "fvg_config.alpha_fv=inf must be a finite"),
@@ -433,8 +497,8 @@ def test_batched_generation_equals_greedy_decoding_of_each_prompt_alone(icl_worl
 def test_task_score_is_the_mean_of_hand_scored_answers(icl_world_dir, monkeypatch):
     """task_score: each row's generated answer scored against its references (ROUGE-L F1 ×100, the best reference;
     option accuracy when every reference is a letter), averaged over the rows. Generation is scripted; it must be
-    asked for each row's prompt ids (truncated to their last ``max_source_tokens``), and for the first non-blank line
-    only when answers end with eos."""
+    asked for each row's prompt ids (whole: rows are made to fit ``max_source_tokens`` when they are built), and for
+    the first non-blank line only when answers end with eos."""
     from transformers import AutoTokenizer
 
     import forgetlab.experiments.cit as cit
@@ -455,10 +519,10 @@ def test_task_score_is_the_mean_of_hand_scored_answers(icl_world_dir, monkeypatc
         return answers
 
     monkeypatch.setattr(cit, "generate", scripted)
-    cfg = small(icl_world_dir, max_source_tokens=3, max_new_tokens=0)
+    cfg = small(icl_world_dir, max_new_tokens=0)
     assert cit.task_score(None, tok, rows, cfg) == pytest.approx((100 + 0 + 600 / 7 + 100 + 0) / 5)  # 400/7
     prompts, budget, skip = asked[0]
-    assert prompts == [tok(r["prompt"], add_special_tokens=False)["input_ids"][-3:] for r in rows]
+    assert prompts == [tok(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
     assert budget == 16 and skip is False  # one-word references: the floor of 16 tokens; a newline-ending world
     cit.task_score(None, tok, rows, replace(cfg, answer_end="eos"))
     assert asked[1][2] is True
@@ -535,14 +599,16 @@ def test_train_loss_records_each_methods_terms_per_task(icl_world_dir, tmp_path)
     # the last task's own training rows, scored again on the saved final model, give the recorded score
     from transformers import AutoTokenizer
 
-    from forgetlab.experiments.cit import _rows, _template, task_score
+    from forgetlab.experiments.cit import PromptFitter, _rows, _template, task_score
     from forgetlab.models.build import load_model
 
     cfg = small(icl_world_dir, method="ewc", sequence=two)
     tasks, world = load_sequence(cfg)
-    train, _ = tasks[1].split(cfg.n_train, cfg.n_test)
+    train, _ = tasks[1].split(cfg.n_train, cfg.n_test, cfg.seed)
     final = tmp_path / "ewc" / "model"
-    again = task_score(load_model(str(final)), AutoTokenizer.from_pretrained(final), _rows(tasks[1], train, _template(cfg, world)), cfg)
+    tok = AutoTokenizer.from_pretrained(final)
+    rows = _rows(tasks[1], train, _template(cfg, world), PromptFitter(tok, cfg.max_source_tokens))
+    again = task_score(load_model(str(final)), tok, rows, cfg)
     assert ewc["train_loss"][1]["train_rows"] == {"n": len(train), "score": again} and len(train) == 12
     assert ewc["train_loss"][1]["ewc"] == pytest.approx(0.0, abs=1e-12)
     assert all(t["lm"] > 0 and t["steps"] == 3 for t in ewc["train_loss"])
@@ -724,8 +790,9 @@ def test_ewc_anchors_at_the_previous_task_and_sums_the_fishers_of_all_earlier_ta
     weights = [{n: p.detach() for n, p in model.named_parameters()} for model in after]
 
     def first_batches(k):  # ewc_batches=2 batches of batch_size 4: training rows 0..7 of task k
-        train, _ = tasks[k].split(cfg.n_train, cfg.n_test)
-        prompts, answers = encode_qa(tok, cit._rows(tasks[k], train, cit._template(cfg, world)))
+        train, _ = tasks[k].split(cfg.n_train, cfg.n_test, cfg.seed)
+        rows = cit._rows(tasks[k], train, cit._template(cfg, world), cit.PromptFitter(tok, cfg.max_source_tokens))
+        prompts, answers = encode_qa(tok, rows)
         rows = qa_dataset(prompts, [a + cit.answer_end_ids(cfg, tok) for a in answers], None, tok.pad_token_id)
         return [rows.batch(torch.arange(start, start + 4)) for start in (0, 4)]
 
@@ -837,7 +904,7 @@ def test_replay_mixes_a_fraction_of_every_earlier_tasks_rows_and_trains_the_step
     tasks, _ = load_sequence(cfg)
 
     def by_hand(task):
-        train, _ = task.split(cfg.n_train, cfg.n_test)
+        train, _ = task.split(cfg.n_train, cfg.n_test, cfg.seed)
         return [tok(f"{task.definition}\nQ: {x}\nA: {refs[0]}\n", add_special_tokens=False)["input_ids"]
                 for x, refs in train]
 

@@ -26,7 +26,12 @@ def test_ni_file_is_read_with_all_references_and_last_hundred_for_test(tmp_path)
     assert task.instances[0] == ("review 0", ("yes", "Yes")) and task.examples == (("great", "yes"),)
     train, test = task.split(n_train=30, n_test=100)
     assert [x for x, _ in test] == [f"review {i}" for i in range(50, 150)]
-    assert [x for x, _ in train] == [f"review {i}" for i in range(30)]
+    # 30 of the 50 before the test set, drawn (a file's order may be sorted by source or length), in file order
+    index = [int(x.split()[1]) for x, _ in train]
+    assert len(set(index)) == 30 and index == sorted(index) and max(index) < 50 and index != list(range(30))
+    assert task.split(n_train=30, n_test=100) == (train, test)  # the same draw for the same seed
+    assert task.split(n_train=30, n_test=100, seed=1)[0] != train
+    assert [x for x, _ in task.split(n_train=50, n_test=100)[0]] == [f"review {i}" for i in range(50)]  # all, in order
     with pytest.raises(ValueError, match="not more than the 200"):
         task.split(n_test=200)
     with pytest.raises(ValueError, match="hold out at least 1"):  # [-0:] would be the whole task
@@ -49,6 +54,11 @@ def test_missing_or_malformed_files_name_the_problem(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         load_ni_task(tmp_path / "bad.json")
+    (tmp_path / "onedef.json").write_text(json.dumps({"Definition": "Say it.", "Instances": [{"input": "a", "output": "b"}]}))
+    assert load_ni_task(tmp_path / "onedef.json").definition == "Say it."  # a reformatted copy's single string
+    (tmp_path / "extra.json").write_text(json.dumps({"Definition": ["x"], "Colour": "red", "Instances": []}))
+    with pytest.raises(ValueError, match="unknown field.s. 'Colour'; a natural-instructions task file holds Contributors"):
+        load_ni_task(tmp_path / "extra.json")
     (tmp_path / "nodef.json").write_text(json.dumps({"Instances": []}))
     with pytest.raises(ValueError, match="Definition"):
         load_ni_task(tmp_path / "nodef.json")

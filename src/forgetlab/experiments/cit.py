@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import shutil
+import string
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -59,7 +60,8 @@ DEFAULT_MODE = {"seq": "full", "replay": "full", "ewc": "full", "multitask": "fu
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CHECKPOINT_FORMATS = ("merged", "adapter")
 WORLD_TEMPLATE = "{definition}\nQ: {input}\nA:"
-NI_TEMPLATE = "Definition: {definition} Now complete the following example - Input: {input} Output:"
+# the FV paper's natural-instructions prompt as its data collator writes it (papers.md gives it on one line)
+NI_TEMPLATE = "Definition: {definition}\n\nNow complete the following example -\nInput: {input}\nOutput:"
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,9 @@ class CITConfig:
     sequence: str = field(default="0", metadata={"help": "world sequence index, world task names a,b,c or new; NI-Seq-G1|"
                                                           "C1|M1 or task names a,b,c (in tasks_dir); task files a.json,b.jsonl"})
     tasks_dir: str = field(default="", metadata={"help": "natural-instructions tasks/ folder for NI sequences"})
-    template: str = field(default="", metadata={"help": "prompt template with {definition} and {input}; default by source"})
+    template: str = field(default="", metadata={"help": "prompt template with {input} and usually {definition}; default "
+                                                      "by source (task files: the FV paper's, which also ends a "
+                                                      "definition or input without final punctuation with '.')"})
     answer_end: str = field(default="auto", metadata={"help": "what ends each training answer: eos | newline | auto "
                                                              "(newline for ICL-world sequences, whose answers end with "
                                                              "one and whose scoring cuts there; eos otherwise)"})
@@ -156,10 +160,12 @@ class CITConfig:
         if self.checkpoint_format == "adapter" and self.mode == "full":
             raise ValueError(f"checkpoint_format=adapter: method {self.method!r} fine-tunes every weight, so its "
                              "checkpoints have no adapter to save alone; use checkpoint_format=merged")
+        flags = {"n_train": "--max-train", "n_test": "--max-test"}
         for name in ("n_train", "n_test", "max_source_tokens", "max_target_tokens", "lora_r", "lora_alpha", "ewc_batches",
                      "general_prompts"):
             if not getattr(self, name) >= 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+                raise ValueError(f"{flags[name]} {getattr(self, name)} must be positive" if name in flags else
+                                 f"{name}={getattr(self, name)} must be positive")
         if not 0 <= self.replay <= 1:
             raise ValueError(f"replay={self.replay} must be a fraction in [0, 1] of the task's rows")
         if not 0 <= self.lora_dropout < 1:
@@ -226,14 +232,79 @@ def new_to_model(world_dir: Path, world) -> list[str]:
     return names
 
 
-def _rows(task: InstructionTask, instances, template: str) -> list[dict]:
-    return [{"prompt": template.format(definition=definition_of(task, inst), input=inst[0]), "answer": " " + inst[1][0],
-             "references": inst[1]} for inst in instances]
+@dataclass(frozen=True)
+class PromptTemplate:
+    """A task prompt: ``text`` with ``{definition}`` and ``{input}``; ``punctuate`` ends each field that has no final
+    punctuation with ".", as the FV paper's collator does for natural-instructions tasks."""
+
+    text: str
+    punctuate: bool = False
+
+    def render(self, definition: str, text: str) -> str:
+        if self.punctuate:
+            definition, text = (f if not f or f[-1] in string.punctuation else f + "." for f in (definition.strip(), text.strip()))
+        return self.text.format(definition=definition, input=text)
+
+    def check(self, where: str) -> None:
+        """One line for a template that cannot render a task's rows (an unknown field, a stray brace, no input)."""
+        if "{input}" not in self.text:
+            raise ValueError(f"{where}: template {self.text!r} has no {{input}}, so every row would ask the same thing")
+        try:
+            self.render("d", "x")
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(f"{where}: template {self.text!r} does not render ({type(err).__name__}: {err}); it may "
+                             "name only {definition} and {input}, and a literal brace is written {{ or }}") from None
 
 
-def _truncate(prompts, answers, cfg: CITConfig):
-    """Sources keep their last ``max_source_tokens`` (the BOS and the template head may go), targets their first."""
-    return ([p[-cfg.max_source_tokens:] for p in prompts], [a[:cfg.max_target_tokens] for a in answers])
+class PromptFitter:
+    """Prompts of at most ``max_tokens`` (with the tokenizer's own prefix, e.g. BOS), made to fit by cutting what
+    varies — an instance's input, then the definition; an in-context prompt's demonstrations first — never the
+    template: its head and its answer cue ("Output:") stay, as cutting the prompt's start or end would lose one."""
+
+    def __init__(self, tokenizer, max_tokens: int):
+        from forgetlab.models.tokenizers import special_prefix
+
+        self.tokenizer, self.max_tokens = tokenizer, max_tokens
+        self.prefix = len(special_prefix(tokenizer))
+
+    def fits(self, prompt: str) -> bool:
+        return self.prefix + len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]) <= self.max_tokens
+
+    def head(self, text: str, render: Callable[[str], str]) -> str | None:
+        """The longest head of ``text``, cut between tokens, with which ``render`` fits; None if not even ""."""
+        if self.fits(render(text)):
+            return text
+        if not self.fits(render("")):
+            return None
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        low, high = 0, len(ids) - 1  # ids[:low] fits, ids[:high + 1] does not
+        while low < high:
+            mid = (low + high + 1) // 2
+            if self.fits(render(self.tokenizer.decode(ids[:mid]))):
+                low = mid
+            else:
+                high = mid - 1
+        return self.tokenizer.decode(ids[:low])
+
+    def prompt(self, template: PromptTemplate, definition: str, text: str, where: str) -> str:
+        cut = self.head(text, lambda t: template.render(definition, t))
+        if cut is None:  # not even without its input: the definition is cut too
+            definition, cut = self.head(definition, lambda d: template.render(d, "")), ""
+            if definition is None:
+                raise ValueError(f"{where}: the template alone takes more than max_source_tokens={self.max_tokens} "
+                                 "tokens; raise max_source_tokens or shorten the template")
+        return template.render(definition, cut)
+
+
+def _rows(task: InstructionTask, instances, template: PromptTemplate, fit: PromptFitter) -> list[dict]:
+    return [{"prompt": fit.prompt(template, definition_of(task, inst), inst[0], f"task {task.name!r}"),
+             "answer": " " + inst[1][0], "references": inst[1]} for inst in instances]
+
+
+def _encode(tokenizer, rows: list[dict], cfg: CITConfig) -> tuple[list[list[int]], list[list[int]]]:
+    """Prompt and answer ids of rows whose prompts fit already; answers keep their first ``max_target_tokens``."""
+    prompts, answers = encode_qa(tokenizer, rows)
+    return prompts, [a[:cfg.max_target_tokens] for a in answers]
 
 
 @torch.no_grad()
@@ -273,7 +344,7 @@ def new_token_budget(tokenizer, rows: list[dict], cfg: CITConfig) -> int:
 
 
 def task_score(model, tokenizer, rows: list[dict], cfg: CITConfig) -> float:
-    prompts, _ = _truncate(*encode_qa(tokenizer, rows), cfg)
+    prompts, _ = _encode(tokenizer, rows, cfg)
     predictions = generate(model, tokenizer, prompts, new_token_budget(tokenizer, rows, cfg),
                            skip_blank_lines=answer_end(cfg) == "eos")
     return float(np.mean([score(p, r["references"]) for p, r in zip(predictions, rows)]))
@@ -305,27 +376,54 @@ def general_files(cfg: CITConfig) -> list[InstructionTask]:
     return [load_task_file(f.strip()) for f in cfg.general.split(",") if f.strip()]
 
 
-def general_rows(task: InstructionTask, cfg: CITConfig, template: str, shots: int = 5) -> tuple[list[dict], list[dict]]:
+def general_test_split(task: InstructionTask, cfg: CITConfig, shots: int = 5) -> tuple[list, list]:
+    """A general set's IP demonstrations (its first ``shots`` instances) and its test instances (its last ones)."""
+    pool, test = task.split(len(task.instances), cfg.n_test)
+    if len(pool) < shots:
+        raise ValueError(f"general set {task.name!r} has {len(pool)} instances besides its test set; "
+                         f"the 5-shot prompts need {shots}")
+    return pool[:shots], test
+
+
+def general_rows(task: InstructionTask, cfg: CITConfig, template: PromptTemplate, fit: PromptFitter,
+                 shots: int = 5) -> tuple[list[dict], list[dict]]:
     """A general set given as a task file: GP rows (the template, zero-shot) and IP rows (``shots`` worked
     instances from the start of the file as ``Input:/Output:`` pairs, no definition; a row with its own
-    instruction shows it before its input) on its test instances."""
-    train, test = task.split(cfg.n_train, cfg.n_test)
-    if len(train) < shots:
-        raise ValueError(f"general set {task.name!r} has {len(train)} instances besides its test set; "
-                         f"the 5-shot prompts need {shots}")
-    demos = "".join(f"Input: {question(task, inst)}\nOutput: {inst[1][0]}\n\n" for inst in train[:shots])
-    ip = [{"prompt": demos + f"Input: {question(task, inst)}\nOutput:", "answer": " " + inst[1][0], "references": inst[1]}
-          for inst in test]
-    return _rows(task, test, template), ip
+    instruction shows it before its input) on its test instances. An IP prompt too long for ``max_source_tokens``
+    loses demonstrations from the last one on before its query is cut."""
+    demos, test = general_test_split(task, cfg, shots)
+    blocks = [f"Input: {question(task, inst)}\nOutput: {inst[1][0]}\n\n" for inst in demos]
+    ip = []
+    for inst in test:
+        query = question(task, inst)
+        kept = next((n for n in range(shots, 0, -1) if fit.fits("".join(blocks[:n]) + f"Input: {query}\nOutput:")), 0)
+        render = lambda text, n=kept: "".join(blocks[:n]) + f"Input: {text}\nOutput:"  # noqa: E731
+        cut = fit.head(query, render)
+        if cut is None:
+            raise ValueError(f"general set {task.name!r}: 'Input: … Output:' alone takes more than "
+                             f"max_source_tokens={cfg.max_source_tokens} tokens; raise max_source_tokens")
+        ip.append({"prompt": render(cut), "answer": " " + inst[1][0], "references": inst[1]})
+    return _rows(task, test, template, fit), ip
 
 
 def _check_lora_targets(model, cfg: CITConfig) -> None:
-    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    missing = [t for t in cfg.lora_targets if t not in names]
+    """Every target names a layer LoRA can adapt: a linear layer (GPT-2's Conv1D too) or an embedding."""
+    from transformers.pytorch_utils import Conv1D
+
+    kinds: dict[str, set[str]] = {}
+    for n, m in model.named_modules():
+        kinds.setdefault(n.rsplit(".", 1)[-1], set()).add(type(m).__name__)
+    adaptable = (torch.nn.Linear, Conv1D, torch.nn.Embedding)
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))})
+    fix = f"its linear layers are {linear} (set e.g. --set lora_targets=[{','.join(linear[:2])}])"
+    missing = [t for t in cfg.lora_targets if t not in kinds]
     if missing:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise ValueError(f"lora_targets {missing} are not modules of this {type(model).__name__}; its linear layers "
-                         f"are {linear} (set e.g. --set lora_targets=[{','.join(linear[:2])}])")
+        raise ValueError(f"lora_targets {missing} are not modules of this {type(model).__name__}; {fix}")
+    blocks = {t: sorted(kinds[t]) for t in cfg.lora_targets
+              if not any(isinstance(m, adaptable) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] == t)}
+    if blocks:
+        raise ValueError(f"lora_targets {list(blocks)} name {', '.join(k for v in blocks.values() for k in v)} "
+                         f"modules of this {type(model).__name__}, which LoRA cannot adapt (it adapts linear layers); {fix}")
 
 
 def _wrap_lora(model, cfg: CITConfig):
@@ -462,8 +560,10 @@ def _unpack(tensors: dict[str, torch.Tensor], group: str, device) -> dict[str, t
     return {k[len(prefix):]: t.to(device) for k, t in tensors.items() if k.startswith(prefix)}
 
 
-def _template(cfg: CITConfig, world) -> str:
-    return cfg.template or (WORLD_TEMPLATE if world is not None else NI_TEMPLATE)
+def _template(cfg: CITConfig, world) -> PromptTemplate:
+    if cfg.template:
+        return PromptTemplate(cfg.template)
+    return PromptTemplate(WORLD_TEMPLATE) if world is not None else PromptTemplate(NI_TEMPLATE, punctuate=True)
 
 
 def answer_end(cfg: CITConfig) -> str:
@@ -507,10 +607,10 @@ def check_inputs(cfg: CITConfig) -> None:
     distributed.check_batch_split(cfg.train.batch_size)
     tasks, world = load_sequence(cfg)
     for task in tasks:
-        task.split(cfg.n_train, cfg.n_test)
-    template = _template(cfg, world)
+        task.split(cfg.n_train, cfg.n_test, cfg.seed)
+    _template(cfg, world).check("--set template")
     for task in general_files(cfg):
-        general_rows(task, cfg, template)
+        general_test_split(task, cfg)
     model_dir = _model_dir(cfg)
     if cfg.world_dir and cfg.model:
         _check_world_vocabulary(model_dir, Path(cfg.world_dir) / "model")
@@ -551,7 +651,7 @@ def _check_fv_extractable(task, cfg: CITConfig) -> None:
     :func:`forgetlab.methods.fvg.task_function_vector` does): too few rows is refused here, before any work."""
     from forgetlab.fv.tasks import sample_prompts
 
-    train, _ = task.split(cfg.n_train, cfg.n_test)
+    train, _ = task.split(cfg.n_train, cfg.n_test, cfg.seed)
     splits = ICLTask.from_pairs(task.name, [(x, refs[0]) for x, refs in train]).splits(0)
     try:
         sample_prompts(splits, 1, max(2, min(cfg.fvg_config.shots, len(splits.train))), task_name=task.name)
@@ -604,9 +704,10 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
     model = load_model(model_dir, DTYPES[cfg.dtype]).to(device)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
-    splits = [task.split(cfg.n_train, cfg.n_test) for task in tasks]
-    test_rows = [_rows(t, test, template) for t, (_, test) in zip(tasks, splits)]
-    general_sets = [general_rows(task, cfg, template) for task in general_files(cfg)]
+    splits = [task.split(cfg.n_train, cfg.n_test, cfg.seed) for task in tasks]
+    fit = PromptFitter(tokenizer, cfg.max_source_tokens)
+    test_rows = [_rows(t, test, template, fit) for t, (_, test) in zip(tasks, splits)]
+    general_sets = [general_rows(task, cfg, template, fit) for task in general_files(cfg)]
 
     def general_scores() -> dict:
         if general_sets:
@@ -624,7 +725,7 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
     end_ids = answer_end_ids(cfg, tokenizer)
 
     def task_data(task, train) -> object:
-        prompts, answers = _truncate(*encode_qa(tokenizer, _rows(task, train, template)), cfg)
+        prompts, answers = _encode(tokenizer, _rows(task, train, template, fit), cfg)
         return qa_dataset(prompts, [a + end_ids for a in answers], None, tokenizer.pad_token_id), prompts
 
     R, general, train_loss = [], [], []  # train_loss: per phase, the mean of each loss term
@@ -727,7 +828,7 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
         if guide is not None and guide.cache.agreement is not None:
             entry["fvg_target"] = guide.cache.agreement  # does the KL's target give the label? (see FVG in the README)
         if cfg.score_train_rows > 0:
-            fitted = _rows(task, train[:cfg.score_train_rows], template)
+            fitted = _rows(task, train[:cfg.score_train_rows], template, fit)
             entry["train_rows"] = {"n": len(fitted), "score": task_score(model, tokenizer, fitted, cfg)}
         train_loss.append(entry)
         if cfg.method == "ewc":

@@ -64,6 +64,7 @@ class FunctionVectorResult:
     vector: torch.Tensor            # (hidden,)
     seconds: float                  # the CIE computation alone
     model: str = ""
+    architecture: str = ""          # the model's class; "" in files saved before it was recorded
 
     @property
     def cie(self) -> torch.Tensor:
@@ -80,13 +81,15 @@ class FunctionVectorResult:
         # fv.json goes last and names the tensors it belongs with: a kill between the two files is caught on load
         atomic_write_json(out / "fv.json", {
             "tensors_sha256": digest,
-            "task": self.task, "model": self.model, "engine": self.settings.engine, "n_layers": self.n_layers,
+            "task": self.task, "model": self.model, "architecture": self.architecture, "engine": self.settings.engine,
+            "n_layers": self.n_layers,
             "n_heads": self.n_heads, "head_dim": self.head_dim, "cie": self.cie.tolist(),
             "top_heads": [list(h) for h in self.top_heads], "seconds": self.seconds, "settings": asdict(self.settings)})
         plot_cie_heatmap(self.cie, self.top_heads, out / "cie_heatmap.png", title=f"{self.task}: CIE ({self.settings.engine})")
 
     def check_fits(self, adapter: ModelAdapter, where: str = "the function vector") -> None:
-        """One clear error when the FV was extracted from a model of another shape (it cannot be added here)."""
+        """One clear error when the FV was extracted from a model of another shape or class (it cannot be added here;
+        Mistral-7B and Llama-2-7B share every size)."""
         ours = (self.n_layers, self.n_heads, self.head_dim, self.vector.numel())
         theirs = (adapter.n_layers, adapter.n_heads, adapter.head_dim, adapter.hidden_size)
         if ours != theirs:
@@ -94,6 +97,10 @@ class FunctionVectorResult:
                              f"hidden size {ours[3]}{f' ({self.model})' if self.model else ''}; this model has {theirs[0]} x "
                              f"{theirs[1]} heads of {theirs[2]} and hidden size {theirs[3]}: extract it again on this model "
                              "with `forgetlab fv extract`")
+        if self.architecture and self.architecture != adapter.architecture:
+            raise ValueError(f"{where} was extracted from a {self.architecture}{f' ({self.model})' if self.model else ''}; "
+                             f"this model is a {adapter.architecture}: extract it again on this model with "
+                             "`forgetlab fv extract`")
 
     @classmethod
     def load(cls, out: str | Path) -> "FunctionVectorResult":
@@ -117,10 +124,11 @@ class FunctionVectorResult:
         return cls(task=meta["task"], settings=FVSettings(**settings), n_layers=meta["n_layers"], n_heads=meta["n_heads"],
                    head_dim=meta["head_dim"], cie_per_prompt=tensors["cie_per_prompt"],
                    top_heads=[tuple(h) for h in meta["top_heads"]], mean_activations=tensors["mean_activations"],
-                   vector=tensors["function_vector"], seconds=meta["seconds"], model=meta.get("model", ""))
+                   vector=tensors["function_vector"], seconds=meta["seconds"], model=meta.get("model", ""),
+                   architecture=meta.get("architecture", ""))
 
 
-# what FunctionVectorResult.load reads from fv.json; "model" and "tensors_sha256" may be absent (files saved before
+# what FunctionVectorResult.load reads from fv.json; "model", "architecture" and "tensors_sha256" may be absent (files saved before
 # they were recorded), and entries it does not read ("engine", "cie", notes someone added) are left alone
 _FV_REQUIRED = ("task", "n_layers", "n_heads", "head_dim", "top_heads", "seconds", "settings")
 
@@ -209,4 +217,5 @@ def extract_function_vector(adapter: ModelAdapter, tokenizer, task: ICLTask, set
     heads = top_heads(cie, settings.top_k)
     return FunctionVectorResult(task=task.name, settings=settings, n_layers=adapter.n_layers, n_heads=adapter.n_heads,
                                 head_dim=adapter.head_dim, cie_per_prompt=cie, top_heads=heads, mean_activations=mean_acts,
-                                vector=function_vector(adapter, mean_acts, heads), seconds=seconds, model=model_name)
+                                vector=function_vector(adapter, mean_acts, heads), seconds=seconds, model=model_name,
+                                architecture=adapter.architecture)

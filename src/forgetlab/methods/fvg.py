@@ -193,6 +193,8 @@ class FVGConfig:
                 raise ValueError(f"fvg_config.{name}={getattr(self, name)} is too small; use 1 or more")
         if self.shots < 2:
             raise ValueError(f"fvg_config.shots={self.shots} is too small (the CIE shuffles at least 2 demonstrations)")
+        if self.layer < -1:
+            raise ValueError(f"fvg_config.layer={self.layer}: give a layer index, or -1 for n_layers // 3")
         if self.fv_source not in FV_SOURCES:
             raise ValueError(f"fvg_config.fv_source={self.fv_source!r} is unknown; use one of {', '.join(FV_SOURCES)}")
         if self.heads not in HEAD_SETS:

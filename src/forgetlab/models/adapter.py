@@ -61,6 +61,12 @@ class ModelAdapter:
     def n_layers(self) -> int:
         return len(self.layers)
 
+    @property
+    def architecture(self) -> str:
+        """The model's class, through PEFT's wrapper (``LlamaForCausalLM``): which models an FV taken here fits."""
+        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return type(model).__name__
+
     @cached_property
     def layer_of(self) -> dict[int, int]:
         """Map ``id(module)`` of every submodule of a decoder layer to that layer's index (built once)."""

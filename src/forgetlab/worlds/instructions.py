@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from forgetlab.fv.tasks import ICLTask
 from forgetlab.worlds.icl import ICLWorld, WorldTask, with_coded_tasks
 
@@ -72,16 +74,21 @@ class InstructionTask:
         return ICLTask.from_pairs(self.name, [(question(self, inst), inst[1][0]) for inst in self.instances],
                                   self.definition)
 
-    def split(self, n_train: int = 1000, n_test: int = 100) -> tuple[list, list]:
-        """The last ``n_test`` instances are the test set (papers.md §2); training takes the first ``n_train``."""
+    def split(self, n_train: int = 1000, n_test: int = 100, seed: int = 0) -> tuple[list, list]:
+        """The last ``n_test`` instances are the test set (papers.md §2); training takes ``n_train`` of the rest,
+        all of them if there are no more, else a random draw of ``seed`` kept in file order (as the FV paper's loader
+        shuffles the rest before taking its 1,000: a file's order, e.g. sorted by source or length, would bias the
+        first ones)."""
         n_test = self.test_size if self.test_size is not None else n_test
         if n_test < 1:
             raise ValueError(f"task {self.name!r}: a test split of {n_test} instances; hold out at least 1")
         if len(self.instances) <= n_test:
             raise ValueError(f"task {self.name!r} has {len(self.instances)} instances, not more than the {n_test} held out "
-                             "for test; lower the test size or use a bigger task")
-        train = list(self.instances[:len(self.instances) - n_test])[:n_train]
-        return train, list(self.instances[-n_test:])
+                             "for test; lower the test size (--max-test) or use a bigger task")
+        pool = list(self.instances[:len(self.instances) - n_test])
+        if len(pool) > n_train:
+            pool = [pool[i] for i in sorted(np.random.default_rng(seed).choice(len(pool), n_train, replace=False))]
+        return pool, list(self.instances[-n_test:])
 
 
 def from_world_task(task: WorldTask, seed: int) -> InstructionTask:
@@ -118,6 +125,13 @@ def _require(data: dict, key: str, kind: type, path: Path):
     return data[key]
 
 
+# an upstream task file's fields (allenai/natural-instructions tasks/*.json) and an instance's
+NI_FIELDS = ("Contributors", "Source", "URL", "Categories", "Reasoning", "Definition", "Input_language",
+             "Output_language", "Instruction_language", "Domains", "Positive Examples", "Negative Examples", "Instances",
+             "Instance License")
+NI_INSTANCE_FIELDS = ("id", "input", "output")
+
+
 def load_ni_task(path: str | Path) -> InstructionTask:
     """One natural-instructions task file (``Definition``, ``Positive Examples``, ``Instances``)."""
     path = Path(path)
@@ -129,11 +143,21 @@ def load_ni_task(path: str | Path) -> InstructionTask:
         raise ValueError(f"{path} is not valid JSON ({err})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a natural-instructions task file is one JSON object, not a {type(data).__name__}")
-    definition = _require(data, "Definition", list, path)
-    if not definition or not all(isinstance(d, str) for d in definition):
-        raise ValueError(f"{path}: 'Definition' must be a non-empty list of strings")
+    definition = data.get("Definition")
+    definition = [definition] if isinstance(definition, str) else definition  # reformatted copies hold one string
+    if not isinstance(definition, list) or not definition or not all(isinstance(d, str) for d in definition):
+        raise ValueError(f"{path}: 'Definition' must be a string or a non-empty list of strings (upstream files hold "
+                         "a list of one)")
+    unknown = sorted(set(data) - set(NI_FIELDS))
+    if unknown:
+        raise ValueError(f"{path}: unknown field(s) {', '.join(map(repr, unknown))}; a natural-instructions task file "
+                         f"holds {', '.join(NI_FIELDS)}")
     instances = []
     for i, inst in enumerate(_require(data, "Instances", list, path)):
+        if isinstance(inst, dict) and set(inst) - set(NI_INSTANCE_FIELDS):
+            raise ValueError(f"{path}: instance {i} has unknown field(s) "
+                             f"{', '.join(map(repr, sorted(set(inst) - set(NI_INSTANCE_FIELDS))))}; an instance holds "
+                             f"{', '.join(NI_INSTANCE_FIELDS)}")
         outputs = inst.get("output") if isinstance(inst, dict) else None
         if isinstance(outputs, str):
             outputs = [outputs]
