@@ -42,8 +42,26 @@ def test_a_run_started_before_a_setting_existed_resumes_when_it_keeps_its_defaul
     del saved["checkpoint_format"]  # as an older forgetlab wrote it
     (run / "config.json").write_text(json.dumps(saved))
     prepare_run_dir(run, cfg, resume=True, overwrite=False, log=lambda s: None)
-    with pytest.raises(ValueError, match="differs in: checkpoint_format"):
+    with pytest.raises(ValueError, match="checkpoint_format: 'merged' then, 'adapter' now; method: 'seq' then, 'lora' now"):
         prepare_run_dir(run, replace(cfg, checkpoint_format="adapter", method="lora"), resume=True, overwrite=False,
                         log=lambda s: None)
-    with pytest.raises(ValueError, match="differs in: seed"):
+    with pytest.raises(ValueError, match=r"\(seed: 0 then, 1 now\); use the same options"):
         prepare_run_dir(run, replace(cfg, seed=1), resume=True, overwrite=False, log=lambda s: None)
+
+
+def test_a_resume_names_the_nested_setting_that_changed_and_another_commands_run(tmp_path):
+    from dataclasses import replace
+
+    from forgetlab.experiments.cit import CITConfig
+    from forgetlab.experiments.rundir import config_differences
+
+    cfg, run = CITConfig(world_dir="w"), tmp_path / "run"
+    prepare_run_dir(run, cfg, resume=False, overwrite=False, log=lambda s: None)
+    with pytest.raises(ValueError, match=r"\(train.epochs: 10 then, 3.0 now\)"):
+        prepare_run_dir(run, replace(cfg, train=replace(cfg.train, epochs=3.0)), resume=True, overwrite=False,
+                        log=lambda s: None)
+    assert config_differences({"a": 1, "t": {"x": 1, "y": 2}}, {"a": 1, "t": {"x": 1, "y": 3}, "b": 0}) == [
+        ("b", None, 0), ("t.y", 2, 3)]
+    (run / "config.json").write_text(json.dumps({"preset": "cpu-demo", "world": {}, "pretrain": {}, "phases": []}))
+    with pytest.raises(ValueError, match="holds a run of another command .its config.json has other settings.; give this one"):
+        prepare_run_dir(run, cfg, resume=True, overwrite=False, log=lambda s: None)

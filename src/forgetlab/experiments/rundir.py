@@ -78,10 +78,29 @@ def check_same_config(out: Path, cfg, context: str = "") -> None:
         except (TypeError, ValueError, KeyError):
             pass  # not this config's shape: compared as saved, and refused below
     wanted = json.loads(json.dumps(to_jsonable(cfg)))
-    if saved != wanted:
-        diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
-        raise ValueError(f"{context}the run at {out} was made with a different config (differs in: {', '.join(diff)}); "
-                         "use the same options or a new --out")
+    if saved == wanted:
+        return
+    if not isinstance(saved, dict) or len(set(saved) & set(wanted)) < len(wanted) / 2:
+        raise ValueError(f"{context}{out} holds a run of another command (its {CONFIG} has other settings); give this "
+                         "one a new --out")
+    diff = config_differences(saved, wanted)
+    shown = ("; ".join(f"{key}: {before!r} then, {now!r} now" for key, before, now in diff) if len(diff) <= 3 else
+             f"{len(diff)} settings differ: {', '.join(key for key, _, _ in diff)}")
+    raise ValueError(f"{context}the run at {out} was made with a different config ({shown}); use the same options or "
+                     "a new --out")
+
+
+def config_differences(saved: dict, wanted: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, saved value, wanted value) for every setting that differs, nested settings by their own key
+    (``train.epochs``, not ``train``)."""
+    out = []
+    for key in sorted(set(saved) | set(wanted)):
+        before, now = saved.get(key), wanted.get(key)
+        if isinstance(before, dict) and isinstance(now, dict):
+            out += config_differences(before, now, f"{prefix}{key}.")
+        elif before != now:
+            out.append((f"{prefix}{key}", before, now))
+    return out
 
 
 def record_api_run(out: Path, cfg) -> None:
