@@ -218,7 +218,7 @@ def test_intervention_recovered_share_is_of_the_drop(setup, monkeypatch):
     assert mirror["subtract_recovered"] == pytest.approx(-0.25)
     assert (shift["add_alpha"], shift["subtract_alpha"]) == (2.0, -2.0)
     # pooled: points won back over points lost; shift 0.25 of 0.5, mirror 0.3 of 0.4, edge 0.025 of 0.05
-    assert out["summary"] == {"forgotten_tasks": 3, "mean_add_recovered": pytest.approx((0.5 + 0.75 + 0.5) / 3),
+    assert out["summary"] == {"forgotten_tasks": 3, "min_drop": 0.05, "mean_add_recovered": pytest.approx((0.5 + 0.75 + 0.5) / 3),
                               "mean_subtract_recovered": pytest.approx((0.25 - 0.25 + 0) / 3),
                               "pooled_add_recovered": pytest.approx((0.25 + 0.3 + 0.025) / (0.5 + 0.4 + 0.05)),
                               "pooled_subtract_recovered": pytest.approx((0.125 - 0.1 + 0) / (0.5 + 0.4 + 0.05))}

@@ -261,7 +261,7 @@ def fv_interventions(model: torch.nn.Module, tokenizer, tasks: Sequence[ICLTask]
             on_task({"tasks": out, "last_fv": last_fv})
     out = {task.name: out[task.name] for task in tasks}  # the tasks' order, however many runs it took
     forgotten = [r for r in out.values() if r["forgotten"]]
-    summary = {"forgotten_tasks": len(forgotten)}
+    summary = {"forgotten_tasks": len(forgotten), "min_drop": settings.min_drop}
     for key, edited in (("add_recovered", "add_original_fv"), ("subtract_recovered", "subtract_last_task_fv")):
         rows = [r for r in forgotten if key in r]
         summary[f"mean_{key}"] = float(np.mean([r[key] for r in rows])) if rows else None

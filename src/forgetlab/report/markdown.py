@@ -190,7 +190,7 @@ def drift_report(fits: dict, runs: Sequence[str], interventions: dict | None, ou
         s = interventions["summary"]
         forgotten = {name: t for name, t in interventions["tasks"].items() if t.get("forgotten")}
         parts.append(f"\n## FV interventions on the last checkpoint\n\n{s['forgotten_tasks']} general tasks lost at least "
-                     "5 points. Adding each one's original FV recovers on average "
+                     f"{100 * s.get('min_drop', 0.05):g} points. Adding each one's original FV recovers on average "
                      f"{'–' if s['mean_add_recovered'] is None else format(s['mean_add_recovered'], '.0%')} of its drop "
                      f"({'–' if s.get('pooled_add_recovered') is None else format(s['pooled_add_recovered'], '.0%')} "
                      "of all the points lost); "
