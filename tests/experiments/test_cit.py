@@ -279,6 +279,22 @@ def test_a_long_prompt_is_cut_in_its_input_keeping_bos_definition_and_answer_cue
                                                                    "yes\n\nInput: review 9"))  # one more would not fit
 
 
+def test_fv_prompts_of_long_inputs_stay_within_max_source_tokens(tmp_path):
+    """FVG's in-context prompts hold fvg_config.shots + 1 inputs: each is cut to that share of max_source_tokens
+    (here 110 // 11 = 10 tokens), so ten long reviews cannot make a prompt past a model's context; short ones stay."""
+    from transformers import AutoTokenizer
+
+    from forgetlab.experiments.cit import fv_pairs
+
+    model_dir = sentencepiece_style_llama(tmp_path / "llama", ["question review yes no"] * 20)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    train = [("question " * 40, ("yes", "Yes")), ("review", ("no",))]
+    cfg = CITConfig(model="x", sequence="a.json", max_source_tokens=110)
+    (long_input, answer), short = fv_pairs(tok, train, cfg)
+    assert tok(long_input, add_special_tokens=False)["input_ids"] == tok("question " * 40, add_special_tokens=False)["input_ids"][:10]
+    assert answer == "yes" and short == ("review", "no")
+
+
 def test_a_sentencepiece_style_tokenizer_that_adds_bos_trains_and_scores_an_ni_task(tmp_path, monkeypatch):
     """With Llama-2's kind of tokenizer every training row starts with the one BOS the tokenizer adds, the answer is
     the ids the prompt's continuation gets in context (" POS" -> "▁POS"), followed by eos as a label although eos

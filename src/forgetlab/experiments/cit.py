@@ -660,6 +660,19 @@ def _check_fv_extractable(task, cfg: CITConfig) -> None:
                          f"{task.name!r} ({err}); raise --max-train") from None
 
 
+def fv_pairs(tokenizer, train, cfg: CITConfig) -> list[tuple[str, str]]:
+    """A task's (input, first reference) pairs for its FV's in-context prompts, each input cut to its share of
+    ``max_source_tokens`` (one of ``fvg_config.shots`` + 1 parts): ten demonstrations of a long review or article
+    would make prompts of thousands of tokens, past a 7B model's context and costly in the CIE. Short inputs (the
+    ICL world's, most classification tasks') are kept whole."""
+    budget = max(8, cfg.max_source_tokens // (cfg.fvg_config.shots + 1))
+    pairs = []
+    for x, refs in train:
+        ids = tokenizer(x, add_special_tokens=False)["input_ids"]
+        pairs.append((x if len(ids) <= budget else tokenizer.decode(ids[:budget]), refs[0]))
+    return pairs
+
+
 def step_terms(guide, adapter, penalties: dict) -> Callable:
     """The trainer's ``extra_loss`` of a ``cit`` task: FVG's terms (read through its hooks) and the method's penalties,
     all from the micro-batch's one forward pass (``run_forward`` runs the model the first time it is asked only)."""
@@ -742,7 +755,7 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
         if cfg.fvg_config.fv_dir:
             initial_fvs = saved_function_vectors(cfg.fvg_config.fv_dir, [t.name for t, _ in sequential])
         else:
-            initial_fvs = {t.name: task_function_vector(untrained, tokenizer, t.name, [(x, refs[0]) for x, refs in train],
+            initial_fvs = {t.name: task_function_vector(untrained, tokenizer, t.name, fv_pairs(tokenizer, train, cfg),
                                                         cfg.fvg_config) for t, (train, _) in sequential}
             for name, fv in initial_fvs.items() if writes else ():
                 fv.save(out / "fv" / name)  # for later runs: --set fvg_config.fv_dir=OUT/fv
@@ -815,7 +828,7 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
             from forgetlab.models.adapter import adapt
 
             adapter = adapt(model)
-            guide = FVGuidance(adapter, tokenizer, task.name, [(x, refs[0]) for x, refs in train], prompts, cfg.fvg_config,
+            guide = FVGuidance(adapter, tokenizer, task.name, fv_pairs(tokenizer, train, cfg), prompts, cfg.fvg_config,
                                train_data=task_rows, fv=initial_fvs.get(task.name))
             model.train()
 
