@@ -179,3 +179,4 @@ def test_drop_kept():
     assert drop_kept(20.0, 30.0) == pytest.approx(-0.5)   # a larger drop: not clipped
     assert drop_kept(20.0, -4.0) == pytest.approx(1.2)    # a gain
     assert math.isnan(drop_kept(0.0, 3.0)) and math.isnan(drop_kept(-2.0, 1.0))  # no baseline drop to keep
+    assert math.isnan(drop_kept(2.1e-9, 21.9))  # float noise of averaged scores is no drop (was -1e10 "kept")

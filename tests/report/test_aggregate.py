@@ -103,3 +103,24 @@ def test_a_nan_in_a_results_file_counts_as_undefined(tmp_path):
     share = aggregate_runs(runs)["groups"][0]["metrics"]["spurious_share"]
     assert share["n"] == 2 and share["mean"] == pytest.approx(0.5)
     assert share["sd"] == pytest.approx(np.std([0.75, 0.25], ddof=1))
+
+
+def bare_biography_results(path, seed, ewc_strength, after):
+    """A biography results file kept without its config.json, as docs/results/ keeps them."""
+    path.write_text(json.dumps({"seed": seed, "method": "ewc", "preset": "cpu-demo", "freeze_layers": 0, "replay": 0.0,
+                                "early_stop": 0.0, "ewc_strength": ewc_strength, "task0_before": 0.8,
+                                "task0_after_task1": after}))
+    return path
+
+
+def test_bare_results_keep_the_method_settings_they_record_apart_and_a_repeated_seed_is_refused(tmp_path):
+    """Without config.json a run is what its results record: EWC at three strengths are three settings (they were one,
+    averaging the strengths as a metric); two runs of one seed that nothing recorded tells apart are refused."""
+    runs = [bare_biography_results(tmp_path / f"ewc{s}.json", 0, s, a) for s, a in ((1e4, 0.149), (1e5, 0.179), (1e6, 0.188))]
+    summary = aggregate_runs(runs)
+    assert [g["n"] for g in summary["groups"]] == [1, 1, 1]
+    assert [g["metrics"]["task0_after_task1"]["mean"] for g in summary["groups"]] == [0.149, 0.179, 0.188]
+    assert "ewc_strength" not in summary["groups"][0]["metrics"] and "ewc_strength=10000.0" in summary["groups"][0]["label"]
+    twice = [bare_biography_results(tmp_path / "a.json", 0, 1e4, 0.1), bare_biography_results(tmp_path / "b.json", 0, 1e4, 0.2)]
+    with pytest.raises(ValueError, match="repeat seed 0, so they differ in a setting their results do not record"):
+        aggregate_runs(twice)

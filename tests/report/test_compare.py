@@ -51,11 +51,17 @@ def test_runs_of_other_models_sequences_or_experiments_are_refused_in_one_line(t
     other_sequence = fake_run(tmp_path / "s", 50.0, 60.0, 40.0, tasks=("a", "c"))
     (tmp_path / "bio").mkdir()
     (tmp_path / "bio" / "results.json").write_text(json.dumps({"task0_before": 0.7}))
+    no_general = fake_run(tmp_path / "nogeneral", 50.0, 60.0, 40.0)
+    results = json.loads((no_general / "results.json").read_text())
+    del results["final"]["IP"]
+    results["FP"] = None
+    (no_general / "results.json").write_text(json.dumps(results))
     runner = CliRunner()
     ok = fake_run(tmp_path / "ok", 80.0, 70.0, 36.0)
     for bad, message, options in ((other_model, "not the same initial model", []),
                                   (other_sequence, "compare runs of one sequence", []),
                                   (tmp_path / "bio", "not the results of a `forgetlab cit run`", []),
+                                  (no_general, "has no number for final.IP, FP", []),
                                   (tmp_path / "none", "no results.json", []),
                                   (ok, "--keep 50: a share of the drop", ["--keep", "50"]),
                                   (ok, "--fp-tolerance -5: points of FP", ["--fp-tolerance", "-5"])):

@@ -50,16 +50,20 @@ def _numbers(results: dict) -> dict[str, float | None]:
     """Every number of a results dict, nested keys joined with dots (lists, e.g. the score matrix, left out);
     None where a run left a metric undefined (null), so that values stay aligned with the runs."""
     return {k: None if v is None else float(v) for k, v in _flat(results).items()
-            if (v is None or isinstance(v, (int, float)) and not isinstance(v, bool)) and k != "seed"}
+            if (v is None or isinstance(v, (int, float)) and not isinstance(v, bool)) and k not in ("seed", *RESULT_SETTINGS)}
+
+
+# settings a biography run's results.json records beside its metrics (a method's strength is not a metric to average)
+RESULT_SETTINGS = ("freeze_layers", "replay", "early_stop", "ewc_strength")
 
 
 def _setting(results_file: Path, results: dict) -> dict:
     """What a run was: its ``config.json`` when it has one beside the results, otherwise the results' own labels
-    (method, preset, FVG, tasks)."""
+    (method, preset, FVG, tasks, and the method settings they record)."""
     config = results_file.parent / "config.json"
     if config.is_file():
         return _flat(read_json(config))
-    return {k: v for k, v in results.items() if isinstance(v, (str, bool)) or k == "tasks"}
+    return {k: v for k, v in results.items() if isinstance(v, (str, bool)) or k in ("tasks", *RESULT_SETTINGS)}
 
 
 def _seed_keys(runs: list[tuple[dict, dict]]) -> set[str]:
@@ -105,6 +109,12 @@ def aggregate_runs(paths: Sequence[Path]) -> dict:
             group["values"].setdefault(name, [None] * (len(group["runs"]) - 1)).append(value)
         for values in group["values"].values():  # a metric this run lacks is None for it
             values.extend([None] * (len(group["runs"]) - len(values)))
+    for group in groups.values():  # one seed twice: two settings the files cannot tell apart (no config.json beside)
+        repeated = sorted({s for s in group["seeds"] if group["seeds"].count(s) > 1}, key=str)
+        if repeated:
+            raise ValueError(f"aggregate: {', '.join(group['runs'])} look like one setting but repeat seed "
+                             f"{', '.join(map(str, repeated))}, so they differ in a setting their results do not record; "
+                             "keep each run's config.json beside its results.json, or aggregate them separately")
     settings = [g["setting"] for g in groups.values()]
     varying = {k for s in settings for k in s if any(o.get(k) != s.get(k) for o in settings)}
     out = []

@@ -28,6 +28,13 @@ def _cit_results(path: Path) -> dict:
     missing = [k for k in ("initial", "final", "FP", "AP", "tasks") if k not in results]
     if missing:
         raise ValueError(f"{found} is not the results of a `forgetlab cit run` (no {', '.join(missing)})")
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+    bad = [f"{part}.{m}" for part in ("initial", "final") for m in ("GP", "IP")
+           if not isinstance(results[part], dict) or not number(results[part].get(m))]
+    bad += [k for k in ("FP", "AP") if not number(results[k])]
+    if bad:
+        raise ValueError(f"{found} has no number for {', '.join(bad)}; compare finished `forgetlab cit run` results with "
+                         "general sets (GP/IP)")
     return results
 
 
