@@ -180,6 +180,11 @@ def test_evaluate_bad_inputs(extracted, bpe_tokenizer, upper_task):
         evaluate_function_vector(a, bpe_tokenizer, upper_task, r.vector, replace(EVAL, layer=3))
     with pytest.raises(ValueError, match="layer -1 is out of range"):
         evaluate_function_vector(a, bpe_tokenizer, upper_task, r.vector, EVAL, layers=[-1, 0])
+    a.model.train()  # an error while prompts are drawn gives the caller's model back in its own mode
+    with pytest.raises(ValueError, match="fewer than the 99 shots"):
+        evaluate_function_vector(a, bpe_tokenizer, upper_task, r.vector, replace(EVAL, shots=99))
+    assert a.model.training
+    a.model.eval()
 
 
 def test_evaluate_scores_each_prompt_kind_on_its_own_prompts(extracted, bpe_tokenizer, upper_task, monkeypatch):

@@ -129,10 +129,20 @@ def test_too_few_examples_for_the_shots():
     s = numbered(10).splits(0)  # 7 train examples
     with pytest.raises(ValueError) as err:
         sample_prompts(s, 4, shots=8, task_name="tiny")
-    assert "fewer than the 8 shots" in str(err.value) and "--shots 6" in str(err.value)
-    with pytest.raises(ValueError, match="shots"):  # the query is excluded from its own demos
+    assert "fewer than the 8 shots" in str(err.value) and "--shots 7" in str(err.value)  # queries come from valid
+    with pytest.raises(ValueError, match="besides the query; use --shots 6"):  # the query is excluded from its demos
         sample_prompts(s, 4, shots=7, query_split="train", demo_split="train")
     assert len(sample_prompts(s, 4, shots=7)) == 4
+
+
+def test_a_query_repeated_in_the_demonstration_split_is_never_its_own_demonstration():
+    """A task file may hold a pair twice, or an input with two answers: the copy in train is not shown as a
+    demonstration of its own query (in the valid split), whatever the answer."""
+    s = TaskSplits(train=(("x0", "y0"), ("x0", "other"), ("x1", "y1"), ("x2", "y2")), test=(), valid=(("x0", "y0"),))
+    for p in sample_prompts(s, 20, shots=2, seed=3):
+        assert p.query == "x0" and sorted(p.demos) == [("x1", "y1"), ("x2", "y2")]
+    with pytest.raises(ValueError, match="its query 'x0' leaves 2 train examples with another input, fewer than the 3"):
+        sample_prompts(s, 1, shots=3)
 
 
 def test_no_query_examples():

@@ -98,30 +98,32 @@ def evaluate_function_vector(adapter: ModelAdapter, tokenizer, task: ICLTask, ve
         if not 0 <= layer < adapter.n_layers:
             raise ValueError(f"layer {layer} is out of range; the model has layers 0..{adapter.n_layers - 1}")
     was_training = adapter.model.training
-    adapter.model.eval()
-    splits = task.splits(settings.seed)
-    few = sample_prompts(splits, settings.n_prompts, settings.shots, settings.seed + 2, query_split="test",
-                         task_name=task.name)
-    zero = [p.zero_shot() for p in few]
-    shuffled = counterfactuals(few, settings.seed + 2)
-    device = next(adapter.model.parameters()).device
-    # the edit layer is chosen on valid queries, so the scores on the test queries are not a maximum over layers
-    valid = [p.zero_shot() for p in sample_prompts(splits, settings.n_prompts, settings.shots, settings.seed + 3,
-                                                   query_split="valid", task_name=task.name)]
-    valid_batches = list(batches(tokenizer, valid, settings.prompt_format, settings.batch_size, device))
-    by_layer = sweep_layers(adapter, valid_batches, vector, layers, settings.alpha)
-    best = layers[max(range(len(layers)), key=lambda i: by_layer[i])]
-    edit = best if settings.layer is None else settings.layer
-    result = {
-        "task": task.name, "n_prompts": settings.n_prompts, "shots": settings.shots, "alpha": settings.alpha,
-        "layers": layers, "zero_shot_fv_top1_by_layer": by_layer, "layer_chosen_on": "valid", "best_layer": best,
-        "edit_layer": edit,  # the sweep's baseline, on the same valid queries
-        "zero_shot_valid_top1": torch.cat([first_token_correct(adapter, b) for b in valid_batches]).float().mean().item(),
-        "zero_shot": _score(adapter, tokenizer, zero, settings),
-        "zero_shot_fv": _score(adapter, tokenizer, zero, settings, vector, edit),
-        "few_shot": _score(adapter, tokenizer, few, settings),
-        "shuffled": _score(adapter, tokenizer, shuffled, settings),
-        "shuffled_fv": _score(adapter, tokenizer, shuffled, settings, vector, edit),
-    }
-    adapter.model.train(was_training)
-    return result
+    try:
+        adapter.model.eval()
+        splits = task.splits(settings.seed)
+        few = sample_prompts(splits, settings.n_prompts, settings.shots, settings.seed + 2, query_split="test",
+                             task_name=task.name)
+        zero = [p.zero_shot() for p in few]
+        shuffled = counterfactuals(few, settings.seed + 2)
+        device = next(adapter.model.parameters()).device
+        # the edit layer is chosen on valid queries, so the scores on the test queries are not a maximum over layers
+        valid = [p.zero_shot() for p in sample_prompts(splits, settings.n_prompts, settings.shots, settings.seed + 3,
+                                                       query_split="valid", task_name=task.name)]
+        valid_batches = list(batches(tokenizer, valid, settings.prompt_format, settings.batch_size, device))
+        by_layer = sweep_layers(adapter, valid_batches, vector, layers, settings.alpha)
+        best = layers[max(range(len(layers)), key=lambda i: by_layer[i])]
+        edit = best if settings.layer is None else settings.layer
+        result = {
+            "task": task.name, "n_prompts": settings.n_prompts, "shots": settings.shots, "alpha": settings.alpha,
+            "layers": layers, "zero_shot_fv_top1_by_layer": by_layer, "layer_chosen_on": "valid", "best_layer": best,
+            "edit_layer": edit,  # the sweep's baseline, on the same valid queries
+            "zero_shot_valid_top1": torch.cat([first_token_correct(adapter, b) for b in valid_batches]).float().mean().item(),
+            "zero_shot": _score(adapter, tokenizer, zero, settings),
+            "zero_shot_fv": _score(adapter, tokenizer, zero, settings, vector, edit),
+            "few_shot": _score(adapter, tokenizer, few, settings),
+            "shuffled": _score(adapter, tokenizer, shuffled, settings),
+            "shuffled_fv": _score(adapter, tokenizer, shuffled, settings, vector, edit),
+        }
+        return result
+    finally:  # an error (a task too small for its prompts) leaves the caller's model as it was
+        adapter.model.train(was_training)

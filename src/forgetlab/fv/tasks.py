@@ -103,19 +103,25 @@ class ICLPrompt:
 
 def sample_prompts(splits: TaskSplits, n: int, shots: int = 10, seed: int = 0, query_split: str = "valid",
                    demo_split: str = "train", task_name: str = "task") -> list[ICLPrompt]:
-    """``n`` prompts: queries cycle through a shuffled ``query_split``; demos are drawn without replacement."""
+    """``n`` prompts: queries cycle through a shuffled ``query_split``; demos are drawn without replacement, never one
+    with the query's input (a task file may repeat a pair, or an input with another answer, across its splits)."""
     queries, demos = splits.split(query_split), splits.split(demo_split)
     if not queries:
         raise ValueError(f"task {task_name!r} has no {query_split} examples to query; it needs more examples")
-    if len(demos) < shots + (1 if demo_split == query_split else 0):
-        raise ValueError(f"task {task_name!r} has {len(demos)} {demo_split} examples, fewer than the {shots} shots asked; "
-                         f"use --shots {max(0, len(demos) - 1)} or a bigger task")
+    usable = len(demos) - (1 if demo_split == query_split else 0)
+    if usable < shots:
+        raise ValueError(f"task {task_name!r} has {len(demos)} {demo_split} examples, fewer than the {shots} shots asked"
+                         f"{' besides the query' if demo_split == query_split else ''}; use --shots {max(0, usable)} or a "
+                         "bigger task")
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(queries))
     prompts = []
     for i in range(n):
         q = queries[order[i % len(order)]]
-        pool = [d for d in demos if d != q] if demo_split == query_split else demos
+        pool = [d for d in demos if d[0] != q[0]]
+        if len(pool) < shots:
+            raise ValueError(f"task {task_name!r}: its query {q[0]!r} leaves {len(pool)} {demo_split} examples with "
+                             f"another input, fewer than the {shots} shots asked; remove repeated inputs or lower --shots")
         chosen = rng.choice(len(pool), size=shots, replace=False) if shots else []
         prompts.append(ICLPrompt(tuple(pool[j] for j in chosen), q[0], q[1]))
     return prompts
