@@ -4,7 +4,6 @@ Numbers are checked against the modules' weights read directly (nn.Linear stores
 Conv1D (in, out)), never against the adapter's own arithmetic.
 """
 
-import copy
 import warnings
 
 import peft
