@@ -266,6 +266,6 @@ def fv_interventions(model: torch.nn.Module, tokenizer, tasks: Sequence[ICLTask]
         rows = [r for r in forgotten if key in r]
         summary[f"mean_{key}"] = float(np.mean([r[key] for r in rows])) if rows else None
         # the points won back over the points lost, all tasks together: a task that fell little weighs little
-        summary[f"pooled_{key}"] = (sum(r[edited] - r["final"] for r in rows) / sum(r["initial"] - r["final"] for r in rows)
-                                    if rows else None)
+        lost = sum(r["initial"] - r["final"] for r in rows)
+        summary[f"pooled_{key}"] = sum(r[edited] - r["final"] for r in rows) / lost if rows else None
     return {"tasks": out, "summary": summary}

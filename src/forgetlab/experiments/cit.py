@@ -232,6 +232,12 @@ def new_to_model(world_dir: Path, world) -> list[str]:
     return names
 
 
+def _sentence(field_text: str) -> str:
+    """Stripped, and ended with "." unless it ends in punctuation (or is empty), as the FV paper's collator writes."""
+    field_text = field_text.strip()
+    return field_text if not field_text or field_text[-1] in string.punctuation else field_text + "."
+
+
 @dataclass(frozen=True)
 class PromptTemplate:
     """A task prompt: ``text`` with ``{definition}`` and ``{input}``; ``punctuate`` ends each field that has no final
@@ -242,7 +248,7 @@ class PromptTemplate:
 
     def render(self, definition: str, text: str) -> str:
         if self.punctuate:
-            definition, text = (f if not f or f[-1] in string.punctuation else f + "." for f in (definition.strip(), text.strip()))
+            definition, text = (_sentence(definition), _sentence(text))
         return self.text.format(definition=definition, input=text)
 
     def check(self, where: str) -> None:
