@@ -391,6 +391,7 @@ def test_bad_configs_name_the_problem(icl_world_dir):
                          ({"fvg_config": FVGConfig(layer=-3)}, "fvg_config.layer=-3: give a layer index, or -1"),
                          ({"n_train": 0}, "--max-train 0 must be positive"),
                          ({"olora_penalty": "l1"}, "olora_penalty='l1' is unknown; use one of squared, abs"),
+                         ({"fvg_config": FVGConfig(fv_dir="fvs")}, "fvg_config.fv_dir=fvs is set but FVG is off: add --fvg"),
                          ({"lora_alpha": 0}, "lora_alpha=0 must be positive"),
                          ({"fvg_config": FVGConfig(alpha_kl=float("nan"))}, "fvg_config.alpha_kl=nan must be a finite"),
                          ({"fvg_config": FVGConfig(alpha_fv=float("inf"))}, "fvg_config.alpha_fv=inf must be a finite"),

@@ -152,6 +152,9 @@ class CITConfig:
             raise ValueError(f"answer_end={self.answer_end!r} is unknown; use one of {', '.join(ANSWER_ENDS)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is unknown; use one of {', '.join(DTYPES)}")
+        if self.fvg_config.fv_dir and not self.fvg:
+            raise ValueError(f"fvg_config.fv_dir={self.fvg_config.fv_dir} is set but FVG is off: add --fvg to use those "
+                             "FVs, or drop the setting")
         if self.olora_penalty not in OLORA_PENALTIES:
             raise ValueError(f"olora_penalty={self.olora_penalty!r} is unknown; use one of {', '.join(OLORA_PENALTIES)}")
         if self.checkpoint_format not in CHECKPOINT_FORMATS:
