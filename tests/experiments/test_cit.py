@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from forgetlab.experiments.cit import CITConfig, load_sequence, run_cit, summarize
 from forgetlab.methods.fvg import FVGConfig
 from forgetlab.models.zoo import random_model, tiny_config
-from forgetlab.worlds.instructions import InstructionTask
 from forgetlab.utils.io import to_jsonable
+from forgetlab.worlds.instructions import InstructionTask
 
 
 def small(icl_world_dir, **kw):
