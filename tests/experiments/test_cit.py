@@ -293,6 +293,8 @@ def test_fv_prompts_of_long_inputs_stay_within_max_source_tokens(tmp_path):
     (long_input, answer), short = fv_pairs(tok, train, cfg)
     assert tok(long_input, add_special_tokens=False)["input_ids"] == tok("question " * 40, add_special_tokens=False)["input_ids"][:10]
     assert answer == "yes" and short == ("review", "no")
+    wider = replace(cfg, fvg_config=FVGConfig(prompt_tokens=220))  # a longer prompt budget: 220 // 11 = 20 tokens each
+    assert len(tok(fv_pairs(tok, train, wider)[0][0], add_special_tokens=False)["input_ids"]) == 20
 
 
 def test_a_sentencepiece_style_tokenizer_that_adds_bos_trains_and_scores_an_ni_task(tmp_path, monkeypatch):
@@ -389,6 +391,7 @@ def test_bad_configs_name_the_problem(icl_world_dir):
                          ({"fvg_config": FVGConfig(temperature=0)}, "fvg_config.temperature=0 must be positive"),
                          ({"fvg_config": FVGConfig(shots=1)}, "shuffles at least 2 demonstrations"),
                          ({"fvg_config": FVGConfig(layer=-3)}, "fvg_config.layer=-3: give a layer index, or -1"),
+                         ({"fvg_config": FVGConfig(prompt_tokens=-1)}, "fvg_config.prompt_tokens=-1: give a token count"),
                          ({"n_train": 0}, "--max-train 0 must be positive"),
                          ({"olora_penalty": "l1"}, "olora_penalty='l1' is unknown; use one of squared, abs"),
                          ({"fvg_config": FVGConfig(fv_dir="fvs")}, "fvg_config.fv_dir=fvs is set but FVG is off: add --fvg"),

@@ -670,11 +670,11 @@ def _check_fv_extractable(task, cfg: CITConfig) -> None:
 
 
 def fv_pairs(tokenizer, train, cfg: CITConfig) -> list[tuple[str, str]]:
-    """A task's (input, first reference) pairs for its FV's in-context prompts, each input cut to its share of
-    ``max_source_tokens`` (one of ``fvg_config.shots`` + 1 parts): ten demonstrations of a long review or article
-    would make prompts of thousands of tokens, past a 7B model's context and costly in the CIE. Short inputs (the
-    ICL world's, most classification tasks') are kept whole."""
-    budget = max(8, cfg.max_source_tokens // (cfg.fvg_config.shots + 1))
+    """A task's (input, first reference) pairs for its FV's in-context prompts, each input cut to its share (one of
+    ``fvg_config.shots`` + 1 parts) of ``fvg_config.prompt_tokens``, by default ``max_source_tokens``: ten
+    demonstrations of a long review or article would make prompts of thousands of tokens, past a 7B model's context
+    and costly in the CIE. Short inputs (the ICL world's, most classification tasks') are kept whole."""
+    budget = max(8, (cfg.fvg_config.prompt_tokens or cfg.max_source_tokens) // (cfg.fvg_config.shots + 1))
     pairs = []
     for x, refs in train:
         ids = tokenizer(x, add_special_tokens=False)["input_ids"]

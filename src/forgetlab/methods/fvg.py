@@ -178,6 +178,9 @@ class FVGConfig:
     # FVs read from files instead: DIR/<task>/ as `forgetlab fv extract` writes them, e.g. OUT/fv/ of an earlier
     # run with fv_source="initial" (the paper extracts them once and reuses them); it overrides fv_source
     fv_dir: str = ""
+    # the length an FV's in-context prompt may reach (its shots + 1 inputs share it; longer inputs are cut): 0 takes
+    # the run's max_source_tokens (cheap, but cuts inputs of about 46 tokens); a model's context keeps long inputs
+    prompt_tokens: int = 0
 
     def validate(self) -> None:
         """One line for a setting FVG cannot run with (``--set fvg_config.NAME=...``)."""
@@ -193,6 +196,8 @@ class FVGConfig:
                 raise ValueError(f"fvg_config.{name}={getattr(self, name)} is too small; use 1 or more")
         if self.shots < 2:
             raise ValueError(f"fvg_config.shots={self.shots} is too small (the CIE shuffles at least 2 demonstrations)")
+        if self.prompt_tokens < 0:
+            raise ValueError(f"fvg_config.prompt_tokens={self.prompt_tokens}: give a token count, or 0 for max_source_tokens")
         if self.layer < -1:
             raise ValueError(f"fvg_config.layer={self.layer}: give a layer index, or -1 for n_layers // 3")
         if self.fv_source not in FV_SOURCES:
