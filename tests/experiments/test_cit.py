@@ -238,34 +238,39 @@ def test_the_paper_template_ends_unpunctuated_fields_with_a_period_and_a_bad_tem
 
 def test_a_long_prompt_is_cut_in_its_input_keeping_bos_definition_and_answer_cue(tmp_path):
     """Cutting a prompt's start (as before) dropped BOS and the definition, cutting its end the cue "Output:"; the
-    fitter shortens the input, then the definition, and keeps the longest head that fits (checked against a scan of
-    every length), and a 5-shot prompt drops demonstrations from the last one before its query is touched."""
+    fitter leaves out the middle of the input, then of the definition, keeping the most tokens that fit (checked
+    against a scan of every length) from both ends, and a 5-shot prompt drops demonstrations from the last one before
+    its query is touched."""
     from transformers import AutoTokenizer
 
     from forgetlab.analysis.recovery import encode_qa
-    from forgetlab.experiments.cit import NI_TEMPLATE, PromptFitter, PromptTemplate, _rows, general_rows
+    from forgetlab.experiments.cit import ELISION, NI_TEMPLATE, PromptFitter, PromptTemplate, _rows, general_rows, middle_cut
 
     words = ["question", "review", "Say", "it", "Definition:", "Now", "complete", "the", "following", "example",
              "Input:", "Output:", "yes", "no"]
     model_dir = sentencepiece_style_llama(tmp_path / "llama", [" ".join(words)] * 20 + ["question " * 50 + "\n"] * 5)
     tok = AutoTokenizer.from_pretrained(model_dir)
     template, fit = PromptTemplate(NI_TEMPLATE, punctuate=True), PromptFitter(tok, 40)
-    long_input = "question " * 200 + "149"
+    long_input = "question " * 200 + "review"
     task = InstructionTask("t", "Say it", ((long_input, ("yes",)), ("review 1", ("no",))))
     long_row, short_row = _rows(task, task.instances, template, fit)
     ids = encode_qa(tok, [long_row])[0][0]
     assert len(ids) <= 40 and ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
     assert long_row["prompt"].startswith("Definition: Say it.\n\nNow complete the following example -\nInput: question")
-    assert long_row["prompt"].endswith(".\nOutput:") and short_row["prompt"] == template.render("Say it", "review 1")
+    assert long_row["prompt"].endswith("question review.\nOutput:") and ELISION in long_row["prompt"]  # its end stays
+    assert short_row["prompt"] == template.render("Say it", "review 1")
     input_ids = tok(long_input, add_special_tokens=False)["input_ids"]
-    length = lambda k: len(encode_qa(tok, [{"prompt": template.render("Say it", tok.decode(input_ids[:k])),  # noqa: E731
+    length = lambda k: len(encode_qa(tok, [{"prompt": template.render("Say it", middle_cut(tok, long_input, k)),  # noqa: E731
                                            "answer": " yes"}])[0][0])
-    longest = max(k for k in range(len(input_ids)) if length(k) <= 40)
-    assert long_row["prompt"] == template.render("Say it", tok.decode(input_ids[:longest]))
+    most = max(k for k in range(1, len(input_ids)) if length(k) <= 40)
+    assert long_row["prompt"] == template.render("Say it", middle_cut(tok, long_input, most))
+    head, tail = middle_cut(tok, long_input, most).split(ELISION)  # half the kept tokens from each end
+    assert len(tok(head, add_special_tokens=False)["input_ids"]) - len(tok(tail, add_special_tokens=False)["input_ids"]) in (0, 1)
     # a definition too long for the template even without the input is cut too; the template alone cannot be
     defined = InstructionTask("d", "Say it " * 100, (("review 1", ("no",)),))
     prompt = _rows(defined, defined.instances, template, fit)[0]["prompt"]
-    assert prompt.startswith("Definition: Say it Say it") and prompt.endswith("\nInput: \nOutput:") and fit.fits(prompt)
+    assert prompt.startswith("Definition: Say it Say it") and prompt.endswith("Say it.\n\nNow complete the following example -\nInput: \nOutput:")
+    assert ELISION in prompt and fit.fits(prompt)
     with pytest.raises(ValueError, match="task 'd': the template alone takes more than max_source_tokens=5"):
         _rows(defined, defined.instances, template, PromptFitter(tok, 5))
     # 5-shot: demonstrations of 30 words each; at 80 tokens only the first ones stay and the query is whole
@@ -280,21 +285,61 @@ def test_a_long_prompt_is_cut_in_its_input_keeping_bos_definition_and_answer_cue
 
 
 def test_fv_prompts_of_long_inputs_stay_within_max_source_tokens(tmp_path):
-    """FVG's in-context prompts hold fvg_config.shots + 1 inputs: each is cut to that share of max_source_tokens
-    (here 110 // 11 = 10 tokens), so ten long reviews cannot make a prompt past a model's context; short ones stay."""
+    """FVG's in-context prompts hold fvg_config.shots + 1 inputs: each is cut in its middle to that share of
+    max_source_tokens (here 110 // 11 = 10 tokens, 5 from each end), so ten long reviews cannot make a prompt past a
+    model's context; short ones stay."""
     from transformers import AutoTokenizer
 
-    from forgetlab.experiments.cit import fv_pairs
+    from forgetlab.experiments.cit import fv_pairs, middle_cut
 
     model_dir = sentencepiece_style_llama(tmp_path / "llama", ["question review yes no"] * 20)
     tok = AutoTokenizer.from_pretrained(model_dir)
     train = [("question " * 40, ("yes", "Yes")), ("review", ("no",))]
     cfg = CITConfig(model="x", sequence="a.json", max_source_tokens=110)
     (long_input, answer), short = fv_pairs(tok, train, cfg)
-    assert tok(long_input, add_special_tokens=False)["input_ids"] == tok("question " * 40, add_special_tokens=False)["input_ids"][:10]
+    assert long_input == middle_cut(tok, "question " * 40, 10) and " … " in long_input  # 5 tokens from each end
+    assert long_input.startswith("question question question question question … question")
     assert answer == "yes" and short == ("review", "no")
     wider = replace(cfg, fvg_config=FVGConfig(prompt_tokens=220))  # a longer prompt budget: 220 // 11 = 20 tokens each
-    assert len(tok(fv_pairs(tok, train, wider)[0][0], add_special_tokens=False)["input_ids"]) == 20
+    assert fv_pairs(tok, train, wider)[0][0] == middle_cut(tok, "question " * 40, 20)
+
+
+def test_cit_analyze_of_a_run_with_general_task_files_cuts_their_long_inputs(tmp_path, tiny_llama_dir, monkeypatch):
+    """`cit analyze` on a natural-instructions run: the general sets come from the task files, their FV prompts'
+    inputs cut as FVG's are (110 // (3 shots + 1) = 27 tokens each), and every general task gets its drift rows."""
+    from transformers import AutoTokenizer
+
+    import forgetlab.analysis.fv_drift as fv_drift
+    from forgetlab.analysis.fv_drift import DriftSettings
+    from forgetlab.experiments.cit import analyze_run, middle_cut
+
+    def ni(name, inputs, answer):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"Definition": [f"Always answer {answer}."], "Instances": [
+            {"id": str(i), "input": x, "output": [answer]} for i, x in enumerate(inputs)]}))
+        return tmp_path / f"{name}.json"
+
+    seq = ni("yes", [f"question {i}" for i in range(40)], "yes")
+    general = ni("long", ["question " * 60 + str(i) for i in range(40)], "no")
+    cfg = CITConfig(model=str(tiny_llama_dir), sequence=str(seq), general=str(general), n_train=12, n_test=10,
+                    method="seq", max_new_tokens=2, max_source_tokens=110)
+    run_cit(replace(cfg, train=replace(cfg.train, epochs=1, batch_size=4, grad_accum=1)), tmp_path / "run",
+            log=lambda s: None, progress=False)
+    seen, measure = [], fv_drift.drift_measurements
+
+    def spy(checkpoints, tokenizer, tasks, *args, **kwargs):
+        seen.extend(tasks)
+        return measure(checkpoints, tokenizer, tasks, *args, **kwargs)
+
+    monkeypatch.setattr(fv_drift, "drift_measurements", spy)
+    analyze_run(tmp_path / "run", DriftSettings(n_prompts=3, eval_prompts=4, shots=3, top_k=3, alphas=(1.0,)),
+                log=lambda s: None)
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    inputs = [x for x, _ in seen[0].pairs]
+    assert [t.name for t in seen] == ["long"] and len(inputs) == 40
+    assert inputs == [middle_cut(tok, "question " * 60 + str(i), 27) for i in range(40)]  # each keeps its own end
+    assert all(x.endswith(f"question {i}") for i, x in enumerate(inputs))
+    rows = json.loads((tmp_path / "run" / "drift.json").read_text())["rows"]
+    assert {r["task"] for r in rows} == {"long"} and len(rows) == 2  # the initial model and the one checkpoint
 
 
 def test_a_sentencepiece_style_tokenizer_that_adds_bos_trains_and_scores_an_ni_task(tmp_path, monkeypatch):

@@ -265,10 +265,26 @@ class PromptTemplate:
                              "name only {definition} and {input}, and a literal brace is written {{ or }}") from None
 
 
+ELISION = " … "  # stands where the middle of a cut text was
+
+
+def middle_cut(tokenizer, text: str, keep: int) -> str:
+    """``text`` with its middle left out so that ``keep`` of its tokens remain, half from its start and half from its
+    end: a passage's question (reading comprehension) and an article's lead both stay, and texts that share a long
+    opening stay apart. Whole when it has no more tokens."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if keep >= len(ids):
+        return text
+    tail = keep // 2
+    head = tokenizer.decode(ids[:keep - tail]).rstrip()
+    return head + ELISION + tokenizer.decode(ids[len(ids) - tail:]).lstrip() if tail else head
+
+
 class PromptFitter:
     """Prompts of at most ``max_tokens`` (with the tokenizer's own prefix, e.g. BOS), made to fit by cutting what
-    varies — an instance's input, then the definition; an in-context prompt's demonstrations first — never the
-    template: its head and its answer cue ("Output:") stay, as cutting the prompt's start or end would lose one."""
+    varies — the middle of an instance's input, then of the definition; an in-context prompt's demonstrations first —
+    never the template: its head and its answer cue ("Output:") stay, as cutting the prompt's start or end would lose
+    one."""
 
     def __init__(self, tokenizer, max_tokens: int):
         from forgetlab.models.tokenizers import special_prefix
@@ -279,26 +295,26 @@ class PromptFitter:
     def fits(self, prompt: str) -> bool:
         return self.prefix + len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]) <= self.max_tokens
 
-    def head(self, text: str, render: Callable[[str], str]) -> str | None:
-        """The longest head of ``text``, cut between tokens, with which ``render`` fits; None if not even ""."""
+    def shorten(self, text: str, render: Callable[[str], str]) -> str | None:
+        """``text`` keeping the most of its tokens (:func:`middle_cut`) with which ``render`` fits; None if not even
+        the empty text does."""
         if self.fits(render(text)):
             return text
         if not self.fits(render("")):
             return None
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        low, high = 0, len(ids) - 1  # ids[:low] fits, ids[:high + 1] does not
+        low, high = 0, len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) - 1  # keep low fits, high + 1 not
         while low < high:
             mid = (low + high + 1) // 2
-            if self.fits(render(self.tokenizer.decode(ids[:mid]))):
+            if self.fits(render(middle_cut(self.tokenizer, text, mid))):
                 low = mid
             else:
                 high = mid - 1
-        return self.tokenizer.decode(ids[:low])
+        return middle_cut(self.tokenizer, text, low) if low else ""
 
     def prompt(self, template: PromptTemplate, definition: str, text: str, where: str) -> str:
-        cut = self.head(text, lambda t: template.render(definition, t))
+        cut = self.shorten(text, lambda t: template.render(definition, t))
         if cut is None:  # not even without its input: the definition is cut too
-            definition, cut = self.head(definition, lambda d: template.render(d, "")), ""
+            definition, cut = self.shorten(definition, lambda d: template.render(d, "")), ""
             if definition is None:
                 raise ValueError(f"{where}: the template alone takes more than max_source_tokens={self.max_tokens} "
                                  "tokens; raise max_source_tokens or shorten the template")
@@ -407,7 +423,7 @@ def general_rows(task: InstructionTask, cfg: CITConfig, template: PromptTemplate
         query = question(task, inst)
         kept = next((n for n in range(shots, 0, -1) if fit.fits("".join(blocks[:n]) + f"Input: {query}\nOutput:")), 0)
         render = lambda text, n=kept: "".join(blocks[:n]) + f"Input: {text}\nOutput:"  # noqa: E731
-        cut = fit.head(query, render)
+        cut = fit.shorten(query, render)
         if cut is None:
             raise ValueError(f"general set {task.name!r}: 'Input: … Output:' alone takes more than "
                              f"max_source_tokens={cfg.max_source_tokens} tokens; raise max_source_tokens")
@@ -674,12 +690,14 @@ def fv_pairs(tokenizer, train, cfg: CITConfig) -> list[tuple[str, str]]:
     ``fvg_config.shots`` + 1 parts) of ``fvg_config.prompt_tokens``, by default ``max_source_tokens``: ten
     demonstrations of a long review or article would make prompts of thousands of tokens, past a 7B model's context
     and costly in the CIE. Short inputs (the ICL world's, most classification tasks') are kept whole."""
-    budget = max(8, (cfg.fvg_config.prompt_tokens or cfg.max_source_tokens) // (cfg.fvg_config.shots + 1))
-    pairs = []
-    for x, refs in train:
-        ids = tokenizer(x, add_special_tokens=False)["input_ids"]
-        pairs.append((x if len(ids) <= budget else tokenizer.decode(ids[:budget]), refs[0]))
-    return pairs
+    return cut_inputs(tokenizer, [(x, refs[0]) for x, refs in train], cfg, cfg.fvg_config.shots)
+
+
+def cut_inputs(tokenizer, pairs: Sequence[tuple[str, str]], cfg: CITConfig, shots: int) -> list[tuple[str, str]]:
+    """Each input cut in its middle (:func:`middle_cut`) to its share (one of ``shots`` + 1) of the in-context prompt's
+    budget, ``fvg_config.prompt_tokens`` or else ``max_source_tokens``."""
+    budget = max(8, (cfg.fvg_config.prompt_tokens or cfg.max_source_tokens) // (shots + 1))
+    return [(middle_cut(tokenizer, x, budget), y) for x, y in pairs]
 
 
 def step_terms(guide, adapter, penalties: dict) -> Callable:
@@ -981,13 +999,14 @@ def analyze_runs(runs: Sequence[Path], out: Path | None = None, settings=None, *
     names = [run.name for run in runs]
     labels = names if len(set(names)) == len(names) else [str(run) for run in runs]
     tasks, world = load_sequence(cfg)
-    if cfg.general:
-        general = [t.as_icl_task() for t in general_files(cfg)]
+    tokenizer = load_tokenizer(model_dir)
+    if cfg.general:  # task files' inputs may be long: their FV prompts are cut as FVG's are
+        general = [ICLTask.from_pairs(t.name, cut_inputs(tokenizer, t.pairs, cfg, settings.shots), t.instruction)
+                   for t in (f.as_icl_task() for f in general_files(cfg))]
     elif world is not None:
         general = [t.as_icl_task() for t in world.role("general")]
     else:
         raise ValueError(f"{runs[0]}: the run has no general sets to analyse (use --general task files or an ICL world)")
-    tokenizer = load_tokenizer(model_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = DTYPES[cfg.dtype]  # the precision the run trained in (a bfloat16 7B run is analysed in bfloat16)
     checkpoints = [(p.name if len(runs) == 1 else f"{label}/{p.name}", label, p)
