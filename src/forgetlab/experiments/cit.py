@@ -18,8 +18,6 @@ context), on the ICL world's general tasks or on ``general`` task files.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
 import shutil
 import string
@@ -48,7 +46,7 @@ from forgetlab.train import distributed
 from forgetlab.train.checkpoints import load_between_phases, save_between_phases, save_model_dir
 from forgetlab.train.data import IGNORE, concat, qa_dataset
 from forgetlab.train.trainer import EvalSchedule, PhaseConfig, train_phase
-from forgetlab.utils.io import atomic_write_json, read_json
+from forgetlab.utils.io import atomic_write_json, config_hash, read_json
 from forgetlab.worlds.instructions import (InstructionTask, coded_sequence, definition_of, from_world_task, load_task_file,
                                           ni_sequence, question, world_sequence)
 
@@ -418,16 +416,19 @@ def general_rows(task: InstructionTask, cfg: CITConfig, template: PromptTemplate
     loses demonstrations from the last one on before its query is cut."""
     demos, test = general_test_split(task, cfg, shots)
     blocks = [f"Input: {question(task, inst)}\nOutput: {inst[1][0]}\n\n" for inst in demos]
+
+    def render(text: str, n: int) -> str:
+        return "".join(blocks[:n]) + f"Input: {text}\nOutput:"
+
     ip = []
     for inst in test:
         query = question(task, inst)
-        kept = next((n for n in range(shots, 0, -1) if fit.fits("".join(blocks[:n]) + f"Input: {query}\nOutput:")), 0)
-        render = lambda text, n=kept: "".join(blocks[:n]) + f"Input: {text}\nOutput:"  # noqa: E731
-        cut = fit.shorten(query, render)
+        kept = next((n for n in range(shots, 0, -1) if fit.fits(render(query, n))), 0)
+        cut = query if kept else fit.shorten(query, lambda text: render(text, 0))  # no demonstration left: cut the query
         if cut is None:
             raise ValueError(f"general set {task.name!r}: 'Input: … Output:' alone takes more than "
                              f"max_source_tokens={cfg.max_source_tokens} tokens; raise max_source_tokens")
-        ip.append({"prompt": render(cut), "answer": " " + inst[1][0], "references": inst[1]})
+        ip.append({"prompt": render(cut, kept), "answer": " " + inst[1][0], "references": inst[1]})
     return _rows(task, test, template, fit), ip
 
 
@@ -435,19 +436,18 @@ def _check_lora_targets(model, cfg: CITConfig) -> None:
     """Every target names a layer LoRA can adapt: a linear layer (GPT-2's Conv1D too) or an embedding."""
     from transformers.pytorch_utils import Conv1D
 
-    kinds: dict[str, set[str]] = {}
+    kinds: dict[str, set[str]] = {}  # module name (its last part) -> the classes of the modules so named
     for n, m in model.named_modules():
         kinds.setdefault(n.rsplit(".", 1)[-1], set()).add(type(m).__name__)
-    adaptable = (torch.nn.Linear, Conv1D, torch.nn.Embedding)
     linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))})
     fix = f"its linear layers are {linear} (set e.g. --set lora_targets=[{','.join(linear[:2])}])"
     missing = [t for t in cfg.lora_targets if t not in kinds]
     if missing:
         raise ValueError(f"lora_targets {missing} are not modules of this {type(model).__name__}; {fix}")
-    blocks = {t: sorted(kinds[t]) for t in cfg.lora_targets
-              if not any(isinstance(m, adaptable) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] == t)}
+    adaptable = set(linear) | {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)}
+    blocks = [t for t in cfg.lora_targets if t not in adaptable]
     if blocks:
-        raise ValueError(f"lora_targets {list(blocks)} name {', '.join(k for v in blocks.values() for k in v)} "
+        raise ValueError(f"lora_targets {blocks} name {', '.join(k for t in blocks for k in sorted(kinds[t]))} "
                          f"modules of this {type(model).__name__}, which LoRA cannot adapt (it adapts linear layers); {fix}")
 
 
@@ -937,8 +937,8 @@ def summarize(cfg: CITConfig, tasks: list[InstructionTask], R: list[list[float]]
 
 
 def tasks_digest(tasks: Sequence[ICLTask]) -> str:
-    """SHA-256 of the tasks' names, instructions and pairs: a task file edited under its old name is another task."""
-    return hashlib.sha256(json.dumps([[t.name, t.instruction, list(t.pairs)] for t in tasks]).encode()).hexdigest()
+    """A hash of the tasks' names, instructions and pairs: a task file edited under its old name is another task."""
+    return config_hash(*tasks)
 
 
 def analyze_run(run: Path, settings=None, *, log: Callable[[str], None] = print, progress: bool = False) -> dict:
@@ -1037,7 +1037,7 @@ def analyze_runs(runs: Sequence[Path], out: Path | None = None, settings=None, *
     partial_path = out / "drift.partial.pt"
     last_task = tasks[-1].as_icl_task() if cfg.method != "multitask" else None
     key = {"settings": asdict(settings), "general": [t.name for t in general], "dtype": cfg.dtype,
-           "tasks_sha256": tasks_digest(general + ([last_task] if last_task else [])),
+           "tasks": tasks_digest(general + ([last_task] if last_task else [])),
            "model": fingerprint(model_dir) if Path(model_dir).exists() else str(model_dir),
            "checkpoints": [[name, fingerprint(p)] for name, _, p in checkpoints]}
     done = None
