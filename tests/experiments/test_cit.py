@@ -447,6 +447,20 @@ def test_bad_configs_name_the_problem(icl_world_dir):
                          ({"fvg_config": FVGConfig(scale=float("nan"))}, "fvg_config.scale=nan must be a finite")):
         with pytest.raises(ValueError, match=message):
             small(icl_world_dir, **bad).validate()
+    for bad, message in (({"method": "seq", "lora_r": 16}, "lora_r=16 applies to LoRA runs, and --method seq"),
+                         ({"method": "replay", "lora_targets": ["c_attn"]}, "lora_targets=.* applies to LoRA runs"),
+                         ({"ewc_strength": 5.0}, "ewc_strength=5.0 applies to --method ewc only, and this run is "
+                                                 "--method seq"),
+                         ({"method": "seq", "replay": 0.5}, "replay=0.5 applies to --method replay only"),
+                         ({"olora_penalty": "abs"}, "olora_penalty=abs applies to --method olora only"),
+                         ({"method": "multitask", "fvg": True}, "multitask trains every task at once .*; drop --fvg"),
+                         ({"fvg_config": FVGConfig(alpha_kl=1.0)}, "fvg_config.alpha_kl=1.0 is set but FVG is off")):
+        with pytest.raises(ValueError, match=message):
+            small(icl_world_dir, **bad).validate()
+    for fine in ({"method": "inclora", "lora_r": 16}, {"method": "ewc", "finetune": "lora", "lora_targets": ("c_attn",)},
+                 {"method": "seq", "lora_targets": ["q_proj", "v_proj"]}, {"method": "olora", "olora_penalty": "abs"},
+                 {"fvg": True, "fvg_config": FVGConfig(alpha_kl=1.0)}):
+        small(icl_world_dir, **fine).validate()  # the setting is read (or a list equal to its default tuple)
     with pytest.raises(ValueError, match="NI-Seq-G1 unknown"):
         run_cit(small(icl_world_dir, sequence="NI-Seq-G1"), icl_world_dir / "x", log=lambda s: None)
     assert not (icl_world_dir / "x").exists()
@@ -795,8 +809,9 @@ def test_replay_and_ewc_baselines(icl_world_dir, tmp_path):
                      tmp_path / "replay_fvg", log=lambda s: None, progress=False)
     assert guided["fvg"] is True and len(guided["R"]) == 6
     weights = {}
-    for label, method, strength in (("seq", "seq", 0.0), ("ewc0", "ewc", 0.0), ("ewc", "ewc", 1e3)):
-        run_cit(replace(base, method=method, ewc_strength=strength), tmp_path / label, log=lambda s: None, progress=False)
+    for label, settings in (("seq", {"method": "seq"}), ("ewc0", {"method": "ewc", "ewc_strength": 0.0}),
+                            ("ewc", {"method": "ewc", "ewc_strength": 1e3})):
+        run_cit(replace(base, **settings), tmp_path / label, log=lambda s: None, progress=False)
         weights[label] = load_file(tmp_path / label / "model" / "model.safetensors")
     same = lambda a, b: all((weights[a][k] == weights[b][k]).all() for k in weights[a])  # noqa: E731
     assert same("seq", "ewc0")       # a zero-weight penalty leaves training exactly as plain fine-tuning
@@ -1497,7 +1512,8 @@ def test_gradient_checkpointing_trains_the_same_model(icl_world_dir, tmp_path, m
     masks redrawn identically, FVG's hooked head outputs still carrying their gradients)."""
     from forgetlab.methods.fvg import FVGConfig
 
-    cfg = small(icl_world_dir, method=method, fvg=fvg, fvg_config=FVGConfig(alpha_fv=5.0, n_prompts=4, shots=3))
+    cfg = small(icl_world_dir, method=method, fvg=fvg,
+                fvg_config=FVGConfig(alpha_fv=5.0, n_prompts=4, shots=3) if fvg else FVGConfig())
     run_cit(cfg, tmp_path / "plain", log=lambda s: None, progress=False)
     run_cit(replace(cfg, gradient_checkpointing=True), tmp_path / "ckpt", log=lambda s: None, progress=False)
     plain = load_file(tmp_path / "plain" / "model" / "model.safetensors")

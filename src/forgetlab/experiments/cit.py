@@ -23,7 +23,7 @@ import shutil
 import string
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +56,10 @@ FINETUNE_MODES = ("full", "lora", "inclora")  # inclora: merge the last adapter,
 DEFAULT_MODE = {"seq": "full", "replay": "full", "ewc": "full", "multitask": "full", "lora": "lora",
                 "inclora": "inclora", "lwf": "inclora", "olora": "inclora"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# settings that one method alone reads: set away from its default on another method, it would be silently ignored
+METHOD_SETTINGS = {"replay": ("replay",), "ewc": ("ewc_strength", "ewc_batches"),
+                   "lwf": ("lwf_strength", "lwf_temperature"), "olora": ("olora_strength", "olora_penalty")}
+LORA_SETTINGS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets")
 CHECKPOINT_FORMATS = ("merged", "adapter")
 WORLD_TEMPLATE = "{definition}\nQ: {input}\nA:"
 # the FV paper's natural-instructions prompt as its data collator writes it (papers.md gives it on one line)
@@ -150,9 +154,6 @@ class CITConfig:
             raise ValueError(f"answer_end={self.answer_end!r} is unknown; use one of {', '.join(ANSWER_ENDS)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is unknown; use one of {', '.join(DTYPES)}")
-        if self.fvg_config.fv_dir and not self.fvg:
-            raise ValueError(f"fvg_config.fv_dir={self.fvg_config.fv_dir} is set but FVG is off: add --fvg to use those "
-                             "FVs, or drop the setting")
         if self.olora_penalty not in OLORA_PENALTIES:
             raise ValueError(f"olora_penalty={self.olora_penalty!r} is unknown; use one of {', '.join(OLORA_PENALTIES)}")
         if self.checkpoint_format not in CHECKPOINT_FORMATS:
@@ -181,6 +182,38 @@ class CITConfig:
                              "longest reference")
         self.fvg_config.validate()
         self.train.validate("train")
+        self._check_settings_apply()
+
+    def _check_settings_apply(self) -> None:
+        """A setting the run would not read, set away from its default, is refused: ``--method seq --set lora_r=16``
+        would otherwise train and report a run that never used it."""
+        default = CITConfig()
+        changed = [f.name for f in fields(self) if _differs(getattr(self, f.name), getattr(default, f.name))]
+        for method, names in METHOD_SETTINGS.items():
+            for name in names:
+                if name in changed and self.method != method:
+                    raise ValueError(f"{name}={getattr(self, name)} applies to --method {method} only, and this run "
+                                     f"is --method {self.method}; drop the setting or change the method")
+        for name in LORA_SETTINGS:
+            if name in changed and self.mode == "full":
+                raise ValueError(f"{name}={getattr(self, name)} applies to LoRA runs, and --method {self.method} "
+                                 "fine-tunes every weight; drop the setting, or use a LoRA method (lora, inclora, "
+                                 "lwf, olora, or finetune=lora)")
+        if self.fvg and self.method == "multitask":
+            raise ValueError("--fvg guides each task's training by the model before it, and multitask trains every task "
+                             "at once from the initial model; drop --fvg")
+        if "fvg_config" in changed and not self.fvg:
+            name = next(f.name for f in fields(self.fvg_config)
+                        if _differs(getattr(self.fvg_config, f.name), getattr(default.fvg_config, f.name)))
+            raise ValueError(f"fvg_config.{name}={getattr(self.fvg_config, name)} is set but FVG is off: add --fvg to "
+                             "use it, or drop the setting")
+
+
+def _differs(value, default) -> bool:
+    """Whether a setting differs from its default (a list read from JSON or --set equals its default tuple)."""
+    if isinstance(value, (list, tuple)) and isinstance(default, (list, tuple)):
+        return list(value) != list(default)
+    return value != default
 
 
 def load_sequence(cfg: CITConfig) -> tuple[list[InstructionTask], object | None]:
