@@ -388,6 +388,45 @@ def test_a_sentencepiece_style_tokenizer_that_adds_bos_trains_and_scores_an_ni_t
     assert results["R"][0][0] <= 50
 
 
+def test_training_answers_are_a_seeded_draw_of_each_instances_references(tmp_path, tiny_llama_dir, monkeypatch):
+    """The FV paper's collator trains on a random one of an instance's outputs; ours is seeded by run seed and task
+    name, so a resumed or repeated run trains on the same answers. Scoring keeps every reference."""
+    from transformers import AutoTokenizer
+
+    import forgetlab.experiments.cit as cit
+    from forgetlab.worlds.instructions import InstructionTask
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    fit, template = cit.PromptFitter(tok, 64), cit.PromptTemplate("{definition} {input}")
+    task = InstructionTask("pair", "Say.", tuple((f"q {i}", ("alpha", "beta")) for i in range(200)) + (("q x", ("one",)),))
+    answers = lambda seed: [r["answer"] for r in cit._rows(task, task.instances, template, fit,  # noqa: E731
+                                                            cit.reference_draw(task, seed))]
+    drawn = answers(0)
+    assert drawn == answers(0) and drawn != answers(1) and drawn[-1] == " one"
+    assert 70 <= drawn.count(" alpha") <= 130 and drawn.count(" alpha") + drawn.count(" beta") == 200  # binomial(200, ½)
+    rows = cit._rows(task, task.instances, template, fit)
+    assert {r["answer"] for r in rows[:-1]} == {" alpha"} and all(r["references"] == ("alpha", "beta") for r in rows[:-1])
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps({"instruction": "Say.", "input": f"q {i}",
+                                                                      "output": ["alpha", "beta"]}) for i in range(30)))
+    trained = []
+    real = cit._rows
+
+    def spy(*args):
+        rows = real(*args)
+        if len(args) == 5:  # with a draw: training rows
+            trained.append([r["answer"] for r in rows])
+        return rows
+
+    monkeypatch.setattr(cit, "_rows", spy)
+    cfg = CITConfig(model=str(tiny_llama_dir), sequence=f"{tmp_path / 'a.jsonl'},{tmp_path / 'b.jsonl'}", n_train=20,
+                    n_test=10, general=str(tmp_path / "a.jsonl"), max_new_tokens=2)
+    run_cit(replace(cfg, train=replace(cfg.train, epochs=1, batch_size=4, grad_accum=1)), tmp_path / "run",
+            log=lambda s: None, progress=False)
+    assert len(trained) == 2 and all({" alpha", " beta"} == set(answers) for answers in trained)
+    assert trained[0] != trained[1]  # each task its own draw
+
+
 def test_jsonl_files_run_end_to_end_and_rows_keep_their_instructions(tmp_path, tiny_llama_dir):
     from transformers import AutoTokenizer
 

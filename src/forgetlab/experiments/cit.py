@@ -22,6 +22,7 @@ import math
 import shutil
 import string
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -352,9 +353,19 @@ class PromptFitter:
         return template.render(definition, cut)
 
 
-def _rows(task: InstructionTask, instances, template: PromptTemplate, fit: PromptFitter) -> list[dict]:
+def _rows(task: InstructionTask, instances, template: PromptTemplate, fit: PromptFitter,
+          draw: np.random.Generator | None = None) -> list[dict]:
+    """Prompt, answer and references of each instance. The answer is its first reference, or with ``draw`` one
+    drawn at random, as the FV paper's collator trains on a random one of an instance's outputs."""
     return [{"prompt": fit.prompt(template, definition_of(task, inst), inst[0], f"task {task.name!r}"),
-             "answer": " " + inst[1][0], "references": inst[1]} for inst in instances]
+             "answer": " " + (inst[1][int(draw.integers(len(inst[1])))] if draw is not None else inst[1][0]),
+             "references": inst[1]} for inst in instances]
+
+
+def reference_draw(task: InstructionTask, seed: int) -> np.random.Generator:
+    """The seeded draw of a task's training answers: the same for a task wherever it stands in a sequence, and on
+    resume."""
+    return np.random.default_rng([seed, zlib.crc32(task.name.encode())])
 
 
 def _encode(tokenizer, rows: list[dict], cfg: CITConfig) -> tuple[list[list[int]], list[list[int]]]:
@@ -798,7 +809,7 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
     end_ids = answer_end_ids(cfg, tokenizer)
 
     def task_data(task, train) -> object:
-        prompts, answers = _encode(tokenizer, _rows(task, train, template, fit), cfg)
+        prompts, answers = _encode(tokenizer, _rows(task, train, template, fit, reference_draw(task, cfg.seed)), cfg)
         return qa_dataset(prompts, [a + end_ids for a in answers], None, tokenizer.pad_token_id), prompts
 
     R, general, train_loss = [], [], []  # train_loss: per phase, the mean of each loss term
