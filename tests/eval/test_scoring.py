@@ -25,7 +25,8 @@ def test_rouge_l_stems_and_takes_the_best_reference():
                                          ("Answer - C", "C"), ("A dog", None), ("A", "A"), ("B dog", "B"),
                                          ("b", "B"), ("(b)", "B"), ("(b) Paris", "B"), ("c.", "C"), ("answer: c", "C"),
                                          ("the answer is (d)", "D"), ("e.g. this", None), ("a dog", None),
-                                         ("option b is wrong", None), ("apple", None)])
+                                         ("option b is wrong", None), ("apple", None), ("A is correct", "A"),
+                                         ("A would be my pick", "A"), ("A island", None), ("A isotope", None)])
 def test_option_letter(text, letter):
     assert option_letter(text) == letter
 
