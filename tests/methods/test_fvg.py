@@ -10,7 +10,7 @@ from forgetlab.fv.hooks import add_to_residual
 from forgetlab.fv.prompts import collate
 from forgetlab.methods.fvg import build_teacher_cache, capture_heads, fv_consistency, fvg_kl, fvg_terms
 from forgetlab.models.adapter import adapt
-from forgetlab.models.zoo import random_model, tiny_config
+from forgetlab.models.zoo import TINY_ARCHITECTURES, random_model, tiny_config
 
 HEADS = [(1, 2), (0, 1), (2, 3)]
 
@@ -285,3 +285,45 @@ def test_guidance_agreement_scores_the_first_answer_token_of_each_row():
         assert 2 / 6 <= top1 <= 4 / 6  # rows 0-3 can hit, rows 4 and 5 cannot: the check is informative
         assert guide.cache.agreement[f"{name}_top1"] == pytest.approx(top1)
         assert guide.cache.agreement[f"{name}_p_answer"] == pytest.approx(p, rel=1e-4)
+
+
+LORA_TARGETS = {"gpt2": ("c_attn",), "gpt_neox": ("query_key_value",)}  # fused projections; the rest name q and v
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+def test_fvg_terms_on_a_lora_model_of_every_architecture(arch):
+    """On a fresh LoRA model (B = 0, no dropout) the student is the frozen model: L_FV is 0, L_KL is the KL from
+    the plain to the FV-steered logits of two direct passes, and the gradient reaches the adapters only (GPT-2's
+    fused Conv1D, NeoX's fused qkv, GPT-J's parallel block, GQA)."""
+    from dataclasses import replace
+
+    from forgetlab.experiments.cit import CITConfig, _wrap_lora
+
+    torch.manual_seed(0)
+    model = random_model(tiny_config(arch, 60, n_layers=3))
+    g = torch.Generator().manual_seed(1)
+    encoded = [(torch.randint(3, 60, (n,), generator=g).tolist(), 5) for n in (7, 9, 6, 8)]
+    batch = collate(encoded, pad_id=2)
+    heads, layer = [(2, 0), (1, 1), (0, 0)], 1
+    vector = 3 * torch.randn(adapt(model).hidden_size, generator=g)
+    cache = build_teacher_cache(adapt(model), [batch], vector, layer=layer, heads=heads, alpha=2.0)
+    with torch.no_grad():
+        plain = model(**batch.model_inputs()).logits[:, -1]
+        with add_to_residual(adapt(model), vector, layer, 2.0):
+            steered = model(**batch.model_inputs()).logits[:, -1]
+    cfg = replace(CITConfig(method="lora", lora_dropout=0.0), lora_targets=LORA_TARGETS.get(arch, ("q_proj", "v_proj")))
+    student = _wrap_lora(model, cfg)
+    adapter = adapt(student)
+    rows = torch.tensor([3, 1])
+    picked = {k: v[rows] for k, v in batch.model_inputs().items()}
+    with capture_heads(adapter, heads) as got:
+        logits = student(**picked).logits[:, -1]
+    l_fv, l_kl = fvg_terms(logits, got["heads"], cache, rows, temperature=2.0)
+    assert l_fv.item() == pytest.approx(0.0, abs=1e-10)
+    p, q = F.log_softmax(steered[rows] / 2, -1), F.log_softmax(plain[rows] / 2, -1)
+    by_hand = (q.exp() * (q - p)).sum(-1).mean()
+    assert l_kl.item() == pytest.approx(by_hand.item(), rel=1e-4) and l_kl.item() > 1e-4
+    (l_fv + l_kl).backward()
+    grads = {n: p.grad for n, p in student.named_parameters()}
+    assert all(g is None for n, g in grads.items() if "lora_" not in n)
+    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)
