@@ -13,6 +13,7 @@ from forgetlab.experiments.cit import CITConfig, load_sequence, run_cit, summari
 from forgetlab.methods.fvg import FVGConfig
 from forgetlab.models.zoo import random_model, tiny_config
 from forgetlab.utils.io import to_jsonable
+from forgetlab.worlds.instruction_prompts import ELISION, NI_TEMPLATE, PromptFitter, PromptTemplate, middle_cut
 from forgetlab.worlds.instructions import InstructionTask
 
 
@@ -221,21 +222,6 @@ def sentencepiece_style_llama(path: Path, texts: list[str]) -> Path:
     return path
 
 
-def test_the_paper_template_ends_unpunctuated_fields_with_a_period_and_a_bad_template_is_refused():
-    from forgetlab.experiments.cit import NI_TEMPLATE, PromptTemplate
-
-    paper = PromptTemplate(NI_TEMPLATE, punctuate=True)
-    assert paper.render(" Say it ", "a review!") == ("Definition: Say it.\n\nNow complete the following example -\n"
-                                                      "Input: a review!\nOutput:")
-    assert PromptTemplate("{definition}|{input}").render("Say it", "x ") == "Say it|x "  # a user's template: as written
-    with pytest.raises(ValueError, match="has no {input}"):
-        PromptTemplate("{definition} Output:").check("--set template")
-    with pytest.raises(ValueError, match="does not render .KeyError: 'defintion'"):
-        PromptTemplate("{defintion} {input}").check("--set template")
-    with pytest.raises(ValueError, match="does not render"):
-        PromptTemplate("{input} {").check("--set template")
-
-
 def test_a_long_prompt_is_cut_in_its_input_keeping_bos_definition_and_answer_cue(tmp_path):
     """Cutting a prompt's start (as before) dropped BOS and the definition, cutting its end the cue "Output:"; the
     fitter leaves out the middle of the input, then of the definition, keeping the most tokens that fit (checked
@@ -244,7 +230,7 @@ def test_a_long_prompt_is_cut_in_its_input_keeping_bos_definition_and_answer_cue
     from transformers import AutoTokenizer
 
     from forgetlab.analysis.recovery import encode_qa
-    from forgetlab.experiments.cit import ELISION, NI_TEMPLATE, PromptFitter, PromptTemplate, _rows, general_rows, middle_cut
+    from forgetlab.experiments.cit import _rows, general_rows
 
     words = ["question", "review", "Say", "it", "Definition:", "Now", "complete", "the", "following", "example",
              "Input:", "Output:", "yes", "no"]
@@ -290,7 +276,7 @@ def test_fv_prompts_of_long_inputs_stay_within_max_source_tokens(tmp_path):
     model's context; short ones stay."""
     from transformers import AutoTokenizer
 
-    from forgetlab.experiments.cit import fv_pairs, middle_cut
+    from forgetlab.experiments.cit import fv_pairs
 
     model_dir = sentencepiece_style_llama(tmp_path / "llama", ["question review yes no"] * 20)
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -311,7 +297,7 @@ def test_cit_analyze_of_a_run_with_general_task_files_cuts_their_long_inputs(tmp
 
     import forgetlab.analysis.fv_drift as fv_drift
     from forgetlab.analysis.fv_drift import DriftSettings
-    from forgetlab.experiments.cit import analyze_run, middle_cut
+    from forgetlab.experiments.cit import analyze_run
 
     def ni(name, inputs, answer):
         (tmp_path / f"{name}.json").write_text(json.dumps({"Definition": [f"Always answer {answer}."], "Instances": [
@@ -397,7 +383,7 @@ def test_training_answers_are_a_seeded_draw_of_each_instances_references(tmp_pat
     from forgetlab.worlds.instructions import InstructionTask
 
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    fit, template = cit.PromptFitter(tok, 64), cit.PromptTemplate("{definition} {input}")
+    fit, template = PromptFitter(tok, 64), PromptTemplate("{definition} {input}")
     task = InstructionTask("pair", "Say.", tuple((f"q {i}", ("alpha", "beta")) for i in range(200)) + (("q x", ("one",)),))
     answers = lambda seed: [r["answer"] for r in cit._rows(task, task.instances, template, fit,  # noqa: E731
                                                             cit.reference_draw(task, seed))]
@@ -430,7 +416,7 @@ def test_training_answers_are_a_seeded_draw_of_each_instances_references(tmp_pat
 def test_jsonl_files_run_end_to_end_and_rows_keep_their_instructions(tmp_path, tiny_llama_dir):
     from transformers import AutoTokenizer
 
-    from forgetlab.experiments.cit import NI_TEMPLATE, PromptFitter, PromptTemplate, _rows, general_rows
+    from forgetlab.experiments.cit import _rows, general_rows
     from forgetlab.worlds.instructions import load_task_file
 
     for name, word in (("yes", "yes"), ("no", "no")):
@@ -717,7 +703,7 @@ def test_train_loss_records_each_methods_terms_per_task(icl_world_dir, tmp_path)
     # the last task's own training rows, scored again on the saved final model, give the recorded score
     from transformers import AutoTokenizer
 
-    from forgetlab.experiments.cit import PromptFitter, _rows, _template, task_score
+    from forgetlab.experiments.cit import _rows, _template, task_score
     from forgetlab.models.build import load_model
 
     cfg = small(icl_world_dir, method="ewc", sequence=two)
@@ -910,7 +896,7 @@ def test_ewc_anchors_at_the_previous_task_and_sums_the_fishers_of_all_earlier_ta
 
     def first_batches(k):  # ewc_batches=2 batches of batch_size 4: training rows 0..7 of task k
         train, _ = tasks[k].split(cfg.n_train, cfg.n_test, cfg.seed)
-        rows = cit._rows(tasks[k], train, cit._template(cfg, world), cit.PromptFitter(tok, cfg.max_source_tokens))
+        rows = cit._rows(tasks[k], train, cit._template(cfg, world), PromptFitter(tok, cfg.max_source_tokens))
         prompts, answers = encode_qa(tok, rows)
         rows = qa_dataset(prompts, [a + cit.answer_end_ids(cfg, tok) for a in answers], None, tok.pad_token_id)
         return [rows.batch(torch.arange(start, start + 4)) for start in (0, 4)]
