@@ -90,8 +90,9 @@ def model_config(shape: str):
 
 def one(args) -> dict:
     """One setting in this process: build, train ``steps`` steps, save the checkpoint (ours or a deep copy)."""
-    from forgetlab.experiments.cit import CITConfig, _wrap_lora, save_checkpoint
+    from forgetlab.experiments.cit import CITConfig, save_checkpoint
     from forgetlab.models.build import enable_activation_checkpointing
+    from forgetlab.models.lora import wrap_lora
     from forgetlab.models.zoo import random_model
     from forgetlab.train.data import qa_dataset
     from forgetlab.train.trainer import PhaseConfig, train_phase
@@ -104,7 +105,7 @@ def one(args) -> dict:
         enable_activation_checkpointing(model)
     torch.manual_seed(0)
     lora = CITConfig(world_dir="x", method="lora")
-    model = _wrap_lora(model, lora)
+    model = wrap_lora(model, lora.lora_targets, lora.lora_r, lora.lora_alpha, lora.lora_dropout)
     g = torch.Generator().manual_seed(0)
     answer = 16
     prompts = [torch.randint(3, config.vocab_size, (args.seq - answer,), generator=g).tolist() for _ in range(args.batch)]

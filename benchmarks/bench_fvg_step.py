@@ -20,14 +20,15 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from forgetlab.analysis.recovery import encode_qa
-from forgetlab.experiments.cit import (WORLD_TEMPLATE, CITConfig, PromptFitter, PromptTemplate, _rows, _wrap_lora,
-                                       step_terms)
+from forgetlab.experiments.cit import CITConfig, _rows, step_terms
 from forgetlab.methods.fvg import FVGuidance
 from forgetlab.models.adapter import adapt
 from forgetlab.models.build import load_model
+from forgetlab.models.lora import wrap_lora
 from forgetlab.train.data import qa_dataset
 from forgetlab.train.trainer import PhaseConfig, train_phase
 from forgetlab.worlds.icl import ICLWorld
+from forgetlab.worlds.instruction_prompts import WORLD_TEMPLATE, PromptFitter, PromptTemplate
 from forgetlab.worlds.instructions import world_sequence
 
 
@@ -49,7 +50,7 @@ def main() -> None:
                       weight_decay=0.0)
     timings, terms = {}, {}
     for label in ("inclora", "inclora+fvg", "inclora (again)", "inclora+fvg (again)"):
-        model = _wrap_lora(load_model(Path(args.world) / "model"), CITConfig(world_dir=args.world))
+        model = wrap_lora(load_model(Path(args.world) / "model"), CITConfig().lora_targets)  # the paper's LoRA
         extra, hooked = None, contextlib.nullcontext()
         if "fvg" in label:
             adapter = adapt(model)

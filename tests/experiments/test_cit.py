@@ -967,67 +967,6 @@ def test_replay_mixes_a_fraction_of_every_earlier_tasks_rows_and_trains_the_step
         assert len({tuple(row) for row in replayed}) == 6  # drawn without replacement
 
 
-def test_lwf_loss_is_the_kl_to_the_model_without_its_adapter():
-    """Against a hand computation with the base model kept apart before LoRA was added."""
-    import copy
-
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from forgetlab.experiments.cit import lora_a_matrices, lwf_loss
-    from forgetlab.train.data import qa_dataset
-
-    base = random_model(tiny_config("llama", 40), seed=2)
-    teacher = copy.deepcopy(base)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
-    batch = qa_dataset([[5, 6, 7], [8, 9]], [[10, 11], [12]], eos_id=1, pad_id=2).batch(torch.arange(2))
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    assert lwf_loss(model, batch, model(**inputs).logits, 2.0).item() == pytest.approx(0.0, abs=1e-6)  # B starts at 0
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if hasattr(module, "lora_B") and "default" in module.lora_B:
-                module.lora_B["default"].weight.normal_(0, 0.5)
-    student = model(**inputs).logits
-    keep = batch["labels"][:, 1:] != -100
-    with torch.no_grad():
-        t_logits = teacher(**inputs).logits[:, :-1][keep] / 2
-    s_logits = student[:, :-1][keep] / 2
-    p_t = torch.softmax(t_logits, -1)
-    hand = 4 * (p_t * (torch.log_softmax(t_logits, -1) - torch.log_softmax(s_logits, -1))).sum(-1).mean()
-    assert lwf_loss(model, batch, student, 2.0).item() == pytest.approx(hand.item(), rel=1e-5)
-    a = lora_a_matrices(model)
-    assert len(a) == 2 * 3 and all(m.shape == (4, 64) for m in a.values())  # q and v of 3 layers, (r, in)
-
-
-def test_a_lora_target_the_model_lacks_is_named(icl_world_dir):
-    from forgetlab.experiments.cit import _wrap_lora
-
-    model = random_model(tiny_config("llama", 40))
-    with pytest.raises(ValueError, match=r"lora_targets \['c_attn'\].*q_proj"):
-        _wrap_lora(model, replace(small(icl_world_dir), lora_targets=("c_attn",)))
-
-
-def test_lora_on_gpt2_conv1d_is_set_up_transposed_and_trains_the_true_delta(icl_world_dir):
-    """GPT-2's Conv1D keeps its weight as (in, out): the adapter must know (``fan_in_fan_out``), without PEFT's warning,
-    and its merged delta is (α/r)·(B·A)ᵀ in that layout."""
-    import warnings
-
-    from forgetlab.experiments.cit import _wrap_lora, merged_lora_weights
-
-    model = random_model(tiny_config("gpt2", 40))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)
-        wrapped = _wrap_lora(model, replace(small(icl_world_dir), lora_targets=("c_attn",), lora_r=4, lora_alpha=8))
-    layer = wrapped.base_model.model.transformer.h[0].attn.c_attn
-    assert layer.fan_in_fan_out
-    with torch.no_grad():
-        layer.lora_B["default"].weight.normal_(0, 0.5)
-    merged = merged_lora_weights(wrapped)
-    name = next(k for k in merged if k.endswith("h.0.attn.c_attn.weight"))
-    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-    assert torch.allclose(merged[name], layer.base_layer.weight + 2.0 * (b @ a).T, atol=1e-6)
-
-
 @pytest.mark.slow
 def test_lwf_olora_and_multitask_baselines(icl_world_dir, tmp_path):
     weights, results = {}, {}

@@ -295,9 +295,7 @@ def test_fvg_terms_on_a_lora_model_of_every_architecture(arch):
     """On a fresh LoRA model (B = 0, no dropout) the student is the frozen model: L_FV is 0, L_KL is the KL from
     the plain to the FV-steered logits of two direct passes, and the gradient reaches the adapters only (GPT-2's
     fused Conv1D, NeoX's fused qkv, GPT-J's parallel block, GQA)."""
-    from dataclasses import replace
-
-    from forgetlab.experiments.cit import CITConfig, _wrap_lora
+    from forgetlab.models.lora import wrap_lora
 
     torch.manual_seed(0)
     model = random_model(tiny_config(arch, 60, n_layers=3))
@@ -311,8 +309,7 @@ def test_fvg_terms_on_a_lora_model_of_every_architecture(arch):
         plain = model(**batch.model_inputs()).logits[:, -1]
         with add_to_residual(adapt(model), vector, layer, 2.0):
             steered = model(**batch.model_inputs()).logits[:, -1]
-    cfg = replace(CITConfig(method="lora", lora_dropout=0.0), lora_targets=LORA_TARGETS.get(arch, ("q_proj", "v_proj")))
-    student = _wrap_lora(model, cfg)
+    student = wrap_lora(model, LORA_TARGETS.get(arch, ("q_proj", "v_proj")), dropout=0.0)
     adapter = adapt(student)
     rows = torch.tensor([3, 1])
     picked = {k: v[rows] for k, v in batch.model_inputs().items()}

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from forgetlab.methods.regularizers import diagonal_fisher, distillation_kl, ewc_penalty, lora_orthogonality
+from forgetlab.methods.regularizers import diagonal_fisher, distillation_kl, ewc_penalty, lora_orthogonality, lwf_loss
+from forgetlab.models.zoo import random_model, tiny_config
 
 
 class Linear1(torch.nn.Module):
@@ -81,3 +82,35 @@ def test_lora_orthogonality_abs_is_the_released_codes_sum_of_absolute_overlaps()
     assert lora_orthogonality([prev], [torch.tensor([[0, 0, 3.0]])], "abs").item() == 0.0
     with pytest.raises(ValueError, match="olora penalty 'l1' is unknown"):
         lora_orthogonality([prev], [cur], "l1")
+
+
+def test_lwf_loss_is_the_kl_to_the_model_without_its_adapter():
+    """Against a hand computation with the base model kept apart before LoRA was added."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from forgetlab.models.lora import lora_a_matrices
+    from forgetlab.train.data import qa_dataset
+
+    base = random_model(tiny_config("llama", 40), seed=2)
+    teacher = copy.deepcopy(base)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    batch = qa_dataset([[5, 6, 7], [8, 9]], [[10, 11], [12]], eos_id=1, pad_id=2).batch(torch.arange(2))
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    assert lwf_loss(model, batch, model(**inputs).logits, 2.0).item() == pytest.approx(0.0, abs=1e-6)  # B starts at 0
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if hasattr(module, "lora_B") and "default" in module.lora_B:
+                module.lora_B["default"].weight.normal_(0, 0.5)
+    student = model(**inputs).logits
+    keep = batch["labels"][:, 1:] != -100
+    with torch.no_grad():
+        t_logits = teacher(**inputs).logits[:, :-1][keep] / 2
+    s_logits = student[:, :-1][keep] / 2
+    p_t = torch.softmax(t_logits, -1)
+    hand = 4 * (p_t * (torch.log_softmax(t_logits, -1) - torch.log_softmax(s_logits, -1))).sum(-1).mean()
+    assert lwf_loss(model, batch, student, 2.0).item() == pytest.approx(hand.item(), rel=1e-5)
+    a = lora_a_matrices(model)
+    assert len(a) == 2 * 3 and all(m.shape == (4, 64) for m in a.values())  # q and v of 3 layers, (r, in)

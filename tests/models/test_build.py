@@ -132,9 +132,9 @@ def test_a_peft_adapter_directory_loads_as_its_base_with_the_update_merged_by_ha
     with warnings.catch_warnings(record=True) as seen:  # PEFT's use of a deprecated transformers property stays quiet
         warnings.simplefilter("always")
         merged, base = load_model(adapter_dir).state_dict(), load_model(base_dir).state_dict()
-        from forgetlab.experiments.cit import CITConfig, _wrap_lora
+        from forgetlab.models.lora import wrap_lora
 
-        _wrap_lora(load_model(base_dir), CITConfig(lora_targets=("q_proj",)))
+        wrap_lora(load_model(base_dir), ("q_proj",))
     assert not [w for w in seen if "is_gradient_checkpointing" in str(w.message)]
     factors = load_file(adapter_dir / "adapter_model.safetensors")
     for name, weight in base.items():

@@ -36,14 +36,14 @@ from forgetlab.experiments.rundir import CONFIG, check_same_config, record_api_r
 from forgetlab.fv.tasks import ICLTask
 from forgetlab.methods.fvg import (FVGConfig, FVGuidance, over_universal_heads, saved_function_vectors,
                                    task_function_vector)
-from forgetlab.methods.regularizers import (OLORA_PENALTIES, diagonal_fisher, distillation_kl, ewc_penalty,
-                                            lora_orthogonality)
+from forgetlab.methods.regularizers import OLORA_PENALTIES, diagonal_fisher, ewc_penalty, lora_orthogonality, lwf_loss
 from forgetlab.methods.replay import mix_replay
 from forgetlab.metrics.cl import cl_summary
-from forgetlab.models.build import ADAPTER_CONFIG, peft_without_upstream_deprecation
+from forgetlab.models.build import ADAPTER_CONFIG
+from forgetlab.models.lora import check_lora_targets, lora_a_matrices, merged_lora_weights, wrap_lora
 from forgetlab.train import distributed
 from forgetlab.train.checkpoints import load_between_phases, save_between_phases, save_model_dir
-from forgetlab.train.data import IGNORE, concat, qa_dataset
+from forgetlab.train.data import concat, qa_dataset
 from forgetlab.train.trainer import EvalSchedule, PhaseConfig, train_phase
 from forgetlab.utils.io import atomic_write_json, config_hash, read_json
 from forgetlab.worlds.instruction_prompts import (NI_TEMPLATE, WORLD_TEMPLATE, PromptFitter, PromptTemplate,
@@ -358,83 +358,6 @@ def general_rows(task: InstructionTask, cfg: CITConfig, template: PromptTemplate
     return _rows(task, test, template, fit), ip
 
 
-def _check_lora_targets(model, cfg: CITConfig) -> None:
-    """Every target names a layer LoRA can adapt: a linear layer (GPT-2's Conv1D too) or an embedding."""
-    from transformers.pytorch_utils import Conv1D
-
-    kinds: dict[str, set[str]] = {}  # module name (its last part) -> the classes of the modules so named
-    for n, m in model.named_modules():
-        kinds.setdefault(n.rsplit(".", 1)[-1], set()).add(type(m).__name__)
-    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))})
-    fix = f"its linear layers are {linear} (set e.g. --set lora_targets=[{','.join(linear[:2])}])"
-    missing = [t for t in cfg.lora_targets if t not in kinds]
-    if missing:
-        raise ValueError(f"lora_targets {missing} are not modules of this {type(model).__name__}; {fix}")
-    adaptable = set(linear) | {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)}
-    blocks = [t for t in cfg.lora_targets if t not in adaptable]
-    if blocks:
-        raise ValueError(f"lora_targets {blocks} name {', '.join(k for t in blocks for k in sorted(kinds[t]))} "
-                         f"modules of this {type(model).__name__}, which LoRA cannot adapt (it adapts linear layers); {fix}")
-
-
-def _wrap_lora(model, cfg: CITConfig):
-    from peft import LoraConfig, get_peft_model
-    from transformers.pytorch_utils import Conv1D
-
-    _check_lora_targets(model, cfg)
-    targets = [m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in cfg.lora_targets]
-    # GPT-2's Conv1D stores its weight transposed; PEFT flips the flag per module anyway, but warns on each
-    transposed = bool(targets) and all(isinstance(m, Conv1D) for m in targets)
-    config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                        target_modules=list(cfg.lora_targets), task_type="CAUSAL_LM", fan_in_fan_out=transposed)
-    with peft_without_upstream_deprecation():
-        return get_peft_model(model, config)
-
-
-def lora_a_matrices(model) -> dict[str, torch.Tensor]:
-    """The trainable LoRA ``A`` (r, in) of every adapted module, by module name (O-LoRA's subspaces)."""
-    return {name: m.lora_A["default"].weight for name, m in model.named_modules()
-            if hasattr(m, "lora_A") and "default" in m.lora_A}
-
-
-def lwf_loss(model, batch: dict, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL from the previous model (this LoRA model with its adapter off) to the current one on the answer tokens."""
-    keep = batch["labels"][:, 1:] != IGNORE
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), model.disable_adapter():
-        teacher = model(**inputs).logits[:, :-1][keep]
-    model.train(was_training)
-    return distillation_kl(student_logits[:, :-1][keep], teacher, temperature=temperature)
-
-
-def merged_lora_weights(model) -> dict[str, torch.Tensor]:
-    """The weights ``merge_and_unload`` would give a PEFT LoRA model, built one tensor at a time on the CPU.
-
-    Saving a per-task checkpoint of a 7B model this way needs no second copy of the model on the GPU
-    (``copy.deepcopy(model).merge_and_unload()`` doubles its memory); the sum is taken in the wider of the
-    two dtypes and rounded to the base weight's, as PEFT's in-place merge does.
-    """
-    from peft.tuners.lora import LoraLayer
-
-    base = model.get_base_model()
-    adapted = {name: m for name, m in base.named_modules() if isinstance(m, LoraLayer)}
-    merged = {}
-    for key, value in base.state_dict().items():
-        owner, _, leaf = key.rpartition(".")
-        if ".lora_" in key:
-            continue
-        if owner.endswith(".base_layer") and owner[:-len(".base_layer")] in adapted:
-            owner = owner[:-len(".base_layer")]
-            if leaf == "weight":
-                layer = adapted[owner]
-                for name in layer.active_adapters:
-                    value = (value + layer.get_delta_weight(name)).to(value.dtype)
-        merged[f"{owner}.{leaf}" if owner else leaf] = value.detach().to("cpu", copy=True)
-    return merged
-
-
 def checkpoint_dir(out: Path, index: int, name: str) -> Path:
     """``checkpoints/task-<k>-<name>/``, the model after the sequence's task ``index`` (0-based)."""
     return out / "checkpoints" / f"task-{index + 1:02d}-{name}"
@@ -573,7 +496,7 @@ def check_inputs(cfg: CITConfig) -> None:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_source(model_dir)))
         if cfg.mode != "full":
-            _check_lora_targets(model, cfg)
+            check_lora_targets(model, cfg.lora_targets)
         if fvg:
             from forgetlab.models.adapter import adapt
 
@@ -675,6 +598,9 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
     test_rows = [_rows(t, test, template, fit) for t, (_, test) in zip(tasks, splits)]
     general_sets = [general_rows(task, cfg, template, fit) for task in general_files(cfg)]
 
+    def with_lora(model):  # a fresh adapter with the run's settings
+        return wrap_lora(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+
     def general_scores() -> dict:
         if general_sets:
             return {"gp": float(np.mean([task_score(model, tokenizer, gp, cfg) for gp, _ in general_sets])),
@@ -721,7 +647,7 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
         first, R, general, train_loss = meta["completed"], meta["R"], meta["general"], meta.get("train_loss", [])
         start -= meta["seconds"]
         if cfg.mode != "full":
-            model = _wrap_lora(model, cfg)  # the same modules as when it was saved; the weights come next
+            model = with_lora(model)  # the same modules as when it was saved; the weights come next
         loaded = model.load_state_dict({k: v.to(device) for k, v in weights.items()}, strict=False)
         wrong = loaded.unexpected_keys + sorted(set(loaded.missing_keys) & set(resumable_weights(model, cfg)))
         if wrong:
@@ -742,7 +668,7 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
     if cfg.method == "multitask":  # one phase over every task's rows; R repeats the joint model's scores
         if cfg.mode != "full":
             torch.manual_seed(cfg.seed)
-            model = _wrap_lora(model, cfg)
+            model = with_lora(model)
         joint = concat([task_data(t, train)[0] for t, (train, _) in zip(tasks, splits)], tokenizer.pad_token_id)
         outcome = train_phase(model, joint, cfg.train, phase="multitask", state_dir=out / "state" / "multitask",
                               seed=cfg.seed, log=log, progress=progress)
@@ -761,7 +687,7 @@ def run_cit(cfg: CITConfig, out: Path, *, log: Callable[[str], None] = print, pr
             model = model.merge_and_unload()
         torch.manual_seed(cfg.seed + k)  # a new adapter's A and dropout masks: same seed, same run, resumed or not
         if cfg.mode == "inclora" or (cfg.mode == "lora" and k == 0):
-            model = _wrap_lora(model, cfg)
+            model = with_lora(model)
         data, prompts = task_data(task, train)
         task_rows = data
         if cfg.method == "replay" and seen_data:

@@ -1,7 +1,8 @@
 """Loss terms of the continual-learning baselines (EWC, LwF, O-LoRA), as pure functions of tensors.
 
 Each is the core of one baseline of the FV paper's comparison; a training loop adds them to the
-language-modelling loss. Kept free of any trainer state so each can be checked by hand.
+language-modelling loss. Kept free of any trainer state so each can be checked by hand; only LwF's runs a model
+(the previous one: the LoRA model with its adapter off).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from collections.abc import Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
+
+from forgetlab.train.data import IGNORE
 
 
 
@@ -74,6 +77,18 @@ def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
 
 
 OLORA_PENALTIES = ("squared", "abs")
+
+
+def lwf_loss(model, batch: dict, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL from the previous model (this LoRA model with its adapter off) to the current one on the answer tokens."""
+    keep = batch["labels"][:, 1:] != IGNORE
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), model.disable_adapter():
+        teacher = model(**inputs).logits[:, :-1][keep]
+    model.train(was_training)
+    return distillation_kl(student_logits[:, :-1][keep], teacher, temperature=temperature)
 
 
 def lora_orthogonality(previous: Iterable[torch.Tensor], current: Iterable[torch.Tensor],
