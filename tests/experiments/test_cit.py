@@ -107,18 +107,6 @@ def test_summary_of_a_hand_matrix():
     assert known["known_at_start"] == ["a"]  # 90 counts as already done, 89.9 does not
 
 
-def test_a_general_task_edited_under_its_old_name_has_another_digest():
-    """What a resumed `cit analyze` checks besides the names: the general and last tasks' contents."""
-    from forgetlab.experiments.cit import tasks_digest
-    from forgetlab.fv.tasks import ICLTask
-
-    task = ICLTask("g", (("a", "b"), ("c", "d")), "Do .")
-    assert tasks_digest([task]) == tasks_digest([ICLTask("g", (("a", "b"), ("c", "d")), "Do .")])
-    for other in (ICLTask("g", (("a", "b"), ("c", "e")), "Do ."), ICLTask("g", (("a", "b"), ("c", "d")), "Do it ."),
-                  ICLTask("h", (("a", "b"), ("c", "d")), "Do .")):
-        assert tasks_digest([other]) != tasks_digest([task])
-
-
 def test_multitask_has_no_forward_transfer_or_incremental_accuracy():
     """Multitask's R repeats one jointly trained model, so "task k just before training on it" does not exist: FWT
     would be the joint model's gain over the initial one. Both are null; BWT and forgetting are 0 by construction."""
@@ -297,7 +285,7 @@ def test_cit_analyze_of_a_run_with_general_task_files_cuts_their_long_inputs(tmp
 
     import forgetlab.analysis.fv_drift as fv_drift
     from forgetlab.analysis.fv_drift import DriftSettings
-    from forgetlab.experiments.cit import analyze_run
+    from forgetlab.experiments.cit_analysis import analyze_run
 
     def ni(name, inputs, answer):
         (tmp_path / f"{name}.json").write_text(json.dumps({"Definition": [f"Always answer {answer}."], "Instances": [
@@ -991,7 +979,7 @@ def test_lwf_olora_and_multitask_baselines(icl_world_dir, tmp_path):
 @pytest.mark.slow
 def test_cit_analyze_writes_drift_and_interventions(icl_world_dir, tmp_path, monkeypatch):
     from forgetlab.analysis.fv_drift import DriftSettings
-    from forgetlab.experiments.cit import analyze_run, analyze_runs
+    from forgetlab.experiments.cit_analysis import analyze_run, analyze_runs
 
     cfg = small(icl_world_dir, method="seq")
     run_cit(replace(cfg, train=replace(cfg.train, lr=3e-3, epochs=3)), tmp_path, log=lambda s: None, progress=False)
@@ -1037,14 +1025,14 @@ def test_cit_analyze_writes_drift_and_interventions(icl_world_dir, tmp_path, mon
     assert (tmp_path / "drift.partial.pt").is_file()
 
     # a general task's file edited under its old name: the saved part is not used (stopped as it says so)
-    import forgetlab.experiments.cit as cit_module
+    import forgetlab.experiments.cit_analysis as cit_analysis
 
     def stop_at_afresh(line):
         if "starting afresh" in line:
             raise KeyboardInterrupt(line)
 
     with monkeypatch.context() as edited:
-        edited.setattr(cit_module, "tasks_digest", lambda tasks: "another general task under the same name")
+        edited.setattr(cit_analysis, "tasks_digest", lambda tasks: "another general task under the same name")
         with pytest.raises(KeyboardInterrupt, match="general tasks or settings; starting afresh"):
             analyze_run(tmp_path, settings, log=stop_at_afresh)
     assert len(loads) == 4  # the killed call read 4 models (the 4th raising), this one none
@@ -1308,7 +1296,7 @@ def test_adapter_checkpoints_chain_on_the_previous_task_and_load_as_the_merged_o
     the default format writes, tensor for tensor, and `cit analyze` finds them; full fine-tuning has no adapter."""
     import shutil
 
-    from forgetlab.experiments.cit import _run_setup
+    from forgetlab.experiments.cit_analysis import _run_setup
     from forgetlab.models.build import load_model
 
     cfg = small(icl_world_dir, method="inclora")
@@ -1348,7 +1336,7 @@ def test_adapter_checkpoints_chain_on_the_previous_task_and_load_as_the_merged_o
     # model is the only one read from disk, and every row and intervention is the merged run's
     import forgetlab.models.build as build
     from forgetlab.analysis.fv_drift import DriftSettings
-    from forgetlab.experiments.cit import analyze_run
+    from forgetlab.experiments.cit_analysis import analyze_run
 
     settings = DriftSettings(n_prompts=3, eval_prompts=4, shots=3, top_k=3, alphas=(1.0,))
     analyze_run(tmp_path / "merged", settings, log=lambda s: None)
@@ -1392,7 +1380,7 @@ def test_bfloat16_base_trains_float32_adapters_and_saves_bfloat16(icl_world_dir,
         assert moved and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in moved)
     assert all(0 <= x <= 100 for row in results["R"] for x in row)
     from forgetlab.analysis.fv_drift import DriftSettings
-    from forgetlab.experiments.cit import analyze_run
+    from forgetlab.experiments.cit_analysis import analyze_run
 
     from forgetlab.models import build
 

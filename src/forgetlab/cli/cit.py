@@ -88,7 +88,7 @@ def analyze(
     """FV drift vs. forgetting over the runs' checkpoints (two FV measures, R² against three controls); for one run, also FV
     interventions on its last checkpoint."""
     from forgetlab.analysis.fv_drift import DriftSettings
-    from forgetlab.experiments.cit import analyze_runs
+    from forgetlab.experiments.cit_analysis import analyze_runs
 
     for option, value in (("--prompts", prompts), ("--eval-prompts", eval_prompts)):
         if value < 1:
