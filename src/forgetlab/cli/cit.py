@@ -42,7 +42,7 @@ def run(
     epochs: Annotated[float, typer.Option(help="passes over each task")] = 10.0,
     lr: Annotated[float, typer.Option(help="learning rate (constant)")] = 1e-4,
     fvg: Annotated[bool, typer.Option(help="FV-guided training on top of the method (α_FV=1, α_KL=20, T=2)")] = False,
-    seed: Annotated[int, typer.Option(help="data order")] = 0,
+    seed: Annotated[int, typer.Option(help="data order, the training rows and answers drawn, LoRA init and dropout")] = 0,
     resume: Annotated[bool, typer.Option(help="continue a killed run in --out after its last finished task "
                                               "(same options)")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace the run in --out")] = False,
