@@ -26,7 +26,8 @@ def test_rouge_l_stems_and_takes_the_best_reference():
                                          ("b", "B"), ("(b)", "B"), ("(b) Paris", "B"), ("c.", "C"), ("answer: c", "C"),
                                          ("the answer is (d)", "D"), ("e.g. this", None), ("a dog", None),
                                          ("option b is wrong", None), ("apple", None), ("A is correct", "A"),
-                                         ("A would be my pick", "A"), ("A island", None), ("A isotope", None)])
+                                         ("A would be my pick", "A"), ("A island", None), ("A isotope", None),
+                                         ("A would-be thief", None), ("A isn't right", None)])
 def test_option_letter(text, letter):
     assert option_letter(text) == letter
 

@@ -467,12 +467,14 @@ def test_bad_configs_name_the_problem(icl_world_dir):
                          ({"method": "seq", "replay": 0.5}, "replay=0.5 applies to --method replay only"),
                          ({"olora_penalty": "abs"}, "olora_penalty=abs applies to --method olora only"),
                          ({"method": "multitask", "fvg": True}, "multitask trains every task at once .*; drop --fvg"),
-                         ({"fvg_config": FVGConfig(alpha_kl=1.0)}, "fvg_config.alpha_kl=1.0 is set but FVG is off")):
+                         ({"fvg_config": FVGConfig(alpha_kl=1.0)}, "fvg_config.alpha_kl=1.0 is set but FVG is off"),
+                         ({"seed": -1}, "--seed -1 must not be negative")):
         with pytest.raises(ValueError, match=message):
             small(icl_world_dir, **bad).validate()
     for fine in ({"method": "inclora", "lora_r": 16}, {"method": "ewc", "finetune": "lora", "lora_targets": ("c_attn",)},
                  {"method": "seq", "lora_targets": ["q_proj", "v_proj"]}, {"method": "olora", "olora_penalty": "abs"},
-                 {"fvg": True, "fvg_config": FVGConfig(alpha_kl=1.0)}):
+                 {"fvg": True, "fvg_config": FVGConfig(alpha_kl=1.0)},
+                 {"fvg_config": FVGConfig(prompt_tokens=4096)}):  # cit analyze cuts general files' FV prompts to it
         small(icl_world_dir, **fine).validate()  # the setting is read (or a list equal to its default tuple)
     with pytest.raises(ValueError, match="NI-Seq-G1 unknown"):
         run_cit(small(icl_world_dir, sequence="NI-Seq-G1"), icl_world_dir / "x", log=lambda s: None)

@@ -19,7 +19,7 @@ ALREADY_DONE = 90.0
 OPTION_LETTERS = "ABCDEFGH"
 # a leading letter alone or followed by punctuation or a space ("B", "(B)", "B.", "A, because"), but not the article
 # "A" before a lower-case word ("A dog"), unless the word is a verb the article never precedes ("A is correct")
-_LETTER = re.compile(r"^(?!A\s+(?!(?:is|was|would|seems|fits)\b)[a-z])\(?([A-H])\)?(?:[\s.:),;]|$)")
+_LETTER = re.compile(r"^(?!A\s+(?!(?:is|was|would|seems|fits)(?![\w'-]))[a-z])\(?([A-H])\)?(?:[\s.:),;]|$)")
 # a lower-case letter only where it cannot be a word: in parentheses, alone, or alone but for "." or ")"
 # ("b", "(b) yes", "b)"; not "e.g. this" nor "a dog")
 _SMALL_LETTER = re.compile(r"^(?:\(([a-h])\)|([a-h])[.)]?$)")

@@ -60,7 +60,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 METHOD_SETTINGS = {"replay": ("replay",), "ewc": ("ewc_strength", "ewc_batches"),
                    "lwf": ("lwf_strength", "lwf_temperature"), "olora": ("olora_strength", "olora_penalty")}
 LORA_SETTINGS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets")
+FVG_SETTINGS_READ_WITHOUT_FVG = ("prompt_tokens",)  # `cit analyze` cuts general task files' FV prompts to it
 CHECKPOINT_FORMATS = ("merged", "adapter")
+
+
 @dataclass(frozen=True)
 class CITConfig:
     preset: str = "custom"
@@ -163,6 +166,8 @@ class CITConfig:
             if not getattr(self, name) >= 1:
                 raise ValueError(f"{flags[name]} {getattr(self, name)} must be positive" if name in flags else
                                  f"{name}={getattr(self, name)} must be positive")
+        if self.seed < 0:
+            raise ValueError(f"--seed {self.seed} must not be negative")
         if not 0 <= self.replay <= 1:
             raise ValueError(f"replay={self.replay} must be a fraction in [0, 1] of the task's rows")
         if not 0 <= self.lora_dropout < 1:
@@ -197,11 +202,11 @@ class CITConfig:
         if self.fvg and self.method == "multitask":
             raise ValueError("--fvg guides each task's training by the model before it, and multitask trains every task "
                              "at once from the initial model; drop --fvg")
-        if "fvg_config" in changed and not self.fvg:
-            name = next(f.name for f in fields(self.fvg_config)
-                        if _differs(getattr(self.fvg_config, f.name), getattr(default.fvg_config, f.name)))
-            raise ValueError(f"fvg_config.{name}={getattr(self.fvg_config, name)} is set but FVG is off: add --fvg to "
-                             "use it, or drop the setting")
+        unread = [f.name for f in fields(self.fvg_config) if f.name not in FVG_SETTINGS_READ_WITHOUT_FVG
+                  and _differs(getattr(self.fvg_config, f.name), getattr(default.fvg_config, f.name))]
+        if unread and not self.fvg:
+            raise ValueError(f"fvg_config.{unread[0]}={getattr(self.fvg_config, unread[0])} is set but FVG is off: add "
+                             "--fvg to use it, or drop the setting")
 
 
 def _differs(value, default) -> bool:
@@ -488,16 +493,15 @@ def check_inputs(cfg: CITConfig) -> None:
     model_dir = initial_model_dir(cfg)
     if cfg.world_dir and cfg.model:
         _check_world_vocabulary(model_dir, Path(cfg.world_dir) / "model")
-    fvg = cfg.fvg and cfg.method != "multitask"
-    if fvg and not cfg.fvg_config.fv_dir:
+    if cfg.fvg and not cfg.fvg_config.fv_dir:
         for task in tasks:
             _check_fv_extractable(task, cfg)
-    if cfg.mode != "full" or fvg:
+    if cfg.mode != "full" or cfg.fvg:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_source(model_dir)))
         if cfg.mode != "full":
             check_lora_targets(model, cfg.lora_targets)
-        if fvg:
+        if cfg.fvg:
             from forgetlab.models.adapter import adapt
 
             adapter = adapt(model)

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from forgetlab.train.data import IGNORE
 
 
-
 def diagonal_fisher(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Empirical diagonal Fisher (EWC): the mean over *examples* of the squared gradient of each example's
     LM loss (its mean answer-token loss, what the model returns).
