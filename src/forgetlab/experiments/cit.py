@@ -23,7 +23,7 @@ import shutil
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +32,7 @@ import torch
 from forgetlab.analysis.recovery import encode_qa
 from forgetlab.eval.generation import generate
 from forgetlab.eval.scoring import ALREADY_DONE, score
-from forgetlab.experiments.rundir import CONFIG, check_same_config, record_api_run
+from forgetlab.experiments.rundir import CONFIG, check_same_config, config_differences, record_api_run
 from forgetlab.fv.tasks import ICLTask
 from forgetlab.methods.fvg import (FVGConfig, FVGuidance, over_universal_heads, saved_function_vectors,
                                    task_function_vector)
@@ -44,7 +44,7 @@ from forgetlab.train import distributed
 from forgetlab.train.checkpoints import load_between_phases, save_between_phases, save_model_dir
 from forgetlab.train.data import concat, qa_dataset
 from forgetlab.train.trainer import EvalSchedule, PhaseConfig, train_phase
-from forgetlab.utils.io import atomic_write_json, read_json
+from forgetlab.utils.io import atomic_write_json, read_json, to_jsonable
 from forgetlab.worlds.instruction_prompts import (NI_TEMPLATE, WORLD_TEMPLATE, PromptFitter, PromptTemplate,
                                                  middle_cut)
 from forgetlab.worlds.instructions import (InstructionTask, coded_sequence, definition_of, from_world_task, load_task_file,
@@ -187,8 +187,7 @@ class CITConfig:
     def _check_settings_apply(self) -> None:
         """A setting the run would not read, set away from its default, is refused: ``--method seq --set lora_r=16``
         would otherwise train and report a run that never used it."""
-        default = CITConfig()
-        changed = [f.name for f in fields(self) if _differs(getattr(self, f.name), getattr(default, f.name))]
+        changed = {key for key, _, _ in config_differences(to_jsonable(CITConfig()), to_jsonable(self))}
         for method, names in METHOD_SETTINGS.items():
             for name in names:
                 if name in changed and self.method != method:
@@ -202,18 +201,11 @@ class CITConfig:
         if self.fvg and self.method == "multitask":
             raise ValueError("--fvg guides each task's training by the model before it, and multitask trains every task "
                              "at once from the initial model; drop --fvg")
-        unread = [f.name for f in fields(self.fvg_config) if f.name not in FVG_SETTINGS_READ_WITHOUT_FVG
-                  and _differs(getattr(self.fvg_config, f.name), getattr(default.fvg_config, f.name))]
+        unread = sorted(key.removeprefix("fvg_config.") for key in changed if key.startswith("fvg_config.")
+                        and key.removeprefix("fvg_config.") not in FVG_SETTINGS_READ_WITHOUT_FVG)
         if unread and not self.fvg:
             raise ValueError(f"fvg_config.{unread[0]}={getattr(self.fvg_config, unread[0])} is set but FVG is off: add "
                              "--fvg to use it, or drop the setting")
-
-
-def _differs(value, default) -> bool:
-    """Whether a setting differs from its default (a list read from JSON or --set equals its default tuple)."""
-    if isinstance(value, (list, tuple)) and isinstance(default, (list, tuple)):
-        return list(value) != list(default)
-    return value != default
 
 
 def load_sequence(cfg: CITConfig) -> tuple[list[InstructionTask], object | None]:
