@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # GPU measurements of issues 6 and 7, as one device call of at most 10 minutes (one H100 or H200):
 #   cit  the ICL-world `gpu` model, the FVG step's cost on it (bench_fvg_step.py), then the methods on coded
-#        sequence 1 (no task known at the start) in four lanes side by side: IncLoRA and `cit analyze` of it (FV
-#        drift, interventions), FVG, and the baselines the 2026-11-27 call did not reach: issue 7's gpu table
-#        (docs/cit-results.md). The default job.
+#        sequence 1 (no task known at the start) in five lanes side by side: IncLoRA and `cit analyze` of it (FV
+#        drift, interventions), FVG, and every baseline: issue 7's gpu table (docs/cit-results.md; measured on
+#        2026-11-27 in 371 s on one H200, docs/results/cit-gpu-coded1/). The default job.
 #   bio  the `gpu` biography run with task-1 snapshots, then `biography analyze` on it (update angles, also window by
 #        window, feature shift, and the loss landscape, timed); measured on 2026-11-27 (docs/diagnostics-results.md).
 # Jobs named together share the GPU. Neither starts a step past the deadline, and a step running then is stopped, so
@@ -41,7 +41,7 @@ else
   CIE="--device cuda --dtype bfloat16 --prompts 25 --naive-prompts 1"; CIE_SHAPES="llama-2-7b llama-3-8b"; FVG_STEP="--steps 40"; DEADLINE=${DEADLINE:-540}
 fi
 # lanes run side by side on the device's 16 cores: a few threads each instead of 16 apiece
-[ "${SMOKE:-0}" = 1 ] || export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
+[ "${SMOKE:-0}" = 1 ] || export OMP_NUM_THREADS=${OMP_NUM_THREADS:-3}
 START=$(date +%s)
 left() { echo $(( DEADLINE - $(date +%s) + START )); }
 # one command: skipped past the deadline, stopped at it; prints how long it took
@@ -77,17 +77,17 @@ cit() {
   run() { local name=$1; shift; step "cit-$name" cit run --world "$W" --sequence "$seq" $CIT --out "$R/$name" --overwrite --no-progress "$@"; }
   # the FVG step's cost against a plain IncLoRA step on this model, alone on the GPU (README's row has only the cpu figure)
   bench bench_fvg_step benchmarks/bench_fvg_step.py --world "$W" $FVG_STEP
-  # then four lanes side by side (small models leave the GPU and the 16 cores mostly idle one run at a time), each
-  # with its own log; IncLoRA and its analysis first in theirs
+  # then five lanes side by side, at most two runs in each (small models leave the GPU and the 16 cores mostly idle one
+  # run at a time), each with its own log; IncLoRA and its analysis first in theirs
   { run inclora --method inclora --lr 2e-3 && step cit-analyze cit analyze "$R/inclora"; } > "$OUT/cit-inclora.log" 2>&1 &
   { run inclora_fvg_kl1 --method inclora --lr 2e-3 --fvg --set fvg_config.alpha_kl=1 --set save_checkpoints=false
     run inclora_fvg --method inclora --lr 2e-3 --fvg --set save_checkpoints=false; } > "$OUT/cit-fvg.log" 2>&1 &
   { run seq --method seq --lr 5e-4 --set save_checkpoints=false
-    run lwf --method lwf --lr 2e-3 --set save_checkpoints=false
-    run olora --method olora --lr 2e-3 --set save_checkpoints=false; } > "$OUT/cit-baselines1.log" 2>&1 &
-  { run replay --method replay --lr 5e-4 --set save_checkpoints=false
-    run ewc1e8 --method ewc --lr 5e-4 --set ewc_strength=1e8 --set save_checkpoints=false
-    run multitask --method multitask --lr 5e-4 --set save_checkpoints=false; } > "$OUT/cit-baselines2.log" 2>&1 &
+    run lwf --method lwf --lr 2e-3 --set save_checkpoints=false; } > "$OUT/cit-baselines1.log" 2>&1 &
+  { run olora --method olora --lr 2e-3 --set save_checkpoints=false
+    run replay --method replay --lr 5e-4 --set save_checkpoints=false; } > "$OUT/cit-baselines2.log" 2>&1 &
+  { run ewc1e8 --method ewc --lr 5e-4 --set ewc_strength=1e8 --set save_checkpoints=false
+    run multitask --method multitask --lr 5e-4 --set save_checkpoints=false; } > "$OUT/cit-baselines3.log" 2>&1 &
   wait
   # every finished run against IncLoRA: the share of its GP/IP drops kept, the FP change, the FVG target
   local finished=$(ls -d "$R"/*/results.json 2>/dev/null | xargs -r -n1 dirname | grep -v '/inclora$')
