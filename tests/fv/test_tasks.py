@@ -169,6 +169,18 @@ def test_counterfactuals_shuffle_labels_only():
     assert counterfactuals(prompts, seed=1) != shuffled
 
 
+def test_shuffled_never_returns_the_original_labels():
+    """Two shots draw the identity half the time, and [a, a, b] keeps its order in 2 of 6 permutations: a
+    counterfactual equal to its prompt would patch clean activations into themselves."""
+    two = ICLPrompt((("x0", "y0"), ("x1", "y1")), "q", "a")
+    assert all(two.shuffled(np.random.default_rng(seed)).demos == (("x0", "y1"), ("x1", "y0")) for seed in range(50))
+    repeated = ICLPrompt((("x0", "a"), ("x1", "a"), ("x2", "b")), "q", "a")
+    outcomes = {repeated.shuffled(np.random.default_rng(seed)).demos for seed in range(100)}
+    assert outcomes == {(("x0", "a"), ("x1", "b"), ("x2", "a")), (("x0", "b"), ("x1", "a"), ("x2", "a"))}
+    same = ICLPrompt((("x0", "a"), ("x1", "a")), "q", "a")  # nothing to permute: returned as it is
+    assert same.shuffled(np.random.default_rng(0)) == same
+
+
 def test_shuffled_uses_the_generator():
     p = ICLPrompt(tuple((f"x{i}", f"y{i}") for i in range(8)), "q", "a")
     assert p.shuffled(np.random.default_rng(5)) == p.shuffled(np.random.default_rng(5))

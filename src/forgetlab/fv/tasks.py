@@ -87,10 +87,17 @@ class ICLPrompt:
     instruction: str = ""
 
     def shuffled(self, rng: np.random.Generator) -> "ICLPrompt":
-        """The counterfactual: demonstration labels permuted, query and answer unchanged."""
+        """The counterfactual: demonstration labels permuted, query and answer unchanged.
+
+        A permutation that leaves the labels as they were (the identity, half of all draws with two shots, or one
+        that only swaps equal labels) is drawn again, so the prompt differs from its original whenever its labels
+        are not all the same; at least half of all draws differ, so this ends quickly.
+        """
         labels = [y for _, y in self.demos]
-        perm = rng.permutation(len(labels))
-        return ICLPrompt(tuple((x, labels[j]) for (x, _), j in zip(self.demos, perm)), self.query, self.answer,
+        shuffled = labels
+        while len(set(labels)) > 1 and shuffled == labels:
+            shuffled = [labels[j] for j in rng.permutation(len(labels))]
+        return ICLPrompt(tuple((x, y) for (x, _), y in zip(self.demos, shuffled)), self.query, self.answer,
                          self.instruction)
 
     def zero_shot(self) -> "ICLPrompt":
