@@ -27,7 +27,10 @@ def test_rouge_l_stems_and_takes_the_best_reference():
                                          ("the answer is (d)", "D"), ("e.g. this", None), ("a dog", None),
                                          ("option b is wrong", None), ("apple", None), ("A is correct", "A"),
                                          ("A would be my pick", "A"), ("A island", None), ("A isotope", None),
-                                         ("A would-be thief", None), ("A isn't right", None)])
+                                         ("A would-be thief", None), ("A isn't right", None),
+                                         ("B isn't right", None), ("(C) is not it", None), ("D, not E", None),
+                                         ("B is not right, the answer is C", "C"), ("B can't be right", None),
+                                         ("B nothing else", "B"), ("B. Not a doubt", "B")])
 def test_option_letter(text, letter):
     assert option_letter(text) == letter
 
