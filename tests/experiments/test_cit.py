@@ -1,4 +1,5 @@
-"""Continual instruction tuning end to end: the ICL world (full, LoRA, IncLoRA) and NI task files."""
+"""Continual instruction tuning end to end: the ICL world (full, LoRA, IncLoRA), NI task files, every method, resume
+and checkpoints (`cit analyze` is in test_cit_analysis.py)."""
 
 import json
 from dataclasses import replace
@@ -17,15 +18,10 @@ from forgetlab.worlds.instruction_prompts import ELISION, NI_TEMPLATE, PromptFit
 from forgetlab.worlds.instructions import InstructionTask
 
 
-def small(icl_world_dir, **kw):
-    base = CITConfig(world_dir=str(icl_world_dir), sequence="0", n_train=12, general_prompts=2, max_new_tokens=3)
-    return replace(base, train=replace(base.train, epochs=1, batch_size=4, grad_accum=1, lr=1e-3), **kw)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["seq", "lora", "inclora"])
-def test_world_sequence_runs_and_lora_touches_only_its_targets(icl_world_dir, tmp_path, method):
-    cfg = small(icl_world_dir, method=method)
+def test_world_sequence_runs_and_lora_touches_only_its_targets(small_cit, icl_world_dir, tmp_path, method):
+    cfg = small_cit(method=method)
     results = run_cit(cfg, tmp_path, log=lambda s: None, progress=False)
     R = np.array(results["R"])
     assert R.shape == (6, 5) and ((R >= 0) & (R <= 100)).all()
@@ -278,44 +274,6 @@ def test_fv_prompts_of_long_inputs_stay_within_max_source_tokens(tmp_path):
     assert fv_pairs(tok, train, wider)[0][0] == middle_cut(tok, "question " * 40, 20)
 
 
-def test_cit_analyze_of_a_run_with_general_task_files_cuts_their_long_inputs(tmp_path, tiny_llama_dir, monkeypatch):
-    """`cit analyze` on a natural-instructions run: the general sets come from the task files, their FV prompts'
-    inputs cut as FVG's are (110 // (3 shots + 1) = 27 tokens each), and every general task gets its drift rows."""
-    from transformers import AutoTokenizer
-
-    import forgetlab.analysis.fv_drift as fv_drift
-    from forgetlab.analysis.fv_drift import DriftSettings
-    from forgetlab.experiments.cit_analysis import analyze_run
-
-    def ni(name, inputs, answer):
-        (tmp_path / f"{name}.json").write_text(json.dumps({"Definition": [f"Always answer {answer}."], "Instances": [
-            {"id": str(i), "input": x, "output": [answer]} for i, x in enumerate(inputs)]}))
-        return tmp_path / f"{name}.json"
-
-    seq = ni("yes", [f"question {i}" for i in range(40)], "yes")
-    general = ni("long", ["question " * 60 + str(i) for i in range(40)], "no")
-    cfg = CITConfig(model=str(tiny_llama_dir), sequence=str(seq), general=str(general), n_train=12, n_test=10,
-                    method="seq", max_new_tokens=2, max_source_tokens=110)
-    run_cit(replace(cfg, train=replace(cfg.train, epochs=1, batch_size=4, grad_accum=1)), tmp_path / "run",
-            log=lambda s: None, progress=False)
-    seen, measure = [], fv_drift.drift_measurements
-
-    def spy(checkpoints, tokenizer, tasks, *args, **kwargs):
-        seen.extend(tasks)
-        return measure(checkpoints, tokenizer, tasks, *args, **kwargs)
-
-    monkeypatch.setattr(fv_drift, "drift_measurements", spy)
-    analyze_run(tmp_path / "run", DriftSettings(n_prompts=3, eval_prompts=4, shots=3, top_k=3, alphas=(1.0,)),
-                log=lambda s: None)
-    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    inputs = [x for x, _ in seen[0].pairs]
-    assert [t.name for t in seen] == ["long"] and len(inputs) == 40
-    assert inputs == [middle_cut(tok, "question " * 60 + str(i), 27) for i in range(40)]  # each keeps its own end
-    assert all(x.endswith(f"question {i}") for i, x in enumerate(inputs))
-    rows = json.loads((tmp_path / "run" / "drift.json").read_text())["rows"]
-    assert {r["task"] for r in rows} == {"long"} and len(rows) == 2  # the initial model and the one checkpoint
-
-
 def test_a_sentencepiece_style_tokenizer_that_adds_bos_trains_and_scores_an_ni_task(tmp_path, monkeypatch):
     """With Llama-2's kind of tokenizer every training row starts with the one BOS the tokenizer adds, the answer is
     the ids the prompt's continuation gets in context (" POS" -> "▁POS"), followed by eos as a label although eos
@@ -430,15 +388,15 @@ def test_jsonl_files_run_end_to_end_and_rows_keep_their_instructions(tmp_path, t
     assert 0 <= results["final"]["GP"] <= 100 and 0 <= results["final"]["IP"] <= 100
 
 
-def test_bad_configs_name_the_problem(icl_world_dir):
+def test_bad_configs_name_the_problem(small_cit, icl_world_dir):
     with pytest.raises(ValueError, match="method"):
-        small(icl_world_dir, method="qlora").validate()
+        small_cit(method="qlora").validate()
     with pytest.raises(ValueError, match="finetune='qlora'"):
-        small(icl_world_dir, method="replay", finetune="qlora").validate()
+        small_cit(method="replay", finetune="qlora").validate()
     with pytest.raises(ValueError, match="contradicts"):
-        small(icl_world_dir, method="inclora", finetune="full").validate()
+        small_cit(method="inclora", finetune="full").validate()
     with pytest.raises(ValueError, match="no parameters shared"):
-        small(icl_world_dir, method="ewc", finetune="inclora").validate()
+        small_cit(method="ewc", finetune="inclora").validate()
     with pytest.raises(ValueError, match="--world"):
         CITConfig().validate()
     for bad, message in (({"replay": -0.5}, r"replay=-0.5 must be a fraction in \[0, 1\]"),
@@ -459,7 +417,7 @@ def test_bad_configs_name_the_problem(icl_world_dir):
                          ({"fvg_config": FVGConfig(temperature=float("nan"))}, "fvg_config.temperature=nan must be"),
                          ({"fvg_config": FVGConfig(scale=float("nan"))}, "fvg_config.scale=nan must be a finite")):
         with pytest.raises(ValueError, match=message):
-            small(icl_world_dir, **bad).validate()
+            small_cit(**bad).validate()
     for bad, message in (({"method": "seq", "lora_r": 16}, "lora_r=16 applies to LoRA runs, and --method seq"),
                          ({"method": "replay", "lora_targets": ["c_attn"]}, "lora_targets=.* applies to LoRA runs"),
                          ({"ewc_strength": 5.0}, "ewc_strength=5.0 applies to --method ewc only, and this run is "
@@ -470,22 +428,22 @@ def test_bad_configs_name_the_problem(icl_world_dir):
                          ({"fvg_config": FVGConfig(alpha_kl=1.0)}, "fvg_config.alpha_kl=1.0 is set but FVG is off"),
                          ({"seed": -1}, "--seed -1 must not be negative")):
         with pytest.raises(ValueError, match=message):
-            small(icl_world_dir, **bad).validate()
+            small_cit(**bad).validate()
     for fine in ({"method": "inclora", "lora_r": 16}, {"method": "ewc", "finetune": "lora", "lora_targets": ("c_attn",)},
                  {"method": "seq", "lora_targets": ["q_proj", "v_proj"]}, {"method": "olora", "olora_penalty": "abs"},
                  {"fvg": True, "fvg_config": FVGConfig(alpha_kl=1.0)},
                  {"fvg_config": FVGConfig(prompt_tokens=4096)}):  # cit analyze cuts general files' FV prompts to it
-        small(icl_world_dir, **fine).validate()  # the setting is read (or a list equal to its default tuple)
+        small_cit(**fine).validate()  # the setting is read (or a list equal to its default tuple)
     with pytest.raises(ValueError, match="NI-Seq-G1 unknown"):
-        run_cit(small(icl_world_dir, sequence="NI-Seq-G1"), icl_world_dir / "x", log=lambda s: None)
+        run_cit(small_cit(sequence="NI-Seq-G1"), icl_world_dir / "x", log=lambda s: None)
     assert not (icl_world_dir / "x").exists()
     from forgetlab.experiments.cit import check_inputs  # a task twice would share its checkpoint and resume state
 
     with pytest.raises(ValueError, match="names capitalize_first more than once; give each task once"):
-        check_inputs(small(icl_world_dir, sequence="capitalize_first,sub_4,capitalize_first"))
+        check_inputs(small_cit(sequence="capitalize_first,sub_4,capitalize_first"))
 
 
-def test_training_answers_end_where_generation_is_cut(icl_world_dir, tiny_llama_dir, tmp_path, monkeypatch):
+def test_training_answers_end_where_generation_is_cut(small_cit, icl_world_dir, tiny_llama_dir, tmp_path, monkeypatch):
     """World answers end with the newline the world model stops at (an eos target taught a world model that
     already did a task to run on past its answer: 100 -> 50); task-file answers end with eos."""
     from transformers import AutoTokenizer
@@ -494,18 +452,18 @@ def test_training_answers_end_where_generation_is_cut(icl_world_dir, tiny_llama_
 
     world_tok = AutoTokenizer.from_pretrained(icl_world_dir / "model")
     newline = world_tok.get_vocab()["\n"]
-    assert cit.answer_end_ids(small(icl_world_dir), world_tok) == [newline]
-    assert cit.answer_end_ids(small(icl_world_dir, answer_end="eos"), world_tok) == [world_tok.eos_token_id]
+    assert cit.answer_end_ids(small_cit(), world_tok) == [newline]
+    assert cit.answer_end_ids(small_cit(answer_end="eos"), world_tok) == [world_tok.eos_token_id]
     llama_tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     files = CITConfig(model=str(tiny_llama_dir), sequence="a.json")
     assert cit.answer_end_ids(files, llama_tok) == [llama_tok.eos_token_id]
     with pytest.raises(ValueError, match="answer_end='stop'"):
-        small(icl_world_dir, answer_end="stop").validate()
+        small_cit(answer_end="stop").validate()
 
     seen = []
     real = cit.qa_dataset
     monkeypatch.setattr(cit, "qa_dataset", lambda p, a, eos, pad: seen.append((a, eos)) or real(p, a, eos, pad))
-    cfg = small(icl_world_dir, method="seq", sequence="capitalize_first", save_checkpoints=False)
+    cfg = small_cit(method="seq", sequence="capitalize_first", save_checkpoints=False)
     run_cit(replace(cfg, train=replace(cfg.train, max_steps=1)), tmp_path, log=lambda s: None, progress=False)
     answers, eos = seen[0]
     assert eos is None and answers and all(a[-1] == newline and newline not in a[:-1] for a in answers)
@@ -528,7 +486,7 @@ def test_generation_budget_follows_the_longest_reference(tiny_llama_dir):
         CITConfig(world_dir="x", max_new_tokens=-1).validate()
 
 
-def test_task_score_is_the_mean_of_hand_scored_answers(icl_world_dir, monkeypatch):
+def test_task_score_is_the_mean_of_hand_scored_answers(small_cit, icl_world_dir, monkeypatch):
     """task_score: each row's generated answer scored against its references (ROUGE-L F1 ×100, the best reference;
     option accuracy when every reference is a letter), averaged over the rows. Generation is scripted; it must be
     asked for each row's prompt ids (whole: rows are made to fit ``max_source_tokens`` when they are built), and for
@@ -553,7 +511,7 @@ def test_task_score_is_the_mean_of_hand_scored_answers(icl_world_dir, monkeypatc
         return answers
 
     monkeypatch.setattr(cit, "generate", scripted)
-    cfg = small(icl_world_dir, max_new_tokens=0)
+    cfg = small_cit(max_new_tokens=0)
     assert cit.task_score(None, tok, rows, cfg) == pytest.approx((100 + 0 + 600 / 7 + 100 + 0) / 5)  # 400/7
     prompts, budget, skip = asked[0]
     assert prompts == [tok(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
@@ -562,7 +520,7 @@ def test_task_score_is_the_mean_of_hand_scored_answers(icl_world_dir, monkeypatc
     assert asked[1][2] is True
 
 
-def test_general_abilities_are_first_token_accuracies_counted_by_hand(icl_world_dir):
+def test_general_abilities_are_first_token_accuracies_counted_by_hand(small_cit, icl_world_dir):
     """GP and IP: over the world's general tasks, the share of prompts (instructed zero-shot; 5-shot) whose first
     answer token is the model's top-1, ×100, on the prompts ``icl_prompts`` draws (seed: the run's; split: the
     world's). By hand: each prompt alone, unpadded, written out as ``Q: x\\nA: y`` blocks after BOS. The smoke model
@@ -580,7 +538,7 @@ def test_general_abilities_are_first_token_accuracies_counted_by_hand(icl_world_
     relabelled = [replace(t, pairs=tuple((x, ("six", "basna")[i % 2]) for i, (x, _) in enumerate(t.pairs)))
                   for t in world.tasks if t.name in names]
     world = replace(world, config=replace(world.config, seed=5), tasks=relabelled)  # split seed 5, run seed 3
-    cfg = small(icl_world_dir, seed=3, general_prompts=6)
+    cfg = small_cit(seed=3, general_prompts=6)
     tok = AutoTokenizer.from_pretrained(icl_world_dir / "model")
     model = load_model(icl_world_dir / "model")
 
@@ -607,14 +565,14 @@ def test_general_abilities_are_first_token_accuracies_counted_by_hand(icl_world_
     assert by_hand(5, 5, 3) != ip and by_hand(10, 3, 5) != ip  # seeds swapped or 10 shots would show
 
 
-def test_world_tasks_by_name_form_a_sequence(icl_world_dir):
-    tasks, world = load_sequence(small(icl_world_dir, sequence="capitalize_first, reworded_reverse"))
+def test_world_tasks_by_name_form_a_sequence(small_cit, icl_world_dir):
+    tasks, world = load_sequence(small_cit(sequence="capitalize_first, reworded_reverse"))
     assert [t.name for t in tasks] == ["capitalize_first", "reworded_reverse"]
     test = world.task("reworded_reverse").splits(world.config.seed).test
     assert [x for x, _ in tasks[1].split()[1]] == [x for x, _ in test]
 
 
-def test_train_loss_records_each_methods_terms_per_task(icl_world_dir, tmp_path):
+def test_train_loss_records_each_methods_terms_per_task(small_cit, icl_world_dir, tmp_path):
     """results.json's ``train_loss``: per task its steps, the mean LM loss and each weighted method term. At a
     learning rate of 1e-12 the weights barely move, so EWC's penalty (distance to its anchor) and FVG's
     consistency term stay at 0, while the FV-guided KL does not (its teacher has the FV added)."""
@@ -624,7 +582,7 @@ def test_train_loss_records_each_methods_terms_per_task(icl_world_dir, tmp_path)
     two = ",".join(ICLWorld.read(icl_world_dir / "world.json").sequences[0][:2])
     still = lambda cfg: replace(cfg, train=replace(cfg.train, lr=1e-12))  # noqa: E731
     logs = []
-    ewc = run_cit(still(small(icl_world_dir, method="ewc", sequence=two)), tmp_path / "ewc", log=logs.append,
+    ewc = run_cit(still(small_cit(method="ewc", sequence=two)), tmp_path / "ewc", log=logs.append,
                   progress=False)
     assert any(line.startswith("[cit] after ") and "mean loss lm " in line and ", ewc " in line for line in logs)
     assert [sorted(t) for t in ewc["train_loss"]] == [["lm", "steps", "task", "train_rows"],
@@ -636,7 +594,7 @@ def test_train_loss_records_each_methods_terms_per_task(icl_world_dir, tmp_path)
     from forgetlab.experiments.cit import _rows, _template, task_score
     from forgetlab.models.build import load_model
 
-    cfg = small(icl_world_dir, method="ewc", sequence=two)
+    cfg = small_cit(method="ewc", sequence=two)
     tasks, world = load_sequence(cfg)
     train, _ = tasks[1].split(cfg.n_train, cfg.n_test, cfg.seed)
     final = tmp_path / "ewc" / "model"
@@ -650,7 +608,7 @@ def test_train_loss_records_each_methods_terms_per_task(icl_world_dir, tmp_path)
     report = (tmp_path / "ewc" / "report.md").read_text()
     assert "| ewc |" in report and "| train_rows" not in report  # the loss table's header: loss terms only
     assert "its own training rows against its test rows" in report
-    fvg = still(replace(small(icl_world_dir, method="inclora", sequence=two), fvg=True,
+    fvg = still(replace(small_cit(method="inclora", sequence=two), fvg=True,
                         fvg_config=FVGConfig(n_prompts=4, shots=3, top_k=3)))
     guided = run_cit(fvg, tmp_path / "fvg", log=lambda s: None, progress=False)["train_loss"]
     assert all(t["fv"] == pytest.approx(0.0, abs=1e-9) and t["kl"] > 1e-5 for t in guided)
@@ -662,10 +620,10 @@ def test_train_loss_records_each_methods_terms_per_task(icl_world_dir, tmp_path)
 
 
 @pytest.mark.slow
-def test_fvg_terms_change_training_only_when_weighted_and_only_trainable_weights(icl_world_dir, tmp_path):
+def test_fvg_terms_change_training_only_when_weighted_and_only_trainable_weights(small_cit, icl_world_dir, tmp_path):
     from forgetlab.methods.fvg import FVGConfig
 
-    base = small(icl_world_dir, method="inclora")
+    base = small_cit(method="inclora")
     plain = run_cit(base, tmp_path / "plain", log=lambda s: None, progress=False)
     zero = run_cit(replace(base, fvg=True, fvg_config=FVGConfig(alpha_fv=0.0, alpha_kl=0.0, n_prompts=4, shots=3)),
                    tmp_path / "zero", log=lambda s: None, progress=False)
@@ -686,7 +644,7 @@ def test_fvg_terms_change_training_only_when_weighted_and_only_trainable_weights
 
 
 @pytest.mark.slow
-def test_fv_source_initial_and_universal_heads(icl_world_dir, tmp_path, monkeypatch):
+def test_fv_source_initial_and_universal_heads(small_cit, icl_world_dir, tmp_path, monkeypatch):
     from transformers import AutoTokenizer
 
     import forgetlab.experiments.cit as cit
@@ -707,7 +665,7 @@ def test_fv_source_initial_and_universal_heads(icl_world_dir, tmp_path, monkeypa
     monkeypatch.setattr(cit, "FVGuidance", recording)
     fvg = FVGConfig(alpha_fv=5.0, alpha_kl=5.0, n_prompts=4, shots=3, top_k=3)  # fewer than the model has
     two = ICLWorld.read(icl_world_dir / "world.json").sequences[0][:2]
-    base = replace(small(icl_world_dir, method="inclora", sequence=",".join(two)), fvg=True)
+    base = replace(small_cit(method="inclora", sequence=",".join(two)), fvg=True)
     run_cit(replace(base, fvg_config=replace(fvg, fv_source="initial")), tmp_path / "initial", log=lambda s: None,
             progress=False)
     initial = dict(used)
@@ -749,9 +707,9 @@ def test_fv_source_initial_and_universal_heads(icl_world_dir, tmp_path, monkeypa
 
 
 @pytest.mark.slow
-def test_replay_and_ewc_baselines(icl_world_dir, tmp_path):
+def test_replay_and_ewc_baselines(small_cit, icl_world_dir, tmp_path):
     logs = []
-    base = small(icl_world_dir)
+    base = small_cit()
     run_cit(replace(base, method="replay", replay=1.0), tmp_path / "replay", log=logs.append, progress=False)
     steps = [int(line.split("(")[1].split()[0]) for line in logs if line.startswith("[cit] after")]
     # 12 rows a task in batches of 4, one micro-batch a step: 12 / 4 = 3 steps; from task 2 on, replay=1.0 adds
@@ -790,7 +748,7 @@ def _phase_spy(monkeypatch, cit, seen_phases: list) -> None:
     monkeypatch.setattr(cit, "train_phase", spy)
 
 
-def test_ewc_anchors_at_the_previous_task_and_sums_the_fishers_of_all_earlier_tasks(icl_world_dir, tmp_path, monkeypatch):
+def test_ewc_anchors_at_the_previous_task_and_sums_the_fishers_of_all_earlier_tasks(small_cit, icl_world_dir, tmp_path, monkeypatch):
     """While task k trains, EWC pulls towards the weights after task k-1 (its checkpoint) with the Fisher summed over
     every earlier task j: the diagonal Fisher of the model after task j on task j's first ``ewc_batches`` batches of
     training rows (run_cit's ``fisher[n] + new[n]``). Recomputed here from the saved checkpoints."""
@@ -803,7 +761,7 @@ def test_ewc_anchors_at_the_previous_task_and_sums_the_fishers_of_all_earlier_ta
     from forgetlab.train.data import qa_dataset
 
     sequence = _three_tasks(icl_world_dir)
-    cfg = small(icl_world_dir, method="ewc", sequence=",".join(sequence), ewc_batches=2, ewc_strength=1e3)
+    cfg = small_cit(method="ewc", sequence=",".join(sequence), ewc_batches=2, ewc_strength=1e3)
     phases, seen = [], {}
     _phase_spy(monkeypatch, cit, phases)
     real_penalty = cit.ewc_penalty
@@ -846,14 +804,14 @@ def test_ewc_anchors_at_the_previous_task_and_sums_the_fishers_of_all_earlier_ta
         assert any(not torch.allclose(alone[n], seen[sequence[2]][0][n], **close) for n in alone)
 
 
-def test_olora_penalises_overlap_with_the_trained_a_matrices_of_every_earlier_adapter(icl_world_dir, tmp_path, monkeypatch):
+def test_olora_penalises_overlap_with_the_trained_a_matrices_of_every_earlier_adapter(small_cit, icl_world_dir, tmp_path, monkeypatch):
     """O-LoRA at task k: for every adapted module the penalty's earlier subspace is the A matrices of the adapters of
     tasks 1..k-1 as each finished training, stacked in task order, and its current side is the fresh adapter's own
     trainable A (the parameters being trained, not copies)."""
     import forgetlab.experiments.cit as cit
 
     sequence = _three_tasks(icl_world_dir)
-    cfg = small(icl_world_dir, method="olora", sequence=",".join(sequence), save_checkpoints=False, olora_penalty="abs")
+    cfg = small_cit(method="olora", sequence=",".join(sequence), save_checkpoints=False, olora_penalty="abs")
     at_start, at_end, trainable, seen = {}, {}, {}, {}
     real_train, real_penalty = cit.train_phase, cit.lora_orthogonality
 
@@ -898,7 +856,7 @@ def test_olora_penalises_overlap_with_the_trained_a_matrices_of_every_earlier_ad
     assert any(not torch.equal(at_start[sequence[1]][m], at_end[first][m]) for m in modules)
 
 
-def test_replay_mixes_a_fraction_of_every_earlier_tasks_rows_and_trains_the_steps_that_implies(icl_world_dir, tmp_path,
+def test_replay_mixes_a_fraction_of_every_earlier_tasks_rows_and_trains_the_steps_that_implies(small_cit, icl_world_dir, tmp_path,
                                                                                               monkeypatch):
     """replay=0.5 over 12 rows per task, batches of 2, 2 micro-batches per step: task k trains on its 12 rows plus
     round(0.5 · 12) = 6 rows drawn from the pool of all earlier tasks' rows (12·(k-1)), seeded seed + k - 1."""
@@ -909,7 +867,7 @@ def test_replay_mixes_a_fraction_of_every_earlier_tasks_rows_and_trains_the_step
     import forgetlab.experiments.cit as cit
 
     sequence = _three_tasks(icl_world_dir)
-    cfg = small(icl_world_dir, method="replay", replay=0.5, sequence=",".join(sequence), save_checkpoints=False)
+    cfg = small_cit(method="replay", replay=0.5, sequence=",".join(sequence), save_checkpoints=False)
     cfg = replace(cfg, train=replace(cfg.train, batch_size=2, grad_accum=2))
     mixes, trained = [], []
     real_mix, real_train = cit.mix_replay, cit.train_phase
@@ -958,9 +916,9 @@ def test_replay_mixes_a_fraction_of_every_earlier_tasks_rows_and_trains_the_step
 
 
 @pytest.mark.slow
-def test_lwf_olora_and_multitask_baselines(icl_world_dir, tmp_path):
+def test_lwf_olora_and_multitask_baselines(small_cit, icl_world_dir, tmp_path):
     weights, results = {}, {}
-    base = small(icl_world_dir, method="inclora")
+    base = small_cit(method="inclora")
     for label, cfg in (("inclora", base), ("lwf0", replace(base, method="lwf", lwf_strength=0.0)),
                        ("lwf", replace(base, method="lwf", lwf_strength=50.0)),
                        ("olora0", replace(base, method="olora", olora_strength=0.0)),
@@ -972,137 +930,20 @@ def test_lwf_olora_and_multitask_baselines(icl_world_dir, tmp_path):
     assert not same("inclora", "lwf") and not same("inclora", "olora")
     assert results["lwf"]["method"] == "lwf" and results["olora"]["method"] == "olora"
     logs = []
-    joint = run_cit(small(icl_world_dir, method="multitask"), tmp_path / "multitask", log=logs.append, progress=False)
+    joint = run_cit(small_cit(method="multitask"), tmp_path / "multitask", log=logs.append, progress=False)
     R = np.array(joint["R"])
     assert R.shape == (6, 5) and all((R[k] == R[1]).all() for k in range(2, 6))  # one jointly trained model
     assert joint["forget"] == pytest.approx(0.0) and "jointly" in logs[-1]
 
 
 @pytest.mark.slow
-def test_cit_analyze_writes_drift_and_interventions(icl_world_dir, tmp_path, monkeypatch):
-    from forgetlab.analysis.fv_drift import DriftSettings
-    from forgetlab.experiments.cit_analysis import analyze_run, analyze_runs
-
-    cfg = small(icl_world_dir, method="seq")
-    run_cit(replace(cfg, train=replace(cfg.train, lr=3e-3, epochs=3)), tmp_path, log=lambda s: None, progress=False)
-    assert len(list((tmp_path / "checkpoints").glob("task-*"))) == 5
-    settings = DriftSettings(n_prompts=4, eval_prompts=6, shots=3, top_k=4, alphas=(1.0,))
-    out = analyze_run(tmp_path, settings, log=lambda s: None)
-    drift = json.loads((tmp_path / "drift.json").read_text())
-    from forgetlab.worlds.icl import ICLWorld
-
-    general = [t.name for t in ICLWorld.read(icl_world_dir / "world.json").role("general")]
-    assert len(drift["rows"]) == 6 * len(general)  # initial + 5 checkpoints for every general task, none else
-    assert sorted({r["task"] for r in drift["rows"]}) == sorted(general)
-    assert [r["checkpoint"] for r in drift["rows"] if r["task"] == general[0]] == ["initial"] + sorted(
-        p.name for p in (tmp_path / "checkpoints").glob("task-*"))
-    assert set(out["summary"]) == {"fv_cosine", "zero_shot_fv_cosine", "hidden_cosine", "icl_hidden_cosine", "param_distance"}
-    for name in ("drift.csv", "drift.png", "drift_tasks.png", "interventions.json", "drift.md"):
-        assert (tmp_path / name).is_file()
-    assert f"{drift['fits']['fv_cosine']['pooled']['r2']:.2f} |" in (tmp_path / "drift.md").read_text()
-    tasks = json.loads((tmp_path / "interventions.json").read_text())["tasks"]
-    assert sorted(tasks) == sorted(general)
-    last = {r["task"]: r["zero_shot"] for r in drift["rows"] if r["index"] == 5}
-    first = {r["task"]: r["zero_shot"] for r in drift["rows"] if r["index"] == 0}
-    for name, row in tasks.items():  # the interventions score the same test queries as the drift rows
-        assert (row["initial"], row["final"]) == pytest.approx((first[name], last[name]))
-        assert row["forgotten"] == (first[name] - last[name] >= settings.min_drop - 1e-9)
-
-    # killed while loading the fourth model, the same call resumes: it loads the initial model (the distances start
-    # there) and the checkpoints left, the last of which the interventions use again, and writes the same rows
-    import forgetlab.models.build as build
-
-    real_load, loads = build.load_model, []
-
-    def load(path, *args, **kwargs):
-        loads.append(Path(path).name)
-        if len(loads) == 4 and kill == "load":
-            raise KeyboardInterrupt
-        return real_load(path, *args, **kwargs)
-
-    monkeypatch.setattr(build, "load_model", load)
-    kill = "load"
-    with pytest.raises(KeyboardInterrupt):
-        analyze_run(tmp_path, settings, log=lambda s: None)
-    assert (tmp_path / "drift.partial.pt").is_file()
-
-    # a general task's file edited under its old name: the saved part is not used (stopped as it says so)
-    import forgetlab.experiments.cit_analysis as cit_analysis
-
-    def stop_at_afresh(line):
-        if "starting afresh" in line:
-            raise KeyboardInterrupt(line)
-
-    with monkeypatch.context() as edited:
-        edited.setattr(cit_analysis, "tasks_digest", lambda tasks: "another general task under the same name")
-        with pytest.raises(KeyboardInterrupt, match="general tasks or settings; starting afresh"):
-            analyze_run(tmp_path, settings, log=stop_at_afresh)
-    assert len(loads) == 4  # the killed call read 4 models (the 4th raising), this one none
-
-    # resumed, then killed again at the third task's interventions (their valid queries are drawn once per task)
-    import forgetlab.analysis.fv_drift as fv_drift
-
-    real_prompts, valid_draws = fv_drift.zero_shot_prompts, []
-
-    def prompts(task, settings, split="test"):
-        if split == "valid":
-            valid_draws.append(task.name)
-            if len(valid_draws) == 3 and kill == "interventions":
-                raise KeyboardInterrupt
-        return real_prompts(task, settings, split)
-
-    monkeypatch.setattr(fv_drift, "zero_shot_prompts", prompts)
-    kill, loads[:] = "interventions", []
-    with pytest.raises(KeyboardInterrupt):
-        analyze_run(tmp_path, settings, log=lambda s: None)
-    assert valid_draws == general[:3] and (tmp_path / "drift.partial.pt").is_file()
-    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("task-*"))
-    assert loads == [Path(cfg.model or icl_world_dir / "model").name, *names[2:]]
-
-    # killed once more, at the fourth task: the third call measured one task and keeps what the first two had saved
-    loads[:], valid_draws[:] = [], []
-    with pytest.raises(KeyboardInterrupt):
-        analyze_run(tmp_path, settings, log=lambda s: None)
-    assert valid_draws == general[2:5]
-
-    # the last call measures the tasks left and nothing else: the initial model (distances) and the last checkpoint
-    kill, loads[:], valid_draws[:] = None, [], []
-    analyze_run(tmp_path, settings, log=lambda s: None)
-    assert loads == [Path(cfg.model or icl_world_dir / "model").name, names[-1]]
-    assert valid_draws == general[4:]
-    assert json.loads((tmp_path / "drift.json").read_text())["rows"] == drift["rows"]
-    assert json.loads((tmp_path / "interventions.json").read_text())["tasks"] == tasks
-    assert not (tmp_path / "drift.partial.pt").exists()
-    monkeypatch.undo()
-
-    # a second run from the same model is pooled with the first: every checkpoint of both, no interventions
-    other = tmp_path / "inclora"
-    run_cit(replace(small(icl_world_dir, method="inclora"), train=replace(cfg.train, lr=3e-3, epochs=2)), other,
-            log=lambda s: None, progress=False)
-    with pytest.raises(ValueError, match="--out"):
-        analyze_runs([tmp_path, other], None, settings)
-    pooled = tmp_path / "pooled"
-    analyze_runs([tmp_path, other], pooled, settings, log=lambda s: None)
-    drift = json.loads((pooled / "drift.json").read_text())
-    later = {r["checkpoint"] for r in drift["rows"] if r["index"] > 0}
-    assert len(later) == 10 and {c.split("/")[0] for c in later} == {tmp_path.name, "inclora"}
-    assert drift["fits"]["fv_cosine"]["checkpoint_mean"]["n"] == 10 and not (pooled / "interventions.json").exists()
-    assert (pooled / "drift.png").is_file() and (pooled / "drift.csv").read_text().splitlines()[0].endswith(",run,zero_shot_fv_cosine,icl_hidden_cosine")
-    assert "# FV drift vs. forgetting: 2 runs" in (pooled / "drift.md").read_text() and not (pooled / "drift_tasks.png").exists()
-    config = json.loads((other / "config.json").read_text())
-    (other / "config.json").write_text(json.dumps({**config, "model": str(tmp_path / "model")}))
-    with pytest.raises(ValueError, match="pool runs of one model only"):
-        analyze_runs([tmp_path, other], pooled, settings)
-
-
-@pytest.mark.slow
-def test_replay_and_ewc_on_lora(icl_world_dir, tmp_path):
+def test_replay_and_ewc_on_lora(small_cit, icl_world_dir, tmp_path):
     """finetune=inclora|lora runs the full-fine-tuning baselines on adapters: only LoRA targets move."""
     start = load_file(icl_world_dir / "model" / "model.safetensors")
     weights = {}
-    for label, cfg in (("replay", small(icl_world_dir, method="replay", replay=1.0, finetune="inclora")),
-                       ("lora", small(icl_world_dir, method="lora")),
-                       ("ewc", small(icl_world_dir, method="ewc", finetune="lora", ewc_strength=1e6))):
+    for label, cfg in (("replay", small_cit(method="replay", replay=1.0, finetune="inclora")),
+                       ("lora", small_cit(method="lora")),
+                       ("ewc", small_cit(method="ewc", finetune="lora", ewc_strength=1e6))):
         run_cit(cfg, tmp_path / label, log=lambda s: None, progress=False)
         weights[label] = load_file(tmp_path / label / "model" / "model.safetensors")
         moved = {k for k in start if not (start[k] == weights[label][k]).all()}
@@ -1116,13 +957,13 @@ class Killed(Exception):
 
 @pytest.mark.parametrize("method,strength", [("olora", {"olora_strength": 1e4}), ("ewc", {"ewc_strength": 1e5}),
                                              ("replay", {"replay": 0.5}), ("lora", {})])
-def test_a_killed_run_resumes_after_its_last_task_with_the_same_result(icl_world_dir, tmp_path, method, strength):
+def test_a_killed_run_resumes_after_its_last_task_with_the_same_result(small_cit, icl_world_dir, tmp_path, method, strength):
     """Each method's state between tasks (O-LoRA's earlier subspaces, EWC's Fisher and anchor, replay's
     rows, the one shared adapter) must come back: the resumed run equals the uninterrupted one bit for bit."""
     from forgetlab.worlds.icl import ICLWorld
 
     sequence = ICLWorld.read(icl_world_dir / "world.json").sequences[0][:3]
-    cfg = small(icl_world_dir, method=method, sequence=",".join(sequence), save_checkpoints=False, **strength)
+    cfg = small_cit(method=method, sequence=",".join(sequence), save_checkpoints=False, **strength)
     whole = run_cit(cfg, tmp_path / "whole", log=lambda s: None, progress=False)
 
     def kill_after_second(line):  # dies while scoring the third task: two tasks are done
@@ -1154,14 +995,14 @@ def test_a_killed_run_resumes_after_its_last_task_with_the_same_result(icl_world
     assert "finished run" in logs[-1]
 
 
-def test_a_killed_run_with_adapter_checkpoints_resumes_onto_the_same_chain(icl_world_dir, tmp_path):
+def test_a_killed_run_with_adapter_checkpoints_resumes_onto_the_same_chain(small_cit, icl_world_dir, tmp_path):
     """The resumed run's later adapters chain onto the checkpoints saved before the kill, and every checkpoint loads
     as the uninterrupted run's."""
     from forgetlab.models.build import load_model
     from forgetlab.worlds.icl import ICLWorld
 
     sequence = ICLWorld.read(icl_world_dir / "world.json").sequences[0][:3]
-    cfg = small(icl_world_dir, method="inclora", sequence=",".join(sequence), checkpoint_format="adapter")
+    cfg = small_cit(method="inclora", sequence=",".join(sequence), checkpoint_format="adapter")
     run_cit(cfg, tmp_path / "whole", log=lambda s: None, progress=False)
 
     def kill_after_second(line):
@@ -1204,27 +1045,27 @@ def test_a_lora_resume_refuses_other_model_files(tmp_path):
     check_same_model_files(out, "org/hub-name", writes=True)  # a hub name: nothing to compare
 
 
-def test_resume_refuses_another_config(icl_world_dir, tmp_path):
+def test_resume_refuses_another_config(small_cit, icl_world_dir, tmp_path):
     from forgetlab.experiments.rundir import prepare_run_dir
 
-    prepare_run_dir(tmp_path / "run", small(icl_world_dir, method="inclora"), resume=False, overwrite=False)
+    prepare_run_dir(tmp_path / "run", small_cit(method="inclora"), resume=False, overwrite=False)
     with pytest.raises(ValueError, match="different config.*method"):
-        prepare_run_dir(tmp_path / "run", small(icl_world_dir, method="seq"), resume=True, overwrite=False)
+        prepare_run_dir(tmp_path / "run", small_cit(method="seq"), resume=True, overwrite=False)
     # from Python too: run_cit on a directory holding another config's run refuses before any work
     (tmp_path / "run" / "results.json").write_text('{"method": "inclora"}')  # as if finished
     (tmp_path / "run" / "model").mkdir()
     (tmp_path / "run" / "model" / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="different config.*method"):
-        run_cit(small(icl_world_dir, method="seq"), tmp_path / "run", log=lambda s: None, progress=False)
+        run_cit(small_cit(method="seq"), tmp_path / "run", log=lambda s: None, progress=False)
 
 
-def test_checkpoint_every_resumes_inside_a_task(icl_world_dir, tmp_path, monkeypatch):
+def test_checkpoint_every_resumes_inside_a_task(small_cit, icl_world_dir, tmp_path, monkeypatch):
     import forgetlab.train.trainer as trainer
     from forgetlab.worlds.icl import ICLWorld
 
     sequence = ICLWorld.read(icl_world_dir / "world.json").sequences[0][:2]
     # one LoRA adapter with dropout 0.1: the resumed steps must draw the dropout masks the whole run drew
-    cfg = small(icl_world_dir, method="lora", sequence=",".join(sequence), save_checkpoints=False)
+    cfg = small_cit(method="lora", sequence=",".join(sequence), save_checkpoints=False)
     cfg = replace(cfg, train=replace(cfg.train, checkpoint_every=1))
     whole = run_cit(cfg, tmp_path / "whole", log=lambda s: None, progress=False)
     real = trainer.save_training_state
@@ -1292,7 +1133,7 @@ def test_merged_checkpoint_equals_peft_merge_and_unload(tmp_path, architecture, 
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the model keeps its adapter, unmerged
 
 
-def test_adapter_checkpoints_chain_on_the_previous_task_and_load_as_the_merged_ones(icl_world_dir, tmp_path, monkeypatch):
+def test_adapter_checkpoints_chain_on_the_previous_task_and_load_as_the_merged_ones(small_cit, icl_world_dir, tmp_path, monkeypatch):
     """checkpoint_format=adapter keeps only each task's LoRA adapter; IncLoRA's sits on the previous checkpoint (named
     relative to itself, so the run can move), the first on the initial model. Each loads as the merged checkpoint
     the default format writes, tensor for tensor, and `cit analyze` finds them; full fine-tuning has no adapter."""
@@ -1301,7 +1142,7 @@ def test_adapter_checkpoints_chain_on_the_previous_task_and_load_as_the_merged_o
     from forgetlab.experiments.cit_analysis import _run_setup
     from forgetlab.models.build import load_model
 
-    cfg = small(icl_world_dir, method="inclora")
+    cfg = small_cit(method="inclora")
     run_cit(cfg, tmp_path / "merged", log=lambda s: None, progress=False)
     run_cit(replace(cfg, checkpoint_format="adapter"), tmp_path / "adapter", log=lambda s: None, progress=False)
     shutil.move(tmp_path / "adapter", tmp_path / "moved")
@@ -1356,12 +1197,12 @@ def test_adapter_checkpoints_chain_on_the_previous_task_and_load_as_the_merged_o
         run_cit(replace(cfg, checkpoint_format="delta"), tmp_path / "delta", log=lambda s: None)
 
 
-def test_bfloat16_base_trains_float32_adapters_and_saves_bfloat16(icl_world_dir, tmp_path, monkeypatch):
+def test_bfloat16_base_trains_float32_adapters_and_saves_bfloat16(small_cit, icl_world_dir, tmp_path, monkeypatch):
     """dtype=bfloat16 (a 7B model's base at half the memory): IncLoRA + FVG runs, its adapters train in float32, the
     checkpoints are bfloat16, and every weight outside the LoRA targets is the initial one rounded to bfloat16."""
     from forgetlab.methods.fvg import FVGConfig
 
-    cfg = small(icl_world_dir, method="inclora", dtype="bfloat16", fvg=True, fvg_config=FVGConfig(n_prompts=4, shots=3))
+    cfg = small_cit(method="inclora", dtype="bfloat16", fvg=True, fvg_config=FVGConfig(n_prompts=4, shots=3))
     seen = {}
     from forgetlab.experiments import cit
 
@@ -1401,12 +1242,12 @@ def test_bfloat16_base_trains_float32_adapters_and_saves_bfloat16(icl_world_dir,
 
 
 @pytest.mark.parametrize("method,fvg", [("inclora", True), ("seq", False)])
-def test_gradient_checkpointing_trains_the_same_model(icl_world_dir, tmp_path, method, fvg):
+def test_gradient_checkpointing_trains_the_same_model(small_cit, icl_world_dir, tmp_path, method, fvg):
     """Recomputing activations in the backward pass changes memory, not the result: the same weights (LoRA dropout
     masks redrawn identically, FVG's hooked head outputs still carrying their gradients)."""
     from forgetlab.methods.fvg import FVGConfig
 
-    cfg = small(icl_world_dir, method=method, fvg=fvg,
+    cfg = small_cit(method=method, fvg=fvg,
                 fvg_config=FVGConfig(alpha_fv=5.0, n_prompts=4, shots=3) if fvg else FVGConfig())
     run_cit(cfg, tmp_path / "plain", log=lambda s: None, progress=False)
     run_cit(replace(cfg, gradient_checkpointing=True), tmp_path / "ckpt", log=lambda s: None, progress=False)
