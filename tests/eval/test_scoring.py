@@ -28,7 +28,7 @@ def test_rouge_l_stems_and_takes_the_best_reference():
                                          ("option b is wrong", None), ("apple", None), ("A is correct", "A"),
                                          ("A would be my pick", "A"), ("A island", None), ("A isotope", None),
                                          ("A would-be thief", None), ("A isn't right", None),
-                                         ("B isn't right", None), ("(C) is not it", None), ("D, not E", None),
+                                         ("B isn't right", None), ("(C) is not it", None), ("D, not E", "D"),
                                          ("B is not right, the answer is C", "C"), ("B can't be right", None),
                                          ("B nothing else", "B"), ("B. Not a doubt", "B")])
 def test_option_letter(text, letter):

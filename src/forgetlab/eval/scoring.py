@@ -19,8 +19,8 @@ ALREADY_DONE = 90.0
 OPTION_LETTERS = "ABCDEFGH"
 # a leading letter alone or followed by punctuation or a space ("B", "(B)", "B.", "A, because"), but not the article
 # "A" before a lower-case word ("A dog"), unless the word is a verb the article never precedes ("A is correct"), and
-# not a letter the answer rules out ("B isn't right", "(C) is not it", "D, not E": none)
-_NEGATED = r"\)?[\s,]+(?:(?:is|was|seems|does)\s+not|isn't|wasn't|doesn't|can't|cannot|not)(?![\w'-])"
+# not a letter the answer rules out ("B isn't right", "(C) is not it": none; "D, not E" still picks D)
+_NEGATED = r"\)?\s+(?:(?:is|was|seems|does)\s+not|isn't|wasn't|doesn't|can't|cannot)(?![\w'-])"
 _LETTER = re.compile(rf"^(?!A\s+(?!(?:is|was|would|seems|fits)(?![\w'-]))[a-z])\(?([A-H])(?!{_NEGATED})\)?(?:[\s.:),;]|$)")
 # a lower-case letter only where it cannot be a word: in parentheses, alone, or alone but for "." or ")"
 # ("b", "(b) yes", "b)"; not "e.g. this" nor "a dog")
