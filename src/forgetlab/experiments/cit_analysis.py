@@ -20,7 +20,8 @@ from forgetlab.experiments.cit import (DTYPES, CITConfig, cut_inputs, general_fi
                                        load_sequence)
 from forgetlab.fv.tasks import ICLTask
 from forgetlab.models.build import ADAPTER_CONFIG
-from forgetlab.utils.io import atomic_write_json, config_hash
+from forgetlab.utils.io import (atomic_path, atomic_write_json, atomic_write_text, config_hash, from_jsonable,
+                                read_json)
 
 
 def tasks_digest(tasks: Sequence[ICLTask]) -> str:
@@ -36,8 +37,6 @@ def analyze_run(run: Path, settings=None, *, log: Callable[[str], None] = print,
 
 def _run_setup(run: Path) -> tuple[CITConfig, list[Path], str]:
     """A finished run's config, its per-task checkpoints and the directory of the model it started from."""
-    from forgetlab.utils.io import from_jsonable, read_json
-
     if not (run / "config.json").is_file() or not (run / "results.json").is_file():
         raise FileNotFoundError(f"{run} is not a finished `forgetlab cit run` directory (no config.json/results.json)")
     saved = read_json(run / "config.json")
@@ -66,7 +65,6 @@ def analyze_runs(runs: Sequence[Path], out: Path | None = None, settings=None, *
     from forgetlab.report.cit import plot_drift, plot_drift_tasks
     from forgetlab.report.markdown import drift_report
     from forgetlab.analysis.outputs import fingerprint
-    from forgetlab.utils.io import atomic_path, atomic_write_text
 
     settings = settings or DriftSettings()
     settings.validate()

@@ -94,8 +94,8 @@ class ICLPrompt:
         are not all the same; at least half of all draws differ, so this ends quickly.
         """
         labels = [y for _, y in self.demos]
-        shuffled = labels
-        while len(set(labels)) > 1 and shuffled == labels:
+        shuffled, movable = labels, len(set(labels)) > 1
+        while movable and shuffled == labels:
             shuffled = [labels[j] for j in rng.permutation(len(labels))]
         return ICLPrompt(tuple((x, y) for (x, _), y in zip(self.demos, shuffled)), self.query, self.answer,
                          self.instruction)
